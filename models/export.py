@@ -1,0 +1,36 @@
+"""Export a list of U-Net members as ONE fused ONNX graph (uint8 NHWC in, (B, M, H, W) probs out)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from models.net import FusedEnsemble, UNet
+
+OPSET = 17
+
+
+def export_ensemble(members: list[UNet], path: Path, *, tile: int = 256) -> str:
+    """Write the fused ensemble to ``path`` (atomically) and return its sha256."""
+    path = Path(path)
+    model = FusedEnsemble([m.cpu().eval() for m in members]).eval()
+    example = torch.zeros((1, tile, tile, 3), dtype=torch.uint8)
+    tmp = path.with_name(path.name + ".part")
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["member_probs"],
+            dynamic_axes={
+                "image": {0: "batch", 1: "height", 2: "width"},
+                "member_probs": {0: "batch", 2: "height", 3: "width"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    tmp.replace(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,73 @@
+"""Small U-Net (GroupNorm) and the fused ensemble wrapper exported to ONNX. Training side only."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Normalisation of uint8 RGB inside the graph, so serving feeds raw pixels.
+RGB_MEAN = (0.5, 0.5, 0.5)
+RGB_STD = (0.25, 0.25, 0.25)
+
+
+def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` poolings; input side length must be divisible by 2**depth. Outputs logits."""
+
+    def __init__(self, base: int = 8, depth: int = 3, groups: int = 4):
+        super().__init__()
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        c = 3
+        for w in widths:
+            self.down.append(_block(c, w, groups))
+            c = w
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(c, w, 2, stride=2))
+            self.dec.append(_block(2 * w, w, groups))
+            c = w
+        self.head = nn.Conv2d(c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < len(self.down) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for up, dec in zip(self.up, self.dec, strict=True):
+            x = up(x)
+            x = dec(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+def normalise(rgb01: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) in [0,1] -> network input."""
+    mean = torch.tensor(RGB_MEAN, dtype=rgb01.dtype, device=rgb01.device).view(1, 3, 1, 1)
+    std = torch.tensor(RGB_STD, dtype=rgb01.dtype, device=rgb01.device).view(1, 3, 1, 1)
+    return (rgb01 - mean) / std
+
+
+class FusedEnsemble(nn.Module):
+    """All members in one graph: uint8 NHWC RGB in, (B, M, H, W) member tumour probabilities out."""
+
+    def __init__(self, members: list[UNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = normalise(image.permute(0, 3, 1, 2).float() / 255.0)
+        return torch.cat([torch.sigmoid(m(x)) for m in self.members], dim=1)

@@ -1,0 +1,221 @@
+"""Ensemble inference with ONNX Runtime over a slide's tissue tiles, stitched into disk rasters.
+
+Three stages overlap: a reader thread pulls tiles from OpenSlide, the calling thread runs the one
+ONNX session on batches, and a stitcher thread computes uncertainty, blends and writes. This
+module never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.raster import RasterFile
+from service.slides import RegionReader, Slide, TileGrid, TissueMask, analysis_shape, tissue_mask
+from service.stitch import Stitcher
+from service.uncertainty import all_measures, to_uint8
+
+MAP_NAMES = ("probability", "entropy", "mutual_information", "uga")
+Progress = Callable[[int, int], None]
+
+
+class Ensemble:
+    """One ONNX Runtime session holding every ensemble member in one graph."""
+
+    def __init__(
+        self, onnx_path: Path, version: str, *, providers: list[str] | None = None, threads: int = 0
+    ):
+        self.path, self.version = Path(onnx_path), version
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        wanted = providers or default_providers()
+        self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+        self.input_name = self.session.get_inputs()[0].name
+        self.members = int(self.session.get_outputs()[0].shape[1])
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers that really run (read back from the session)."""
+        return list(self.session.get_providers())
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) RGB -> float32 (B, M, H, W) member tumour probabilities."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})[0]
+
+    def warm_up(self, tile: int = 256) -> None:
+        self.predict(np.full((1, tile, tile, 3), 230, np.uint8))
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@dataclass
+class SegmentOptions:
+    mpp: float = 1.0
+    tile: int = 512
+    overlap: int = 32
+    batch: int = 2
+    threshold: float = 0.5
+
+
+@dataclass
+class SegmentResult:
+    """Disk rasters (uint8, analysis resolution) plus what a summary needs."""
+
+    maps: dict[str, RasterFile]
+    tissue: TissueMask
+    grid: TileGrid
+    mpp: float
+    tiles_total: int
+    tiles_computed: int
+    model_version: str
+    providers: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+    maxima: dict[str, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for r in self.maps.values():
+            r.close()
+
+
+_END = object()
+
+
+def _positions(grid: TileGrid) -> Iterator[tuple[int, int]]:
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            yield r, c
+
+
+def segment(
+    slide: Slide,
+    ensemble: Ensemble,
+    workdir: Path,
+    options: SegmentOptions | None = None,
+    progress: Progress | None = None,
+) -> SegmentResult:
+    """Run the ensemble over the slide's tissue and stream every map into rasters under ``workdir``."""
+    opt = options or SegmentOptions()
+    t_start = time.perf_counter()
+    tissue = tissue_mask(slide)
+    height, width = analysis_shape(slide, opt.mpp)
+    grid = TileGrid(height, width, opt.tile, opt.overlap)
+    occupied = grid.occupied(tissue, opt.mpp)
+    total = int(occupied.sum())
+    workdir.mkdir(parents=True, exist_ok=True)
+    maps = {name: RasterFile(workdir / f"{name}.raw", height, width, create=True) for name in MAP_NAMES}
+    maxima = dict.fromkeys(MAP_NAMES, 0)
+    timings = {"tissue_s": time.perf_counter() - t_start, "read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0}
+
+    def sink(y: int, x: int, values: np.ndarray) -> None:
+        for i, name in enumerate(MAP_NAMES):
+            q = to_uint8(values[i], name)
+            maxima[name] = max(maxima[name], int(q.max()))
+            maps[name].write_block(y, x, q)
+
+    stitcher = Stitcher(height, width, opt.tile, opt.overlap, len(MAP_NAMES), sink)
+    reader = RegionReader(slide, opt.mpp)
+    tiles_q: queue.Queue = queue.Queue(maxsize=2 * opt.batch + 2)
+    results_q: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def read_tiles() -> None:
+        try:
+            for r, c in _positions(grid):
+                if occupied[r, c]:
+                    t0 = time.perf_counter()
+                    y, x = grid.origin(r, c)
+                    img = reader.read(y, x, opt.tile, opt.tile)
+                    timings["read_s"] += time.perf_counter() - t0
+                    tiles_q.put((r, c, img))
+                else:
+                    tiles_q.put((r, c, None))
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the caller
+            errors.append(exc)
+        finally:
+            tiles_q.put(_END)
+
+    def stitch_results() -> None:
+        done = 0
+        try:
+            while (item := results_q.get()) is not _END:
+                positions, probs = item
+                t0 = time.perf_counter()
+                k = 0
+                for r, c, present in positions:
+                    if present:
+                        m = all_measures(probs[k])
+                        stitcher.add(r, c, np.stack([m[n] for n in MAP_NAMES]))
+                        k += 1
+                    else:
+                        stitcher.add(r, c, None)
+                done += k
+                timings["stitch_s"] += time.perf_counter() - t0
+                if progress and k:
+                    progress(done, total)
+            stitcher.finish()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            while results_q.get() is not _END:  # drain so the producer never blocks
+                pass
+
+    reader_thread = threading.Thread(target=read_tiles, name="uga-reader", daemon=True)
+    stitch_thread = threading.Thread(target=stitch_results, name="uga-stitch", daemon=True)
+    reader_thread.start()
+    stitch_thread.start()
+    try:
+        pending: list[tuple[int, int, bool]] = []
+        batch: list[np.ndarray] = []
+        finished = False
+        while not finished:
+            item = tiles_q.get()
+            if item is _END:
+                finished = True
+            else:
+                r, c, img = item
+                pending.append((r, c, img is not None))
+                if img is not None:
+                    batch.append(img)
+            if batch and (len(batch) == opt.batch or finished) or (finished and pending):
+                probs = None
+                if batch:
+                    t0 = time.perf_counter()
+                    probs = ensemble.predict(np.stack(batch))
+                    timings["infer_s"] += time.perf_counter() - t0
+                results_q.put((pending, probs))
+                pending, batch = [], []
+            if errors:
+                break
+    finally:
+        results_q.put(_END)
+        reader_thread.join()
+        stitch_thread.join()
+    if errors:
+        for r in maps.values():
+            r.close()
+        raise errors[0]
+    timings["total_s"] = time.perf_counter() - t_start
+    return SegmentResult(
+        maps=maps,
+        tissue=tissue,
+        grid=grid,
+        mpp=opt.mpp,
+        tiles_total=grid.rows * grid.cols,
+        tiles_computed=total,
+        model_version=ensemble.version,
+        providers=ensemble.providers,
+        timings=timings,
+        maxima=maxima,
+    )

@@ -1,0 +1,209 @@
+"""Slide access through OpenSlide: validation, µm/px, pyramid level choice, tissue mask, tile grid."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+from scipy import ndimage
+from skimage import filters, morphology
+
+TISSUE_MASK_MPP = 16.0  # µm/px of the low-resolution tissue mask
+GLASS_RGB = (255, 255, 255)
+
+
+class SlideError(ValueError):
+    """A slide that cannot be used; the message is one line for the user."""
+
+
+@dataclass
+class Slide:
+    """An open slide with trusted level-0 µm/px."""
+
+    path: Path
+    handle: openslide.OpenSlide
+    mpp: float  # level-0 µm/px
+    mpp_source: str  # "metadata" or "caller"
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.handle.dimensions
+
+    @property
+    def vendor(self) -> str:
+        return self.handle.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
+    """Open ``path`` with OpenSlide; refuse it (SlideError) if it is missing, unreadable or lacks µm/px."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"slide not found: {path}")
+    if path.is_dir():
+        raise SlideError(
+            f"{path} is a directory; give the slide file itself (for DICOM, any .dcm of the series)"
+        )
+    try:
+        handle = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(
+            f"{path.name} is not a slide format OpenSlide reads (SVS, TIFF, NDPI, MRXS, DICOM, ...)"
+        ) from None
+    except (openslide.OpenSlideError, OSError) as exc:
+        raise SlideError(f"cannot read slide {path.name}: {exc}") from None
+    if slide_mpp is not None:
+        if not (math.isfinite(slide_mpp) and 0.05 <= slide_mpp <= 100):
+            handle.close()
+            raise SlideError(f"--slide-mpp {slide_mpp} is not a plausible µm/px (0.05..100)")
+        return Slide(path, handle, float(slide_mpp), "caller")
+    props = handle.properties
+    try:
+        mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
+        mpp_y = float(props.get(openslide.PROPERTY_NAME_MPP_Y, mpp_x))
+    except (KeyError, ValueError):
+        handle.close()
+        raise SlideError(
+            f"{path.name} has no µm/px metadata; pass the scanner's level-0 µm/px (e.g. --slide-mpp 0.25)"
+        ) from None
+    if not (mpp_x > 0 and math.isfinite(mpp_x)) or abs(mpp_x - mpp_y) > 0.02 * mpp_x:
+        handle.close()
+        raise SlideError(f"{path.name} has unusable µm/px metadata (x={mpp_x}, y={mpp_y}); pass --slide-mpp")
+    return Slide(path, handle, mpp_x, "metadata")
+
+
+def choose_level(downsamples: list[float] | tuple[float, ...], level0_mpp: float, target_mpp: float) -> int:
+    """The coarsest pyramid level that is still at least as fine as ``target_mpp`` (level 0 if none)."""
+    best = 0
+    for level, ds in enumerate(downsamples):
+        if level0_mpp * ds <= target_mpp * 1.001:
+            if ds > downsamples[best]:
+                best = level
+    return best
+
+
+def analysis_shape(slide: Slide, mpp: float) -> tuple[int, int]:
+    """(height, width) of the slide resampled to ``mpp``."""
+    w0, h0 = slide.dimensions
+    f = slide.mpp / mpp
+    return max(1, round(h0 * f)), max(1, round(w0 * f))
+
+
+class RegionReader:
+    """Reads RGB regions in analysis-pixel coordinates at a target µm/px from the best level."""
+
+    def __init__(self, slide: Slide, mpp: float):
+        self.slide, self.mpp = slide, mpp
+        downs = slide.handle.level_downsamples
+        self.level = choose_level(downs, slide.mpp, mpp)
+        self.level_ds = downs[self.level]
+        self.to_level0 = mpp / slide.mpp  # analysis px -> level-0 px
+        self.to_level = self.to_level0 / self.level_ds  # analysis px -> chosen-level px
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of analysis region [y, y+h) x [x, x+w); outside the slide reads as glass."""
+        f = self.to_level
+        lx0, ly0 = math.floor(x * f), math.floor(y * f)
+        lx1, ly1 = math.ceil((x + w) * f), math.ceil((y + h) * f)
+        lw, lh = max(1, lx1 - lx0), max(1, ly1 - ly0)
+        loc = (int(round(lx0 * self.level_ds)), int(round(ly0 * self.level_ds)))
+        rgba = self.slide.handle.read_region(loc, self.level, (lw, lh))
+        rgb = Image.new("RGB", rgba.size, GLASS_RGB)
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        if (lw, lh) != (w, h) or abs(f - 1.0) > 1e-9:
+            box = (x * f - lx0, y * f - ly0, (x + w) * f - lx0, (y + h) * f - ly0)
+            rgb = rgb.resize((w, h), Image.Resampling.BILINEAR if f >= 1 else Image.Resampling.BOX, box=box)
+        return np.asarray(rgb)
+
+
+@dataclass
+class TissueMask:
+    """Boolean tissue mask at ``mpp`` (coarse), covering the whole slide."""
+
+    mask: np.ndarray
+    mpp: float
+
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def area_mm2(self) -> float:
+        return float(self.mask.sum()) * (self.mpp / 1000.0) ** 2
+
+    def crop(self, y: int, x: int, h: int, w: int, mpp: float) -> np.ndarray:
+        """Nearest-neighbour tissue mask for analysis region [y, y+h) x [x, x+w) at ``mpp``."""
+        f = mpp / self.mpp
+        ys = np.minimum(((np.arange(y, y + h) + 0.5) * f).astype(np.int64), self.mask.shape[0] - 1)
+        xs = np.minimum(((np.arange(x, x + w) + 0.5) * f).astype(np.int64), self.mask.shape[1] - 1)
+        out = self.mask[np.ix_(ys, xs)]
+        out[(np.arange(y, y + h) * f) >= self.mask.shape[0]] = False
+        out[:, (np.arange(x, x + w) * f) >= self.mask.shape[1]] = False
+        return out
+
+
+def tissue_from_rgb(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
+    """Tissue = coloured and not bright glass: Otsu on (max-min) chroma, then clean-up morphology."""
+    rgb = np.asarray(rgb)
+    chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2).astype(np.int16)
+    if chroma.max() <= min_saturation:
+        return np.zeros(chroma.shape, bool)
+    thr = max(min_saturation, float(filters.threshold_otsu(chroma)))
+    mask = (chroma > thr) & (rgb.mean(axis=2) < 235)
+    mask = ndimage.binary_closing(mask, morphology.disk(2))
+    mask = morphology.remove_small_objects(mask, max_size=8)
+    return morphology.remove_small_holes(mask, max_size=64)
+
+
+def tissue_mask(slide: Slide, mpp: float = TISSUE_MASK_MPP) -> TissueMask:
+    """Low-resolution tissue mask read through the pyramid (bounded: one small image)."""
+    h, w = analysis_shape(slide, mpp)
+    reader = RegionReader(slide, mpp)
+    rgb = reader.read(0, 0, h, w)
+    return TissueMask(tissue_from_rgb(rgb), mpp)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Overlapping square tiles (stride = tile - overlap) covering an analysis image of (height, width)."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    @property
+    def rows(self) -> int:
+        return max(1, math.ceil(self.height / self.stride))
+
+    @property
+    def cols(self) -> int:
+        return max(1, math.ceil(self.width / self.stride))
+
+    def origin(self, r: int, c: int) -> tuple[int, int]:
+        return r * self.stride, c * self.stride
+
+    def occupied(self, tissue: TissueMask, mpp: float) -> np.ndarray:
+        """(rows, cols) bool: tiles whose full extent touches tissue."""
+        f = mpp / tissue.mpp
+        mh, mw = tissue.mask.shape
+        out = np.zeros((self.rows, self.cols), bool)
+        for r in range(self.rows):
+            y0 = r * self.stride
+            my0, my1 = int(y0 * f), min(mh, math.ceil((y0 + self.tile) * f))
+            if my0 >= mh:
+                continue
+            band = tissue.mask[my0:my1]
+            for c in range(self.cols):
+                x0 = c * self.stride
+                mx0, mx1 = int(x0 * f), min(mw, math.ceil((x0 + self.tile) * f))
+                out[r, c] = mx0 < mw and bool(band[:, mx0:mx1].any())
+        return out
