@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,7 +77,5 @@ class RasterFile:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - safety net
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

@@ -82,9 +82,8 @@ def choose_level(downsamples: list[float] | tuple[float, ...], level0_mpp: float
     """The coarsest pyramid level that is still at least as fine as ``target_mpp`` (level 0 if none)."""
     best = 0
     for level, ds in enumerate(downsamples):
-        if level0_mpp * ds <= target_mpp * 1.001:
-            if ds > downsamples[best]:
-                best = level
+        if level0_mpp * ds <= target_mpp * 1.001 and ds > downsamples[best]:
+            best = level
     return best
 
 
