@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Normalisation of uint8 RGB inside the graph, so serving feeds raw pixels.
-RGB_MEAN = (0.5, 0.5, 0.5)
-RGB_STD = (0.25, 0.25, 0.25)
+# Normalisation of uint8 RGB inside the graph, so serving feeds raw pixels (same for every channel).
+RGB_MEAN = 0.5
+RGB_STD = 0.25
 
 
 def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
@@ -56,9 +56,7 @@ class UNet(nn.Module):
 
 def normalise(rgb01: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [0,1] -> network input."""
-    mean = torch.tensor(RGB_MEAN, dtype=rgb01.dtype, device=rgb01.device).view(1, 3, 1, 1)
-    std = torch.tensor(RGB_STD, dtype=rgb01.dtype, device=rgb01.device).view(1, 3, 1, 1)
-    return (rgb01 - mean) / std
+    return (rgb01 - RGB_MEAN) / RGB_STD
 
 
 class FusedEnsemble(nn.Module):

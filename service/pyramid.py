@@ -7,7 +7,6 @@ built and written band by band from disk-backed rasters, so memory does not grow
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from service.fsutil import commit_file
 from service.raster import RasterFile
 
 TILE = 256
@@ -95,11 +95,5 @@ def write_pyramid_tiff(
         finally:
             for lvl in levels[1:]:
                 lvl.close()
-    _fsync_rename(tmp_path, path)
+    commit_file(tmp_path, path)
     return len(levels)
-
-
-def _fsync_rename(tmp_path: Path, path: Path) -> None:
-    with open(tmp_path, "rb+") as f:
-        os.fsync(f.fileno())
-    tmp_path.replace(path)

@@ -1,0 +1,77 @@
+"""Dice of a segmentation against a ground-truth mask slide (band-wise, bounded memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.raster import RasterFile
+from service.slides import RegionReader, open_slide
+
+BAND = 512
+
+
+@dataclass
+class Overlap:
+    """Pixel counts of a binary prediction against the truth."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+        self.tp += int(np.count_nonzero(pred & truth))
+        self.fp += int(np.count_nonzero(pred & ~truth))
+        self.fn += int(np.count_nonzero(~pred & truth))
+
+    @property
+    def dice(self) -> float:
+        """2TP / (2TP + FP + FN); 1.0 when both prediction and truth are empty."""
+        denom = 2 * self.tp + self.fp + self.fn
+        return 1.0 if denom == 0 else 2 * self.tp / denom
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two binary arrays (1.0 when both are empty)."""
+    o = Overlap()
+    o.add(pred, truth)
+    return o.dice
+
+
+def read_truth(mask_path: Path, mpp: float, y: int, x: int, h: int, w: int, slide_mpp: float | None = None):
+    """Ground-truth tumour (bool) for an analysis region, resampled from a mask slide."""
+    mask_slide = open_slide(mask_path, slide_mpp)
+    try:
+        return RegionReader(mask_slide, mpp).read(y, x, h, w)[..., 0] > 127
+    finally:
+        mask_slide.close()
+
+
+def overlap_with_truth(
+    probability: RasterFile,
+    mask_path: Path,
+    mpp: float,
+    threshold: float = 0.5,
+    region: tuple[int, int, int, int] | None = None,
+) -> Overlap:
+    """Compare ``probability`` (uint8 raster at ``mpp``) >= threshold with the mask slide, band by band.
+
+    ``region`` (y, x, h, w) restricts the comparison to part of the slide (analysis pixels).
+    """
+    y0, x0, h, w = region or (0, 0, probability.height, probability.width)
+    cut = int(np.ceil(threshold * 255 - 1e-9))
+    mask_slide = open_slide(mask_path)
+    try:
+        reader = RegionReader(mask_slide, mpp)
+        out = Overlap()
+        for by in range(y0, y0 + h, BAND):
+            bh = min(BAND, y0 + h - by)
+            pred = probability.read_rows(by, by + bh)[:, x0 : x0 + w] >= cut
+            truth = reader.read(by, x0, bh, w)[..., 0] > 127
+            out.add(pred, truth)
+        return out
+    finally:
+        mask_slide.close()
