@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import filters, morphology
 
-TISSUE_MASK_MPP = 16.0  # µm/px of the low-resolution tissue mask
+TISSUE_MASK_MPP = 8.0  # µm/px of the low-resolution tissue mask
 GLASS_RGB = (255, 255, 255)
 
 
@@ -106,7 +106,23 @@ class RegionReader:
         self.to_level = self.to_level0 / self.level_ds  # analysis px -> chosen-level px
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB of analysis region [y, y+h) x [x, x+w); outside the slide reads as glass."""
+        """(h, w, 3) uint8 RGB of analysis region [y, y+h) x [x, x+w).
+
+        Parts outside the slide are mirrored from the inside, so a tile at the border does not see an
+        artificial white edge.
+        """
+        full_h, full_w = self.shape
+        vh, vw = max(0, min(h, full_h - y)), max(0, min(w, full_w - x))
+        if 0 < vh < h or 0 < vw < w:
+            inside = self._read(y, x, vh, vw)
+            return np.pad(inside, ((0, h - vh), (0, w - vw), (0, 0)), mode="symmetric")
+        return self._read(y, x, h, w)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return analysis_shape(self.slide, self.mpp)
+
+    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         f = self.to_level
         lx0, ly0 = math.floor(x * f), math.floor(y * f)
         lx1, ly1 = math.ceil((x + w) * f), math.ceil((y + h) * f)

@@ -1,0 +1,186 @@
+"""`uga` command line: segment, make-slides, demo (and later serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from service.config import get_settings
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """Shown as one line on stderr, exit status 2."""
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return v
+
+
+def _add_segment_options(p: argparse.ArgumentParser) -> None:
+    s = get_settings()
+    p.add_argument("--mpp", type=_positive, default=s.mpp, help=f"analysis µm/px (default {s.mpp})")
+    p.add_argument("--slide-mpp", type=_positive, default=None, help="level-0 µm/px when the slide lacks it")
+    p.add_argument("--queue", type=int, default=s.queue_size, help=f"review patches (default {s.queue_size})")
+    p.add_argument(
+        "--patch-um", type=_positive, default=s.patch_um, help=f"patch side µm (default {s.patch_um:g})"
+    )
+    p.add_argument("--uncertainty", choices=["uga", "entropy", "mutual_information"], default=s.uncertainty)
+    p.add_argument("--scoring", choices=["mean", "paper"], default=s.scoring, help="patch score")
+    p.add_argument("--model", type=Path, default=s.baseline_dir, help="model version directory")
+    p.add_argument("--tile", type=int, default=s.tile)
+    p.add_argument("--batch", type=int, default=s.batch)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from service.pipeline import RunOptions, run_segmentation
+    from service.registry import load_ensemble
+
+    s = get_settings()
+    if args.queue < 1:
+        raise CliError("--queue must be at least 1")
+    ensemble = load_ensemble(args.model, providers=s.providers, threads=s.ort_threads)
+    opts = RunOptions(
+        mpp=args.mpp,
+        slide_mpp=args.slide_mpp,
+        tile=args.tile,
+        overlap=s.overlap,
+        batch=args.batch,
+        threshold=s.threshold,
+        measure=args.uncertainty,
+        scoring=args.scoring,
+        queue_size=args.queue,
+        patch_um=args.patch_um,
+        min_tissue=s.min_tissue,
+    )
+    bars: list[tqdm] = []  # created on the first tile, so refused input prints no bar
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="tile", desc=slide.name, disable=args.quiet, file=sys.stderr))
+        bars[0].n = done
+        bars[0].refresh()
+
+    try:
+        return run_segmentation(slide, out, ensemble, opts, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    q = summary["queue"]
+    lines = [
+        f"slide            {summary['slide']}  "
+        f"({summary['slide_vendor']}, {summary['slide_mpp']} µm/px level 0)",
+        f"model            {summary['model_version']}  ({summary['ensemble_members']} members, "
+        f"{', '.join(summary['providers'])})",
+        f"tissue / tumour  {summary['tissue_area_mm2']:.2f} mm² / {summary['tumour_area_mm2']:.2f} mm² "
+        f"({100 * summary['tumour_fraction_of_tissue']:.1f}% of tissue)",
+        "mean uncertainty " + ", ".join(f"{k} {v:.4f}" for k, v in summary["mean_uncertainty"].items()),
+        f"tiles            {summary['tiles']['computed']} of {summary['tiles']['grid']} "
+        f"({summary['throughput']['tissue_mp_per_s']:.2f} tissue MP/s, "
+        f"{summary['timings_s']['wall_s']:.1f} s)",
+        f"review queue     {q['size']} patches of {q['patch_um']:g} µm by {q['measure']} ({q['scoring']})",
+        f"outputs          {out}/  (overlay.png, annotations.geojson, *.tif, queue.json, summary.json)",
+    ]
+    print("\n".join(lines))
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    summary = _run_segment(args.slide, args.out, args)
+    _print_summary(summary, args.out)
+    return 0
+
+
+def cmd_make_slides(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.slidegen import CENTRES, SIZES, build_slide
+    from models.sources import ensure_sources
+
+    unknown = [c for c in args.centre if c not in CENTRES]
+    if unknown:
+        raise CliError(f"unknown centre {unknown[0]!r}; choose from {', '.join(CENTRES)}")
+    if args.count < 1:
+        raise CliError("--count must be at least 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sources = ensure_sources()
+    jobs = [(c, i) for c in args.centre for i in range(args.count)]
+    for centre, i in tqdm(jobs, desc="slides", unit="slide", disable=args.quiet, file=sys.stderr):
+        path = args.out / f"{centre}-{i:02d}.tif"
+        meta = build_slide(path, size=SIZES[args.size], centre=centre, seed=args.seed + i, sources=sources)
+        print(f"{path}  tumour {meta.tumour_area_mm2:.2f} mm²  (mask: {path.with_suffix('.mask.tif').name})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from models.slidegen import SIZES, build_slide
+    from models.sources import ensure_sources
+
+    s = get_settings()
+    slide = s.data_dir / "demo" / f"demo-{args.centre}.tif"
+    if not slide.exists():
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building demo slide {slide} (centre {args.centre!r}) ...", file=sys.stderr)
+        build_slide(slide, size=SIZES["demo"], centre=args.centre, seed=7, sources=ensure_sources())
+    out = args.out or s.data_dir / "demo" / f"result-{args.centre}"
+    summary = _run_segment(slide, out, args)
+    _print_summary(summary, out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation for slides")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("segment", help="segment one slide: mask, uncertainty maps, ranked review queue")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_segment_options(p)
+    p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("make-slides", help="compose demo/test slides from real H&E with exact masks")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--centre", nargs="+", default=["source"], help="centres (source, stain, blur, ...)")
+    p.add_argument("--size", choices=["test-small", "demo", "bench", "bench-large"], default="test-small")
+    p.add_argument("--count", type=int, default=1, help="slides per centre")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_slides)
+    p = sub.add_parser("demo", help="build an out-of-domain demo slide (once) and segment it")
+    p.add_argument("--centre", default="stain", help="which hospital the demo slide imitates")
+    p.add_argument("--out", type=Path, default=None)
+    _add_segment_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.sources import SourceError
+    from service.pipeline import OutputError
+    from service.registry import ModelError
+    from service.slides import SlideError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, SlideError, OutputError, ModelError, SourceError, ValueError) as exc:
+        print(f"uga: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("uga: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

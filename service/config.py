@@ -1,0 +1,42 @@
+"""All settings, from environment variables prefixed ``UGA_`` (documented in README.md)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "baseline"
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field is ``UGA_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="UGA_", extra="ignore")
+
+    # storage
+    data_dir: Path = Field(Path("data"), description="data directory: SQLite store, jobs, artifacts")
+    slide_root: Path = Field(Path("data/slides"), description="slides are addressed relative to this root")
+    baseline_dir: Path = Field(PACKAGE_MODEL_DIR, description="shipped baseline ensemble (ONNX + card)")
+    # inference
+    mpp: float = Field(1.0, gt=0, description="analysis resolution in µm/px (the paper: 1.0)")
+    tile: int = Field(512, ge=64, le=4096, description="tile side in analysis pixels (multiple of 8)")
+    overlap: int = Field(32, ge=0, le=512, description="tile overlap in pixels, blended")
+    batch: int = Field(2, ge=1, le=64, description="tiles per ONNX Runtime call")
+    threshold: float = Field(0.5, gt=0, lt=1, description="tumour threshold on the mean probability")
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores)")
+    providers: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider")
+    # queue
+    queue_size: int = Field(10, ge=1, le=1000, description="patches in the ranked queue per slide")
+    patch_um: float = Field(1024.0, gt=0, description="queue patch side in µm (the paper: 1024)")
+    uncertainty: Literal["uga", "entropy", "mutual_information"] = Field("uga", description="ranking measure")
+    scoring: Literal["mean", "paper"] = Field("mean", description="patch score: mean over tissue or paper's")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a queue patch")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,94 @@
+"""One streaming pass over the stitched maps: binary mask, queue cell sums, previews, slide statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.engine import MAP_NAMES, SegmentResult
+from service.queue import PAPER_FRACTION, CellStats, cell_sums
+from service.raster import RasterFile
+from service.uncertainty import from_uint8
+
+QUEUE_CELL = 64  # analysis pixels per queue cell
+PREVIEW_MAX = 1024  # longest side of preview images
+
+
+def preview_factor(height: int, width: int, limit: int = PREVIEW_MAX) -> int:
+    """Smallest power of two that brings the longest side to ``limit`` or below (at most 512)."""
+    f = 1
+    while max(height, width) / f > limit and f < 512:
+        f *= 2
+    return f
+
+
+def block_mean(values: np.ndarray, f: int) -> np.ndarray:
+    """Mean over f x f blocks (edges padded with zeros, then divided by full block area)."""
+    if f == 1:
+        return values.astype(np.float32)
+    h, w = values.shape
+    gh, gw = -(-h // f), -(-w // f)
+    padded = np.zeros((gh * f, gw * f), np.float32)
+    padded[:h, :w] = values
+    return padded.reshape(gh, f, gw, f).mean(axis=(1, 3))
+
+
+@dataclass
+class SlideAnalysis:
+    mask: RasterFile  # uint8 0/255 at analysis resolution
+    cells: CellStats
+    previews: dict[str, np.ndarray]  # uint8 images at 1/preview_f scale: probability, mask, <measure>
+    preview_f: int
+    tissue_px: int
+    tumour_px: int
+    mean_uncertainty: dict[str, float]  # per measure, over tissue pixels
+
+
+def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: float) -> SlideAnalysis:
+    """Read every map once in bands; write the mask raster; accumulate queue and summary statistics."""
+    maps = result.maps
+    h, w = maps["probability"].height, maps["probability"].width
+    f = preview_factor(h, w)
+    band = 512  # multiple of QUEUE_CELL and of f (f <= 512)
+    mask = RasterFile(workdir / "mask.raw", h, w, create=True)
+    cut = int(np.ceil(threshold * 255 - 1e-9))
+    above_cut = PAPER_FRACTION * result.maxima.get(measure, 0)
+    grids: dict[str, list[np.ndarray]] = {k: [] for k in ("tissue", "unc", "prob", "above")}
+    prev: dict[str, list[np.ndarray]] = {k: [] for k in ("probability", "mask", measure)}
+    tissue_px = tumour_px = 0
+    sums = dict.fromkeys(MAP_NAMES, 0.0)
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        tissue = result.tissue.crop(y0, 0, y1 - y0, w, result.mpp)
+        bands = {name: maps[name].read_rows(y0, y1) for name in MAP_NAMES}
+        m = np.where(bands["probability"] >= cut, 255, 0).astype(np.uint8)
+        mask.write_block(y0, 0, m)
+        t = tissue.astype(np.float32)
+        tissue_px += int(tissue.sum())
+        tumour_px += int(np.count_nonzero(m.astype(bool) & tissue))
+        for name in MAP_NAMES:
+            sums[name] += float((from_uint8(bands[name], name) * t).sum())
+        unc = from_uint8(bands[measure], measure) * t
+        grids["tissue"].append(cell_sums(t, QUEUE_CELL))
+        grids["unc"].append(cell_sums(unc, QUEUE_CELL))
+        grids["prob"].append(cell_sums(from_uint8(bands["probability"], "probability") * t, QUEUE_CELL))
+        grids["above"].append(
+            cell_sums(((bands[measure] > above_cut) & tissue).astype(np.float32), QUEUE_CELL)
+        )
+        prev["probability"].append(block_mean(bands["probability"], f))
+        prev["mask"].append(block_mean(m, f))
+        prev[measure].append(block_mean(bands[measure], f))
+    cells = CellStats(
+        cell=QUEUE_CELL,
+        tissue=np.concatenate(grids["tissue"]),
+        uncertainty=np.concatenate(grids["unc"]),
+        probability=np.concatenate(grids["prob"]),
+        above=np.concatenate(grids["above"]),
+    )
+    previews = {k: np.clip(np.rint(np.concatenate(v)), 0, 255).astype(np.uint8) for k, v in prev.items()}
+    means = {
+        name: (sums[name] / tissue_px if tissue_px else 0.0) for name in MAP_NAMES if name != "probability"
+    }
+    return SlideAnalysis(mask, cells, previews, f, tissue_px, tumour_px, means)
