@@ -66,8 +66,12 @@ def run_segmentation(
         raise ValueError(f"unknown uncertainty measure {opt.measure!r}; use one of {', '.join(MEASURES)}")
     if opt.tile % 8 or opt.overlap * 2 > opt.tile:
         raise ValueError("tile must be a multiple of 8 and overlap at most half the tile")
-    out_dir = prepare_output_dir(out_dir)
-    slide = open_slide(slide_path, opt.slide_mpp)
+    slide = open_slide(slide_path, opt.slide_mpp)  # refuse a bad slide before touching the output
+    try:
+        out_dir = prepare_output_dir(out_dir)
+    except OutputError:
+        slide.close()
+        raise
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
     try:

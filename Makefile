@@ -1,0 +1,31 @@
+# One-command entry points. Everything runs inside .venv (created on first use).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu,train,serve,dev
+
+.PHONY: setup demo test lint bench train clean
+
+$(BIN)/uga: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $(BIN)/uga
+
+setup: $(BIN)/uga
+
+demo: setup                   ## build the demo slide (once) and segment it
+	$(BIN)/uga demo
+
+test: setup                   ## the whole test suite
+	$(BIN)/ruff check service models tests bench
+	$(BIN)/python -m pytest -q
+
+bench: setup                  ## engine benchmark (prints a table)
+	$(BIN)/python bench/bench_engine.py
+
+train: setup                  ## retrain the shipped baseline (all stages; fit uses CUDA when present)
+	$(BIN)/python -m models.train --out models/baseline
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

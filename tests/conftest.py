@@ -1,0 +1,53 @@
+"""Shared fixtures: real H&E sources (fetched once), small composite slides, the shipped baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sources():
+    from models.sources import ensure_sources
+
+    return ensure_sources()
+
+
+@pytest.fixture(scope="session")
+def cmu_svs(sources) -> Path:
+    return sources.cmu_svs_path
+
+
+@pytest.fixture(scope="session")
+def slide_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slides")
+
+
+def _slide(slide_dir: Path, sources, centre: str, seed: int, size=(2048, 2048), **kw) -> Path:
+    from models.slidegen import build_slide
+
+    path = slide_dir / f"{centre}-{seed}.tif"
+    if not path.exists():
+        build_slide(path, size=size, centre=centre, seed=seed, sources=sources, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def source_slide(slide_dir, sources) -> Path:
+    """A held-out source-centre slide (seed never used in training)."""
+    return _slide(slide_dir, sources, "source", 9001)
+
+
+@pytest.fixture(scope="session")
+def ood_slide(slide_dir, sources) -> Path:
+    return _slide(slide_dir, sources, "mixed", 9001)
+
+
+@pytest.fixture(scope="session")
+def baseline():
+    from service.registry import load_ensemble
+
+    return load_ensemble(REPO / "models" / "baseline", threads=2)

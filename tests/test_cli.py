@@ -1,0 +1,95 @@
+"""The `uga` command line, run as a real subprocess: results and every refusal."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def uga(*args, cwd=None):
+    env = {**os.environ, "UGA_ORT_THREADS": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or REPO,
+        timeout=600,
+    )
+
+
+def assert_refused(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert lines[0].startswith("uga: error:") and needle in lines[0], lines[0]
+
+
+def test_segment_writes_outputs_and_prints_summary(cmu_svs, tmp_path):
+    proc = uga("segment", cmu_svs, "--out", tmp_path / "o", "--queue", "3", "--patch-um", "256", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "review queue     3 patches of 256 µm" in proc.stdout
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["queue"]["size"] == 3
+
+
+def test_missing_file(tmp_path):
+    assert_refused(uga("segment", tmp_path / "nope.svs", "--out", tmp_path / "o"), "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_slide(tmp_path):
+    f = tmp_path / "report.svs"
+    f.write_text("hello")
+    assert_refused(uga("segment", f, "--out", tmp_path / "o"), "not a slide format")
+
+
+def test_unreadable_truncated_slide(cmu_svs, tmp_path):
+    f = tmp_path / "broken.svs"
+    f.write_bytes(cmu_svs.read_bytes()[:4096])
+    proc = uga("segment", f, "--out", tmp_path / "o")
+    assert_refused(proc, "broken.svs")
+
+
+def test_slide_without_mpp_is_refused_unless_given(tmp_path):
+    f = tmp_path / "nompp.tif"
+    tifffile.imwrite(f, np.full((600, 600, 3), 230, np.uint8), tile=(256, 256))
+    assert_refused(uga("segment", f, "--out", tmp_path / "o"), "--slide-mpp")
+    ok = uga("segment", f, "--out", tmp_path / "o", "--slide-mpp", "1.0", "--patch-um", "128", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_output_dir_not_writable(cmu_svs, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_refused(uga("segment", cmu_svs, "--out", blocker / "sub"), "not writable")
+    assert_refused(uga("segment", cmu_svs, "--out", blocker), "not a directory")
+
+
+def test_bad_option_values(cmu_svs, tmp_path):
+    proc = uga("segment", cmu_svs, "--out", tmp_path / "o", "--mpp", "-1")
+    assert proc.returncode == 2 and "must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert_refused(uga("segment", cmu_svs, "--out", tmp_path / "o", "--queue", "0"), "--queue")
+
+
+def test_unknown_centre_for_make_slides(tmp_path):
+    assert_refused(uga("make-slides", "--out", tmp_path, "--centre", "mars"), "unknown centre")
+
+
+@pytest.mark.slow
+def test_make_slides_builds_pyramid_with_mask(tmp_path):
+    proc = uga("make-slides", "--out", tmp_path, "--centre", "source", "blur", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in tmp_path.glob("*.tif")} == {
+        "source-00.tif",
+        "source-00.mask.tif",
+        "blur-00.tif",
+        "blur-00.mask.tif",
+    }

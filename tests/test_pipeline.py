@@ -1,0 +1,89 @@
+"""End to end through real OpenSlide reads, the real ONNX ensemble and real TIFF/PNG/GeoJSON writers."""
+
+import json
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from service.engine import SegmentOptions, segment
+from service.evaluation import overlap_with_truth
+from service.pipeline import RunOptions, run_segmentation
+from service.slides import open_slide
+
+
+def _check_artifacts(out, summary, level0_dims, mpp=1.0):
+    for name in ("mask", "probability", "entropy", "mutual_information", "uga"):
+        s = openslide.OpenSlide(str(out / summary["artifacts"][name]))
+        assert s.level_count >= 2
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(mpp)
+        w, h = s.dimensions
+        assert abs(w * mpp - level0_dims[0] * summary["slide_mpp"]) <= 2 * mpp
+        assert abs(h * mpp - level0_dims[1] * summary["slide_mpp"]) <= 2 * mpp
+    png = Image.open(out / "overlay.png")
+    assert png.size[0] > 800 and png.mode in ("RGB", "RGBA")
+    gj = json.loads((out / "annotations.geojson").read_text())
+    assert gj["type"] == "FeatureCollection"
+    review = [f for f in gj["features"] if f["properties"]["classification"]["name"] == "Review"]
+    assert len(review) == summary["queue"]["size"]
+    assert all(f["properties"]["measurements"]["rank"] >= 1 for f in review)
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_real_cmu_svs_end_to_end(cmu_svs, baseline, tmp_path):
+    out = tmp_path / "cmu"
+    summary = run_segmentation(cmu_svs, out, baseline, RunOptions(queue_size=4, patch_um=256))
+    assert summary["slide_vendor"] == "aperio"
+    assert summary["slide_mpp"] == pytest.approx(0.499)
+    assert summary["providers"] == ["CPUExecutionProvider"]
+    assert summary["model_version"].startswith("baseline-")
+    assert 0.3 < summary["tissue_area_mm2"] < 1.5  # CMU small region: ~1.1 x 1.5 mm, about 40% tissue
+    assert summary["tiles"]["computed"] < summary["tiles"]["grid"]  # glass tiles were never read
+    queue = json.loads((out / "queue.json").read_text())
+    assert 1 <= len(queue) <= 4
+    assert all(q["model_version"] == summary["model_version"] for q in queue)
+    _check_artifacts(out, summary, (2220, 2967))
+
+
+def test_composite_source_slide_dice_against_its_mask(source_slide, baseline, tmp_path):
+    slide = open_slide(source_slide)
+    res = segment(slide, baseline, tmp_path / "w", SegmentOptions())
+    dice = overlap_with_truth(
+        res.maps["probability"], source_slide.with_name(source_slide.stem + ".mask.tif"), 1.0
+    )
+    assert dice.dice >= 0.85  # held-out slide of the training centre
+    res.close()
+
+
+def test_out_of_domain_slide_is_worse_and_more_uncertain(source_slide, ood_slide, baseline, tmp_path):
+    results, dice = {}, {}
+    for name, path in (("source", source_slide), ("ood", ood_slide)):
+        out = tmp_path / name
+        summary = run_segmentation(path, out, baseline, RunOptions(queue_size=3, patch_um=256))
+        prob = openslide.OpenSlide(str(out / "probability.tif"))
+        w, h = prob.dimensions
+        results[name] = summary
+        assert summary["queue"]["size"] == 3
+        _check_artifacts(out, summary, open_slide(path).dimensions)
+        assert (w, h) == (1024, 1024)
+        truth = path.with_name(path.stem + ".mask.tif")
+        tifs = {n: openslide.OpenSlide(str(out / f"{n}.tif")) for n in ("mask",)}
+        pred = np.asarray(tifs["mask"].read_region((0, 0), 0, (w, h)))[..., 0] > 127
+        gt = np.asarray(openslide.OpenSlide(str(truth)).get_thumbnail((w, h)).convert("L").resize((w, h))) > 127
+        dice[name] = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    assert dice["ood"] < dice["source"] - 0.2
+    assert results["ood"]["mean_uncertainty"]["uga"] > results["source"]["mean_uncertainty"]["uga"]
+
+
+def test_measure_choice_changes_ranking_field(source_slide, baseline, tmp_path):
+    s = run_segmentation(
+        source_slide,
+        tmp_path / "mi",
+        baseline,
+        RunOptions(measure="mutual_information", scoring="paper", queue_size=2, patch_um=256),
+    )
+    q = json.loads((tmp_path / "mi" / "queue.json").read_text())
+    assert s["queue"]["measure"] == "mutual_information"
+    assert all(i["measure"] == "mutual_information" and i["scoring"] == "paper" for i in q)
+    assert np.all(np.diff([i["score"] for i in q]) <= 0)

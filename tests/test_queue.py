@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from service.queue import CellStats, build_queue, score_candidates, select_non_overlapping
+
+
+def _stats(unc: np.ndarray, tissue: np.ndarray | None = None, cell: int = 4) -> CellStats:
+    tissue = np.full(unc.shape, cell * cell, float) if tissue is None else tissue
+    return CellStats(cell, tissue, unc * tissue, np.zeros_like(unc), np.zeros_like(unc))
+
+
+def _boxes_overlap(a, b):
+    ax, ay, aw = a["x"], a["y"], a["width"]
+    bx, by, bw = b["x"], b["y"], b["width"]
+    return ax < bx + bw and bx < ax + aw and ay < by + bw and by < ay + aw
+
+
+def test_ranking_is_by_score_and_boxes_never_overlap():
+    rng = np.random.default_rng(0)
+    unc = rng.uniform(0, 1, (20, 20))
+    items = build_queue(
+        _stats(unc),
+        patch_px=12,
+        top=8,
+        scoring="mean",
+        min_tissue=0.5,
+        mpp=1.0,
+        level0_mpp=0.5,
+        slide_key="s",
+        measure="uga",
+        model_version="v1",
+    )
+    assert [i["rank"] for i in items] == list(range(1, 9))
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    boxes = [i["bbox_level0"] for i in items]
+    assert all(not _boxes_overlap(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1 :])
+    assert boxes[0]["width"] == 24  # 12 analysis px at 1 µm = 24 level-0 px at 0.5 µm
+    assert items[0]["bbox_um"]["width"] == 12.0
+
+
+def test_best_patch_is_the_uncertain_region():
+    unc = np.zeros((12, 12))
+    unc[6:9, 3:6] = 1.0  # a 3x3-cell hot spot
+    cands = score_candidates(_stats(unc), 3)
+    best = select_non_overlapping(cands, 3, 1)[0]
+    assert (best.row, best.col) == (6, 3)
+    assert best.mean_uncertainty == pytest.approx(1.0)
+
+
+def test_patches_without_enough_tissue_are_not_candidates():
+    unc = np.ones((6, 6))
+    tissue = np.zeros((6, 6))
+    tissue[:2, :2] = 16
+    cands = score_candidates(_stats(unc, tissue), 2, min_tissue=0.75)  # neighbours have 2/4 cells
+    assert [(c.row, c.col) for c in cands] == [(0, 0)]
+    # mean is over tissue pixels only
+    assert cands[0].mean_uncertainty == pytest.approx(1.0)
+
+
+def test_paper_scoring_counts_pixels_above_fraction_of_max():
+    unc = np.full((4, 8), 0.1)
+    stats = _stats(unc)
+    stats.above[:, 4:] = 5  # 5 pixels above 0.8 x max in each right-hand cell
+    cands = score_candidates(stats, 2, scoring="paper")
+    best = select_non_overlapping(cands, 2, 1)[0]
+    assert best.col >= 4
+    assert best.score == pytest.approx(100 * 20 + 0.1 * 64)
+
+
+def test_excluded_items_leave_the_queue():
+    unc = np.random.default_rng(1).uniform(0, 1, (10, 10))
+    kw = dict(
+        patch_px=8,
+        top=3,
+        scoring="mean",
+        min_tissue=0.5,
+        mpp=1.0,
+        level0_mpp=1.0,
+        slide_key="s",
+        measure="uga",
+        model_version="v",
+    )
+    first = build_queue(_stats(unc), **kw)
+    again = build_queue(_stats(unc), exclude={first[0]["id"]}, **kw)
+    assert first[0]["id"] not in {i["id"] for i in again}
+    assert again[0]["rank"] == 1
