@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_slides)
     p = sub.add_parser("demo", help="build an out-of-domain demo slide (once) and segment it")
-    p.add_argument("--centre", default="stain", help="which hospital the demo slide imitates")
+    p.add_argument("--centre", default="mixed", help="which hospital the demo slide imitates")
     p.add_argument("--out", type=Path, default=None)
     _add_segment_options(p)
     p.set_defaults(func=cmd_demo)
