@@ -1,8 +1,9 @@
-"""`uga` command line: segment, make-slides, demo (and later serve)."""
+"""`uga` command line: segment, make-slides, demo, serve."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,7 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=_positive, default=s.mpp, help=f"analysis µm/px (default {s.mpp})")
     p.add_argument("--slide-mpp", type=_positive, default=None, help="level-0 µm/px when the slide lacks it")
     p.add_argument("--queue", type=int, default=s.queue_size, help=f"review patches (default {s.queue_size})")
-    p.add_argument(
-        "--patch-um", type=_positive, default=s.patch_um, help=f"patch side µm (default {s.patch_um:g})"
-    )
+    p.add_argument("--patch-um", type=_positive, default=s.patch_um, help=f"patch side µm (default {s.patch_um:g})")
     p.add_argument("--uncertainty", choices=["uga", "entropy", "mutual_information"], default=s.uncertainty)
     p.add_argument("--scoring", choices=["mean", "paper"], default=s.scoring, help="patch score")
     p.add_argument("--model", type=Path, default=s.baseline_dir, help="model version directory")
@@ -82,8 +81,7 @@ def _run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
 def _print_summary(summary: dict, out: Path) -> None:
     q = summary["queue"]
     lines = [
-        f"slide            {summary['slide']}  "
-        f"({summary['slide_vendor']}, {summary['slide_mpp']} µm/px level 0)",
+        f"slide            {summary['slide']}  ({summary['slide_vendor']}, {summary['slide_mpp']} µm/px level 0)",
         f"model            {summary['model_version']}  ({summary['ensemble_members']} members, "
         f"{', '.join(summary['providers'])})",
         f"tissue / tumour  {summary['tissue_area_mm2']:.2f} mm² / {summary['tumour_area_mm2']:.2f} mm² "
@@ -141,6 +139,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensure_tokens(data_dir: Path) -> Path:
+    """First-run convenience: a 0600 tokens file with one random token per role (never overwritten)."""
+    import secrets
+
+    path = data_dir / "tokens"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"{role} {secrets.token_urlsafe(24)}" for role in ("admin", "annotator", "viewer")]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# ROLE TOKEN (created by `uga serve`; edit or replace freely)\n" + "\n".join(lines) + "\n")
+        print(f"uga: created API tokens in {path} (one per role)", file=sys.stderr)
+    return path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run `bentoml serve` with the embedded defaults (local data dir, SQLite, shipped baseline)."""
+    s = get_settings()
+    env = dict(os.environ)
+    data_dir, slide_root = s.data_dir.resolve(), s.slide_root.resolve()
+    slide_root.mkdir(parents=True, exist_ok=True)
+    env.update(UGA_DATA_DIR=str(data_dir), UGA_SLIDE_ROOT=str(slide_root), UGA_WORKERS=str(args.workers))
+    if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled):
+        env["UGA_AUTH_TOKENS_FILE"] = str(ensure_tokens(data_dir))
+    if args.demo_slide:
+        from models.slidegen import SIZES, build_slide
+        from models.sources import ensure_sources
+
+        demo = slide_root / "demo-mixed.tif"
+        if not demo.exists():
+            print(f"uga: building demo slide {demo} ...", file=sys.stderr)
+            build_slide(demo, size=SIZES["demo"], centre="mixed", seed=7, sources=ensure_sources())
+    bentoml_bin = Path(sys.executable).with_name("bentoml")
+    cmd = [str(bentoml_bin), "serve", "service.api:UGAService", "--host", args.host, "--port", str(args.port)]
+    print(f"uga: serving on http://{args.host}:{args.port} (data {data_dir}, slides {slide_root})", file=sys.stderr)
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation for slides")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     _add_segment_options(p)
     p.set_defaults(func=cmd_demo)
+    s = get_settings()
+    p = sub.add_parser("serve", help="start the HTTP service (bentoml serve) with embedded defaults")
+    p.add_argument("--host", default=s.host)
+    p.add_argument("--port", type=int, default=s.port)
+    p.add_argument("--workers", type=int, default=s.workers)
+    p.add_argument("--demo-slide", action="store_true", help="put a demo slide into the slide root first")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     uncertainty: Literal["uga", "entropy", "mutual_information"] = Field("uga", description="ranking measure")
     scoring: Literal["mean", "paper"] = Field("mean", description="patch score: mean over tissue or paper's")
     min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a queue patch")
+    # service
+    host: str = Field("127.0.0.1", description="`uga serve` bind address")
+    port: int = Field(3000, ge=1, le=65535, description="`uga serve` port")
+    workers: int = Field(1, ge=1, le=64, description="BentoML worker processes (each runs one job at a time)")
+    auth_tokens_file: Path | None = Field(None, description="file with lines 'ROLE TOKEN' (a Kubernetes Secret)")
+    auth_tokens: str | None = Field(None, description="'ROLE:TOKEN,ROLE:TOKEN' (alternative to the file)")
+    auth_disabled: bool = Field(False, description="serve without authentication (logged as a warning)")
+    max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body, MiB")
+    job_stale_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")
 
 
 @lru_cache

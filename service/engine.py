@@ -30,9 +30,7 @@ Progress = Callable[[int, int], None]
 class Ensemble:
     """One ONNX Runtime session holding every ensemble member in one graph."""
 
-    def __init__(
-        self, onnx_path: Path, version: str, *, providers: list[str] | None = None, threads: int = 0
-    ):
+    def __init__(self, onnx_path: Path, version: str, *, providers: list[str] | None = None, threads: int = 0):
         self.path, self.version = Path(onnx_path), version
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)

@@ -151,9 +151,7 @@ def overlay_png(
     return buf.getvalue()
 
 
-def write_text_artifacts(
-    out_dir: Path, *, overlay: bytes, features: dict, queue: list[dict], summary: dict
-) -> None:
+def write_text_artifacts(out_dir: Path, *, overlay: bytes, features: dict, queue: list[dict], summary: dict) -> None:
     atomic_write_bytes(out_dir / ARTIFACTS["overlay"], overlay)
     atomic_write_json(out_dir / ARTIFACTS["geojson"], features)
     atomic_write_json(out_dir / ARTIFACTS["queue"], queue)

@@ -58,7 +58,7 @@ def run_segmentation(
     *,
     slide_key: str | None = None,
     progress: Progress | None = None,
-    on_tiles: Progress | None = None,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> dict:
     """Segment ``slide_path`` and write all artifacts to ``out_dir``. Returns the summary dict."""
     opt = options or RunOptions()
@@ -93,6 +93,7 @@ def run_segmentation(
             slide_key=key,
             measure=opt.measure,
             model_version=ensemble.version,
+            exclude=exclude,
         )
         rasters = {"mask": analysis.mask, **result.maps}
         artifacts = outputs.write_map_tiffs(out_dir, rasters, opt.mpp)
@@ -164,9 +165,7 @@ def run_segmentation(
             "tissue_mp_per_s": round(tissue_mp / max(1e-9, t_seg - t0), 4),
             "tiles_per_s": round(result.tiles_computed / max(1e-9, result.timings["total_s"]), 3),
         }
-        outputs.write_text_artifacts(
-            out_dir, overlay=overlay, features=features, queue=queue, summary=summary
-        )
+        outputs.write_text_artifacts(out_dir, overlay=overlay, features=features, queue=queue, summary=summary)
         analysis.mask.close()
         result.close()
         return summary

@@ -74,9 +74,7 @@ def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: fl
         grids["tissue"].append(cell_sums(t, QUEUE_CELL))
         grids["unc"].append(cell_sums(unc, QUEUE_CELL))
         grids["prob"].append(cell_sums(from_uint8(bands["probability"], "probability") * t, QUEUE_CELL))
-        grids["above"].append(
-            cell_sums(((bands[measure] > above_cut) & tissue).astype(np.float32), QUEUE_CELL)
-        )
+        grids["above"].append(cell_sums(((bands[measure] > above_cut) & tissue).astype(np.float32), QUEUE_CELL))
         prev["probability"].append(block_mean(bands["probability"], f))
         prev["mask"].append(block_mean(m, f))
         prev[measure].append(block_mean(bands[measure], f))
@@ -88,7 +86,5 @@ def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: fl
         above=np.concatenate(grids["above"]),
     )
     previews = {k: np.clip(np.rint(np.concatenate(v)), 0, 255).astype(np.uint8) for k, v in prev.items()}
-    means = {
-        name: (sums[name] / tissue_px if tissue_px else 0.0) for name in MAP_NAMES if name != "probability"
-    }
+    means = {name: (sums[name] / tissue_px if tissue_px else 0.0) for name in MAP_NAMES if name != "probability"}
     return SlideAnalysis(mask, cells, previews, f, tissue_px, tumour_px, means)

@@ -72,9 +72,7 @@ def write_pyramid_tiff(
         while max(levels[-1].height, levels[-1].width) > min_size:
             levels.append(_next_level(levels[-1], Path(tmp) / f"l{len(levels)}.raw"))
         try:
-            with tifffile.TiffWriter(
-                tmp_path, bigtiff=level0.height * level0.width * level0.channels > 2**31
-            ) as tif:
+            with tifffile.TiffWriter(tmp_path, bigtiff=level0.height * level0.width * level0.channels > 2**31) as tif:
                 for i, lvl in enumerate(levels):
                     scale = 2**i
                     res = 1e4 / (mpp * scale)

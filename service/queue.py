@@ -51,9 +51,7 @@ class Candidate:
     tissue_fraction: float
 
 
-def score_candidates(
-    stats: CellStats, k: int, *, scoring: str = "mean", min_tissue: float = 0.5
-) -> list[Candidate]:
+def score_candidates(stats: CellStats, k: int, *, scoring: str = "mean", min_tissue: float = 0.5) -> list[Candidate]:
     """Every k x k-cell patch with at least ``min_tissue`` tissue, scored."""
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; use one of {SCORINGS}")
@@ -71,9 +69,7 @@ def score_candidates(
     score = mean_u if scoring == "mean" else 100.0 * _window_sums(stats.above, k) + unc
     rows, cols = np.nonzero(ok)
     return [
-        Candidate(
-            int(r), int(c), float(score[r, c]), float(mean_u[r, c]), float(mean_p[r, c]), float(frac[r, c])
-        )
+        Candidate(int(r), int(c), float(score[r, c]), float(mean_u[r, c]), float(mean_p[r, c]), float(frac[r, c]))
         for r, c in zip(rows, cols, strict=True)
     ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import openslide
@@ -18,6 +18,31 @@ GLASS_RGB = (255, 255, 255)
 
 class SlideError(ValueError):
     """A slide that cannot be used; the message is one line for the user."""
+
+
+class SlidePathError(ValueError):
+    """A slide path that is not allowed (absolute, traversal, outside the slide root)."""
+
+
+def resolve_slide_path(root: Path, relative: str) -> Path:
+    """``root / relative`` after refusing absolute paths, '..' and symlinks that leave ``root``.
+
+    Raises SlidePathError for a refused path and SlideError when nothing is there.
+    """
+    if not relative or "\\" in relative or "\x00" in relative:
+        raise SlidePathError("slide path must be a non-empty POSIX path relative to the slide root")
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or relative.startswith("~"):
+        raise SlidePathError(f"slide path {relative!r} is absolute; give it relative to the slide root")
+    if ".." in rel.parts:
+        raise SlidePathError(f"slide path {relative!r} contains '..'; paths may not leave the slide root")
+    root_resolved = Path(root).resolve()
+    resolved = (root_resolved / rel).resolve()
+    if not resolved.is_relative_to(root_resolved):
+        raise SlidePathError(f"slide path {relative!r} leads outside the slide root (symlink)")
+    if not resolved.exists():
+        raise SlideError(f"slide not found: {relative}")
+    return resolved
 
 
 @dataclass
@@ -47,9 +72,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
     if not path.exists():
         raise SlideError(f"slide not found: {path}")
     if path.is_dir():
-        raise SlideError(
-            f"{path} is a directory; give the slide file itself (for DICOM, any .dcm of the series)"
-        )
+        raise SlideError(f"{path} is a directory; give the slide file itself (for DICOM, any .dcm of the series)")
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:

@@ -50,9 +50,7 @@ def test_real_cmu_svs_end_to_end(cmu_svs, baseline, tmp_path):
 def test_composite_source_slide_dice_against_its_mask(source_slide, baseline, tmp_path):
     slide = open_slide(source_slide)
     res = segment(slide, baseline, tmp_path / "w", SegmentOptions())
-    dice = overlap_with_truth(
-        res.maps["probability"], source_slide.with_name(source_slide.stem + ".mask.tif"), 1.0
-    )
+    dice = overlap_with_truth(res.maps["probability"], source_slide.with_name(source_slide.stem + ".mask.tif"), 1.0)
     assert dice.dice >= 0.85  # held-out slide of the training centre
     res.close()
 

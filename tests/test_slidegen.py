@@ -161,9 +161,7 @@ def test_centres_and_sizes_catalogue():
 
 def test_build_set_names_files(sources, tmp_path, monkeypatch):
     monkeypatch.setitem(SIZES, "tiny", (512, 512))
-    metas = build_set(
-        tmp_path, size_name="tiny", centres=["source", "morph"], per_centre=2, seed=5, sources=sources
-    )
+    metas = build_set(tmp_path, size_name="tiny", centres=["source", "morph"], per_centre=2, seed=5, sources=sources)
     assert [m.slide for m in metas] == ["source-00.tif", "source-01.tif", "morph-00.tif", "morph-01.tif"]
     for m in metas:
         assert (tmp_path / m.mask).is_file()

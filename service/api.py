@@ -1,0 +1,44 @@
+"""The BentoML service: the REST API (service/routes.py) mounted at /v1, plus BentoML's own /livez,
+/readyz (ready only with a loaded model and a writable store) and /metrics (ours appended).
+
+    bentoml serve service.api:UGAService --port 3000
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bentoml
+
+from service.config import get_settings
+from service.metrics import store_metrics
+from service.routes import create_app
+from service.runtime import Runtime
+
+settings = get_settings()
+app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
+log = logging.getLogger("uga")
+
+
+@bentoml.service(
+    name="uga",
+    workers=settings.workers,
+    traffic={"timeout": 300},
+    http={"port": settings.port},
+)
+@bentoml.asgi_app(app, path="/v1")
+class UGAService:
+    def __init__(self) -> None:
+        self.runtime = Runtime.create(get_settings())
+        app.state.uga = self.runtime
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready()
+
+    def __metrics__(self, content: str) -> str:
+        store = self.runtime.store
+        return content + store_metrics(store.job_counts(), store.pending_count(), self.runtime.models.current().version)
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.runtime.close()

@@ -1,0 +1,347 @@
+"""The REST surface (FastAPI app mounted under /v1 by the BentoML service). Translation only:
+validation, auth, status codes, JSON errors; the work happens in store / jobs / registry / slides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.auth import Principal
+from service.outputs import ARTIFACTS
+from service.runtime import Runtime
+from service.schemas import ErrorBody, JobList, JobSubmit, JobView, ModelList, ModelView, QueueItemView, QueueView
+from service.slides import RegionReader, SlideError, SlidePathError, open_slide, resolve_slide_path
+
+MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
+ERRORS = {400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_response(status: int, code: str, message: str, details=None, headers=None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies above ``limit`` bytes with 413 before the route reads them."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = error_response(
+            413, "body_too_large", f"request body exceeds {self.limit} bytes (UGA_MAX_BODY_MB)", {"limit": self.limit}
+        )
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            return await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def rt(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "uga", None)
+    if runtime is None:
+        raise ApiError(503, "not_ready", "service is starting; retry shortly")
+    return runtime
+
+
+def require(role: str):
+    def dependency(request: Request) -> Principal:
+        runtime = rt(request)
+        principal = runtime.auth.authenticate(request.headers.get("authorization"))
+        if principal is None:
+            raise ApiError(401, "unauthenticated", "missing or unknown bearer token (Authorization: Bearer <token>)")
+        if not principal.allows(role):
+            raise ApiError(403, "forbidden", f"this action needs the {role} role; your token has {principal.role}")
+        return principal
+
+    return dependency
+
+
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Annotator = Annotated[Principal, Depends(require("annotator"))]
+
+
+def _job_view(job: dict, base: str, deduplicated: bool = False) -> JobView:
+    done, total = job["progress_done"], job["progress_total"]
+    artifacts = {}
+    if job["state"] == "succeeded":
+        artifacts = {name: f"{base}/jobs/{job['id']}/artifacts/{name}" for name in ARTIFACTS}
+    return JobView(
+        id=job["id"],
+        slide=job["slide"],
+        state=job["state"],
+        progress={"done": done, "total": total, "fraction": round(done / total, 4) if total else 0.0},
+        options=job["options"],
+        model_version=job["model_version"],
+        created_at=job["created_at"],
+        started_at=job["started_at"],
+        finished_at=job["finished_at"],
+        error=job["error"],
+        summary=job["summary"],
+        artifacts=artifacts,
+        deduplicated=deduplicated,
+    )
+
+
+def _item_view(item: dict, base: str) -> QueueItemView:
+    links = {
+        "self": f"{base}/queue/items/{item['id']}",
+        "image": f"{base}/queue/items/{item['id']}/image.png",
+        "mask": f"{base}/queue/items/{item['id']}/mask.png",
+        "skip": f"{base}/queue/items/{item['id']}/skip",
+    }
+    return QueueItemView(**{**item, "links": links})
+
+
+def _resolve(runtime: Runtime, slide: str) -> Path:
+    try:
+        return resolve_slide_path(runtime.settings.slide_root, slide)
+    except SlidePathError as exc:
+        raise ApiError(400, "invalid_slide_path", str(exc)) from None
+    except SlideError as exc:
+        raise ApiError(404, "slide_not_found", str(exc)) from None
+
+
+def _png(array: np.ndarray) -> Response:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png")
+
+
+def create_app(max_body_bytes: int) -> FastAPI:
+    app = FastAPI(
+        title="UGA Serve",
+        version="0.1.0",
+        description="Uncertainty-guided annotation for whole-slide segmentation",
+        responses=ERRORS,
+    )
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "malformed_json", "request body is not valid JSON", None)
+        details = [{"loc": list(e.get("loc", [])), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        return error_response(422, "invalid_request", "request does not match the schema", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), None)
+
+    def base(request: Request) -> str:
+        return request.scope.get("root_path", "") or "/v1"
+
+    # -- jobs ---------------------------------------------------------------------------
+    @app.post("/jobs", status_code=202, response_model=JobView, tags=["jobs"])
+    def submit_job(body: JobSubmit, request: Request, who: Annotator, response: Response) -> JobView:
+        """Submit a slide (path relative to the slide root) for asynchronous segmentation."""
+        runtime = rt(request)
+        path = _resolve(runtime, body.slide)
+        options = body.options.model_dump()
+        try:
+            open_slide(path, options.get("slide_mpp")).close()
+        except SlideError as exc:
+            raise ApiError(422, "unusable_slide", str(exc)) from None
+        rel = path.relative_to(runtime.settings.slide_root.resolve()).as_posix()
+        stat = path.stat()
+        version = runtime.models.current().version
+        key_src = {
+            "slide": rel,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "options": options,
+            "model_version": version,
+            "settings": [
+                runtime.settings.mpp,
+                runtime.settings.queue_size,
+                runtime.settings.patch_um,
+                runtime.settings.uncertainty,
+                runtime.settings.scoring,
+                runtime.settings.threshold,
+            ],
+        }
+        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
+        job, created = runtime.store.submit_job(
+            slide=rel, options=options, model_version=version, dedup_key=key, actor=who.name
+        )
+        response.headers["Location"] = f"{base(request)}/jobs/{job['id']}"
+        if not created:
+            response.status_code = 200
+        return _job_view(job, base(request), deduplicated=not created)
+
+    @app.get("/jobs", response_model=JobList, tags=["jobs"])
+    def list_jobs(
+        request: Request, _: Viewer, state: str | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    ) -> JobList:
+        if state is not None and state not in ("queued", "running", "succeeded", "failed"):
+            raise ApiError(400, "invalid_state", f"unknown state {state!r}")
+        return JobList(jobs=[_job_view(j, base(request)) for j in rt(request).store.list_jobs(state, limit)])
+
+    def _job(request: Request, job_id: str) -> dict:
+        job = rt(request).store.get_job(job_id)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        return job
+
+    @app.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"])
+    def get_job(job_id: str, request: Request, _: Viewer) -> JobView:
+        """State, progress (tiles done / total), and when finished the summary and artifact links."""
+        return _job_view(_job(request, job_id), base(request))
+
+    @app.get("/jobs/{job_id}/artifacts/{name}", tags=["jobs"])
+    def get_artifact(job_id: str, name: str, request: Request, _: Viewer):
+        job = _job(request, job_id)
+        if name not in ARTIFACTS:
+            raise ApiError(404, "artifact_not_found", f"unknown artifact {name!r}", {"known": list(ARTIFACTS)})
+        if job["state"] != "succeeded":
+            raise ApiError(409, "job_not_finished", f"job is {job['state']}; artifacts exist once it succeeded")
+        path = rt(request).store.job_dir(job_id) / ARTIFACTS[name]
+        if not path.exists():
+            raise ApiError(404, "artifact_missing", f"{ARTIFACTS[name]} is missing from the job directory")
+        return FileResponse(
+            path, media_type=MEDIA.get(path.suffix, "application/octet-stream"), filename=f"{job_id}-{path.name}"
+        )
+
+    # -- queue --------------------------------------------------------------------------
+    @app.get("/queue", response_model=QueueView, tags=["queue"])
+    def get_queue(
+        request: Request,
+        _: Viewer,
+        slide: str | None = None,
+        k: Annotated[int, Query(ge=1, le=500)] = 10,
+        measure: str | None = None,
+    ) -> QueueView:
+        """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted."""
+        runtime = rt(request)
+        if slide is not None and runtime.store.latest_job_for_slide(slide) is None:
+            raise ApiError(404, "slide_not_segmented", f"no finished segmentation of {slide!r}; submit a job first")
+        items = runtime.store.pending_queue(slide, k, measure)
+        return QueueView(slide=slide, items=[_item_view({**i, "status": "pending"}, base(request)) for i in items])
+
+    def _item(request: Request, item_id: str) -> dict:
+        item = rt(request).store.queue_item(item_id)
+        if item is None:
+            raise ApiError(404, "queue_item_not_found", f"no queue item {item_id!r}")
+        return item
+
+    @app.get("/queue/items/{item_id}", response_model=QueueItemView, tags=["queue"])
+    def get_item(item_id: str, request: Request, _: Viewer) -> QueueItemView:
+        return _item_view(_item(request, item_id), base(request))
+
+    def _item_region(runtime: Runtime, item: dict) -> tuple[int, int, int, float]:
+        job = runtime.store.get_job(item["job_id"])
+        mpp = job["summary"]["mpp"]
+        f = mpp / job["summary"]["slide_mpp"]
+        b = item["bbox_level0"]
+        return math.floor(b["y"] / f), math.floor(b["x"] / f), max(1, round(b["width"] / f)), mpp
+
+    @app.get("/queue/items/{item_id}/image.png", tags=["queue"])
+    def item_image(item_id: str, request: Request, _: Viewer):
+        """The patch as the model saw it (RGB at the job's µm/px)."""
+        runtime = rt(request)
+        item = _item(request, item_id)
+        y, x, size, mpp = _item_region(runtime, item)
+        slide = open_slide(
+            _resolve(runtime, item["slide"]), runtime.store.get_job(item["job_id"])["options"].get("slide_mpp")
+        )
+        try:
+            return _png(RegionReader(slide, mpp).read(y, x, size, size))
+        finally:
+            slide.close()
+
+    @app.get("/queue/items/{item_id}/mask.png", tags=["queue"])
+    def item_mask(item_id: str, request: Request, _: Viewer):
+        """The model's predicted tumour mask for the patch (0/255, same size as image.png)."""
+        runtime = rt(request)
+        item = _item(request, item_id)
+        y, x, size, mpp = _item_region(runtime, item)
+        mask = open_slide(runtime.store.job_dir(item["job_id"]) / ARTIFACTS["mask"])
+        try:
+            return _png(np.where(RegionReader(mask, mpp).read(y, x, size, size)[..., 0] > 127, 255, 0).astype(np.uint8))
+        finally:
+            mask.close()
+
+    @app.post("/queue/items/{item_id}/skip", response_model=QueueItemView, tags=["queue"])
+    def skip_item(item_id: str, request: Request, who: Annotator) -> QueueItemView:
+        """Take the patch out of the queue without a correction."""
+        runtime = rt(request)
+        item = _item(request, item_id)
+        if item["status"] == "corrected":
+            raise ApiError(409, "already_corrected", "this patch already has a correction; it cannot be skipped")
+        runtime.store.set_item_status(item["slide"], item_id, "skipped", who.name)
+        return _item_view(_item(request, item_id), base(request))
+
+    # -- models -------------------------------------------------------------------------
+    def _model_view(card: dict, current: str) -> ModelView:
+        return ModelView(
+            version=card["version"],
+            current=card["version"] == current,
+            created=card.get("created"),
+            parent=card.get("parent"),
+            metrics=card.get("metrics", {}),
+            card=card,
+        )
+
+    @app.get("/models", response_model=ModelList, tags=["models"])
+    def list_models(request: Request, _: Viewer) -> ModelList:
+        runtime = rt(request)
+        current = runtime.models.current().version
+        return ModelList(current=current, models=[_model_view(c, current) for c in runtime.models.versions()])
+
+    @app.get("/models/current", response_model=ModelView, tags=["models"])
+    def current_model(request: Request, _: Viewer) -> ModelView:
+        runtime = rt(request)
+        current = runtime.models.current().version
+        card = next(c for c in runtime.models.versions() if c["version"] == current)
+        return _model_view(card, current)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def unknown_route(path: str):
+        raise ApiError(404, "not_found", f"no such endpoint /v1/{path}; see /v1/docs")
+
+    return app

@@ -1,0 +1,372 @@
+"""Durable metadata store: SQLite in WAL mode, one transaction per change, plus the blob directory.
+
+Tables: jobs, queue_items (per finished job), item_status (skipped / corrected, per slide region),
+audit. Every write happens inside ``BEGIN IMMEDIATE ... COMMIT`` with ``synchronous=FULL``, so a
+change acknowledged to a client survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    dedup_key TEXT UNIQUE,
+    slide TEXT NOT NULL,
+    options TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    progress_done INTEGER NOT NULL DEFAULT 0,
+    progress_total INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    summary TEXT,
+    submitted_by TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_slide ON jobs (slide, finished_at);
+CREATE TABLE IF NOT EXISTS queue_items (
+    id TEXT NOT NULL,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    slide TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    score REAL NOT NULL,
+    measure TEXT NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (job_id, id)
+);
+CREATE INDEX IF NOT EXISTS queue_by_item ON queue_items (id);
+CREATE TABLE IF NOT EXISTS item_status (
+    slide TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('skipped', 'corrected')),
+    actor TEXT,
+    at REAL NOT NULL,
+    PRIMARY KEY (slide, item_id)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT,
+    action TEXT NOT NULL,
+    target TEXT,
+    details TEXT
+);
+"""
+JOB_STATES = ("queued", "running", "succeeded", "failed")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _row(r: sqlite3.Row | None) -> dict | None:
+    if r is None:
+        return None
+    d = dict(r)
+    for key in ("options", "summary", "item", "details"):
+        if d.get(key):
+            d[key] = json.loads(d[key])
+    return d
+
+
+class Store:
+    """Thread-safe access (one connection per thread) to ``<data_dir>/uga.sqlite`` and the blob dirs."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self.db_path = self.data_dir / "uga.sqlite"
+        self.jobs_dir = self.data_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    # -- connection handling -------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable change: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        db = self._conn()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store {self.db_path} has schema {version}, newer than this code ({SCHEMA_VERSION})")
+        if version < SCHEMA_VERSION:
+            db.executescript("BEGIN IMMEDIATE;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def writable(self) -> bool:
+        """True when a write transaction can be taken (used by /readyz)."""
+        try:
+            with self.transaction() as db:
+                db.execute("SELECT 1")
+            return True
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- audit -----------------------------------------------------------------------------
+    @staticmethod
+    def _audit(db: sqlite3.Connection, actor: str | None, action: str, target: str, details: Any = None) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), actor, action, target, json.dumps(details) if details is not None else None),
+        )
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        rows = self._conn().execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_row(r) for r in rows]
+
+    # -- jobs ------------------------------------------------------------------------------
+    def submit_job(
+        self, *, slide: str, options: dict, model_version: str, dedup_key: str, actor: str | None
+    ) -> tuple[dict, bool]:
+        """Create a queued job, or return the existing one with the same key. Returns (job, created).
+
+        A failed job with the same key is retried as a new job (its key is released).
+        """
+        with self.transaction() as db:
+            existing = db.execute("SELECT * FROM jobs WHERE dedup_key = ?", (dedup_key,)).fetchone()
+            if existing is not None and existing["state"] != "failed":
+                return _row(existing), False
+            if existing is not None:
+                db.execute("UPDATE jobs SET dedup_key = NULL WHERE id = ?", (existing["id"],))
+            job_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO jobs (id, dedup_key, slide, options, model_version, state, submitted_by, created_at)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (job_id, dedup_key, slide, json.dumps(options), model_version, actor, time.time()),
+            )
+            self._audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})
+            return _row(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def get_job(self, job_id: str) -> dict | None:
+        return _row(self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def list_jobs(self, state: str | None = None, limit: int = 50) -> list[dict]:
+        q, args = "SELECT * FROM jobs", []
+        if state:
+            q += " WHERE state = ?"
+            args.append(state)
+        q += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        return [_row(r) for r in self._conn().execute(q, args).fetchall()]
+
+    def job_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for r in self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    def claim_job(self, worker: str) -> dict | None:
+        """Atomically take the oldest queued job for ``worker``."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute(
+                "UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = ?,"
+                " attempts = attempts + 1, progress_done = 0"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1)"
+                " RETURNING *",
+                (worker, now, now),
+            ).fetchone()
+            return _row(row)
+
+    def heartbeat(self, job_id: str, worker: str, done: int | None = None, total: int | None = None) -> None:
+        with self.transaction() as db:
+            if done is None:
+                db.execute(
+                    "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                    (time.time(), job_id, worker),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET heartbeat_at = ?, progress_done = ?, progress_total = ?"
+                    " WHERE id = ? AND worker = ? AND state = 'running'",
+                    (time.time(), done, total, job_id, worker),
+                )
+
+    def finish_job(self, job_id: str, worker: str, summary: dict, queue: list[dict]) -> bool:
+        """Record success and the job's queue in one transaction. False if the job was taken away."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'succeeded', summary = ?, model_version = ?, finished_at = ?,"
+                " progress_done = progress_total, error = NULL WHERE id = ? AND worker = ? AND state = 'running'",
+                (json.dumps(summary), summary["model_version"], time.time(), job_id, worker),
+            )
+            if cur.rowcount != 1:
+                return False
+            slide = db.execute("SELECT slide FROM jobs WHERE id = ?", (job_id,)).fetchone()["slide"]
+            db.executemany(
+                "INSERT INTO queue_items (id, job_id, slide, rank, score, measure, item) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(q["id"], job_id, slide, q["rank"], q["score"], q["measure"], json.dumps(q)) for q in queue],
+            )
+            return True
+
+    def fail_job(self, job_id: str, worker: str | None, error: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ? AND state = 'running'"
+                + (" AND worker = ?" if worker else ""),
+                (error, time.time(), job_id, *([worker] if worker else [])),
+            )
+
+    def requeue(self, job_id: str, worker: str) -> None:
+        """Give a running job back to the queue (clean shutdown of its worker)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', worker = NULL, attempts = MAX(0, attempts - 1)"
+                " WHERE id = ? AND worker = ? AND state = 'running'",
+                (job_id, worker),
+            )
+
+    def recover_stale_jobs(self, stale_after_s: float, max_attempts: int = 2) -> list[str]:
+        """Running jobs whose worker stopped beating: requeue (or fail after ``max_attempts``)."""
+        cutoff = time.time() - stale_after_s
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, attempts FROM jobs WHERE state = 'running' AND heartbeat_at < ?", (cutoff,)
+            ).fetchall()
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                        (
+                            time.time(),
+                            f"interrupted {r['attempts']} times (worker stopped); resubmit",
+                            r["id"],
+                        ),
+                    )
+                else:
+                    db.execute("UPDATE jobs SET state = 'queued', worker = NULL WHERE id = ?", (r["id"],))
+                self._audit(db, "system", "job.recover", r["id"], {"attempts": r["attempts"]})
+            return [r["id"] for r in rows]
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    # -- queue -----------------------------------------------------------------------------
+    def latest_job_for_slide(self, slide: str) -> dict | None:
+        return _row(
+            self._conn()
+            .execute(
+                "SELECT * FROM jobs WHERE slide = ? AND state = 'succeeded' ORDER BY finished_at DESC LIMIT 1",
+                (slide,),
+            )
+            .fetchone()
+        )
+
+    def pending_queue(self, slide: str | None, k: int, measure: str | None = None) -> list[dict]:
+        """Pending items of each slide's latest finished job, best score first (one slide or pooled)."""
+        q = """
+            SELECT qi.item, qi.slide, qi.job_id FROM queue_items qi
+            JOIN jobs j ON j.id = qi.job_id
+            WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2
+                                   WHERE j2.slide = j.slide AND j2.state = 'succeeded')
+              AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)
+        """
+        args: list[Any] = []
+        if slide is not None:
+            q += " AND qi.slide = ?"
+            args.append(slide)
+        if measure is not None:
+            q += " AND qi.measure = ?"
+            args.append(measure)
+        q += " ORDER BY qi.score DESC, qi.slide, qi.rank LIMIT ?"
+        args.append(k)
+        out = []
+        for r in self._conn().execute(q, args).fetchall():
+            item = json.loads(r["item"])
+            item.update(slide=r["slide"], job_id=r["job_id"])
+            out.append(item)
+        return out
+
+    def queue_item(self, item_id: str) -> dict | None:
+        """The most recent stored version of a queue item, with its slide, job and status."""
+        r = (
+            self._conn()
+            .execute(
+                "SELECT qi.item, qi.slide, qi.job_id, s.status FROM queue_items qi JOIN jobs j ON j.id = qi.job_id"
+                " LEFT JOIN item_status s ON s.slide = qi.slide AND s.item_id = qi.id"
+                " WHERE qi.id = ? ORDER BY j.finished_at DESC LIMIT 1",
+                (item_id,),
+            )
+            .fetchone()
+        )
+        if r is None:
+            return None
+        item = json.loads(r["item"])
+        item.update(slide=r["slide"], job_id=r["job_id"], status=r["status"] or "pending")
+        return item
+
+    def set_item_status(self, slide: str, item_id: str, status: str, actor: str | None) -> bool:
+        """Mark a queue item skipped/corrected. False if it already had that status."""
+        with self.transaction() as db:
+            prev = db.execute(
+                "SELECT status FROM item_status WHERE slide = ? AND item_id = ?", (slide, item_id)
+            ).fetchone()
+            if prev is not None and prev["status"] == status:
+                return False
+            db.execute(
+                "INSERT INTO item_status (slide, item_id, status, actor, at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (slide, item_id) DO UPDATE SET status = excluded.status, actor = excluded.actor,"
+                " at = excluded.at",
+                (slide, item_id, status, actor, time.time()),
+            )
+            self._audit(db, actor, f"queue.{status}", item_id, {"slide": slide})
+            return True
+
+    def handled_items(self, slide: str) -> set[str]:
+        rows = self._conn().execute("SELECT item_id FROM item_status WHERE slide = ?", (slide,)).fetchall()
+        return {r["item_id"] for r in rows}
+
+    def pending_count(self) -> int:
+        r = (
+            self._conn()
+            .execute(
+                """SELECT COUNT(*) FROM queue_items qi JOIN jobs j ON j.id = qi.job_id
+               WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2
+                                      WHERE j2.slide = j.slide AND j2.state = 'succeeded')
+                 AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)"""
+            )
+            .fetchone()
+        )
+        return int(r[0])

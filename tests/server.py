@@ -1,0 +1,107 @@
+"""A real `bentoml serve` process on a free loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = {
+    "admin": "admin-token-0123456789abcdef",
+    "annotator": "annotator-token-0123456789ab",
+    "viewer": "viewer-token-0123456789abcdef",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, slide_root: Path, **env: str):
+        self.data_dir, self.slide_root, self.extra_env = data_dir, slide_root, env
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log = data_dir.parent / f"server-{data_dir.name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> Server:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "UGA_DATA_DIR": str(self.data_dir),
+            "UGA_SLIDE_ROOT": str(self.slide_root),
+            "UGA_AUTH_TOKENS": ",".join(f"{r}:{t}" for r, t in TOKENS.items()),
+            "UGA_ORT_THREADS": "2",
+            "UGA_PORT": str(self.port),
+            "UGA_JOB_STALE_S": "3",
+            **self.extra_env,
+        }
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        bentoml = Path(sys.executable).with_name("bentoml")
+        cmd = [str(bentoml), "serve", "service.api:UGAService", "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """Graceful: SIGTERM to the main process (BentoML drains and stops its workers)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Crash: SIGKILL the main process and every worker (they run in their own sessions)."""
+        if not self.proc:
+            return
+        procs = [psutil.Process(self.proc.pid)]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += procs[0].children(recursive=True)
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=10)
+        self.proc = None
+
+    def client(self, role: str | None = "admin") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {TOKENS[role]}"} if role else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")

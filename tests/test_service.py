@@ -1,0 +1,192 @@
+"""End to end against a real `bentoml serve`: jobs, artifacts, queue, metrics, restart, every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from tests.server import Server, wait_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, source_slide):
+    root = tmp_path_factory.mktemp("svc")
+    slides = root / "slides"
+    (slides / "cases").mkdir(parents=True)
+    shutil.copy(source_slide, slides / "cases" / "a.tif")
+    shutil.copy(source_slide.with_name(source_slide.stem + ".mask.tif"), slides / "cases" / "a.mask.tif")
+    (slides / "notes.svs").write_text("not a slide")
+    outside = root / "secret.tif"
+    shutil.copy(source_slide, outside)
+    (slides / "escape.tif").symlink_to(outside)
+    server = Server(root / "data", slides).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
+        assert r.status_code == 202, r.text
+        assert r.headers["location"].endswith(r.json()["id"])
+        return wait_job(c, r.json()["id"])
+
+
+def test_job_runs_to_completion_with_progress_and_summary(env, finished):
+    assert finished["state"] == "succeeded", finished["error"]
+    assert finished["progress"]["done"] == finished["progress"]["total"] > 0
+    s = finished["summary"]
+    assert s["model_version"] == finished["model_version"]
+    assert s["queue"]["size"] == 4 and s["tissue_area_mm2"] > 0
+
+
+def test_every_artifact_downloads_and_tiffs_open_in_openslide(env, finished, tmp_path):
+    with env.client("viewer") as c:
+        for name, url in finished["artifacts"].items():
+            r = c.get(url)
+            assert r.status_code == 200, (name, r.text)
+            path = (
+                tmp_path
+                / f"{name}{'.tif' if name in ('mask', 'probability', 'entropy', 'mutual_information', 'uga') else ''}"
+            )
+            path.write_bytes(r.content)
+            if path.suffix == ".tif":
+                s = openslide.OpenSlide(str(path))
+                assert float(s.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+                assert s.level_count >= 2
+        assert c.get(finished["artifacts"]["overlay"]).headers["content-type"] == "image/png"
+        gj = c.get(finished["artifacts"]["geojson"]).json()
+        assert gj["type"] == "FeatureCollection"
+
+
+def test_same_submission_returns_the_existing_job(env, finished):
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
+        assert r.status_code == 200 and r.json()["deduplicated"] is True
+        assert r.json()["id"] == finished["id"]
+
+
+def test_queue_items_link_to_patch_image_and_predicted_mask_and_can_be_skipped(env, finished):
+    with env.client("viewer") as c:
+        q = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+        assert len(q) == 4 and [i["rank"] for i in q] == [1, 2, 3, 4]
+        pooled = c.get("/v1/queue", params={"k": 2}).json()["items"]
+        assert [i["id"] for i in pooled] == [i["id"] for i in q[:2]]
+        img = Image.open(__import__("io").BytesIO(c.get(q[0]["links"]["image"]).content))
+        mask = Image.open(__import__("io").BytesIO(c.get(q[0]["links"]["mask"]).content))
+        assert img.size == mask.size == (256, 256) and img.mode == "RGB"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    with env.client("annotator") as c:
+        r = c.post(q[0]["links"]["skip"])
+        assert r.status_code == 200 and r.json()["status"] == "skipped"
+        left = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+        assert q[0]["id"] not in [i["id"] for i in left] and len(left) == 3
+
+
+def test_models_listing(env):
+    with env.client("viewer") as c:
+        models = c.get("/v1/models").json()
+        assert models["current"].startswith("baseline-")
+        assert models["models"][0]["metrics"]["dice_source_holdout"] > 0.85
+        assert c.get("/v1/models/current").json()["current"] is True
+
+
+def test_health_and_metrics(env, finished, tmp_path):
+    import httpx
+
+    assert httpx.get(f"{env.url}/livez").status_code == 200
+    assert httpx.get(f"{env.url}/readyz").status_code == 200
+    text = httpx.get(f"{env.url}/metrics").text
+    assert 'uga_jobs{state="succeeded"}' in text
+    assert "uga_queue_pending" in text and "uga_model_info{version=" in text
+    assert "uga_slide_mean_uncertainty_bucket" in text and "uga_tiles_processed_total" in text
+    assert "cases/a.tif" not in text  # no slide identifiers in labels
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt install prometheus)")
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- refusals: JSON error envelope, fitting status, nothing written ---------------------------------
+
+
+def _jobs(env) -> int:
+    with env.client("viewer") as c:
+        return len(c.get("/v1/jobs", params={"limit": 500}).json()["jobs"])
+
+
+@pytest.mark.parametrize(
+    ("role", "body", "status", "code"),
+    [
+        ("annotator", {"slide": "/etc/passwd"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "../secret.tif"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "cases/../../secret.tif"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "escape.tif"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "cases/missing.tif"}, 404, "slide_not_found"),
+        ("annotator", {"slide": "notes.svs"}, 422, "unusable_slide"),
+        ("annotator", {"slide": "cases/a.tif", "options": {"uncertainty": "vibes"}}, 422, "invalid_request"),
+        ("annotator", {"slide": "cases/a.tif", "extra": 1}, 422, "invalid_request"),
+        (None, {"slide": "cases/a.tif"}, 401, "unauthenticated"),
+        ("viewer", {"slide": "cases/a.tif"}, 403, "forbidden"),
+    ],
+)
+def test_bad_submissions_are_refused_and_write_nothing(env, finished, role, body, status, code):
+    before = _jobs(env)
+    with env.client(role) as c:
+        r = c.post("/v1/jobs", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"]
+    assert _jobs(env) == before
+
+
+def test_wrong_token_malformed_json_and_oversize_body(env, finished):
+    import httpx
+
+    before = _jobs(env)
+    r = httpx.get(f"{env.url}/v1/jobs", headers={"Authorization": "Bearer not-a-real-token-at-all"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", content=b'{"slide": ', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+        r = c.post("/v1/jobs", content=b"x" * (65 * 1024 * 1024), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert _jobs(env) == before
+
+
+def test_unknown_resources_are_404_json(env, finished):
+    with env.client("viewer") as c:
+        for url, code in [
+            ("/v1/jobs/nope", "job_not_found"),
+            (f"/v1/jobs/{finished['id']}/artifacts/passwords", "artifact_not_found"),
+            ("/v1/queue/items/nope", "queue_item_not_found"),
+            ("/v1/queue?slide=never/seen.tif", "slide_not_segmented"),
+            ("/v1/no-such-route", "not_found"),
+        ]:
+            r = c.get(url)
+            assert r.status_code == 404 and r.json()["error"]["code"] == code, (url, r.text)
+
+
+def test_restart_keeps_finished_jobs_and_recovers_interrupted_ones(env, finished):
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 512, "queue_size": 2}})
+        job_id = r.json()["id"]
+    env.kill()  # crash: possibly mid-job
+    env.start()
+    with env.client("viewer") as c:
+        again = c.get(f"/v1/jobs/{finished['id']}").json()
+        assert again["state"] == "succeeded"
+        assert c.get(again["artifacts"]["summary"]).json()["model_version"] == finished["model_version"]
+        job = wait_job(c, job_id, timeout=120)  # requeued after its heartbeat went stale, then ran
+        assert job["state"] == "succeeded", job
+    assert json.loads(json.dumps(job))["progress"]["fraction"] == 1.0
