@@ -96,9 +96,7 @@ def fit_member(
     return float(np.mean(recent)) if recent else float("nan")
 
 
-def fit_ensemble(
-    recipe: dict, bank: Path, out: Path, device: str = "cpu", log: Callable[[str], None] = print
-) -> Path:
+def fit_ensemble(recipe: dict, bank: Path, out: Path, device: str = "cpu", log: Callable[[str], None] = print) -> Path:
     """Train every member on the bank (bootstrap resample per member); write members.pt + replay.npz."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -133,9 +131,7 @@ def fit_ensemble(
         tmp,
     )
     tmp.replace(weights)
-    replay_idx = np.random.default_rng(recipe["seed"]).choice(
-        len(images), size=min(48, len(images)), replace=False
-    )
+    replay_idx = np.random.default_rng(recipe["seed"]).choice(len(images), size=min(48, len(images)), replace=False)
     save_bank(out / "replay.npz", images[replay_idx], masks[replay_idx])
     return weights
 

@@ -99,10 +99,7 @@ def prepare(recipe: Recipe, data_dir: Path, log: Callable[[str], None] = print) 
     for path in _eval_slides(recipe, data_dir, sources).values():
         log(f"built {path.name}")
     rng = np.random.default_rng(recipe.seed)
-    banks = [
-        sample_patches(p, mask_path_of(p), recipe.patches_per_slide, size=recipe.patch, rng=rng)
-        for p in train
-    ]
+    banks = [sample_patches(p, mask_path_of(p), recipe.patches_per_slide, size=recipe.patch, rng=rng) for p in train]
     bank = data_dir / "train-bank.npz"
     save_bank(bank, np.concatenate([b[0] for b in banks]), np.concatenate([b[1] for b in banks]))
     (data_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
