@@ -219,7 +219,7 @@ def test_serve_container_contract(docs):
     pod = dep["spec"]["template"]["spec"]
     c = container(dep)
     assert c["image"] == "uga-serve:0.1.0"
-    assert c["command"] == ["uga", "serve", "--host", "0.0.0.0", "--port", "3000"]
+    assert c["command"] == ["python", "-m", "service.cli", "serve", "--host", "0.0.0.0", "--port", "3000"]
     assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 3000)]
     assert pod["terminationGracePeriodSeconds"] == 60
     # Security: restricted Pod Security Standard + read-only root with a writable /tmp.
@@ -323,8 +323,8 @@ def test_runner_is_a_singleton_without_http(docs):
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"]["type"] == "Recreate"
     c = container(dep)
-    assert c["command"] == ["uga", "runner"]
-    assert c["livenessProbe"]["exec"]["command"] == ["uga", "runner", "--check"]
+    assert c["command"] == ["python", "-m", "service.cli", "runner"]
+    assert c["livenessProbe"]["exec"]["command"] == ["python", "-m", "service.cli", "runner", "--check"]
     assert c["livenessProbe"]["periodSeconds"] >= 60
     assert "ports" not in c and "readinessProbe" not in c
     assert "httpGet" not in json.dumps(c)
