@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,serve,dev
 
-.PHONY: setup demo test lint bench train clean
+.PHONY: setup serve demo test lint bench train clean
 
 $(BIN)/uga: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,10 @@ $(BIN)/uga: pyproject.toml
 
 setup: $(BIN)/uga
 
-demo: setup                   ## build the demo slide (once) and segment it
+serve: setup                  ## the service on http://127.0.0.1:3000 with a demo slide in data/slides
+	$(BIN)/uga serve --demo-slide
+
+demo: setup                   ## build the demo slide (once) and segment it (CLI only)
 	$(BIN)/uga demo
 
 test: setup                   ## the whole test suite
