@@ -118,12 +118,24 @@ def _eval_slides(recipe: Recipe, data_dir: Path, sources=None) -> dict[str, Path
     return out
 
 
+def write_holdout_bank(recipe: Recipe, slides: dict[str, Path], path: Path, per_slide: int = 16) -> None:
+    """The frozen source holdout used by the promotion gate (patches from held-out source slides)."""
+    rng = np.random.default_rng(recipe.seed + 7)
+    banks = [
+        sample_patches(p, mask_path_of(p), per_slide, size=recipe.patch, rng=rng)
+        for name, p in slides.items()
+        if name.startswith("source")
+    ]
+    save_bank(path, np.concatenate([b[0] for b in banks]), np.concatenate([b[1] for b in banks]))
+
+
 def finish(recipe: Recipe, out: Path, data_dir: Path, log: Callable[[str], None] = print) -> dict:
     """Export the fused ONNX from members.pt, evaluate on held-out source and OOD slides, write card.json."""
     members, ckpt = load_members(out / "members.pt")
     onnx_path = out / "ensemble.onnx"
     export_ensemble(members, onnx_path)
     slides = _eval_slides(recipe, data_dir)
+    write_holdout_bank(recipe, slides, out / "holdout.npz")
     work = data_dir / "eval"
     dice = {name: evaluate(onnx_path, [p], mpp=recipe.mpp, workdir=work)[0] for name, p in slides.items()}
     dice_source = [v for k, v in dice.items() if k.startswith("source")]

@@ -36,8 +36,7 @@ class UGAService:
         return self.runtime.ready()
 
     def __metrics__(self, content: str) -> str:
-        store = self.runtime.store
-        return content + store_metrics(store.job_counts(), store.pending_count(), self.runtime.models.current().version)
+        return content + store_metrics(self.runtime.store)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

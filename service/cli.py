@@ -178,6 +178,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_runner(args: argparse.Namespace) -> int:
+    """The fine-tune runner: its own process, one per deployment."""
+    from service import runner
+
+    s = get_settings()
+    if args.check:
+        ok, message = runner.check(s)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    return runner.main(s, once=args.once)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation for slides")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=s.workers)
     p.add_argument("--demo-slide", action="store_true", help="put a demo slide into the slide root first")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("runner", help="background fine-tune runner (corrections -> candidate -> gate -> promote)")
+    p.add_argument("--once", action="store_true", help="do at most one pending run, then exit")
+    p.add_argument("--check", action="store_true", help="liveness check for Kubernetes (exit 0 = healthy)")
+    p.set_defaults(func=cmd_runner)
     return parser
 
 

@@ -7,6 +7,7 @@ module never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -36,6 +37,8 @@ class Ensemble:
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between ops: the reader and stitcher threads need the cores too
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = providers or default_providers()
         self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
         self.input_name = self.session.get_inputs()[0].name
@@ -128,10 +131,13 @@ def segment(
     tiles_q: queue.Queue = queue.Queue(maxsize=2 * opt.batch + 2)
     results_q: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
+    stop = threading.Event()
 
     def read_tiles() -> None:
         try:
             for r, c in _positions(grid):
+                if stop.is_set():
+                    break
                 if occupied[r, c]:
                     t0 = time.perf_counter()
                     y, x = grid.origin(r, c)
@@ -197,7 +203,11 @@ def segment(
             if errors:
                 break
     finally:
+        stop.set()
         results_q.put(_END)
+        while reader_thread.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                tiles_q.get(timeout=0.1)
         reader_thread.join()
         stitch_thread.join()
     if errors:

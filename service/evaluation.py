@@ -75,3 +75,21 @@ def overlap_with_truth(
         return out
     finally:
         mask_slide.close()
+
+
+def predict_mean(ensemble, image: np.ndarray) -> np.ndarray:
+    """Mean tumour probability of one RGB image of any size (reflect-padded to a multiple of 8)."""
+    h, w = image.shape[:2]
+    ph, pw = (-h) % 8, (-w) % 8
+    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else image
+    return ensemble.predict(padded[None])[0].mean(axis=0)[:h, :w]
+
+
+def pairs_overlap(ensemble, images, masks, threshold: float = 0.5) -> tuple[Overlap, bool]:
+    """Pixel counts over a set of (image, mask) pairs, and whether every output was finite."""
+    out, finite = Overlap(), True
+    for image, mask in zip(images, masks, strict=True):
+        prob = predict_mean(ensemble, image)
+        finite &= bool(np.isfinite(prob).all())
+        out.add(prob >= threshold, mask > 0)
+    return out, finite

@@ -6,6 +6,7 @@ replica can report status, and a job whose worker died is requeued once its hear
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -48,6 +49,50 @@ def run_options(settings: Settings, options: dict) -> RunOptions:
         patch_um=pick("patch_um", settings.patch_um),
         min_tissue=settings.min_tissue,
     )
+
+
+def job_key(settings: Settings, slide_path: Path, rel: str, options: dict, model_version: str) -> str:
+    """Identity of a segmentation: same slide file, options, defaults and model version = same job."""
+    stat = slide_path.stat()
+    src = {
+        "slide": rel,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "options": options,
+        "model_version": model_version,
+        "defaults": [
+            settings.mpp,
+            settings.queue_size,
+            settings.patch_um,
+            settings.uncertainty,
+            settings.scoring,
+            settings.threshold,
+            settings.tile,
+            settings.overlap,
+        ],
+    }
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
+
+
+def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str) -> list[str]:
+    """After a model change: re-segment every slide's latest finished job with the new version, so the
+    queue is rescored by the model now serving (corrected / skipped patches stay out of it)."""
+    created = []
+    for slide in store.segmented_slides():
+        latest = store.latest_job_for_slide(slide)
+        if latest is None or latest["model_version"] == version:
+            continue
+        try:
+            path = resolve_slide_path(settings.slide_root, slide)
+        except (SlideError, ValueError):
+            continue  # the slide is gone; its old queue stays readable
+        key = job_key(settings, path, slide, latest["options"], version)
+        job, new = store.submit_job(
+            slide=slide, options=latest["options"], model_version=version, dedup_key=key, actor=actor
+        )
+        if new:
+            created.append(job["id"])
+    return created
 
 
 class JobWorker:

@@ -25,6 +25,7 @@ SLIDE_UNCERTAINTY = Histogram(
     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
 )
 JOBS_FAILED = Counter("uga_jobs_failed_total", "Segmentation jobs that failed")
+SWAPS = Counter("uga_model_swaps_total", "Hot swaps of the served model (per serving process)")
 
 
 def observe_segmentation(summary: dict) -> None:
@@ -37,12 +38,52 @@ def observe_segmentation(summary: dict) -> None:
         SLIDE_UNCERTAINTY.labels(summary["model_version"], measure).observe(value)
 
 
-def store_metrics(job_counts: dict[str, int], queue_pending: int, current_version: str) -> str:
-    """Exposition text of the gauges derived from the shared store (same on every worker)."""
+def store_metrics(store) -> str:
+    """Exposition text of the gauges derived from the shared store (the same on every worker/replica).
+
+    Counters here are counts of durable rows (monotonic: rows are never deleted).
+    """
     reg = CollectorRegistry()
     jobs = Gauge("uga_jobs", "Segmentation jobs by state", ["state"], registry=reg)
-    for state, n in job_counts.items():
+    for state, n in store.job_counts().items():
         jobs.labels(state).set(n)
-    Gauge("uga_queue_pending", "Review patches waiting for a clinician", registry=reg).set(queue_pending)
-    Gauge("uga_model_info", "Current model version (value 1)", ["version"], registry=reg).labels(current_version).set(1)
+    Gauge("uga_queue_pending", "Review patches waiting for a clinician", registry=reg).set(store.pending_count())
+    current = store.current_version() or "none"
+    Gauge("uga_model_info", "Current model version (value 1)", ["version"], registry=reg).labels(current).set(1)
+    corrections = store.correction_ids()
+    _counter(reg, "uga_corrections", "Corrections ingested (distinct)", len(corrections))
+    runs = Counter("uga_finetune_runs", "Fine-tune runs by outcome", ["outcome"], registry=reg)
+    for outcome, n in store.run_counts().items():
+        runs.labels(outcome).inc(n)
+    _counter(
+        reg,
+        "uga_model_promotions",
+        "Pointer moves to a new version (runner or admin)",
+        sum(store.count_actions(a) for a in ("promote", "manual-promote")),
+    )
+    _counter(
+        reg,
+        "uga_model_rollbacks",
+        "Pointer moves back (admin rollback or failed load)",
+        sum(store.count_actions(a) for a in ("rollback", "auto-rollback")),
+    )
+    history = store.runs(20)
+    running = next((r for r in history if r["state"] == "running"), None)
+    Gauge("uga_finetune_progress_ratio", "Progress of the running fine-tune (0 when idle)", registry=reg).set(
+        running["progress_done"] / running["progress_total"] if running and running["progress_total"] else 0.0
+    )
+    finished = next((r for r in history if r["state"] in ("promoted", "rejected") and r.get("metrics")), None)
+    if finished:
+        m = finished["metrics"]
+        Gauge("uga_finetune_duration_seconds", "Duration of the last finished fine-tune run", registry=reg).set(
+            m.get("duration_s", 0.0)
+        )
+        dice = Gauge("uga_holdout_dice", "Frozen source-holdout Dice of the last gated run", ["model"], registry=reg)
+        for model, value in (m.get("source_holdout_dice") or {}).items():
+            dice.labels(model).set(value)
     return generate_latest(reg).decode()
+
+
+def _counter(reg: CollectorRegistry, name: str, doc: str, value: float) -> None:
+    c = Counter(name, doc, registry=reg)
+    c.inc(value)

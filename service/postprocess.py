@@ -51,7 +51,7 @@ def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: fl
     maps = result.maps
     h, w = maps["probability"].height, maps["probability"].width
     f = preview_factor(h, w)
-    band = 512  # multiple of QUEUE_CELL and of f (f <= 512)
+    band = max(128, f)  # a multiple of QUEUE_CELL and of f (powers of two); small, so memory ~ width only
     mask = RasterFile(workdir / "mask.raw", h, w, create=True)
     cut = int(np.ceil(threshold * 255 - 1e-9))
     above_cut = PAPER_FRACTION * result.maxima.get(measure, 0)

@@ -4,21 +4,32 @@ validation, auth, status codes, JSON errors; the work happens in store / jobs / 
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import Principal
+from service.corrections import (
+    CorrectionError,
+    Region,
+    build_record,
+    check_region,
+    correction_id,
+    decode_png_mask,
+    rasterize_geojson,
+    read_crop,
+    write_correction_files,
+)
+from service.jobs import enqueue_rescoring, job_key
 from service.outputs import ARTIFACTS
 from service.runtime import Runtime
 from service.schemas import ErrorBody, JobList, JobSubmit, JobView, ModelList, ModelView, QueueItemView, QueueView
@@ -98,6 +109,12 @@ def require(role: str):
 
 Viewer = Annotated[Principal, Depends(require("viewer"))]
 Annotator = Annotated[Principal, Depends(require("annotator"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+def _run_view(run: dict) -> dict:
+    done, total = run["progress_done"], run["progress_total"]
+    return {**run, "progress": {"done": done, "total": total, "fraction": round(done / total, 4) if total else 0.0}}
 
 
 def _job_view(job: dict, base: str, deduplicated: bool = False) -> JobView:
@@ -188,24 +205,8 @@ def create_app(max_body_bytes: int) -> FastAPI:
         except SlideError as exc:
             raise ApiError(422, "unusable_slide", str(exc)) from None
         rel = path.relative_to(runtime.settings.slide_root.resolve()).as_posix()
-        stat = path.stat()
         version = runtime.models.current().version
-        key_src = {
-            "slide": rel,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "options": options,
-            "model_version": version,
-            "settings": [
-                runtime.settings.mpp,
-                runtime.settings.queue_size,
-                runtime.settings.patch_um,
-                runtime.settings.uncertainty,
-                runtime.settings.scoring,
-                runtime.settings.threshold,
-            ],
-        }
-        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
+        key = job_key(runtime.settings, path, rel, options, version)
         job, created = runtime.store.submit_job(
             slide=rel, options=options, model_version=version, dedup_key=key, actor=who.name
         )
@@ -316,29 +317,197 @@ def create_app(max_body_bytes: int) -> FastAPI:
         runtime.store.set_item_status(item["slide"], item_id, "skipped", who.name)
         return _item_view(_item(request, item_id), base(request))
 
-    # -- models -------------------------------------------------------------------------
-    def _model_view(card: dict, current: str) -> ModelView:
+    # -- corrections --------------------------------------------------------------------------
+    async def _ingest(
+        request: Request, who: Principal, slide: str, region: Region, *, item: dict | None, coords: str
+    ) -> JSONResponse:
+        runtime = rt(request)
+        body = await request.body()
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if ctype not in ("image/png", "application/geo+json", "application/json"):
+            raise ApiError(
+                415, "unsupported_media_type", "send the mask as image/png or GeoJSON polygons as application/geo+json"
+            )
+        path = _resolve(runtime, slide)
+        proposed = item["model_version"] if item else runtime.models.current().version
+
+        def work() -> tuple[dict, bool]:
+            handle = open_slide(path)
+            try:
+                check_region(region, handle.dimensions)
+                shape = region.mask_shape(handle.mpp)
+                if ctype == "image/png":
+                    mask = decode_png_mask(body, shape)
+                else:
+                    f = region.mpp / handle.mpp
+                    origin, scale = ((region.x, region.y), 1 / f) if coords == "level0" else ((0, 0), 1.0)
+                    mask = rasterize_geojson(body, shape, origin, scale)
+                cid = correction_id(slide, region, mask)
+                existing = runtime.store.correction(cid)
+                if existing is not None:
+                    return existing, False
+                image = read_crop(handle, region, shape)
+            finally:
+                handle.close()
+            write_correction_files(runtime.settings.data_dir / "corrections", cid, image, mask)
+            record = build_record(
+                cid,
+                slide,
+                region,
+                mask,
+                annotator=who.name,
+                queue_item_id=item["id"] if item else None,
+                proposed_by=proposed,
+                holdout_every=runtime.settings.holdout_every,
+            )
+            created = runtime.store.add_correction(record, who.name)
+            return (record if created else runtime.store.correction(cid)), created
+
+        try:
+            record, created = await run_in_threadpool(work)
+        except CorrectionError as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.details) from None
+        except SlideError as exc:
+            raise ApiError(422, "unusable_slide", str(exc)) from None
+        body_out = {
+            **record,
+            "duplicate": not created,
+            "links": {n: f"{base(request)}/corrections/{record['id']}/{n}.png" for n in ("image", "mask")},
+        }
+        return JSONResponse(
+            body_out,
+            status_code=201 if created else 200,
+            headers={"Location": f"{base(request)}/corrections/{record['id']}"},
+        )
+
+    @app.post("/queue/items/{item_id}/correction", status_code=201, tags=["corrections"])
+    async def correct_item(
+        item_id: str,
+        request: Request,
+        who: Annotator,
+        coords: Annotated[str, Query(pattern="^(region|level0)$")] = "region",
+    ):
+        """Corrected mask for a queue patch: PNG (0/255, the patch's size at its µm/px) or GeoJSON polygons
+        (in patch pixel coordinates, or level-0 coordinates with coords=level0 as QuPath exports)."""
+        item = await run_in_threadpool(_item, request, item_id)
+        runtime = rt(request)
+        job = runtime.store.get_job(item["job_id"])
+        b = item["bbox_level0"]
+        region = Region(b["x"], b["y"], b["width"], b["height"], job["summary"]["mpp"])
+        return await _ingest(request, who, item["slide"], region, item=item, coords=coords)
+
+    @app.post("/corrections", status_code=201, tags=["corrections"])
+    async def correct_region(
+        request: Request,
+        who: Annotator,
+        slide: str,
+        x: int,
+        y: int,
+        width: Annotated[int, Query(gt=0)],
+        height: Annotated[int, Query(gt=0)],
+        mpp: Annotated[float, Query(ge=0.25, le=16)] = 1.0,
+        coords: Annotated[str, Query(pattern="^(region|level0)$")] = "region",
+    ):
+        """Corrected mask for any region (x, y, width, height in level-0 pixels; mask at ``mpp``)."""
+        return await _ingest(request, who, slide, Region(x, y, width, height, mpp), item=None, coords=coords)
+
+    @app.get("/corrections", tags=["corrections"])
+    def list_corrections(request: Request, _: Viewer, limit: Annotated[int, Query(ge=1, le=5000)] = 500):
+        return {"corrections": rt(request).store.list_corrections(limit)}
+
+    def _correction(request: Request, cid: str) -> dict:
+        rec = rt(request).store.correction(cid)
+        if rec is None:
+            raise ApiError(404, "correction_not_found", f"no correction {cid!r}")
+        return rec
+
+    @app.get("/corrections/{cid}", tags=["corrections"])
+    def get_correction(cid: str, request: Request, _: Viewer):
+        return _correction(request, cid)
+
+    @app.get("/corrections/{cid}/{name}.png", tags=["corrections"])
+    def correction_file(cid: str, name: str, request: Request, _: Viewer):
+        _correction(request, cid)
+        if name not in ("image", "mask"):
+            raise ApiError(404, "not_found", "use image.png or mask.png")
+        return FileResponse(rt(request).settings.data_dir / "corrections" / cid / f"{name}.png", media_type="image/png")
+
+    # -- fine-tuning --------------------------------------------------------------------------
+    @app.post("/finetune", status_code=202, tags=["finetune"])
+    def request_finetune(request: Request, who: Admin, response: Response):
+        """Ask the runner for a fine-tune run now (whatever the number of new corrections)."""
+        run, created = rt(request).store.request_run("admin", who.name)
+        if not created:
+            response.status_code = 200
+        return {**run, "existing": not created}
+
+    @app.get("/finetune/runs", tags=["finetune"])
+    def list_runs(request: Request, _: Viewer):
+        return {"runs": [_run_view(r) for r in rt(request).store.runs(100)]}
+
+    @app.get("/finetune/runs/{run_id}", tags=["finetune"])
+    def get_run(run_id: str, request: Request, _: Viewer):
+        run = rt(request).store.run(run_id)
+        if run is None:
+            raise ApiError(404, "run_not_found", f"no fine-tune run {run_id!r}")
+        return _run_view(run)
+
+    # -- models -------------------------------------------------------------------------------
+    def _model_view(v: dict, current: str) -> ModelView:
         return ModelView(
-            version=card["version"],
-            current=card["version"] == current,
-            created=card.get("created"),
-            parent=card.get("parent"),
-            metrics=card.get("metrics", {}),
-            card=card,
+            version=v["version"],
+            current=v["version"] == current,
+            status=v["status"],
+            reason=v.get("reason"),
+            parent=v.get("parent"),
+            created_at=v["created_at"],
+            metrics=v.get("metrics") or {},
+            corrections=v.get("corrections") or {},
         )
 
     @app.get("/models", response_model=ModelList, tags=["models"])
     def list_models(request: Request, _: Viewer) -> ModelList:
         runtime = rt(request)
-        current = runtime.models.current().version
-        return ModelList(current=current, models=[_model_view(c, current) for c in runtime.models.versions()])
+        current = runtime.store.current_version()
+        return ModelList(
+            current=current,
+            served_by_this_worker=runtime.models.version,
+            models=[_model_view(v, current) for v in runtime.store.versions()],
+            history=runtime.store.pointer_history(20),
+        )
 
     @app.get("/models/current", response_model=ModelView, tags=["models"])
     def current_model(request: Request, _: Viewer) -> ModelView:
         runtime = rt(request)
-        current = runtime.models.current().version
-        card = next(c for c in runtime.models.versions() if c["version"] == current)
-        return _model_view(card, current)
+        current = runtime.store.current_version()
+        view = _model_view(runtime.store.version(current), current)
+        view.served_by_this_worker = runtime.models.version
+        return view
+
+    def _move(request: Request, who: Principal, version: str, action: str) -> ModelView:
+        runtime = rt(request)
+        target = runtime.store.version(version)
+        if target is None:
+            raise ApiError(404, "model_not_found", f"no model version {version!r}")
+        if target["status"] == "failed":
+            raise ApiError(409, "model_failed", f"{version} failed to load before: {target['reason']}")
+        if not runtime.store.move_pointer(version, action=action, actor=who.name):
+            raise ApiError(409, "already_current", f"{version} is already the current version")
+        enqueue_rescoring(runtime.store, runtime.settings, version, who.name)
+        return _model_view(runtime.store.version(version), version)
+
+    @app.post("/models/{version}/promote", response_model=ModelView, tags=["models"])
+    def promote(version: str, request: Request, who: Admin) -> ModelView:
+        """Make ``version`` current (any registered version, including a rejected candidate)."""
+        return _move(request, who, version, "manual-promote")
+
+    @app.post("/models/rollback", response_model=ModelView, tags=["models"])
+    def rollback(request: Request, who: Admin) -> ModelView:
+        """Move the pointer back to the version that was current before this one."""
+        target = rt(request).store.rollback_target()
+        if target is None:
+            raise ApiError(409, "nothing_to_roll_back", "the current version has no predecessor")
+        return _move(request, who, target, "rollback")
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def unknown_route(path: str):

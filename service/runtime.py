@@ -7,10 +7,12 @@ import os
 import socket
 from dataclasses import dataclass
 
+from service import metrics
 from service.auth import TokenAuth
 from service.config import Settings
+from service.corrections import sweep_orphans
 from service.jobs import JobWorker
-from service.registry import ModelHolder
+from service.registry import ModelHolder, Registry
 from service.store import Store
 
 log = logging.getLogger("uga")
@@ -29,8 +31,19 @@ class Runtime:
         auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens, settings.auth_disabled)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.data_dir)
-        models = ModelHolder(settings.baseline_dir, providers=settings.providers, threads=settings.ort_threads)
+        registry = Registry(store, settings.data_dir, settings.baseline_dir)
+        registry.ensure_baseline()
+        removed = sweep_orphans(settings.data_dir / "corrections", store.correction_ids())
+        if removed:
+            log.warning("removed %d correction directories without a database row (interrupted ingests)", len(removed))
+        models = ModelHolder(
+            registry,
+            providers=settings.providers,
+            threads=settings.ort_threads,
+            on_swap=lambda old, new: metrics.SWAPS.inc(),
+        )
         ensemble = models.load()
+        models.start_watch(settings.model_poll_s)
         log.info("serving model %s on %s", ensemble.version, ", ".join(ensemble.providers))
         worker = JobWorker(store, settings, models, name=f"{socket.gethostname()}-{os.getpid()}")
         if start_worker:
@@ -41,4 +54,5 @@ class Runtime:
         return self.models.loaded and self.store.writable()
 
     def close(self) -> None:
+        self.models.stop()
         self.worker.stop()

@@ -101,12 +101,17 @@ class QueueView(BaseModel):
 class ModelView(BaseModel):
     version: str
     current: bool
-    created: str | None = None
+    status: str = Field(description="baseline, promoted, rejected, failed or candidate")
+    reason: str | None = Field(None, description="why a candidate was rejected or failed")
     parent: str | None = None
+    created_at: float
     metrics: dict = Field(default_factory=dict)
-    card: dict = Field(default_factory=dict)
+    corrections: dict = Field(default_factory=dict, description="correction ids used: train / holdout")
+    served_by_this_worker: str | None = None
 
 
 class ModelList(BaseModel):
     current: str
+    served_by_this_worker: str | None
     models: list[ModelView]
+    history: list[dict] = Field(default_factory=list, description="pointer changes, newest first")

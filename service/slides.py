@@ -230,18 +230,22 @@ class TileGrid:
         return r * self.stride, c * self.stride
 
     def occupied(self, tissue: TissueMask, mpp: float) -> np.ndarray:
-        """(rows, cols) bool: tiles whose full extent touches tissue."""
+        """(rows, cols) bool: tiles whose core (the stride x stride part no other tile's core covers) has tissue.
+
+        Every pixel lies in exactly one core, and the tile of that core covers it, so skipping tiles whose
+        core is glass never leaves tissue unpredicted.
+        """
         f = mpp / tissue.mpp
         mh, mw = tissue.mask.shape
         out = np.zeros((self.rows, self.cols), bool)
         for r in range(self.rows):
             y0 = r * self.stride
-            my0, my1 = int(y0 * f), min(mh, math.ceil((y0 + self.tile) * f))
+            my0, my1 = int(y0 * f), min(mh, math.ceil((y0 + self.stride) * f))
             if my0 >= mh:
                 continue
             band = tissue.mask[my0:my1]
             for c in range(self.cols):
                 x0 = c * self.stride
-                mx0, mx1 = int(x0 * f), min(mw, math.ceil((x0 + self.tile) * f))
+                mx0, mx1 = int(x0 * f), min(mw, math.ceil((x0 + self.stride) * f))
                 out[r, c] = mx0 < mw and bool(band[:, mx0:mx1].any())
         return out

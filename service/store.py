@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -59,6 +59,59 @@ CREATE TABLE IF NOT EXISTS item_status (
     at REAL NOT NULL,
     PRIMARY KEY (slide, item_id)
 );
+CREATE TABLE IF NOT EXISTS corrections (
+    id TEXT PRIMARY KEY,                -- content hash: same correction twice = one record
+    slide TEXT NOT NULL,
+    x INTEGER NOT NULL, y INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,  -- level 0
+    mpp REAL NOT NULL,                  -- µm/px of the stored image crop and mask
+    queue_item_id TEXT,
+    proposed_by_version TEXT,
+    annotator TEXT NOT NULL,
+    tumour_fraction REAL NOT NULL,
+    holdout INTEGER NOT NULL DEFAULT 0, -- held out from training, used by the promotion gate
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version TEXT PRIMARY KEY,
+    parent TEXT,
+    sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('baseline', 'promoted', 'rejected', 'failed', 'candidate')),
+    reason TEXT,
+    metrics TEXT,
+    corrections TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_pointer (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version TEXT NOT NULL REFERENCES model_versions (version),
+    changed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pointer_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    version TEXT NOT NULL,
+    previous TEXT,
+    action TEXT NOT NULL,
+    actor TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS finetune_runs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('requested', 'running', 'promoted', 'rejected', 'failed')),
+    trigger TEXT NOT NULL,
+    parent TEXT,
+    candidate TEXT,
+    corrections TEXT,
+    progress_done INTEGER NOT NULL DEFAULT 0,
+    progress_total INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT,
+    reason TEXT,
+    requested_by TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -79,7 +132,7 @@ def _row(r: sqlite3.Row | None) -> dict | None:
     if r is None:
         return None
     d = dict(r)
-    for key in ("options", "summary", "item", "details"):
+    for key in ("options", "summary", "item", "details", "metrics", "corrections"):
         if d.get(key):
             d[key] = json.loads(d[key])
     return d
@@ -294,6 +347,10 @@ class Store:
             .fetchone()
         )
 
+    def segmented_slides(self) -> list[str]:
+        rows = self._conn().execute("SELECT DISTINCT slide FROM jobs WHERE state = 'succeeded'").fetchall()
+        return [r[0] for r in rows]
+
     def pending_queue(self, slide: str | None, k: int, measure: str | None = None) -> list[dict]:
         """Pending items of each slide's latest finished job, best score first (one slide or pooled)."""
         q = """
@@ -370,3 +427,190 @@ class Store:
             .fetchone()
         )
         return int(r[0])
+
+    # -- corrections -------------------------------------------------------------------------
+    def correction(self, correction_id: str) -> dict | None:
+        return _row(self._conn().execute("SELECT * FROM corrections WHERE id = ?", (correction_id,)).fetchone())
+
+    def add_correction(self, record: dict, actor: str) -> bool:
+        """Insert a correction (files already durable) and mark its queue item corrected; one transaction.
+
+        Returns False when the same correction (same content hash) already exists.
+        """
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM corrections WHERE id = ?", (record["id"],)).fetchone():
+                return False
+            cols = ", ".join(record)
+            db.execute(
+                f"INSERT INTO corrections ({cols}) VALUES ({', '.join('?' * len(record))})", tuple(record.values())
+            )
+            if record.get("queue_item_id"):
+                db.execute(
+                    "INSERT INTO item_status (slide, item_id, status, actor, at) VALUES (?, ?, 'corrected', ?, ?)"
+                    " ON CONFLICT (slide, item_id) DO UPDATE SET status = 'corrected', actor = excluded.actor,"
+                    " at = excluded.at",
+                    (record["slide"], record["queue_item_id"], actor, time.time()),
+                )
+            self._audit(db, actor, "correction.ingest", record["id"], {"slide": record["slide"]})
+            return True
+
+    def list_corrections(self, limit: int = 1000) -> list[dict]:
+        rows = self._conn().execute("SELECT * FROM corrections ORDER BY created_at LIMIT ?", (limit,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def correction_ids(self) -> set[str]:
+        return {r[0] for r in self._conn().execute("SELECT id FROM corrections")}
+
+    def unused_corrections(self) -> list[dict]:
+        """Training corrections that no registered version has been trained on yet."""
+        used: set[str] = set()
+        for r in self._conn().execute("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
+            used.update(json.loads(r[0]).get("train", []))
+        rows = self._conn().execute("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at").fetchall()
+        return [_row(r) for r in rows if r["id"] not in used]
+
+    # -- model versions and the current pointer ----------------------------------------------
+    def register_version(self, v: dict, actor: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO model_versions (version, parent, sha256, path, status, reason, metrics,"
+                " corrections, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    v["version"],
+                    v.get("parent"),
+                    v["sha256"],
+                    v["path"],
+                    v["status"],
+                    v.get("reason"),
+                    json.dumps(v.get("metrics") or {}),
+                    json.dumps(v.get("corrections") or {}),
+                    time.time(),
+                ),
+            )
+            self._audit(db, actor or "system", "model.register", v["version"], {"status": v["status"]})
+
+    def set_version_status(self, version: str, status: str, reason: str | None, actor: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE model_versions SET status = ?, reason = ? WHERE version = ?", (status, reason, version))
+            self._audit(db, actor or "system", f"model.{status}", version, {"reason": reason})
+
+    def version(self, version: str) -> dict | None:
+        return _row(self._conn().execute("SELECT * FROM model_versions WHERE version = ?", (version,)).fetchone())
+
+    def versions(self) -> list[dict]:
+        rows = self._conn().execute("SELECT * FROM model_versions ORDER BY created_at DESC").fetchall()
+        return [_row(r) for r in rows]
+
+    def current_version(self) -> str | None:
+        r = self._conn().execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
+        return r[0] if r else None
+
+    def move_pointer(self, version: str, *, action: str, actor: str | None, expect: str | None = None) -> bool:
+        """Point 'current' at ``version`` atomically (optionally only if it still is ``expect``)."""
+        with self.transaction() as db:
+            cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
+            previous = cur[0] if cur else None
+            if expect is not None and previous != expect:
+                return False
+            if previous == version:
+                return False
+            db.execute(
+                "INSERT INTO model_pointer (id, version, changed_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET version = excluded.version, changed_at = excluded.changed_at",
+                (version, time.time()),
+            )
+            db.execute(
+                "INSERT INTO pointer_history (version, previous, action, actor, at) VALUES (?, ?, ?, ?, ?)",
+                (version, previous, action, actor, time.time()),
+            )
+            self._audit(db, actor or "system", f"pointer.{action}", version, {"previous": previous})
+            return True
+
+    def pointer_history(self, limit: int = 50) -> list[dict]:
+        rows = self._conn().execute("SELECT * FROM pointer_history ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def rollback_target(self) -> str | None:
+        """The version that was current before the current one."""
+        r = (
+            self._conn()
+            .execute(
+                "SELECT previous FROM pointer_history WHERE version = (SELECT version FROM model_pointer WHERE id = 1)"
+                " ORDER BY id DESC LIMIT 1"
+            )
+            .fetchone()
+        )
+        return r[0] if r else None
+
+    def count_actions(self, action: str) -> int:
+        return int(
+            self._conn().execute("SELECT COUNT(*) FROM pointer_history WHERE action = ?", (action,)).fetchone()[0]
+        )
+
+    # -- fine-tune runs ------------------------------------------------------------------------
+    def request_run(self, trigger: str, actor: str | None) -> tuple[dict, bool]:
+        """A new 'requested' run, unless one is already requested or running (then that one)."""
+        with self.transaction() as db:
+            open_run = db.execute(
+                "SELECT * FROM finetune_runs WHERE state IN ('requested', 'running') ORDER BY created_at LIMIT 1"
+            ).fetchone()
+            if open_run is not None:
+                return _row(open_run), False
+            run_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO finetune_runs (id, state, trigger, requested_by, created_at)"
+                " VALUES (?, 'requested', ?, ?, ?)",
+                (run_id, trigger, actor, time.time()),
+            )
+            self._audit(db, actor or "system", "finetune.request", run_id, {"trigger": trigger})
+            return _row(db.execute("SELECT * FROM finetune_runs WHERE id = ?", (run_id,)).fetchone()), True
+
+    def start_run(self, run_id: str, parent: str, corrections: dict, total: int) -> None:
+        with self.transaction() as db:
+            now = time.time()
+            db.execute(
+                "UPDATE finetune_runs SET state = 'running', parent = ?, corrections = ?, progress_total = ?,"
+                " started_at = ?, heartbeat_at = ? WHERE id = ?",
+                (parent, json.dumps(corrections), total, now, now, run_id),
+            )
+
+    def run_progress(self, run_id: str, done: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE finetune_runs SET progress_done = ?, heartbeat_at = ? WHERE id = ?", (done, time.time(), run_id)
+            )
+
+    def end_run(self, run_id: str, state: str, *, candidate: str | None, metrics: dict | None, reason: str | None):
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE finetune_runs SET state = ?, candidate = ?, metrics = ?, reason = ?, finished_at = ?"
+                " WHERE id = ?",
+                (state, candidate, json.dumps(metrics or {}), reason, time.time(), run_id),
+            )
+            self._audit(db, "runner", f"finetune.{state}", run_id, {"candidate": candidate, "reason": reason})
+
+    def runs(self, limit: int = 50) -> list[dict]:
+        rows = self._conn().execute("SELECT * FROM finetune_runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def run(self, run_id: str) -> dict | None:
+        return _row(self._conn().execute("SELECT * FROM finetune_runs WHERE id = ?", (run_id,)).fetchone())
+
+    def fail_interrupted_runs(self) -> list[str]:
+        """At runner start: runs left 'running' by a dead runner are failed (their work is redone)."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT id FROM finetune_runs WHERE state = 'running'").fetchall()
+            for r in rows:
+                db.execute(
+                    "UPDATE finetune_runs SET state = 'failed', reason = 'runner stopped mid-run (restarted)',"
+                    " finished_at = ? WHERE id = ?",
+                    (time.time(), r["id"]),
+                )
+            return [r["id"] for r in rows]
+
+    def run_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("promoted", "rejected", "failed"), 0)
+        for r in self._conn().execute("SELECT state, COUNT(*) FROM finetune_runs GROUP BY state"):
+            if r[0] in counts:
+                counts[r[0]] = r[1]
+        return counts
