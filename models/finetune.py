@@ -21,11 +21,11 @@ from models.net import UNet
 class FinetuneBudget:
     """Bounded work per run (every member gets ``steps`` optimiser steps)."""
 
-    steps: int = 60
+    steps: int = 40
     batch: int = 8
     patch: int = 128
-    lr: float = 5e-4
-    replay_share: float = 0.25
+    lr: float = 3e-4
+    replay_share: float = 0.5
     threads: int = 1
     seed: int = 0
 

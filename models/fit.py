@@ -76,12 +76,11 @@ def fit_member(
     n_replay = int(round(batch * replay_share)) if replay is not None else 0
     for step in range(steps):
         idx = rng.integers(len(images), size=batch - n_replay)
-        bi, bm = images[idx], masks[idx]
-        if n_replay:
+        bi, bm = augment(images[idx], masks[idx], rng, stain=stain_augment)
+        if n_replay:  # source replay keeps its own colours: it anchors the source domain
             ridx = rng.integers(len(replay[0]), size=n_replay)
-            bi = np.concatenate([bi, replay[0][ridx]])
-            bm = np.concatenate([bm, replay[1][ridx]])
-        bi, bm = augment(bi, bm, rng, stain=stain_augment)
+            ri, rm = augment(replay[0][ridx], replay[1][ridx], rng)
+            bi, bm = np.concatenate([bi, ri]), np.concatenate([bm, rm])
         logits = model(_to_tensor(bi, dev))
         loss = loss_fn(logits, torch.from_numpy(bm).to(dev).float().unsqueeze(1))
         opt.zero_grad()

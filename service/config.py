@@ -47,15 +47,16 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(1.0, gt=0, le=10, description="how often each worker checks the current-model pointer")
     # human-in-the-loop
     finetune_min_corrections: int = Field(5, ge=1, description="new corrections that start a fine-tune run")
-    finetune_steps: int = Field(60, ge=1, description="optimiser steps per ensemble member per run")
+    finetune_steps: int = Field(40, ge=1, description="optimiser steps per ensemble member per run")
     finetune_batch: int = Field(8, ge=1, le=64, description="fine-tune batch size")
     finetune_patch: int = Field(128, ge=64, le=512, description="fine-tune crop side, pixels (multiple of 8)")
-    finetune_lr: float = Field(5e-4, gt=0, description="fine-tune learning rate")
+    finetune_lr: float = Field(3e-4, gt=0, description="fine-tune learning rate")
+    finetune_replay_share: float = Field(0.5, ge=0, lt=1, description="share of each batch replayed from source")
     finetune_threads: int = Field(1, ge=1, description="torch threads of the runner (leave cores to serving)")
     holdout_every: int = Field(
         5, ge=0, description="every n-th correction (by hash) is held out for the gate; 0 = none"
     )
-    gate_margin: float = Field(0.02, ge=0, le=1, description="allowed drop of Dice on the frozen source holdout")
+    gate_margin: float = Field(0.03, ge=0, le=1, description="allowed drop of Dice on the frozen source holdout")
     gate_min_heldout: int = Field(2, ge=1, description="held-out corrections needed before they gate promotion")
     runner_poll_s: float = Field(5.0, gt=0, description="runner: seconds between checks for work")
 

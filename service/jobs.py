@@ -151,12 +151,14 @@ class JobWorker:
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
         try:
+            self.models.sync()  # a job claimed right after a pointer move runs on the new version
             slide = resolve_slide_path(self.settings.slide_root, job["slide"])
             out = self.store.job_dir(job_id)
+            ensemble = self.models.current()  # pinned: the whole job runs on this version
             summary = run_segmentation(
                 slide,
                 out,
-                self.models.current(),
+                ensemble,
                 run_options(self.settings, job["options"]),
                 slide_key=job["slide"],
                 progress=progress,

@@ -125,6 +125,7 @@ class Runner:
             batch=s.finetune_batch,
             patch=s.finetune_patch,
             lr=s.finetune_lr,
+            replay_share=s.finetune_replay_share,
             threads=s.finetune_threads,
             seed=int(t0) % 100000,
         )

@@ -68,6 +68,13 @@ class JobList(BaseModel):
     jobs: list[JobView]
 
 
+class PixelBox(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
 class Box(BaseModel):
     x: float
     y: float
@@ -80,7 +87,7 @@ class QueueItemView(BaseModel):
     slide: str
     job_id: str
     rank: int
-    bbox_level0: Box
+    bbox_level0: PixelBox
     bbox_um: Box
     score: float
     measure: str

@@ -105,3 +105,49 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
             return job
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
+
+
+class RunnerProcess:
+    """`uga runner` as its own process, sharing the server's data directory."""
+
+    def __init__(self, server: Server, **env: str):
+        self.server, self.env = server, env
+        self.proc: subprocess.Popen | None = None
+        self.log = server.data_dir.parent / "runner.log"
+
+    def start(self) -> RunnerProcess:
+        env = {
+            **os.environ,
+            "UGA_DATA_DIR": str(self.server.data_dir),
+            "UGA_SLIDE_ROOT": str(self.server.slide_root),
+            **self.server.extra_env,
+            **self.env,
+        }
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "runner"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached in {timeout}s")
