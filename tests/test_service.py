@@ -190,3 +190,95 @@ def test_restart_keeps_finished_jobs_and_recovers_interrupted_ones(env, finished
         job = wait_job(c, job_id, timeout=120)  # requeued after its heartbeat went stale, then ran
         assert job["state"] == "succeeded", job
     assert json.loads(json.dumps(job))["progress"]["fraction"] == 1.0
+
+
+# -- corrections over HTTP: every refusal writes nothing -----------------------------------------
+
+
+def _png(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _corrections_state(env):
+    with env.client("viewer") as c:
+        n = len(c.get("/v1/corrections").json()["corrections"])
+    d = env.data_dir / "corrections"
+    return n, sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_correction_refusals(env, finished):
+    with env.client("viewer") as c:
+        item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
+    url = f"/v1/queue/items/{item['id']}/correction"
+    side = item["bbox_level0"]["width"] // 2  # mask pixels at the job's 1 µm/px on a 0.5 µm/px slide
+    good = np.zeros((side, side), np.uint8)
+    before = _corrections_state(env)
+    cases = [
+        ("annotator", url, _png(np.zeros((100, side), np.uint8)), "image/png", 422, "mask_size_mismatch"),
+        ("annotator", url, _png(np.full((side, side), 7, np.uint8)), "image/png", 422, "mask_not_binary"),
+        ("annotator", url, b"\x89PNG\r\n\x1a\n garbage", "image/png", 422, "invalid_png"),
+        ("annotator", url, b"", "image/png", 400, "empty_body"),
+        ("annotator", url, b'{"type": "Point", "coordinates": [1, 2]}', "application/geo+json", 422, "invalid_geojson"),
+        ("annotator", url, _png(good), "text/plain", 415, "unsupported_media_type"),
+        ("annotator", "/v1/queue/items/nope/correction", _png(good), "image/png", 404, "queue_item_not_found"),
+        (
+            "annotator",
+            "/v1/corrections?slide=cases/a.tif&x=1900&y=0&width=512&height=512",
+            _png(good),
+            "image/png",
+            422,
+            "region_outside_slide",
+        ),
+        (
+            "annotator",
+            "/v1/corrections?slide=cases/nope.tif&x=0&y=0&width=512&height=512",
+            _png(good),
+            "image/png",
+            404,
+            "slide_not_found",
+        ),
+        ("viewer", url, _png(good), "image/png", 403, "forbidden"),
+        (None, url, _png(good), "image/png", 401, "unauthenticated"),
+    ]
+    for role, u, body, ctype, status, code in cases:
+        with env.client(role) as c:
+            r = c.post(u, content=body, headers={"content-type": ctype})
+        assert r.status_code == status and r.json()["error"]["code"] == code, (code, r.status_code, r.text[:300])
+    with env.client("annotator") as c:
+        r = c.post(url, content=b"0" * (65 * 1024 * 1024), headers={"content-type": "image/png"})
+        assert r.status_code == 413
+    assert _corrections_state(env) == before
+
+
+def test_geojson_correction_is_stored_with_crop_and_is_idempotent(env, finished):
+    with env.client("viewer") as c:
+        items = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+    item = items[-1]
+    b = item["bbox_level0"]
+    square = [
+        [b["x"], b["y"]],
+        [b["x"] + 200, b["y"]],
+        [b["x"] + 200, b["y"] + 200],
+        [b["x"], b["y"] + 200],
+        [b["x"], b["y"]],
+    ]
+    body = json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}}).encode()
+    with env.client("annotator") as c:
+        url = f"/v1/queue/items/{item['id']}/correction?coords=level0"
+        r = c.post(url, content=body, headers={"content-type": "application/geo+json"})
+        assert r.status_code == 201, r.text
+        rec = r.json()
+        side = b["width"] // 2
+        assert rec["tumour_fraction"] == pytest.approx((100 * 100) / side**2, abs=0.01)  # 200 level-0 px = 100 µm
+        assert rec["queue_item_id"] == item["id"] and rec["annotator"].startswith("annotator:")
+        again = c.post(url, content=body, headers={"content-type": "application/geo+json"})
+        assert again.status_code == 200 and again.json()["duplicate"] is True and again.json()["id"] == rec["id"]
+        crop = Image.open(__import__("io").BytesIO(c.get(rec["links"]["image"]).content))
+        assert crop.size == (side, side)
+        assert c.get(f"/v1/queue/items/{item['id']}").json()["status"] == "corrected"
+        r = c.post(f"/v1/queue/items/{item['id']}/skip")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "already_corrected"

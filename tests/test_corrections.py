@@ -1,0 +1,154 @@
+"""Correction decoding/validation (pure), content hashing, and crash safety of the durable write."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.corrections import (
+    CorrectionError,
+    Region,
+    build_record,
+    correction_id,
+    decode_png_mask,
+    load_pair,
+    rasterize_geojson,
+    sweep_orphans,
+    write_correction_files,
+)
+from service.store import Store
+
+
+def png(arr, mode=None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def code_of(fn, *args) -> str:
+    with pytest.raises(CorrectionError) as exc:
+        fn(*args)
+    return exc.value.code
+
+
+def test_png_masks_accept_0_255_and_0_1():
+    m = np.zeros((8, 6), np.uint8)
+    m[2:5, 1:3] = 255
+    assert decode_png_mask(png(m), (8, 6)).sum() == 6
+    assert decode_png_mask(png((m > 0).astype(np.uint8)), (8, 6)).sum() == 6
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", "empty_body"),
+        (b"\x89PNG\r\n\x1a\nnot really", "invalid_png"),
+        (b"GIF89a....", "invalid_png"),
+    ],
+)
+def test_png_refusals(payload, code):
+    assert code_of(decode_png_mask, payload, (8, 6)) == code
+
+
+def test_png_size_values_and_format_are_checked():
+    assert code_of(decode_png_mask, png(np.zeros((6, 8), np.uint8)), (8, 6)) == "mask_size_mismatch"
+    grey = np.full((8, 6), 128, np.uint8)
+    assert code_of(decode_png_mask, png(grey), (8, 6)) == "mask_not_binary"
+    colour = np.zeros((8, 6, 3), np.uint8)
+    colour[..., 0] = 255
+    assert code_of(decode_png_mask, png(colour), (8, 6)) == "mask_not_binary"
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 6), np.uint8)).save(buf, format="JPEG")
+    assert code_of(decode_png_mask, buf.getvalue(), (8, 6)) == "invalid_png"
+
+
+def _poly(rings, kind="Polygon"):
+    return json.dumps(
+        {
+            "type": "FeatureCollection",
+            "features": [{"type": "Feature", "geometry": {"type": kind, "coordinates": rings}, "properties": {}}],
+        }
+    ).encode()
+
+
+def test_geojson_polygons_fill_and_holes_subtract():
+    outer = [[10, 10], [50, 10], [50, 50], [10, 50], [10, 10]]
+    hole = [[20, 20], [30, 20], [30, 30], [20, 30], [20, 20]]
+    m = rasterize_geojson(_poly([outer, hole]), (64, 64))
+    assert m[15, 15] and not m[25, 25] and not m[5, 5]
+    assert 40 * 40 - 10 * 10 - 200 <= m.sum() <= 40 * 40 - 10 * 10 + 200
+
+
+def test_geojson_in_level0_coordinates_as_qupath_exports():
+    # region at level-0 (1000, 2000), mask at 1 µm/px from a 0.5 µm/px slide: scale 0.5
+    square = [[1000, 2000], [1200, 2000], [1200, 2200], [1000, 2200], [1000, 2000]]
+    m = rasterize_geojson(_poly([square]), (128, 128), origin=(1000, 2000), scale=0.5)
+    assert m[:100, :100].mean() > 0.95 and m[101:, 101:].sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", "empty_body"),
+        (b"{not json", "malformed_json"),
+        (json.dumps({"type": "Point", "coordinates": [1, 2]}).encode(), "invalid_geojson"),
+        (json.dumps({"type": "FeatureCollection", "features": []}).encode(), "invalid_geojson"),
+        (_poly([[[0, 0], [1, 1]]]), "invalid_geojson"),
+        (_poly([[["a", "b"], [1, 1], [2, 0]]]), "invalid_geojson"),
+    ],
+)
+def test_geojson_refusals(payload, code):
+    assert code_of(rasterize_geojson, payload, (16, 16)) == code
+
+
+def test_content_hash_identifies_the_same_correction():
+    r = Region(0, 0, 64, 64, 1.0)
+    m = np.zeros((32, 32), bool)
+    m[3:9, 4:8] = True
+    assert correction_id("a.tif", r, m) == correction_id("a.tif", r, m.copy())
+    assert correction_id("a.tif", r, m) != correction_id("b.tif", r, m)
+    m2 = m.copy()
+    m2[0, 0] = True
+    assert correction_id("a.tif", r, m) != correction_id("a.tif", r, m2)
+
+
+def test_crash_between_files_and_row_leaves_no_correction(tmp_path):
+    """Files are written first; without the committed row nothing counts, and the orphan is swept."""
+    store = Store(tmp_path / "data")
+    root = tmp_path / "data" / "corrections"
+    image = np.full((32, 32, 3), 200, np.uint8)
+    mask = np.zeros((32, 32), bool)
+    region = Region(0, 0, 64, 64, 1.0)
+    cid = correction_id("a.tif", region, mask)
+    write_correction_files(root, cid, image, mask)  # ... and the process dies here, before add_correction
+    assert store.list_corrections() == [] and store.unused_corrections() == []
+    old = time.time() - 3600
+    os.utime(root / cid, (old, old))
+    assert sweep_orphans(root, store.correction_ids()) == [cid]
+    assert not (root / cid).exists()
+
+
+def test_acknowledged_correction_survives_reopen_and_is_idempotent(tmp_path):
+    store = Store(tmp_path / "data")
+    root = tmp_path / "data" / "corrections"
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    region = Region(0, 0, 32, 32, 1.0)
+    cid = correction_id("a.tif", region, mask)
+    write_correction_files(root, cid, np.zeros((16, 16, 3), np.uint8), mask)
+    record = build_record(
+        cid, "a.tif", region, mask, annotator="ann", queue_item_id=None, proposed_by="v1", holdout_every=0
+    )
+    assert store.add_correction(record, "ann") is True
+    assert store.add_correction(record, "ann") is False  # the same correction twice = one record
+    store.close()
+    again = Store(tmp_path / "data")  # a new process after a crash sees it
+    assert [c["id"] for c in again.list_corrections()] == [cid]
+    image, m = load_pair(root, cid)
+    assert m.sum() == 16 and image.shape == (16, 16, 3)
