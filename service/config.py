@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     finetune_patch: int = Field(128, ge=64, le=512, description="fine-tune crop side, pixels (multiple of 8)")
     finetune_lr: float = Field(3e-4, gt=0, description="fine-tune learning rate")
     finetune_replay_share: float = Field(0.5, ge=0, lt=1, description="share of each batch replayed from source")
+    finetune_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="runner's torch device")
     finetune_threads: int = Field(1, ge=1, description="torch threads of the runner (leave cores to serving)")
     holdout_every: int = Field(
         5, ge=0, description="every n-th correction (by hash) is held out for the gate; 0 = none"

@@ -8,6 +8,7 @@ module never imports torch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import threading
@@ -25,6 +26,7 @@ from service.stitch import Stitcher
 from service.uncertainty import all_measures, to_uint8
 
 MAP_NAMES = ("probability", "entropy", "mutual_information", "uga")
+log = logging.getLogger("uga.engine")
 Progress = Callable[[int, int], None]
 
 
@@ -41,6 +43,9 @@ class Ensemble:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = providers or default_providers()
         self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+        missing = [p for p in wanted if p not in self.session.get_providers()]
+        if missing:
+            log.warning("ONNX Runtime is not using %s (running on %s)", ", ".join(missing), self.providers)
         self.input_name = self.session.get_inputs()[0].name
         self.members = int(self.session.get_outputs()[0].shape[1])
 

@@ -73,6 +73,12 @@ class Runner:
     def stop(self, *_: object) -> None:
         self._stop.set()
 
+    def device(self) -> str:
+        import torch
+
+        want = self.settings.finetune_device
+        return ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+
     def startup(self) -> None:
         self.registry.ensure_baseline()
         for run_id in self.store.fail_interrupted_runs():
@@ -153,6 +159,7 @@ class Runner:
                 replay,
                 budget,
                 progress=progress,
+                device=self.device(),
             )
             staging = self.registry.staging_dir()
             staging.mkdir(parents=True)
@@ -196,24 +203,26 @@ class Runner:
             return "failed"
         status = "promoted" if result.passed else "rejected"
         reason = None if result.passed else "; ".join(result["reasons"])
-        self.store.register_version(
+        self.store.register_version(  # a passing candidate is 'candidate' until the pointer really moved
             {
                 "version": version,
                 "parent": parent,
                 "sha256": sha,
                 "path": str(final),
-                "status": status,
+                "status": "candidate" if result.passed else "rejected",
                 "reason": reason,
                 "metrics": dict(result),
                 "corrections": used,
             },
             actor="runner",
         )
-        if result.passed and not self.store.move_pointer(version, action="promote", actor="runner", expect=parent):
-            status, reason = "rejected", "the current version changed during the run; not promoted over it"
-            self.store.set_version_status(version, "rejected", reason, actor="runner")
-        if status == "promoted":
-            enqueue_rescoring(self.store, self.settings, version, "runner")
+        if result.passed:
+            if self.store.move_pointer(version, action="promote", actor="runner", expect=parent):
+                self.store.set_version_status(version, "promoted", None, actor="runner")
+                enqueue_rescoring(self.store, self.settings, version, "runner")
+            else:
+                status, reason = "rejected", "the current version changed during the run; not promoted over it"
+                self.store.set_version_status(version, "rejected", reason, actor="runner")
         self.store.end_run(run["id"], status, candidate=version, metrics=dict(result), reason=reason)
         log.info("run %s: %s %s (%s)", run["id"], status, version, reason or "gate passed")
         return status
