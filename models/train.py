@@ -10,7 +10,6 @@ Fine-tuning (models/finetune.py) reuses ``fit_member`` and ``augment``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from models.slidegen import CENTRES, build_slide
 from models.sources import cache_dir, ensure_sources
 from service.engine import Ensemble, SegmentOptions, segment
 from service.evaluation import overlap_with_truth
+from service.fsutil import sha256_file
 from service.slides import open_slide
 
 OOD_CENTRES = [c for c in CENTRES if c != "source"]
@@ -53,14 +53,6 @@ class Recipe:
     seed: int = 1234
     train_seeds: list[int] = field(default_factory=list)
     holdout_seeds: list[int] = field(default_factory=list)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def evaluate(onnx_path: Path, slides: list[Path], *, mpp: float = 1.0, workdir: Path) -> list[float]:

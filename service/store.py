@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -183,12 +184,18 @@ class Store:
             db.executescript("BEGIN IMMEDIATE;" + SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def writable(self) -> bool:
-        """True when a write transaction can be taken (used by /readyz)."""
+        """True when the data directory takes a file and the database a write lock within a second (/readyz)."""
         try:
-            with self.transaction() as db:
-                db.execute("SELECT 1")
+            with tempfile.NamedTemporaryFile(dir=self.data_dir, prefix=".ready-"):
+                pass
+            probe = sqlite3.connect(self.db_path, timeout=1.0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            finally:
+                probe.close()
             return True
-        except sqlite3.Error:
+        except (OSError, sqlite3.Error):
             return False
 
     def close(self) -> None:
