@@ -35,6 +35,8 @@ def parse_tokens(text: str) -> list[tuple[str, str]]:
         token = token.strip()
         if not sep or role not in ROLES or not token:
             raise AuthConfigError(f"bad token entry {line[:12]!r}...: expected 'ROLE TOKEN' with ROLE in {ROLES}")
+        if token.upper().startswith("REPLACE-ME"):
+            raise AuthConfigError(f"the {role} token is still the shipped placeholder; put a real random token in")
         if len(token) < 16:
             raise AuthConfigError(f"a {role} token is shorter than 16 characters; use a long random token")
         out.append((role, token))

@@ -51,5 +51,7 @@ def test_tokens_parse_and_roles_are_checked():
     assert auth.authenticate("Basic AAAAAAAAAAAAAAAAAAAA") is None
     with pytest.raises(AuthConfigError, match="shorter than 16"):
         parse_tokens("admin short")
+    with pytest.raises(AuthConfigError, match="placeholder"):
+        parse_tokens((REPO / "k8s" / "base" / "tokens").read_text())  # the manifests' Secret must be replaced
     with pytest.raises(AuthConfigError, match="ROLE TOKEN"):
         parse_tokens("root AAAAAAAAAAAAAAAAAAAA")
