@@ -87,6 +87,7 @@ class Config:
     slide_seed: int = 20240501
     eval_slide_seed: int = 20240777
     quick: bool = False
+    selection: str = "pooled"  # pooled: one ranking over all centres; per-centre: round-robin quotas
 
     @classmethod
     def quick_config(cls) -> Config:
@@ -172,6 +173,21 @@ def pooled_select(cands: dict[str, list[Candidate]], centres: dict[str, str], k:
             pooled.append(Patch(slide, centres[slide], c.row, c.col, c.score))
     pooled.sort(key=lambda p: (-p.score, p.slide, p.row, p.col))
     return pooled[:top]
+
+
+def per_centre_select(cands: dict[str, list[Candidate]], centres: dict[str, str], k: int, top: int) -> list[Patch]:
+    """Round-robin over centres (each centre's patches ranked by score): every hospital corrects its own slides."""
+    by_centre: dict[str, list[Patch]] = {}
+    for centre in sorted(set(centres.values())):
+        mine = {s: c for s, c in cands.items() if centres[s] == centre}
+        by_centre[centre] = pooled_select(mine, centres, k, top)
+    order = sorted(by_centre, key=lambda c: -(by_centre[c][0].score if by_centre[c] else -np.inf))
+    picked: list[Patch] = []
+    for rank in range(top):
+        for centre in order:
+            if len(picked) < top and rank < len(by_centre[centre]):
+                picked.append(by_centre[centre][rank])
+    return picked
 
 
 def with_scores(cands: list[Candidate], scores: np.ndarray) -> list[Candidate]:
@@ -335,7 +351,9 @@ def analyse_pool(ens: Ensemble, refs: list[SlideRef], work: Path) -> list[PoolSl
     return out
 
 
-def select(pool: list[PoolSlide], strategy: str, top: int, k: int, min_tissue: float, seed: int) -> list[Patch]:
+def select(
+    pool: list[PoolSlide], strategy: str, top: int, k: int, min_tissue: float, seed: int, selection: str = "pooled"
+) -> list[Patch]:
     """Ranked, non-overlapping, pooled across slides; random uses uniform scores (nested across budgets)."""
     centres = {p.ref.key: p.ref.centre for p in pool}
     cands = {}
@@ -345,6 +363,8 @@ def select(pool: list[PoolSlide], strategy: str, top: int, k: int, min_tissue: f
         if strategy == "random":
             c = with_scores(c, np.random.default_rng([seed, 7919, i]).random(len(c)))
         cands[p.ref.key] = c
+    if selection == "per-centre":
+        return per_centre_select(cands, centres, k, top)
     return pooled_select(cands, centres, k, top)
 
 
@@ -409,7 +429,7 @@ def _run(cfg: Config, out: Path, slide_root: Path, work: Path, t_start: float) -
     selections: dict[str, dict[int, list[Patch]]] = {}
     for s in cfg.strategies:
         for seed in range(cfg.seeds) if s == "random" else [None]:
-            ranked = select(pool, s, top, k, cfg.min_tissue, seed or 0)
+            ranked = select(pool, s, top, k, cfg.min_tissue, seed or 0, cfg.selection)
             for b in cfg.budgets:
                 selections.setdefault(f"{s}/{seed}" if seed is not None else s, {})[b] = ranked[:b]
     pool_err = {p.ref.key: p.stats["oracle"] for p in pool}
@@ -629,6 +649,7 @@ def markdown(res: dict) -> str:
     lines += [
         f"Baseline `{res['protocol']['model']['version']}` (trained on source only); out-of-domain centres: "
         f"{', '.join(centres)}; {cfg['seeds']} seed(s); patch {cfg['patch_px']} µm at 1 µm/px; "
+        f"selection {cfg.get('selection', 'pooled')}; "
         f"wall time {res['timing']['total_s'] / 60:.1f} min.",
         "",
     ]
@@ -775,8 +796,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="slide cache (default $UGA_CACHE_DIR/experiment-slides or ~/.cache/uga-serve/...)",
     )
+    ap.add_argument(
+        "--selection",
+        choices=["pooled", "per-centre"],
+        default="pooled",
+        help="pooled: one ranking across all centres; per-centre: round-robin quotas (each centre its own top patches)",
+    )
     args = ap.parse_args(argv)
     cfg = Config.quick_config() if args.quick else Config()
+    cfg.selection = args.selection
     if args.seeds is not None:
         cfg.seeds = args.seeds
     if args.centres:

@@ -104,3 +104,14 @@ def test_quick_experiment_writes_results(tmp_path):
             assert im.width > 100 and im.height > 100
     md = (out / "results.md").read_text()
     assert "| strategy | 0 patches | 5 patches |" in md and "| uga |" in md and "| random |" in md
+
+
+def test_per_centre_selection_takes_turns_between_centres():
+    from bench.experiment import per_centre_select
+    from service.queue import Candidate
+
+    def cands(*scores):
+        return [Candidate(i * 10, 0, s, s, 0.5, 1.0) for i, s in enumerate(scores)]
+
+    picked = per_centre_select({"a1": cands(0.9, 0.8, 0.7), "b1": cands(0.3, 0.2)}, {"a1": "A", "b1": "B"}, 2, 4)
+    assert [(p.centre, p.score) for p in picked] == [("A", 0.9), ("B", 0.3), ("A", 0.8), ("B", 0.2)]
