@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import matplotlib
@@ -32,16 +33,18 @@ ARTIFACTS = {
 }
 
 
-def write_map_tiffs(out_dir: Path, rasters: dict[str, RasterFile], mpp: float) -> dict[str, str]:
-    """One pyramidal TIFF per map (uint8; value = pixel / 255 x storage max, stated in the description)."""
-    written = {}
-    for name, raster in rasters.items():
-        scale = STORAGE_MAX.get(name, 1.0)
-        desc = json.dumps({"uga_map": name, "mpp": mpp, "value": f"pixel / 255 * {scale}"})
-        path = out_dir / ARTIFACTS[name]
-        write_pyramid_tiff(path, raster, mpp, compression="deflate", description=desc)
-        written[name] = path.name
-    return written
+def write_map_tiff(out_dir: Path, name: str, raster: RasterFile, mpp: float) -> str:
+    """One pyramidal TIFF of a map (uint8; value = pixel / 255 x storage max, stated in the description)."""
+    scale = STORAGE_MAX.get(name, 1.0)
+    desc = json.dumps({"uga_map": name, "mpp": mpp, "value": f"pixel / 255 * {scale}"})
+    path = out_dir / ARTIFACTS[name]
+    write_pyramid_tiff(path, raster, mpp, compression="deflate", description=desc)
+    return path.name
+
+
+def start_map_tiffs(out_dir: Path, rasters: dict[str, RasterFile], mpp: float, pool: Executor) -> dict[str, Future]:
+    """Write every map's TIFF in ``pool`` (deflate releases the GIL, so this overlaps the overlay rendering)."""
+    return {name: pool.submit(write_map_tiff, out_dir, name, raster, mpp) for name, raster in rasters.items()}
 
 
 def tumour_polygons(mask_preview: np.ndarray, to_level0: float) -> list[list[list[float]]]:

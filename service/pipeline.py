@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +76,7 @@ def run_segmentation(
         raise
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="uga-tiff")
     try:
         seg_opts = SegmentOptions(
             mpp=opt.mpp, tile=opt.tile, overlap=opt.overlap, batch=opt.batch, threshold=opt.threshold
@@ -96,7 +99,8 @@ def run_segmentation(
             exclude=exclude,
         )
         rasters = {"mask": analysis.mask, **result.maps}
-        artifacts = outputs.write_map_tiffs(out_dir, rasters, opt.mpp)
+        tiffs = outputs.start_map_tiffs(out_dir, rasters, opt.mpp, pool)
+        artifacts = {name: outputs.ARTIFACTS[name] for name in rasters}
         f = analysis.preview_f
         preview = analysis.previews[opt.measure]
         thumb = RegionReader(slide, opt.mpp * f).read(0, 0, *preview.shape)
@@ -153,6 +157,9 @@ def run_segmentation(
             f"tumour {summary['tumour_area_mm2']:.2f} mm²  ·  "
             f"mean {opt.measure} {analysis.mean_uncertainty[opt.measure]:.3f}",
         )
+        pool.shutdown(wait=True)
+        for future in tiffs.values():
+            future.result()  # surface any write error
         t_end = time.perf_counter()
         summary["timings_s"] = {
             **{k: round(v, 3) for k, v in result.timings.items()},
@@ -170,5 +177,6 @@ def run_segmentation(
         result.close()
         return summary
     finally:
+        pool.shutdown(wait=True)  # writers read the rasters in ``work``: finish before removing it
         slide.close()
         shutil.rmtree(work, ignore_errors=True)
