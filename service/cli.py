@@ -50,18 +50,16 @@ def _run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     if args.queue < 1:
         raise CliError("--queue must be at least 1")
     ensemble = load_ensemble(args.model, providers=s.providers, threads=s.ort_threads)
-    opts = RunOptions(
+    opts = RunOptions.from_settings(
+        s,
         mpp=args.mpp,
         slide_mpp=args.slide_mpp,
         tile=args.tile,
-        overlap=s.overlap,
         batch=args.batch,
-        threshold=s.threshold,
         measure=args.uncertainty,
         scoring=args.scoring,
         queue_size=args.queue,
         patch_um=args.patch_um,
-        min_tissue=s.min_tissue,
     )
     bars: list[tqdm] = []  # created on the first tile, so refused input prints no bar
 

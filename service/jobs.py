@@ -30,24 +30,15 @@ class Cancelled(Exception):
 
 
 def run_options(settings: Settings, options: dict) -> RunOptions:
-    """Job options (None = server default) merged with the settings."""
-
-    def pick(name: str, default):
-        value = options.get(name)
-        return default if value is None else value
-
-    return RunOptions(
-        mpp=pick("mpp", settings.mpp),
+    """A job's options (None = server default) on top of the settings."""
+    return RunOptions.from_settings(
+        settings,
+        mpp=options.get("mpp"),
         slide_mpp=options.get("slide_mpp"),
-        tile=settings.tile,
-        overlap=settings.overlap,
-        batch=settings.batch,
-        threshold=settings.threshold,
-        measure=pick("uncertainty", settings.uncertainty),
-        scoring=pick("scoring", settings.scoring),
-        queue_size=pick("queue_size", settings.queue_size),
-        patch_um=pick("patch_um", settings.patch_um),
-        min_tissue=settings.min_tissue,
+        measure=options.get("uncertainty"),
+        scoring=options.get("scoring"),
+        queue_size=options.get("queue_size"),
+        patch_um=options.get("patch_um"),
     )
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from service import outputs
+from service.config import Settings
 from service.engine import Ensemble, Progress, SegmentOptions, segment
 from service.postprocess import analyse
 from service.queue import build_queue
@@ -36,6 +37,24 @@ class RunOptions:
     queue_size: int = 10
     patch_um: float = 1024.0
     min_tissue: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: object) -> RunOptions:
+        """The settings' defaults, with every override that is not None applied on top."""
+        values = {
+            "mpp": settings.mpp,
+            "tile": settings.tile,
+            "overlap": settings.overlap,
+            "batch": settings.batch,
+            "threshold": settings.threshold,
+            "measure": settings.uncertainty,
+            "scoring": settings.scoring,
+            "queue_size": settings.queue_size,
+            "patch_um": settings.patch_um,
+            "min_tissue": settings.min_tissue,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def prepare_output_dir(out_dir: Path) -> Path:
