@@ -756,7 +756,8 @@ def plot(res: dict, out: Path) -> None:
     if not cfg["quick"]:
         p = res["paper"]
         ax.plot(p["budgets"], p["uga_dice"], "k--", lw=1, alpha=0.6, label="paper UGA (other data)")
-    ax.set_xlabel("corrected patches (256 µm, pooled over centres)")
+    how = "per-centre quotas" if cfg.get("selection") == "per-centre" else "pooled over centres"
+    ax.set_xlabel(f"corrected patches ({cfg['patch_px']} µm, {how})")
     ax.set_ylabel("mean Dice, held-out OOD slides")
     ax.set_title(f"Dice vs corrected patches ({cfg['seeds']} seeds, mean ± std)")
     ax.legend(fontsize=8)
