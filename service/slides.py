@@ -170,9 +170,6 @@ class TissueMask:
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
-    def area_mm2(self) -> float:
-        return float(self.mask.sum()) * (self.mpp / 1000.0) ** 2
-
     def crop(self, y: int, x: int, h: int, w: int, mpp: float) -> np.ndarray:
         """Nearest-neighbour tissue mask for analysis region [y, y+h) x [x, x+w) at ``mpp``."""
         f = mpp / self.mpp

@@ -123,6 +123,12 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 JOB_STATES = ("queued", "running", "succeeded", "failed")
+# Queue items of each slide's latest finished job that nobody corrected or skipped yet.
+PENDING_ITEMS = """
+    FROM queue_items qi JOIN jobs j ON j.id = qi.job_id
+    WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2 WHERE j2.slide = j.slide AND j2.state = 'succeeded')
+      AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)
+"""
 
 
 class StoreError(RuntimeError):
@@ -360,13 +366,7 @@ class Store:
 
     def pending_queue(self, slide: str | None, k: int, measure: str | None = None) -> list[dict]:
         """Pending items of each slide's latest finished job, best score first (one slide or pooled)."""
-        q = """
-            SELECT qi.item, qi.slide, qi.job_id FROM queue_items qi
-            JOIN jobs j ON j.id = qi.job_id
-            WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2
-                                   WHERE j2.slide = j.slide AND j2.state = 'succeeded')
-              AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)
-        """
+        q = "SELECT qi.item, qi.slide, qi.job_id " + PENDING_ITEMS
         args: list[Any] = []
         if slide is not None:
             q += " AND qi.slide = ?"
@@ -423,17 +423,7 @@ class Store:
         return {r["item_id"] for r in rows}
 
     def pending_count(self) -> int:
-        r = (
-            self._conn()
-            .execute(
-                """SELECT COUNT(*) FROM queue_items qi JOIN jobs j ON j.id = qi.job_id
-               WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2
-                                      WHERE j2.slide = j.slide AND j2.state = 'succeeded')
-                 AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)"""
-            )
-            .fetchone()
-        )
-        return int(r[0])
+        return int(self._conn().execute("SELECT COUNT(*) " + PENDING_ITEMS).fetchone()[0])
 
     # -- corrections -------------------------------------------------------------------------
     def correction(self, correction_id: str) -> dict | None:
