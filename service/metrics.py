@@ -50,8 +50,7 @@ def store_metrics(store) -> str:
     Gauge("uga_queue_pending", "Review patches waiting for a clinician", registry=reg).set(store.pending_count())
     current = store.current_version() or "none"
     Gauge("uga_model_info", "Current model version (value 1)", ["version"], registry=reg).labels(current).set(1)
-    corrections = store.correction_ids()
-    _counter(reg, "uga_corrections", "Corrections ingested (distinct)", len(corrections))
+    _counter(reg, "uga_corrections", "Corrections ingested (distinct)", store.count_corrections())
     runs = Counter("uga_finetune_runs", "Fine-tune runs by outcome", ["outcome"], registry=reg)
     for outcome, n in store.run_counts().items():
         runs.labels(outcome).inc(n)

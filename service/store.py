@@ -455,6 +455,9 @@ class Store:
         rows = self._conn().execute("SELECT * FROM corrections ORDER BY created_at LIMIT ?", (limit,)).fetchall()
         return [_row(r) for r in rows]
 
+    def count_corrections(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM corrections").fetchone()[0])
+
     def correction_ids(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT id FROM corrections")}
 
