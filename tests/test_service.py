@@ -282,3 +282,48 @@ def test_geojson_correction_is_stored_with_crop_and_is_idempotent(env, finished)
         assert c.get(f"/v1/queue/items/{item['id']}").json()["status"] == "corrected"
         r = c.post(f"/v1/queue/items/{item['id']}/skip")
         assert r.status_code == 409 and r.json()["error"]["code"] == "already_corrected"
+
+
+def test_kill_9_during_ingests_loses_no_acknowledged_correction_and_counts_no_orphan(env, finished):
+    import threading
+
+    import httpx
+
+    acknowledged, stop = [], threading.Event()
+
+    def post_forever(seed: int):
+        rng = np.random.default_rng(seed)
+        with env.client("annotator") as c:
+            while not stop.is_set():
+                mask = (rng.random((128, 128)) > 0.5).astype(np.uint8) * 255
+                try:
+                    r = c.post(
+                        "/v1/corrections?slide=cases/a.tif&x=256&y=256&width=256&height=256",
+                        content=_png(mask),
+                        headers={"content-type": "image/png"},
+                    )
+                except httpx.HTTPError:
+                    return  # the server died under us
+                if r.status_code == 201:
+                    acknowledged.append(r.json()["id"])
+
+    threads = [threading.Thread(target=post_forever, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    wait = __import__("tests.server", fromlist=["wait_for"]).wait_for
+    wait(lambda: len(acknowledged) >= 5, timeout=60, interval=0.05, what="some acknowledged ingests")
+    env.kill()  # kill -9 of the server and its workers in the middle of ingests
+    stop.set()
+    for t in threads:
+        t.join()
+    env.start()
+    with env.client("viewer") as c:
+        stored = {rec["id"]: rec for rec in c.get("/v1/corrections", params={"limit": 5000}).json()["corrections"]}
+        assert set(acknowledged) <= set(stored)  # a 2xx means it is on disk
+        for cid, rec in stored.items():  # every counted correction is complete
+            side = rec["width"] // 2  # level-0 px at 0.5 µm/px -> mask px at 1 µm/px
+            for name in ("image", "mask"):
+                r = c.get(f"/v1/corrections/{cid}/{name}.png")
+                assert r.status_code == 200 and Image.open(__import__("io").BytesIO(r.content)).size == (side, side)
+    on_disk = {p.name for p in (env.data_dir / "corrections").iterdir() if not p.name.startswith(".")}
+    assert set(stored) <= on_disk  # orphans (files without a row) may exist but are never counted
