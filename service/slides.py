@@ -37,10 +37,14 @@ def resolve_slide_path(root: Path, relative: str) -> Path:
     if ".." in rel.parts:
         raise SlidePathError(f"slide path {relative!r} contains '..'; paths may not leave the slide root")
     root_resolved = Path(root).resolve()
-    resolved = (root_resolved / rel).resolve()
+    try:
+        resolved = (root_resolved / rel).resolve()
+        exists = resolved.exists()
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise SlidePathError(f"slide path is not usable: {exc.strerror or exc}") from None
     if not resolved.is_relative_to(root_resolved):
         raise SlidePathError(f"slide path {relative!r} leads outside the slide root (symlink)")
-    if not resolved.exists():
+    if not exists:
         raise SlideError(f"slide not found: {relative}")
     return resolved
 

@@ -133,6 +133,7 @@ def _jobs(env) -> int:
         ("annotator", {"slide": "cases/../../secret.tif"}, 400, "invalid_slide_path"),
         ("annotator", {"slide": "escape.tif"}, 400, "invalid_slide_path"),
         ("annotator", {"slide": "cases/missing.tif"}, 404, "slide_not_found"),
+        ("annotator", {"slide": "0" * 1000}, 400, "invalid_slide_path"),  # longer than a file name may be
         ("annotator", {"slide": "notes.svs"}, 422, "unusable_slide"),
         ("annotator", {"slide": "cases/a.tif", "options": {"uncertainty": "vibes"}}, 422, "invalid_request"),
         ("annotator", {"slide": "cases/a.tif", "extra": 1}, 422, "invalid_request"),
