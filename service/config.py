@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     baseline_dir: Path = Field(PACKAGE_MODEL_DIR, description="shipped baseline ensemble (ONNX + card)")
     # inference
     mpp: float = Field(1.0, gt=0, description="analysis resolution in µm/px (the paper: 1.0)")
-    tile: int = Field(512, ge=64, le=4096, description="tile side in analysis pixels (multiple of 8)")
+    tile: int = Field(256, ge=64, le=4096, description="tile side in analysis pixels (multiple of 8)")
     overlap: int = Field(32, ge=0, le=512, description="tile overlap in pixels, blended")
     batch: int = Field(2, ge=1, le=64, description="tiles per ONNX Runtime call")
     threshold: float = Field(0.5, gt=0, lt=1, description="tumour threshold on the mean probability")

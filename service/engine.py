@@ -70,7 +70,7 @@ def default_providers() -> list[str]:
 @dataclass
 class SegmentOptions:
     mpp: float = 1.0
-    tile: int = 512
+    tile: int = 256
     overlap: int = 32
     batch: int = 2
     threshold: float = 0.5

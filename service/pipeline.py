@@ -28,7 +28,7 @@ class OutputError(ValueError):
 class RunOptions:
     mpp: float = 1.0
     slide_mpp: float | None = None
-    tile: int = 512
+    tile: int = 256
     overlap: int = 32
     batch: int = 2
     threshold: float = 0.5
