@@ -44,6 +44,7 @@ def test_no_generated_request_causes_a_server_error(tmp_path, source_slide):
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # schemathesis keeps state in ./.schemathesis
         )
     finally:
         server.stop()
