@@ -115,7 +115,7 @@ def ensure_slide(spec: SlideSpec, sources_box: list) -> tuple[Path, SlideMeta]:
 
 
 def seg_options() -> SegmentOptions:
-    return SegmentOptions()  # defaults: mpp 1.0, tile 512, overlap 32, batch 2
+    return SegmentOptions()  # defaults: mpp 1.0, tile 256, overlap 32, batch 2
 
 
 def time_segment(path: Path, ens: Ensemble) -> dict:
