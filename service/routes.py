@@ -329,6 +329,7 @@ def create_app(max_body_bytes: int) -> FastAPI:
                 415, "unsupported_media_type", "send the mask as image/png or GeoJSON polygons as application/geo+json"
             )
         path = _resolve(runtime, slide)
+        slide = path.relative_to(runtime.settings.slide_root.resolve()).as_posix()  # one name per slide file
         proposed = item["model_version"] if item else runtime.models.current().version
 
         def work() -> tuple[dict, bool]:
