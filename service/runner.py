@@ -88,11 +88,7 @@ class Runner:
 
     def new_corrections(self) -> list[dict]:
         """Corrections no registered version has seen (for training or as held-out)."""
-        seen: set[str] = set()
-        for v in self.store.versions():
-            c = v.get("corrections") or {}
-            seen.update(c.get("train", []))
-            seen.update(c.get("holdout", []))
+        seen = self.store.seen_corrections()
         return [c for c in self.store.list_corrections(100000) if c["id"] not in seen]
 
     def next_run(self) -> dict | None:

@@ -461,11 +461,18 @@ class Store:
     def correction_ids(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT id FROM corrections")}
 
+    def seen_corrections(self, roles: tuple[str, ...] = ("train", "holdout")) -> set[str]:
+        """Ids of corrections some registered version used in ``roles`` (trained on / held out)."""
+        seen: set[str] = set()
+        for r in self._conn().execute("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
+            used = json.loads(r[0])
+            for role in roles:
+                seen.update(used.get(role, []))
+        return seen
+
     def unused_corrections(self) -> list[dict]:
         """Training corrections that no registered version has been trained on yet."""
-        used: set[str] = set()
-        for r in self._conn().execute("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
-            used.update(json.loads(r[0]).get("train", []))
+        used = self.seen_corrections(("train",))
         rows = self._conn().execute("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at").fetchall()
         return [_row(r) for r in rows if r["id"] not in used]
 
