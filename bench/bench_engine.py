@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from models.slidegen import SlideMeta, build_slide, companion_paths  # noqa: E402
-from models.sources import cache_dir, ensure_sources  # noqa: E402
-from service.engine import Ensemble, SegmentOptions, segment  # noqa: E402
-from service.pipeline import RunOptions, run_segmentation  # noqa: E402
-from service.registry import load_ensemble  # noqa: E402
-from service.slides import RegionReader, TileGrid, analysis_shape, open_slide, tissue_mask  # noqa: E402
+from models.data.slidegen import SlideMeta, build_slide, companion_paths  # noqa: E402
+from models.data.sources import cache_dir, ensure_sources  # noqa: E402
+from service.inference.engine import Ensemble, SegmentOptions, segment  # noqa: E402
+from service.inference.pipeline import RunOptions, run_segmentation  # noqa: E402
+from service.loop.registry import load_ensemble  # noqa: E402
+from service.wsi.slide import RegionReader, TileGrid, analysis_shape, open_slide, tissue_mask  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / "baseline"
 SEED = 20240611
@@ -205,7 +205,7 @@ def memory_child(path: str, model_dir: str) -> None:
     ``service.pipeline.segment`` is wrapped so the peak is also read right after the engine
     finished (ru_maxrss only grows, so this is the engine's own peak).
     """
-    import service.pipeline as pipeline
+    import service.inference.pipeline as pipeline
 
     def rss_kib() -> int:
         """Peak RSS of this process's memory (KiB).

@@ -52,8 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200)
     args = ap.parse_args()
-    from models.slidegen import build_slide
-    from models.sources import ensure_sources
+    from models.data.slidegen import build_slide
+    from models.data.sources import ensure_sources
 
     root = Path(tempfile.mkdtemp(prefix="uga-latency-"))
     slides = root / "slides"

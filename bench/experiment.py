@@ -38,18 +38,18 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.bank import load_bank  # noqa: E402
+from models.data.slidegen import CENTRES, build_slide, slide_seed  # noqa: E402
+from models.data.sources import cache_dir, ensure_sources  # noqa: E402
 from models.export import export_ensemble  # noqa: E402
 from models.finetune import FinetuneBudget, finetune_members  # noqa: E402
 from models.fit import load_members  # noqa: E402
-from models.slidegen import CENTRES, build_slide, slide_seed  # noqa: E402
-from models.sources import cache_dir, ensure_sources  # noqa: E402
-from service.engine import Ensemble, SegmentOptions, segment  # noqa: E402
-from service.evaluation import overlap_with_truth, read_truth  # noqa: E402
-from service.postprocess import QUEUE_CELL, analyse  # noqa: E402
-from service.queue import Candidate, CellStats, cell_sums, score_candidates, select_non_overlapping  # noqa: E402
-from service.registry import load_ensemble, read_card  # noqa: E402
-from service.slides import RegionReader, open_slide  # noqa: E402
-from service.uncertainty import MEASURES, from_uint8  # noqa: E402
+from service.inference.analysis import QUEUE_CELL, analyse  # noqa: E402
+from service.inference.engine import Ensemble, SegmentOptions, segment  # noqa: E402
+from service.inference.evaluation import overlap_with_truth, read_truth  # noqa: E402
+from service.inference.queue import Candidate, CellStats, cell_sums, score_candidates, select_non_overlapping  # noqa: E402
+from service.inference.uncertainty import MEASURES, from_uint8  # noqa: E402
+from service.loop.registry import load_ensemble, read_card  # noqa: E402
+from service.wsi.slide import RegionReader, open_slide  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "models" / "baseline"

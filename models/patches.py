@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.slides import RegionReader, analysis_shape, open_slide, tissue_mask
+from service.wsi.slide import RegionReader, analysis_shape, open_slide, tissue_mask
 
 
 def sample_patches(

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from models.bank import save_bank
+from models.data.slidegen import CENTRES, build_slide
+from models.data.sources import cache_dir, ensure_sources
 from models.export import export_ensemble
 from models.fit import fit_ensemble, load_members
 from models.patches import sample_patches
-from models.slidegen import CENTRES, build_slide
-from models.sources import cache_dir, ensure_sources
-from service.engine import Ensemble, SegmentOptions, segment
-from service.evaluation import overlap_with_truth
 from service.fsutil import sha256_file
-from service.slides import open_slide
+from service.inference.engine import Ensemble, SegmentOptions, segment
+from service.inference.evaluation import overlap_with_truth
+from service.wsi.slide import open_slide
 
 OOD_CENTRES = [c for c in CENTRES if c != "source"]
 

@@ -11,9 +11,9 @@ import logging
 import bentoml
 
 from service.config import get_settings
-from service.metrics import store_metrics
-from service.routes import create_app
-from service.runtime import Runtime
+from service.http.app import create_app
+from service.http.metrics import store_metrics
+from service.http.runtime import Runtime
 
 settings = get_settings()
 app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024))

@@ -43,8 +43,8 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
 def _run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from service.pipeline import RunOptions, run_segmentation
-    from service.registry import load_ensemble
+    from service.inference.pipeline import RunOptions, run_segmentation
+    from service.loop.registry import load_ensemble
 
     s = get_settings()
     if args.queue < 1:
@@ -103,8 +103,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_make_slides(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models.slidegen import CENTRES, SIZES, build_slide
-    from models.sources import ensure_sources
+    from models.data.slidegen import CENTRES, SIZES, build_slide
+    from models.data.sources import ensure_sources
 
     unknown = [c for c in args.centre if c not in CENTRES]
     if unknown:
@@ -122,8 +122,8 @@ def cmd_make_slides(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from models.slidegen import SIZES, build_slide
-    from models.sources import ensure_sources
+    from models.data.slidegen import SIZES, build_slide
+    from models.data.sources import ensure_sources
 
     s = get_settings()
     slide = s.data_dir / "demo" / f"demo-{args.centre}.tif"
@@ -162,8 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled):
         env["UGA_AUTH_TOKENS_FILE"] = str(ensure_tokens(data_dir))
     if args.demo_slide:
-        from models.slidegen import SIZES, build_slide
-        from models.sources import ensure_sources
+        from models.data.slidegen import SIZES, build_slide
+        from models.data.sources import ensure_sources
 
         demo = slide_root / "demo-mixed.tif"
         if not demo.exists():
@@ -178,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_runner(args: argparse.Namespace) -> int:
     """The fine-tune runner: its own process, one per deployment."""
-    from service import runner
+    from service.loop import runner
 
     s = get_settings()
     if args.check:
@@ -224,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.sources import SourceError
-    from service.pipeline import OutputError
-    from service.registry import ModelError
-    from service.slides import SlideError
+    from models.data.sources import SourceError
+    from service.inference.pipeline import OutputError
+    from service.loop.registry import ModelError
+    from service.wsi.slide import SlideError
 
     args = build_parser().parse_args(argv)
     try:

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def sources():
-    from models.sources import ensure_sources
+    from models.data.sources import ensure_sources
 
     return ensure_sources()
 
@@ -27,7 +27,7 @@ def slide_dir(tmp_path_factory) -> Path:
 
 
 def _slide(slide_dir: Path, sources, centre: str, seed: int, size=(2048, 2048), **kw) -> Path:
-    from models.slidegen import build_slide
+    from models.data.slidegen import build_slide
 
     path = slide_dir / f"{centre}-{seed}.tif"
     if not path.exists():
@@ -48,6 +48,6 @@ def ood_slide(slide_dir, sources) -> Path:
 
 @pytest.fixture(scope="session")
 def baseline():
-    from service.registry import load_ensemble
+    from service.loop.registry import load_ensemble
 
     return load_ensemble(REPO / "models" / "baseline", threads=2)

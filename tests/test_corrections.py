@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.corrections import (
+from service.loop.corrections import (
     CorrectionError,
     Region,
     build_record,

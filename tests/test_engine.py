@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from service.engine import SegmentOptions, segment
-from service.slides import open_slide, tissue_mask
+from service.inference.engine import SegmentOptions, segment
+from service.wsi.slide import open_slide, tissue_mask
 
 
 class ConstantModel:
@@ -52,8 +52,8 @@ def test_model_failure_is_raised_not_hung(source_slide, tmp_path):
 
 
 def test_tissue_mask_of_glass_only_slide_is_empty(tmp_path):
-    from service.pyramid import write_pyramid_tiff
-    from service.raster import RasterFile
+    from service.wsi.pyramid import write_pyramid_tiff
+    from service.wsi.raster import RasterFile
 
     r = RasterFile(tmp_path / "g.raw", 600, 600, 3, create=True)
     r.write_block(0, 0, np.full((600, 600, 3), 238, np.uint8))

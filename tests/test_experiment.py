@@ -21,7 +21,7 @@ def test_auroc_and_ece_match_hand_values():
         from experiment import auroc, expected_calibration_error, pooled_select
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from service.queue import Candidate
+    from service.inference.queue import Candidate
 
     assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
     assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
@@ -108,7 +108,7 @@ def test_quick_experiment_writes_results(tmp_path):
 
 def test_per_centre_selection_takes_turns_between_centres():
     from bench.experiment import per_centre_select
-    from service.queue import Candidate
+    from service.inference.queue import Candidate
 
     def cands(*scores):
         return [Candidate(i * 10, 0, s, s, 0.5, 1.0) for i, s in enumerate(scores)]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.evaluation import dice
-from service.slides import RegionReader, open_slide
+from service.inference.evaluation import dice
+from service.wsi.slide import RegionReader, open_slide
 from tests.server import RunnerProcess, Server, wait_for, wait_job
 
 pytestmark = pytest.mark.slow

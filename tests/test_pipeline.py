@@ -7,11 +7,11 @@ import openslide
 import pytest
 from PIL import Image
 
-from service.engine import SegmentOptions, segment
-from service.evaluation import dice as _dice
-from service.evaluation import overlap_with_truth
-from service.pipeline import RunOptions, run_segmentation
-from service.slides import RegionReader, open_slide
+from service.inference.engine import SegmentOptions, segment
+from service.inference.evaluation import dice as _dice
+from service.inference.evaluation import overlap_with_truth
+from service.inference.pipeline import RunOptions, run_segmentation
+from service.wsi.slide import RegionReader, open_slide
 
 
 def _check_artifacts(out, summary, level0_dims, mpp=1.0):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from service.queue import CellStats, build_queue, score_candidates, select_non_overlapping
+from service.inference.queue import CellStats, build_queue, score_candidates, select_non_overlapping
 
 
 def _stats(unc: np.ndarray, tissue: np.ndarray | None = None, cell: int = 4) -> CellStats:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from models.bank import load_bank
-from service.registry import ModelHolder, Registry, read_card
-from service.runner import gate
+from service.loop.registry import ModelHolder, Registry, read_card
+from service.loop.runner import gate
 from service.store import Store
 from tests.conftest import REPO
 

@@ -4,9 +4,9 @@ import sqlite3
 
 import pytest
 
-from service.auth import AuthConfigError, TokenAuth, parse_tokens
 from service.config import Settings
-from service.runtime import Runtime
+from service.http.auth import AuthConfigError, TokenAuth, parse_tokens
+from service.http.runtime import Runtime
 from tests.conftest import REPO
 
 

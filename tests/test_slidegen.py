@@ -12,9 +12,9 @@ import openslide
 import pytest
 from skimage.color import hed2rgb, rgb2hed, rgb2hsv
 
-from models import slidegen
-from models.slidegen import CENTRES, SIZES, SlideMeta, build_set, build_slide
-from models.sources import SourceError, ensure_sources
+from models.data import slidegen
+from models.data.slidegen import CENTRES, SIZES, SlideMeta, build_set, build_slide
+from models.data.sources import SourceError, ensure_sources
 
 SIZE = (1024, 1024)
 
@@ -173,7 +173,7 @@ def test_build_set_names_files(sources, tmp_path, monkeypatch):
 
 def test_missing_sources_without_network_raise_clear_error(tmp_path):
     code = (
-        "from models.sources import ensure_sources, SourceError\n"
+        "from models.data.sources import ensure_sources, SourceError\n"
         "try:\n    ensure_sources()\nexcept SourceError as e:\n    print('SourceError:', e)\n"
     )
     env = {

@@ -5,9 +5,9 @@ import openslide
 import pytest
 import tifffile
 
-from service.pyramid import write_pyramid_tiff
-from service.raster import RasterFile
-from service.slides import (
+from service.wsi.pyramid import write_pyramid_tiff
+from service.wsi.raster import RasterFile
+from service.wsi.slide import (
     RegionReader,
     SlideError,
     TileGrid,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from service.stitch import Stitcher, blend_window
+from service.inference.stitch import Stitcher, blend_window
 
 
 def _run(height, width, tile, overlap, values_at, present=None):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from service import uncertainty as u
+from service.inference import uncertainty as u
 
 
 def test_entropy_hand_values():

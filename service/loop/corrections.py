@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from skimage import draw
 
 from service.fsutil import fsync_dir
-from service.slides import RegionReader, Slide
+from service.wsi.slide import RegionReader, Slide
 
 MAX_MASK_SIDE = 8192
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service import outputs
 from service.config import Settings
-from service.engine import Ensemble, Progress, SegmentOptions, segment
-from service.postprocess import analyse
-from service.queue import build_queue
-from service.slides import RegionReader, choose_level, open_slide
-from service.uncertainty import MEASURES
+from service.inference import outputs
+from service.inference.analysis import analyse
+from service.inference.engine import Ensemble, Progress, SegmentOptions, segment
+from service.inference.queue import build_queue
+from service.inference.uncertainty import MEASURES
+from service.wsi.slide import RegionReader, choose_level, open_slide
 
 
 class OutputError(ValueError):

@@ -16,9 +16,9 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from skimage import measure as skmeasure  # noqa: E402
 
 from service.fsutil import atomic_write_bytes, atomic_write_json  # noqa: E402
-from service.pyramid import write_pyramid_tiff  # noqa: E402
-from service.raster import RasterFile  # noqa: E402
-from service.uncertainty import STORAGE_MAX  # noqa: E402
+from service.inference.uncertainty import STORAGE_MAX  # noqa: E402
+from service.wsi.pyramid import write_pyramid_tiff  # noqa: E402
+from service.wsi.raster import RasterFile  # noqa: E402
 
 ARTIFACTS = {
     "mask": "mask.tif",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.raster import RasterFile
-from service.slides import RegionReader, open_slide
+from service.wsi.raster import RasterFile
+from service.wsi.slide import RegionReader, open_slide
 
 BAND = 512
 

@@ -17,8 +17,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import Principal
-from service.corrections import (
+from service.http.auth import Principal
+from service.http.runtime import Runtime
+from service.http.schemas import ErrorBody, JobList, JobSubmit, JobView, ModelList, ModelView, QueueItemView, QueueView
+from service.inference.outputs import ARTIFACTS
+from service.loop.corrections import (
     CorrectionError,
     Region,
     build_record,
@@ -29,11 +32,8 @@ from service.corrections import (
     read_crop,
     write_correction_files,
 )
-from service.jobs import enqueue_rescoring, job_key
-from service.outputs import ARTIFACTS
-from service.runtime import Runtime
-from service.schemas import ErrorBody, JobList, JobSubmit, JobView, ModelList, ModelView, QueueItemView, QueueView
-from service.slides import RegionReader, SlideError, SlidePathError, open_slide, resolve_slide_path
+from service.loop.jobs import enqueue_rescoring, job_key
+from service.wsi.slide import RegionReader, SlideError, SlidePathError, open_slide, resolve_slide_path
 
 MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
 ERRORS = {400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}}

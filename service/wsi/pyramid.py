@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 
 from service.fsutil import commit_file
-from service.raster import RasterFile
+from service.wsi.raster import RasterFile
 
 TILE = 256
 

@@ -17,10 +17,10 @@ import time
 from datetime import UTC, datetime
 
 from service.config import Settings
-from service.corrections import load_pair
-from service.evaluation import pairs_overlap
-from service.jobs import enqueue_rescoring
-from service.registry import Registry, check_outputs_finite, load_ensemble, read_card
+from service.inference.evaluation import pairs_overlap
+from service.loop.corrections import load_pair
+from service.loop.jobs import enqueue_rescoring
+from service.loop.registry import Registry, check_outputs_finite, load_ensemble, read_card
 from service.store import Store
 
 log = logging.getLogger("uga.runner")

@@ -30,10 +30,10 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 from skimage.measure import label
 from skimage.segmentation import expand_labels
 
-from models.sources import Sources
+from models.data.sources import Sources
 from service.fsutil import sha256_file
-from service.pyramid import write_pyramid_tiff
-from service.raster import RasterFile
+from service.wsi.pyramid import write_pyramid_tiff
+from service.wsi.raster import RasterFile
 
 SCALE = 16  # design resolution of the shape fields, relative to level 0
 GLASS_RGB = (236.0, 234.0, 240.0)

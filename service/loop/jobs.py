@@ -13,12 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-from service import metrics
 from service.config import Settings
-from service.pipeline import RunOptions, run_segmentation
-from service.registry import ModelHolder
-from service.slides import SlideError, resolve_slide_path
+from service.http import metrics
+from service.inference.pipeline import RunOptions, run_segmentation
+from service.loop.registry import ModelHolder
 from service.store import Store
+from service.wsi.slide import SlideError, resolve_slide_path
 
 log = logging.getLogger("uga.jobs")
 HEARTBEAT_S = 2.0

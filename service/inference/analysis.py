@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import MAP_NAMES, SegmentResult
-from service.queue import PAPER_FRACTION, CellStats, cell_sums
-from service.raster import RasterFile
-from service.uncertainty import from_uint8
+from service.inference.engine import MAP_NAMES, SegmentResult
+from service.inference.queue import PAPER_FRACTION, CellStats, cell_sums
+from service.inference.uncertainty import from_uint8
+from service.wsi.raster import RasterFile
 
 QUEUE_CELL = 64  # analysis pixels per queue cell
 PREVIEW_MAX = 1024  # longest side of preview images

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import Ensemble
+from service.inference.engine import Ensemble
 from service.store import Store
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}

@@ -7,12 +7,12 @@ import os
 import socket
 from dataclasses import dataclass
 
-from service import metrics
-from service.auth import TokenAuth
 from service.config import Settings
-from service.corrections import sweep_orphans
-from service.jobs import JobWorker
-from service.registry import ModelHolder, Registry
+from service.http import metrics
+from service.http.auth import TokenAuth
+from service.loop.corrections import sweep_orphans
+from service.loop.jobs import JobWorker
+from service.loop.registry import ModelHolder, Registry
 from service.store import Store
 
 log = logging.getLogger("uga")

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.raster import RasterFile
-from service.slides import RegionReader, Slide, TileGrid, TissueMask, analysis_shape, tissue_mask
-from service.stitch import Stitcher
-from service.uncertainty import all_measures, to_uint8
+from service.inference.stitch import Stitcher
+from service.inference.uncertainty import all_measures, to_uint8
+from service.wsi.raster import RasterFile
+from service.wsi.slide import RegionReader, Slide, TileGrid, TissueMask, analysis_shape, tissue_mask
 
 MAP_NAMES = ("probability", "entropy", "mutual_information", "uga")
 log = logging.getLogger("uga.engine")

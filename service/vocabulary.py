@@ -1,0 +1,59 @@
+"""The names the whole service shares, each defined once: measures, scorings, states, artifacts.
+
+Every other module imports these (type hints, pydantic fields, SQL CHECK constraints, CLI choices);
+none spells them again.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Measure = Literal["uga", "entropy", "mutual_information"]
+MEASURES: tuple[str, ...] = get_args(Measure)
+DEFAULT_MEASURE: Measure = "uga"
+
+Scoring = Literal["mean", "paper"]
+SCORINGS: tuple[str, ...] = get_args(Scoring)
+
+# Stitched per-pixel maps, in channel order: the mean probability, then every measure.
+MapName = Literal["probability", "entropy", "mutual_information", "uga"]
+MAP_NAMES: tuple[str, ...] = get_args(MapName)
+
+JobState = Literal["queued", "running", "succeeded", "failed"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+
+ItemStatus = Literal["pending", "skipped", "corrected"]
+ITEM_STATUSES: tuple[str, ...] = get_args(ItemStatus)
+
+RunState = Literal["requested", "running", "promoted", "rejected", "failed"]
+RUN_STATES: tuple[str, ...] = get_args(RunState)
+RUN_OUTCOMES: tuple[str, ...] = ("promoted", "rejected", "failed")
+
+ModelStatus = Literal["baseline", "promoted", "rejected", "failed", "candidate"]
+MODEL_STATUSES: tuple[str, ...] = get_args(ModelStatus)
+
+# Pointer moves: which count as promotions and which as rollbacks (metrics, history).
+PointerAction = Literal["init", "promote", "manual-promote", "rollback", "auto-rollback"]
+PROMOTE_ACTIONS: tuple[str, ...] = ("promote", "manual-promote")
+ROLLBACK_ACTIONS: tuple[str, ...] = ("rollback", "auto-rollback")
+
+Role = Literal["viewer", "annotator", "admin"]
+ROLES: tuple[str, ...] = get_args(Role)  # in order of power
+
+# Artifact name -> file name inside a job's directory.
+ARTIFACTS: dict[str, str] = {
+    "mask": "mask.tif",
+    "probability": "probability.tif",
+    "entropy": "uncertainty-entropy.tif",
+    "mutual_information": "uncertainty-mutual_information.tif",
+    "uga": "uncertainty-uga.tif",
+    "overlay": "overlay.png",
+    "geojson": "annotations.geojson",
+    "queue": "queue.json",
+    "summary": "summary.json",
+}
+
+
+def sql_in(values: tuple[str, ...]) -> str:
+    """``('a', 'b')`` for a CHECK constraint built from one of the tuples above."""
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
