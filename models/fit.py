@@ -24,7 +24,7 @@ def augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, *, 
         images, masks = images[:, :, ::-1], masks[:, :, ::-1]
     images = np.ascontiguousarray(images)
     if stain:
-        from models.data.slidegen import stain_shift  # skimage; only needed with stain augmentation
+        from models.stain import stain_shift  # skimage; only needed with stain augmentation
 
         out = np.empty_like(images)
         for i, img in enumerate(images):

@@ -1,15 +1,27 @@
-"""`uga` command line: segment, make-slides, demo, serve."""
+"""`uga` command line: segment, serve, runner, and commands that other installed packages plug in.
+
+Entry points extend it, so this package imports nothing from ``models.data``:
+
+- group ``uga.commands``: ``register(subparsers)`` adds subcommands (``models.data.commands`` adds
+  make-slides and demo), each with ``set_defaults(func=...)``;
+- group ``uga.demo_slide``, name ``build``: ``build(path)`` builds the demo slide for
+  ``uga serve --demo-slide`` unless it exists.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from service.config import get_settings
 
 EXIT_USAGE = 2
+COMMANDS_GROUP = "uga.commands"
+DEMO_SLIDE_GROUP = "uga.demo_slide"
 
 
 class CliError(Exception):
@@ -26,7 +38,7 @@ def _positive(value: str) -> float:
     return v
 
 
-def _add_segment_options(p: argparse.ArgumentParser) -> None:
+def add_segment_options(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument("--mpp", type=_positive, default=s.mpp, help=f"analysis µm/px (default {s.mpp})")
     p.add_argument("--slide-mpp", type=_positive, default=None, help="level-0 µm/px when the slide lacks it")
@@ -40,11 +52,11 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
+def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
+    from service.inference.ensemble import load_ensemble
     from service.inference.pipeline import RunOptions, run_segmentation
-    from service.loop.registry import load_ensemble
 
     s = get_settings()
     if args.queue < 1:
@@ -76,7 +88,7 @@ def _run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
             bar.close()
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict, out: Path) -> None:
     q = summary["queue"]
     lines = [
         f"slide            {summary['slide']}  ({summary['slide_vendor']}, {summary['slide_mpp']} µm/px level 0)",
@@ -95,46 +107,17 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    summary = _run_segment(args.slide, args.out, args)
-    _print_summary(summary, args.out)
+    summary = run_segment(args.slide, args.out, args)
+    print_summary(summary, args.out)
     return 0
 
 
-def cmd_make_slides(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from models.data.slidegen import CENTRES, SIZES, build_slide
-    from models.data.sources import ensure_sources
-
-    unknown = [c for c in args.centre if c not in CENTRES]
-    if unknown:
-        raise CliError(f"unknown centre {unknown[0]!r}; choose from {', '.join(CENTRES)}")
-    if args.count < 1:
-        raise CliError("--count must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    sources = ensure_sources()
-    jobs = [(c, i) for c in args.centre for i in range(args.count)]
-    for centre, i in tqdm(jobs, desc="slides", unit="slide", disable=args.quiet, file=sys.stderr):
-        path = args.out / f"{centre}-{i:02d}.tif"
-        meta = build_slide(path, size=SIZES[args.size], centre=centre, seed=args.seed + i, sources=sources)
-        print(f"{path}  tumour {meta.tumour_area_mm2:.2f} mm²  (mask: {path.with_suffix('.mask.tif').name})")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from models.data.slidegen import SIZES, build_slide
-    from models.data.sources import ensure_sources
-
-    s = get_settings()
-    slide = s.data_dir / "demo" / f"demo-{args.centre}.tif"
-    if not slide.exists():
-        slide.parent.mkdir(parents=True, exist_ok=True)
-        print(f"building demo slide {slide} (centre {args.centre!r}) ...", file=sys.stderr)
-        build_slide(slide, size=SIZES["demo"], centre=args.centre, seed=7, sources=ensure_sources())
-    out = args.out or s.data_dir / "demo" / f"result-{args.centre}"
-    summary = _run_segment(slide, out, args)
-    _print_summary(summary, out)
-    return 0
+def _demo_slide_builder() -> Callable[[Path], None]:
+    """The installed ``uga.demo_slide`` builder, or a CliError saying that none is."""
+    found = entry_points(group=DEMO_SLIDE_GROUP, name="build")
+    if not found:
+        raise CliError(f"--demo-slide: no demo slide builder installed (entry point {DEMO_SLIDE_GROUP}:build)")
+    return next(iter(found)).load()
 
 
 def ensure_tokens(data_dir: Path) -> Path:
@@ -154,6 +137,7 @@ def ensure_tokens(data_dir: Path) -> Path:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run `bentoml serve` with the embedded defaults (local data dir, SQLite, shipped baseline)."""
+    build_demo = _demo_slide_builder() if args.demo_slide else None
     s = get_settings()
     env = dict(os.environ)
     data_dir, slide_root = s.data_dir.resolve(), s.slide_root.resolve()
@@ -161,14 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env.update(UGA_DATA_DIR=str(data_dir), UGA_SLIDE_ROOT=str(slide_root), UGA_WORKERS=str(args.workers))
     if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled):
         env["UGA_AUTH_TOKENS_FILE"] = str(ensure_tokens(data_dir))
-    if args.demo_slide:
-        from models.data.slidegen import SIZES, build_slide
-        from models.data.sources import ensure_sources
-
-        demo = slide_root / "demo-mixed.tif"
-        if not demo.exists():
-            print(f"uga: building demo slide {demo} ...", file=sys.stderr)
-            build_slide(demo, size=SIZES["demo"], centre="mixed", seed=7, sources=ensure_sources())
+    if build_demo:
+        build_demo(slide_root / "demo-mixed.tif")
     bentoml_bin = Path(sys.executable).with_name("bentoml")
     cmd = [str(bentoml_bin), "serve", "service.api:UGAService", "--host", args.host, "--port", str(args.port)]
     print(f"uga: serving on http://{args.host}:{args.port} (data {data_dir}, slides {slide_root})", file=sys.stderr)
@@ -188,27 +166,26 @@ def cmd_runner(args: argparse.Namespace) -> int:
     return runner.main(s, once=args.once)
 
 
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands from ``uga.commands`` entry points; one that fails to load is skipped with a warning."""
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except Exception as exc:  # a broken plugin must not take segment/serve/runner down with it
+            print(f"uga: warning: commands {ep.name!r} ({ep.value}) not loaded: {exc}", file=sys.stderr)
+            continue
+        register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation for slides")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("segment", help="segment one slide: mask, uncertainty maps, ranked review queue")
     p.add_argument("slide", type=Path)
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    _add_segment_options(p)
+    add_segment_options(p)
     p.set_defaults(func=cmd_segment)
-    p = sub.add_parser("make-slides", help="compose demo/test slides from real H&E with exact masks")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--centre", nargs="+", default=["source"], help="centres (source, stain, blur, ...)")
-    p.add_argument("--size", choices=["test-small", "demo", "bench", "bench-large"], default="test-small")
-    p.add_argument("--count", type=int, default=1, help="slides per centre")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_make_slides)
-    p = sub.add_parser("demo", help="build an out-of-domain demo slide (once) and segment it")
-    p.add_argument("--centre", default="mixed", help="which hospital the demo slide imitates")
-    p.add_argument("--out", type=Path, default=None)
-    _add_segment_options(p)
-    p.set_defaults(func=cmd_demo)
+    _add_plugin_commands(sub)  # after segment, so `uga -h` lists make-slides and demo where it always has
     s = get_settings()
     p = sub.add_parser("serve", help="start the HTTP service (bentoml serve) with embedded defaults")
     p.add_argument("--host", default=s.host)
@@ -224,7 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.data.sources import SourceError
     from service.inference.pipeline import OutputError
     from service.loop.registry import ModelError
     from service.wsi.slide import SlideError
@@ -232,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, SlideError, OutputError, ModelError, SourceError, ValueError) as exc:
+    except (CliError, SlideError, OutputError, ModelError, ValueError) as exc:
         print(f"uga: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -241,4 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy, so that plugins raising
+    # service.cli.CliError are caught.
+    from service import cli
+
+    sys.exit(cli.main())

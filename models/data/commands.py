@@ -1,0 +1,90 @@
+"""`uga make-slides` and `uga demo`, plugged into the `uga` command line through entry points.
+
+``register`` is the ``uga.commands`` entry point and ``build_demo_slide`` the ``uga.demo_slide``
+one (see pyproject.toml), so the serving package never imports the slide generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from service.cli import CliError, add_segment_options, print_summary, run_segment
+from service.config import get_settings
+
+DEMO_SEED = 7
+
+
+def _sources():
+    """``ensure_sources()``, its failure shown as the CLI's one-line error."""
+    from models.data.sources import SourceError, ensure_sources
+
+    try:
+        return ensure_sources()
+    except SourceError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _build_demo(path: Path, centre: str) -> None:
+    from models.data.slidegen import SIZES, build_slide
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_slide(path, size=SIZES["demo"], centre=centre, seed=DEMO_SEED, sources=_sources())
+
+
+def build_demo_slide(path: Path) -> None:
+    """Build the demo slide for `uga serve --demo-slide` (centre "mixed") at ``path`` unless it exists."""
+    if not path.exists():
+        print(f"uga: building demo slide {path} ...", file=sys.stderr)
+        _build_demo(path, "mixed")
+
+
+def cmd_make_slides(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.data.slidegen import CENTRES, SIZES, build_slide
+
+    unknown = [c for c in args.centre if c not in CENTRES]
+    if unknown:
+        raise CliError(f"unknown centre {unknown[0]!r}; choose from {', '.join(CENTRES)}")
+    if args.count < 1:
+        raise CliError("--count must be at least 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sources = _sources()
+    jobs = [(c, i) for c in args.centre for i in range(args.count)]
+    for centre, i in tqdm(jobs, desc="slides", unit="slide", disable=args.quiet, file=sys.stderr):
+        path = args.out / f"{centre}-{i:02d}.tif"
+        meta = build_slide(path, size=SIZES[args.size], centre=centre, seed=args.seed + i, sources=sources)
+        print(f"{path}  tumour {meta.tumour_area_mm2:.2f} mm²  (mask: {path.with_suffix('.mask.tif').name})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the demo slide once, then segment it exactly as `uga segment` would."""
+    s = get_settings()
+    slide = s.data_dir / "demo" / f"demo-{args.centre}.tif"
+    if not slide.exists():
+        print(f"building demo slide {slide} (centre {args.centre!r}) ...", file=sys.stderr)
+        _build_demo(slide, args.centre)
+    out = args.out or s.data_dir / "demo" / f"result-{args.centre}"
+    summary = run_segment(slide, out, args)
+    print_summary(summary, out)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `make-slides` and `demo` to the `uga` subcommands."""
+    p = sub.add_parser("make-slides", help="compose demo/test slides from real H&E with exact masks")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--centre", nargs="+", default=["source"], help="centres (source, stain, blur, ...)")
+    p.add_argument("--size", choices=["test-small", "demo", "bench", "bench-large"], default="test-small")
+    p.add_argument("--count", type=int, default=1, help="slides per centre")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_slides)
+    p = sub.add_parser("demo", help="build an out-of-domain demo slide (once) and segment it")
+    p.add_argument("--centre", default="mixed", help="which hospital the demo slide imitates")
+    p.add_argument("--out", type=Path, default=None)
+    add_segment_options(p)
+    p.set_defaults(func=cmd_demo)
