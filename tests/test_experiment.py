@@ -15,12 +15,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_auroc_and_ece_match_hand_values():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        from experiment import auroc, expected_calibration_error, pooled_select
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+@pytest.fixture
+def repo_on_path(monkeypatch):
+    """``bench/`` is a folder of scripts (no ``__init__.py``, not installed): ``bench.experiment`` resolves as
+    a namespace package from the repo root. ``python -m pytest`` run there puts the root on sys.path; this
+    makes the import independent of the working directory and of how pytest was started."""
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def test_auroc_and_ece_match_hand_values(repo_on_path):
+    from bench.experiment import auroc, expected_calibration_error, pooled_select
     from service.inference.queue import Candidate
 
     assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
@@ -106,7 +110,7 @@ def test_quick_experiment_writes_results(tmp_path):
     assert "| strategy | 0 patches | 5 patches |" in md and "| uga |" in md and "| random |" in md
 
 
-def test_per_centre_selection_takes_turns_between_centres():
+def test_per_centre_selection_takes_turns_between_centres(repo_on_path):
     from bench.experiment import per_centre_select
     from service.inference.queue import Candidate
 

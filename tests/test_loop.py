@@ -102,7 +102,12 @@ def test_1_segment_ood_slide_and_post_ground_truth_for_top5(loop):
         assert again.status_code == 200 and again.json()["duplicate"] is True
         assert c.get("/v1/queue", params={"slide": "ood.tif", "k": 5}).json()["items"] == []  # all corrected
         assert len(c.get("/v1/corrections").json()["corrections"]) == 5
-    loop.update(baseline_job=job, boxes=[i["bbox_level0"] for i in items], baseline=job["model_version"])
+    loop.update(
+        baseline_job=job,
+        boxes=[i["bbox_level0"] for i in items],
+        baseline=job["model_version"],
+        corrected={i["id"] for i in items},
+    )
 
 
 def test_2_runner_crash_mid_training_changes_nothing(loop):
@@ -169,7 +174,15 @@ def test_3_runner_restarts_finetunes_promotes_and_every_worker_swaps(loop):
         assert rescored["state"] == "succeeded" and rescored["summary"]["model_version"] == new
         queue = c.get("/v1/queue", params={"slide": "ood.tif"}).json()["items"]
         assert queue and all(i["model_version"] == new for i in queue)
-        assert not {i["id"] for i in queue} & {b for b in []}
+        # corrected patches never come back: not in the pending queue, and the rescoring job did not even
+        # propose them again (item ids are stable per region, so the latest stored version of each
+        # corrected item is still the baseline job's)
+        assert len(loop["corrected"]) == 5
+        assert not {i["id"] for i in queue} & loop["corrected"]
+        for item_id in loop["corrected"]:
+            item = c.get(f"/v1/queue/items/{item_id}").json()
+            assert item["status"] == "corrected", item
+            assert item["job_id"] == loop["baseline_job"]["id"] and item["model_version"] == loop["baseline"], item
     before = heldout_dice(server, loop["baseline_job"], loop["boxes"], loop["truth"])
     after = heldout_dice(server, rescored, loop["boxes"], loop["truth"])
     print(f"held-out Dice on the OOD slide: {before:.3f} -> {after:.3f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
+import tifffile
+from PIL import Image
 from skimage.color import hed2rgb, rgb2hed, rgb2hsv
 
 from models.data import slidegen
@@ -32,7 +35,7 @@ def built(sources, tmp_path_factory):
     """{(centre, seed): (slide path, meta)} built once for the session."""
     out = tmp_path_factory.mktemp("slides")
     res = {}
-    for centre, seed in [("source", 1), ("source", 2), ("stain", 1), ("jpeg", 1), ("blur", 1)]:
+    for centre, seed in [(c, 1) for c in CENTRES] + [("source", 2)]:
         p = out / f"{centre}-{seed}.tif"
         res[(centre, seed)] = (p, build_slide(p, size=SIZE, centre=centre, seed=seed, sources=sources))
     return res
@@ -153,10 +156,77 @@ def test_reflect_index_is_symmetric_tiling():
     assert np.array_equal(slidegen.reflect_index(k, 4), expected)
 
 
-def test_centres_and_sizes_catalogue():
-    assert CENTRES["source"].hed_scale == (1.0, 1.0, 1.0) and CENTRES["source"].jpeg_quality == 90
-    assert len([c for c in CENTRES if c != "source"]) >= 5
-    assert SIZES["test-small"] == (3072, 3072) and SIZES["bench-large"] == (32768, 32768)
+def _tumour_hed(path: Path) -> np.ndarray:
+    """Mean HED optical density (skimage units) of the slide's level-0 pixels under its tumour mask."""
+    mask = _level0(path.with_name(path.stem + ".mask.tif"), "L") > 127
+    return rgb2hed(_level0(path)[mask].astype(np.float64) / 255).mean(0)
+
+
+def _ratio_to_source_mix(sources, hed: np.ndarray) -> np.ndarray:
+    """Per-channel ``hed / m``, m the convex mix of the tumour source images' mean HED nearest to ``hed``.
+
+    Tumour pixels are copies of the tumour source images (mixed in unknown proportion), so an unshifted
+    slide is ~1 in every channel and a stain shift moves the channels it scales."""
+    a, b = (rgb2hed(t.reshape(-1, 3).astype(np.float64) / 255).mean(0) for t in sources.tumour[:2])
+    w = np.clip(np.dot(hed - b, a - b) / np.dot(a - b, a - b), 0, 1)
+    return hed / (w * a + (1 - w) * b)
+
+
+def test_source_centre_keeps_the_source_stain_and_every_other_centre_shifts_it(sources, built):
+    assert len(sources.tumour) == 2
+    for seed in (1, 2):  # the training domain: tumour colour is the source images', up to JPEG
+        ratio = _ratio_to_source_mix(sources, _tumour_hed(built[("source", seed)][0]))
+        assert np.abs(ratio - 1).max() < 0.05, (seed, ratio)
+    # the stain centre: dark haematoxylin, pale eosin
+    h, e, _ = _ratio_to_source_mix(sources, _tumour_hed(built[("stain", 1)][0]))
+    assert h > 1.3 and e < 0.6, (h, e)
+    ood = [c for c in CENTRES if c != "source"]
+    assert len(ood) >= 5
+    for centre in ood:  # every other centre is out of the training domain in colour
+        ratio = _ratio_to_source_mix(sources, _tumour_hed(built[(centre, 1)][0]))
+        assert np.abs(ratio - 1).max() > 0.08, (centre, ratio)
+
+
+# IJG (libjpeg) luminance quantization table at quality 50, natural order (JPEG standard, Annex K)
+_IJG_LUMA = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56]
+    + [14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92]
+    + [49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
+)
+
+
+def _jpeg_quality(path: Path) -> int:
+    """The IJG quality whose luminance table the slide's first level-0 tile was encoded with."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.compression == 7  # JPEG
+        tif.filehandle.seek(page.dataoffsets[0])
+        data = tif.filehandle.read(page.databytecounts[0])
+    with Image.open(io.BytesIO(data)) as im:
+        luma = np.array(im.quantization[0])
+    found = [
+        q
+        for q in range(1, 101)
+        if np.array_equal(np.clip((_IJG_LUMA * (5000 // q if q < 50 else 200 - 2 * q) + 50) // 100, 1, 255), luma)
+    ]
+    assert len(found) == 1, luma
+    return found[0]
+
+
+def test_slides_are_encoded_at_their_centres_jpeg_quality_and_source_is_least_lossy(built):
+    quality = {centre: _jpeg_quality(path) for (centre, seed), (path, _) in built.items() if seed == 1}
+    assert quality == {c: CENTRES[c].jpeg_quality for c in CENTRES}
+    assert quality["source"] == max(quality.values())  # training data is never compressed harder than OOD
+    assert quality["jpeg"] < quality["source"]
+
+
+def test_named_size_builds_slides_of_that_size(sources, tmp_path):
+    (meta,) = build_set(tmp_path, size_name="test-small", centres=["source"], per_centre=1, seed=3, sources=sources)
+    assert tuple(meta.size) == SIZES["test-small"]
+    for name in (meta.slide, meta.mask):
+        with openslide.OpenSlide(str(tmp_path / name)) as s:
+            assert s.dimensions == SIZES["test-small"]
+            assert s.level_dimensions[-1][0] < SIZES["test-small"][0]  # a real pyramid down from that size
 
 
 def test_build_set_names_files(sources, tmp_path, monkeypatch):
@@ -165,6 +235,8 @@ def test_build_set_names_files(sources, tmp_path, monkeypatch):
     assert [m.slide for m in metas] == ["source-00.tif", "source-01.tif", "morph-00.tif", "morph-01.tif"]
     for m in metas:
         assert (tmp_path / m.mask).is_file()
+        with openslide.OpenSlide(str(tmp_path / m.slide)) as s:
+            assert s.dimensions == (512, 512)  # the size the name stands for
         assert json.loads((tmp_path / m.slide.replace(".tif", ".json")).read_text())["seed"] == m.seed
     assert len({m.seed for m in metas}) == 4
     with pytest.raises(ValueError):
