@@ -35,10 +35,13 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.data.slidegen import SlideMeta, build_slide, companion_paths  # noqa: E402
 from models.data.sources import cache_dir, ensure_sources  # noqa: E402
-from service.inference.engine import Ensemble, SegmentOptions, segment  # noqa: E402
-from service.inference.pipeline import RunOptions, run_segmentation  # noqa: E402
-from service.loop.registry import load_ensemble  # noqa: E402
-from service.wsi.slide import RegionReader, TileGrid, analysis_shape, open_slide, tissue_mask  # noqa: E402
+from service.inference.engine import segment  # noqa: E402
+from service.inference.ensemble import Ensemble, load_ensemble  # noqa: E402
+from service.inference.pipeline import run_segmentation  # noqa: E402
+from service.inference.tiling import TileGrid  # noqa: E402
+from service.options import SegmentationOptions  # noqa: E402
+from service.wsi.slide import RegionReader, analysis_shape, open_slide  # noqa: E402
+from service.wsi.tissue import tissue_mask  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / "baseline"
 SEED = 20240611
@@ -114,8 +117,8 @@ def ensure_slide(spec: SlideSpec, sources_box: list) -> tuple[Path, SlideMeta]:
 # measurements
 
 
-def seg_options() -> SegmentOptions:
-    return SegmentOptions()  # defaults: mpp 1.0, tile 256, overlap 32, batch 2
+def seg_options() -> SegmentationOptions:
+    return SegmentationOptions()  # defaults: mpp 1.0, tile 256, overlap 32, batch 2
 
 
 def time_segment(path: Path, ens: Ensemble) -> dict:
@@ -182,7 +185,7 @@ def time_run(path: Path, ens: Ensemble) -> dict:
     out = Path(tempfile.mkdtemp(prefix="uga-bench-run-"))
     try:
         t0 = time.perf_counter()
-        summary = run_segmentation(path, out / "result", ens, RunOptions())
+        summary = run_segmentation(path, out / "result", ens, SegmentationOptions())
         wall = time.perf_counter() - t0
         return {
             "wall_s": wall,
@@ -253,7 +256,7 @@ def memory_child(path: str, model_dir: str) -> None:
     out = Path(tempfile.mkdtemp(prefix="uga-bench-mem-"))
     try:
         t0 = time.perf_counter()
-        run_segmentation(Path(path), out / "result", ens, RunOptions())
+        run_segmentation(Path(path), out / "result", ens, SegmentationOptions())
         wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(out, ignore_errors=True)

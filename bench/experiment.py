@@ -44,11 +44,17 @@ from models.export import export_ensemble  # noqa: E402
 from models.finetune import FinetuneBudget, finetune_members  # noqa: E402
 from models.fit import load_members  # noqa: E402
 from service.inference.analysis import QUEUE_CELL, analyse  # noqa: E402
-from service.inference.engine import Ensemble, SegmentOptions, segment  # noqa: E402
+from service.inference.engine import segment  # noqa: E402
+from service.inference.ensemble import (  # noqa: E402
+    Ensemble,  # noqa: E402
+    load_ensemble,
+    read_card,
+)
 from service.inference.evaluation import overlap_with_truth, read_truth  # noqa: E402
 from service.inference.queue import Candidate, CellStats, cell_sums, score_candidates, select_non_overlapping  # noqa: E402
-from service.inference.uncertainty import MEASURES, from_uint8  # noqa: E402
-from service.loop.registry import load_ensemble, read_card  # noqa: E402
+from service.inference.uncertainty import from_uint8  # noqa: E402
+from service.options import SegmentationOptions  # noqa: E402
+from service.vocabulary import MEASURES  # noqa: E402
 from service.wsi.slide import RegionReader, open_slide  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -249,7 +255,7 @@ def evaluate_slide(ens: Ensemble, ref: SlideRef, work: Path, *, keep_pixels: int
     slide = open_slide(ref.path)
     wd = Path(tempfile.mkdtemp(prefix="eval-", dir=work))
     try:
-        res = segment(slide, ens, wd, SegmentOptions(mpp=MPP, threshold=THRESHOLD))
+        res = segment(slide, ens, wd, SegmentationOptions(mpp=MPP, threshold=THRESHOLD))
         ov = overlap_with_truth(res.maps["probability"], ref.mask, MPP, THRESHOLD)
         h, w = res.grid.height, res.grid.width
         tissue = res.tissue.crop(0, 0, h, w, MPP)
@@ -331,7 +337,7 @@ def analyse_pool(ens: Ensemble, refs: list[SlideRef], work: Path) -> list[PoolSl
         slide = open_slide(ref.path)
         wd = Path(tempfile.mkdtemp(prefix="pool-", dir=work))
         try:
-            res = segment(slide, ens, wd, SegmentOptions(mpp=MPP, threshold=THRESHOLD))
+            res = segment(slide, ens, wd, SegmentationOptions(mpp=MPP, threshold=THRESHOLD))
             stats = {m: analyse(res, wd, measure=m, threshold=THRESHOLD).cells for m in MEASURES}
             h, w = res.grid.height, res.grid.width
             tissue = res.tissue.crop(0, 0, h, w, MPP)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.wsi.slide import RegionReader, analysis_shape, open_slide, tissue_mask
+from service.wsi.slide import RegionReader, analysis_shape, open_slide
+from service.wsi.tissue import tissue_mask
 
 
 def sample_patches(

@@ -27,8 +27,10 @@ from models.export import export_ensemble
 from models.fit import fit_ensemble, load_members
 from models.patches import sample_patches
 from service.fsutil import sha256_file
-from service.inference.engine import Ensemble, SegmentOptions, segment
+from service.inference.engine import segment
+from service.inference.ensemble import Ensemble
 from service.inference.evaluation import overlap_with_truth
+from service.options import SegmentationOptions
 from service.wsi.slide import open_slide
 
 OOD_CENTRES = [c for c in CENTRES if c != "source"]
@@ -62,7 +64,7 @@ def evaluate(onnx_path: Path, slides: list[Path], *, mpp: float = 1.0, workdir: 
     for path in slides:
         slide = open_slide(path)
         try:
-            res = segment(slide, ens, workdir / path.stem, SegmentOptions(mpp=mpp))
+            res = segment(slide, ens, workdir / path.stem, SegmentationOptions(mpp=mpp))
             scores.append(overlap_with_truth(res.maps["probability"], mask_path_of(path), mpp).dice)
             res.close()
         finally:

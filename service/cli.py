@@ -18,6 +18,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from service.config import get_settings
+from service.errors import DomainError
+from service.vocabulary import MEASURES, SCORINGS
 
 EXIT_USAGE = 2
 COMMANDS_GROUP = "uga.commands"
@@ -44,8 +46,8 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide-mpp", type=_positive, default=None, help="level-0 µm/px when the slide lacks it")
     p.add_argument("--queue", type=int, default=s.queue_size, help=f"review patches (default {s.queue_size})")
     p.add_argument("--patch-um", type=_positive, default=s.patch_um, help=f"patch side µm (default {s.patch_um:g})")
-    p.add_argument("--uncertainty", choices=["uga", "entropy", "mutual_information"], default=s.uncertainty)
-    p.add_argument("--scoring", choices=["mean", "paper"], default=s.scoring, help="patch score")
+    p.add_argument("--uncertainty", choices=MEASURES, default=s.uncertainty)
+    p.add_argument("--scoring", choices=SCORINGS, default=s.scoring, help="patch score")
     p.add_argument("--model", type=Path, default=s.baseline_dir, help="model version directory")
     p.add_argument("--tile", type=int, default=s.tile)
     p.add_argument("--batch", type=int, default=s.batch)
@@ -56,22 +58,25 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from service.inference.ensemble import load_ensemble
-    from service.inference.pipeline import RunOptions, run_segmentation
+    from service.inference.pipeline import run_segmentation
+    from service.options import SegmentationOptions
 
     s = get_settings()
     if args.queue < 1:
         raise CliError("--queue must be at least 1")
     ensemble = load_ensemble(args.model, providers=s.providers, threads=s.ort_threads)
-    opts = RunOptions.from_settings(
+    opts = SegmentationOptions.resolve(
         s,
-        mpp=args.mpp,
-        slide_mpp=args.slide_mpp,
-        tile=args.tile,
-        batch=args.batch,
-        measure=args.uncertainty,
-        scoring=args.scoring,
-        queue_size=args.queue,
-        patch_um=args.patch_um,
+        {
+            "mpp": args.mpp,
+            "slide_mpp": args.slide_mpp,
+            "tile": args.tile,
+            "batch": args.batch,
+            "uncertainty": args.uncertainty,
+            "scoring": args.scoring,
+            "queue_size": args.queue,
+            "patch_um": args.patch_um,
+        },
     )
     bars: list[tqdm] = []  # created on the first tile, so refused input prints no bar
 
@@ -201,14 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.inference.pipeline import OutputError
-    from service.loop.registry import ModelError
-    from service.wsi.slide import SlideError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, SlideError, OutputError, ModelError, ValueError) as exc:
+    except (CliError, DomainError) as exc:  # anything else is a bug: its traceback is shown
         print(f"uga: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -9,11 +9,14 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.options import SegmentationDefaults
+
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "baseline"
 
 
-class Settings(BaseSettings):
-    """Service configuration. Every field is ``UGA_<NAME>`` in the environment."""
+class Settings(BaseSettings, SegmentationDefaults):
+    """Service configuration. Every field is ``UGA_<NAME>`` in the environment, including the
+    segmentation defaults inherited from ``SegmentationDefaults`` (mpp, tile, ..., min_tissue)."""
 
     model_config = SettingsConfigDict(env_prefix="UGA_", extra="ignore")
 
@@ -22,19 +25,8 @@ class Settings(BaseSettings):
     slide_root: Path = Field(Path("data/slides"), description="slides are addressed relative to this root")
     baseline_dir: Path = Field(PACKAGE_MODEL_DIR, description="shipped baseline ensemble (ONNX + card)")
     # inference
-    mpp: float = Field(1.0, gt=0, description="analysis resolution in µm/px (the paper: 1.0)")
-    tile: int = Field(256, ge=64, le=4096, description="tile side in analysis pixels (multiple of 8)")
-    overlap: int = Field(32, ge=0, le=512, description="tile overlap in pixels, blended")
-    batch: int = Field(2, ge=1, le=64, description="tiles per ONNX Runtime call")
-    threshold: float = Field(0.5, gt=0, lt=1, description="tumour threshold on the mean probability")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores)")
     providers: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider")
-    # queue
-    queue_size: int = Field(10, ge=1, le=1000, description="patches in the ranked queue per slide")
-    patch_um: float = Field(1024.0, gt=0, description="queue patch side in µm (the paper: 1024)")
-    uncertainty: Literal["uga", "entropy", "mutual_information"] = Field("uga", description="ranking measure")
-    scoring: Literal["mean", "paper"] = Field("mean", description="patch score: mean over tissue or paper's")
-    min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a queue patch")
     # service
     host: str = Field("127.0.0.1", description="`uga serve` bind address")
     port: int = Field(3000, ge=1, le=65535, description="`uga serve` port")

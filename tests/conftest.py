@@ -48,6 +48,6 @@ def ood_slide(slide_dir, sources) -> Path:
 
 @pytest.fixture(scope="session")
 def baseline():
-    from service.loop.registry import load_ensemble
+    from service.inference.ensemble import load_ensemble
 
     return load_ensemble(REPO / "models" / "baseline", threads=2)

@@ -127,10 +127,10 @@ def test_crash_between_files_and_row_leaves_no_correction(tmp_path):
     region = Region(0, 0, 64, 64, 1.0)
     cid = correction_id("a.tif", region, mask)
     write_correction_files(root, cid, image, mask)  # ... and the process dies here, before add_correction
-    assert store.list_corrections() == [] and store.unused_corrections() == []
+    assert store.corrections.list() == [] and store.corrections.unused_for_training() == []
     old = time.time() - 3600
     os.utime(root / cid, (old, old))
-    assert sweep_orphans(root, store.correction_ids()) == [cid]
+    assert sweep_orphans(root, store.corrections.ids()) == [cid]
     assert not (root / cid).exists()
 
 
@@ -145,10 +145,10 @@ def test_acknowledged_correction_survives_reopen_and_is_idempotent(tmp_path):
     record = build_record(
         cid, "a.tif", region, mask, annotator="ann", queue_item_id=None, proposed_by="v1", holdout_every=0
     )
-    assert store.add_correction(record, "ann") is True
-    assert store.add_correction(record, "ann") is False  # the same correction twice = one record
+    assert store.corrections.add(record, "ann") is True
+    assert store.corrections.add(record, "ann") is False  # the same correction twice = one record
     store.close()
     again = Store(tmp_path / "data")  # a new process after a crash sees it
-    assert [c["id"] for c in again.list_corrections()] == [cid]
+    assert [c.id for c in again.corrections.list()] == [cid]
     image, m = load_pair(root, cid)
     assert m.sum() == 16 and image.shape == (16, 16, 3)

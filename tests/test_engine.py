@@ -5,8 +5,10 @@ import threading
 import numpy as np
 import pytest
 
-from service.inference.engine import SegmentOptions, segment
-from service.wsi.slide import open_slide, tissue_mask
+from service.inference.engine import segment
+from service.options import SegmentationOptions
+from service.wsi.slide import open_slide
+from service.wsi.tissue import tissue_mask
 
 
 class ConstantModel:
@@ -25,7 +27,7 @@ class BrokenModel(ConstantModel):
 
 def test_every_tissue_pixel_is_predicted_although_glass_tiles_are_skipped(source_slide, tmp_path):
     slide = open_slide(source_slide)
-    res = segment(slide, ConstantModel(), tmp_path, SegmentOptions(tile=256, overlap=32))
+    res = segment(slide, ConstantModel(), tmp_path, SegmentationOptions(tile=256, overlap=32))
     assert res.tiles_computed < res.tiles_total
     prob = res.maps["probability"].read_rows(0, res.grid.height)
     tissue = res.tissue.crop(0, 0, res.grid.height, res.grid.width, 1.0)
@@ -40,7 +42,7 @@ def test_model_failure_is_raised_not_hung(source_slide, tmp_path):
 
     def run():
         try:
-            segment(slide, BrokenModel(), tmp_path, SegmentOptions(tile=128, overlap=16, batch=1))
+            segment(slide, BrokenModel(), tmp_path, SegmentationOptions(tile=128, overlap=16, batch=1))
         except RuntimeError as exc:
             outcome["error"] = str(exc)
 

@@ -7,10 +7,11 @@ import openslide
 import pytest
 from PIL import Image
 
-from service.inference.engine import SegmentOptions, segment
+from service.inference.engine import segment
 from service.inference.evaluation import dice as _dice
 from service.inference.evaluation import overlap_with_truth
-from service.inference.pipeline import RunOptions, run_segmentation
+from service.inference.pipeline import run_segmentation
+from service.options import SegmentationOptions
 from service.wsi.slide import RegionReader, open_slide
 
 
@@ -34,7 +35,7 @@ def _check_artifacts(out, summary, level0_dims, mpp=1.0):
 
 def test_real_cmu_svs_end_to_end(cmu_svs, baseline, tmp_path):
     out = tmp_path / "cmu"
-    summary = run_segmentation(cmu_svs, out, baseline, RunOptions(queue_size=4, patch_um=256))
+    summary = run_segmentation(cmu_svs, out, baseline, SegmentationOptions(queue_size=4, patch_um=256))
     assert summary["slide_vendor"] == "aperio"
     assert summary["slide_mpp"] == pytest.approx(0.499)
     assert summary["providers"] == ["CPUExecutionProvider"]
@@ -49,7 +50,7 @@ def test_real_cmu_svs_end_to_end(cmu_svs, baseline, tmp_path):
 
 def test_composite_source_slide_dice_against_its_mask(source_slide, baseline, tmp_path):
     slide = open_slide(source_slide)
-    res = segment(slide, baseline, tmp_path / "w", SegmentOptions())
+    res = segment(slide, baseline, tmp_path / "w", SegmentationOptions())
     dice = overlap_with_truth(res.maps["probability"], source_slide.with_name(source_slide.stem + ".mask.tif"), 1.0)
     assert dice.dice >= 0.85  # held-out slide of the training centre
     res.close()
@@ -59,7 +60,7 @@ def test_out_of_domain_slide_is_worse_and_more_uncertain(source_slide, ood_slide
     results, dice = {}, {}
     for name, path in (("source", source_slide), ("ood", ood_slide)):
         out = tmp_path / name
-        summary = run_segmentation(path, out, baseline, RunOptions(queue_size=3, patch_um=256))
+        summary = run_segmentation(path, out, baseline, SegmentationOptions(queue_size=3, patch_um=256))
         prob = openslide.OpenSlide(str(out / "probability.tif"))
         w, h = prob.dimensions
         results[name] = summary
@@ -79,7 +80,7 @@ def test_measure_choice_changes_ranking_field(source_slide, baseline, tmp_path):
         source_slide,
         tmp_path / "mi",
         baseline,
-        RunOptions(measure="mutual_information", scoring="paper", queue_size=2, patch_um=256),
+        SegmentationOptions(uncertainty="mutual_information", scoring="paper", queue_size=2, patch_um=256),
     )
     q = json.loads((tmp_path / "mi" / "queue.json").read_text())
     assert s["queue"]["measure"] == "mutual_information"

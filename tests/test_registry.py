@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from models.bank import load_bank
-from service.loop.registry import ModelHolder, Registry, read_card
-from service.loop.runner import gate
-from service.store import Store
+from service.inference.ensemble import read_card
+from service.loop.gate import gate
+from service.loop.model_holder import ModelHolder
+from service.loop.registry import Registry, finetuned_card
+from service.store import ModelVersion, Store
 from tests.conftest import REPO
 
 BASELINE = REPO / "models" / "baseline"
@@ -28,12 +30,14 @@ def registry(tmp_path):
 def _register_copy(reg: Registry, version: str, *, corrupt: bool = False) -> str:
     d = reg.models_dir / version
     shutil.copytree(BASELINE, d)
-    card = {**read_card(BASELINE), "version": version, "parent": reg.store.current_version()}
+    card = {**read_card(BASELINE), "version": version, "parent": reg.store.models.current()}
     (d / "card.json").write_text(json.dumps(card))
     if corrupt:
         (d / "ensemble.onnx").write_bytes(b"definitely not onnx")
-    reg.store.register_version(
-        {"version": version, "parent": card["parent"], "sha256": "x" * 64, "path": str(d), "status": "promoted"}
+    reg.store.models.register(
+        ModelVersion(
+            version=version, parent=card["parent"], sha256="x" * 64, path=str(d), status="promoted", created_at=0.0
+        )
     )
     return version
 
@@ -41,18 +45,18 @@ def _register_copy(reg: Registry, version: str, *, corrupt: bool = False) -> str
 def test_baseline_is_registered_once_and_current(registry):
     base = read_card(BASELINE)["version"]
     registry.ensure_baseline()
-    assert registry.store.current_version() == base
-    assert [v["version"] for v in registry.store.versions()] == [base]
+    assert registry.store.models.current() == base
+    assert [v.version for v in registry.store.models.list()] == [base]
 
 
 def test_pointer_moves_atomically_with_history_and_rollback(registry):
-    base = registry.store.current_version()
+    base = registry.store.models.current()
     v2 = _register_copy(registry, "v2")
-    assert registry.store.move_pointer(v2, action="promote", actor="runner", expect=base)
-    assert not registry.store.move_pointer("v2", action="promote", actor="runner", expect=base)  # CAS fails
-    assert registry.store.rollback_target() == base
-    assert registry.store.move_pointer(base, action="rollback", actor="admin")
-    assert [h["action"] for h in registry.store.pointer_history()] == ["rollback", "promote", "init"]
+    assert registry.store.models.move_pointer(v2, action="promote", actor="runner", expect=base)
+    assert not registry.store.models.move_pointer("v2", action="promote", actor="runner", expect=base)  # CAS fails
+    assert registry.store.models.rollback_target() == base
+    assert registry.store.models.move_pointer(base, action="rollback", actor="admin")
+    assert [h["action"] for h in registry.store.models.pointer_history()] == ["rollback", "promote", "init"]
     assert [a["action"] for a in registry.store.audit_log()][:2] == ["pointer.rollback", "pointer.promote"]
 
 
@@ -60,7 +64,7 @@ def test_hot_swap_follows_the_pointer(registry):
     holder = ModelHolder(registry, threads=1)
     first = holder.load()
     v2 = _register_copy(registry, "v2")
-    registry.store.move_pointer(v2, action="promote", actor="t")
+    registry.store.models.move_pointer(v2, action="promote", actor="t")
     assert holder.sync() is True
     assert holder.current().version == "v2" and first.version != "v2"  # in-flight work kept `first`
 
@@ -69,14 +73,33 @@ def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back
     holder = ModelHolder(registry, threads=1)
     served = holder.load().version
     bad = _register_copy(registry, "broken", corrupt=True)
-    registry.store.move_pointer(bad, action="promote", actor="t")
+    registry.store.models.move_pointer(bad, action="promote", actor="t")
     assert holder.sync() is False
     assert holder.current().version == served
-    assert registry.store.current_version() == served
+    assert registry.store.models.current() == served
     assert (
-        registry.store.version(bad)["status"] == "failed" and "failed to load" in registry.store.version(bad)["reason"]
+        registry.store.models.get(bad).status == "failed" and "failed to load" in registry.store.models.get(bad).reason
     )
-    assert registry.store.pointer_history()[0]["action"] == "auto-rollback"
+    assert registry.store.models.pointer_history()[0]["action"] == "auto-rollback"
+
+
+def test_commit_makes_a_durable_registered_version_that_is_never_written_again(registry):
+    base = registry.store.models.current()
+    staging = registry.stage()
+    shutil.copy(BASELINE / "ensemble.onnx", staging / "ensemble.onnx")
+    card = finetuned_card(read_card(BASELINE), version="ft-1", sha256="y" * 64, parent=base, finetune={"run": "r"})
+    card["metrics"] = {"gate": {"passed": True}}
+    v = registry.commit(
+        staging, card, status="candidate", reason=None, metrics={"passed": True}, corrections={}, actor="runner"
+    )
+    final = registry.models_dir / "ft-1"
+    assert not staging.exists() and v.path == str(final) and registry.path("ft-1") == final
+    assert read_card(final)["metrics"]["gate"] == {"passed": True} and read_card(final)["parent"] == base
+    assert registry.store.models.get("ft-1").status == "candidate"
+    before = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
+    assert registry.move_pointer("ft-1", action="promote", actor="runner", expect=base)
+    registry.versions.set_status("ft-1", "promoted", None)
+    assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == before  # promotion writes only rows
 
 
 def test_unregistered_model_dirs_are_swept(registry):

@@ -5,18 +5,11 @@ import openslide
 import pytest
 import tifffile
 
+from service.inference.tiling import TileGrid
 from service.wsi.pyramid import write_pyramid_tiff
 from service.wsi.raster import RasterFile
-from service.wsi.slide import (
-    RegionReader,
-    SlideError,
-    TileGrid,
-    TissueMask,
-    analysis_shape,
-    choose_level,
-    open_slide,
-    tissue_mask,
-)
+from service.wsi.slide import RegionReader, SlideError, analysis_shape, choose_level, open_slide
+from service.wsi.tissue import TissueMask, tissue_mask
 
 DOWNS = (1.0, 2.0, 4.0, 8.0, 16.0)
 

@@ -7,7 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = ("viewer", "annotator", "admin")
+from service.vocabulary import ROLES
+
 log = logging.getLogger("uga.auth")
 
 

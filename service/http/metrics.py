@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.store import Store
+from service.vocabulary import PROMOTE_ACTIONS, ROLLBACK_ACTIONS
+
 SEGMENTATION_SECONDS = Histogram(
     "uga_segmentation_duration_seconds",
     "Wall time of one slide segmentation (engine + outputs)",
@@ -38,42 +41,42 @@ def observe_segmentation(summary: dict) -> None:
         SLIDE_UNCERTAINTY.labels(summary["model_version"], measure).observe(value)
 
 
-def store_metrics(store) -> str:
+def store_metrics(store: Store) -> str:
     """Exposition text of the gauges derived from the shared store (the same on every worker/replica).
 
     Counters here are counts of durable rows (monotonic: rows are never deleted).
     """
     reg = CollectorRegistry()
     jobs = Gauge("uga_jobs", "Segmentation jobs by state", ["state"], registry=reg)
-    for state, n in store.job_counts().items():
+    for state, n in store.jobs.counts().items():
         jobs.labels(state).set(n)
-    Gauge("uga_queue_pending", "Review patches waiting for a clinician", registry=reg).set(store.pending_count())
-    current = store.current_version() or "none"
+    Gauge("uga_queue_pending", "Review patches waiting for a clinician", registry=reg).set(store.queue.pending_count())
+    current = store.models.current() or "none"
     Gauge("uga_model_info", "Current model version (value 1)", ["version"], registry=reg).labels(current).set(1)
-    _counter(reg, "uga_corrections", "Corrections ingested (distinct)", store.count_corrections())
+    _counter(reg, "uga_corrections", "Corrections ingested (distinct)", store.corrections.count())
     runs = Counter("uga_finetune_runs", "Fine-tune runs by outcome", ["outcome"], registry=reg)
-    for outcome, n in store.run_counts().items():
+    for outcome, n in store.runs.counts().items():
         runs.labels(outcome).inc(n)
     _counter(
         reg,
         "uga_model_promotions",
         "Pointer moves to a new version (runner or admin)",
-        sum(store.count_actions(a) for a in ("promote", "manual-promote")),
+        store.models.count_actions(PROMOTE_ACTIONS),
     )
     _counter(
         reg,
         "uga_model_rollbacks",
         "Pointer moves back (admin rollback or failed load)",
-        sum(store.count_actions(a) for a in ("rollback", "auto-rollback")),
+        store.models.count_actions(ROLLBACK_ACTIONS),
     )
-    history = store.runs(20)
-    running = next((r for r in history if r["state"] == "running"), None)
+    history = store.runs.list(20)
+    running = next((r for r in history if r.state == "running"), None)
     Gauge("uga_finetune_progress_ratio", "Progress of the running fine-tune (0 when idle)", registry=reg).set(
-        running["progress_done"] / running["progress_total"] if running and running["progress_total"] else 0.0
+        running.progress_done / running.progress_total if running and running.progress_total else 0.0
     )
-    finished = next((r for r in history if r["state"] in ("promoted", "rejected") and r.get("metrics")), None)
+    finished = next((r for r in history if r.state in ("promoted", "rejected") and r.metrics), None)
     if finished:
-        m = finished["metrics"]
+        m = finished.metrics
         Gauge("uga_finetune_duration_seconds", "Duration of the last finished fine-tune run", registry=reg).set(
             m.get("duration_s", 0.0)
         )

@@ -1,4 +1,4 @@
-"""Wiring of one serving process: settings -> store, auth, model, background job worker."""
+"""Wiring of one serving process: settings -> store, registry, auth, model holder, job worker, metrics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from service.config import Settings
 from service.http import metrics
 from service.http.auth import TokenAuth
 from service.loop.corrections import sweep_orphans
-from service.loop.jobs import JobWorker
-from service.loop.registry import ModelHolder, Registry
+from service.loop.model_holder import ModelHolder
+from service.loop.registry import Registry
+from service.loop.worker import JobWorker
 from service.store import Store
 
 log = logging.getLogger("uga")
@@ -22,6 +23,7 @@ log = logging.getLogger("uga")
 class Runtime:
     settings: Settings
     store: Store
+    registry: Registry
     auth: TokenAuth
     models: ModelHolder
     worker: JobWorker
@@ -33,7 +35,7 @@ class Runtime:
         store = Store(settings.data_dir)
         registry = Registry(store, settings.data_dir, settings.baseline_dir)
         registry.ensure_baseline()
-        removed = sweep_orphans(settings.data_dir / "corrections", store.correction_ids())
+        removed = sweep_orphans(settings.data_dir / "corrections", store.corrections.ids())
         if removed:
             log.warning("removed %d correction directories without a database row (interrupted ingests)", len(removed))
         models = ModelHolder(
@@ -45,10 +47,17 @@ class Runtime:
         ensemble = models.load()
         models.start_watch(settings.model_poll_s)
         log.info("serving model %s on %s", ensemble.version, ", ".join(ensemble.providers))
-        worker = JobWorker(store, settings, models, name=f"{socket.gethostname()}-{os.getpid()}")
+        worker = JobWorker(
+            store,
+            settings,
+            models,
+            name=f"{socket.gethostname()}-{os.getpid()}",
+            on_success=metrics.observe_segmentation,
+            on_failure=metrics.JOBS_FAILED.inc,
+        )
         if start_worker:
             worker.start()
-        return cls(settings, store, auth, models, worker)
+        return cls(settings, store, registry, auth, models, worker)
 
     def ready(self) -> bool:
         return self.models.loaded and self.store.writable()

@@ -1,15 +1,15 @@
-"""The HTTP API contract: pydantic request, response and error models."""
+"""The HTTP API contract: pydantic request, response and error models, and the record -> view maps."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Measure = Literal["uga", "entropy", "mutual_information"]
-Scoring = Literal["mean", "paper"]
-JobState = Literal["queued", "running", "succeeded", "failed"]
-Role = Literal["viewer", "annotator", "admin"]
+from service.options import SegmentationRequest
+from service.store import FinetuneRun, Job, ModelVersion, QueueItem
+from service.store.records import as_dict
+from service.vocabulary import ARTIFACTS, ItemStatus, JobState
 
 
 class ErrorDetail(BaseModel):
@@ -22,24 +22,11 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class JobOptions(BaseModel):
-    """Segmentation options; defaults come from the server settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mpp: float | None = Field(None, ge=0.25, le=16, description="analysis µm/px (default: server's, 1.0)")
-    slide_mpp: float | None = Field(None, ge=0.05, le=100, description="level-0 µm/px if the slide lacks it")
-    uncertainty: Measure | None = Field(None, description="ranking measure")
-    scoring: Scoring | None = None
-    queue_size: int | None = Field(None, ge=1, le=200)
-    patch_um: float | None = Field(None, ge=64, le=8192, description="review patch side in µm")
-
-
 class JobSubmit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     slide: str = Field(min_length=1, max_length=1024, description="path relative to the server's slide root")
-    options: JobOptions = Field(default_factory=JobOptions)
+    options: SegmentationRequest = Field(default_factory=SegmentationRequest)
 
 
 class Progress(BaseModel):
@@ -96,7 +83,7 @@ class QueueItemView(BaseModel):
     mean_probability: float
     tissue_fraction: float
     model_version: str
-    status: Literal["pending", "skipped", "corrected"]
+    status: ItemStatus
     links: dict[str, str] = Field(default_factory=dict)
 
 
@@ -122,3 +109,56 @@ class ModelList(BaseModel):
     served_by_this_worker: str | None
     models: list[ModelView]
     history: list[dict] = Field(default_factory=list, description="pointer changes, newest first")
+
+
+def progress(done: int, total: int) -> dict:
+    return {"done": done, "total": total, "fraction": round(done / total, 4) if total else 0.0}
+
+
+def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
+    artifacts = {}
+    if job.state == "succeeded":
+        artifacts = {name: f"{base}/jobs/{job.id}/artifacts/{name}" for name in ARTIFACTS}
+    return JobView(
+        id=job.id,
+        slide=job.slide,
+        state=job.state,
+        progress=progress(job.progress_done, job.progress_total),
+        options=job.options,
+        model_version=job.model_version,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        summary=job.summary,
+        artifacts=artifacts,
+        deduplicated=deduplicated,
+    )
+
+
+def item_view(item: QueueItem, base: str) -> QueueItemView:
+    links = {
+        "self": f"{base}/queue/items/{item.id}",
+        "image": f"{base}/queue/items/{item.id}/image.png",
+        "mask": f"{base}/queue/items/{item.id}/mask.png",
+        "skip": f"{base}/queue/items/{item.id}/skip",
+    }
+    return QueueItemView(**as_dict(item), links=links)
+
+
+def model_view(v: ModelVersion, current: str | None, served: str | None = None) -> ModelView:
+    return ModelView(
+        version=v.version,
+        current=v.version == current,
+        status=v.status,
+        reason=v.reason,
+        parent=v.parent,
+        created_at=v.created_at,
+        metrics=v.metrics,
+        corrections=v.corrections,
+        served_by_this_worker=served,
+    )
+
+
+def run_view(run: FinetuneRun) -> dict:
+    return {**as_dict(run), "progress": progress(run.progress_done, run.progress_total)}

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference.engine import MAP_NAMES, SegmentResult
+from service.inference.engine import SegmentResult
 from service.inference.queue import PAPER_FRACTION, CellStats, cell_sums
 from service.inference.uncertainty import from_uint8
+from service.vocabulary import MAP_NAMES
 from service.wsi.raster import RasterFile
 
 QUEUE_CELL = 64  # analysis pixels per queue cell

@@ -1,15 +1,13 @@
-"""Ensemble inference with ONNX Runtime over a slide's tissue tiles, stitched into disk rasters.
+"""Ensemble inference over a slide's tissue tiles, stitched into disk rasters.
 
-Three stages overlap: a reader thread pulls tiles from OpenSlide, the calling thread runs the one
-ONNX session on batches, and a stitcher thread computes uncertainty, blends and writes. This
+Three stages overlap: a reader thread pulls tiles from OpenSlide, the calling thread runs the
+predictor (one ONNX Runtime session) on batches, and a stitcher thread computes uncertainty, blends and writes. This
 module never imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import queue
 import threading
 import time
@@ -18,62 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from service.inference.ensemble import Predictor
 from service.inference.stitch import Stitcher
+from service.inference.tiling import TileGrid
 from service.inference.uncertainty import all_measures, to_uint8
+from service.options import SegmentationOptions
+from service.vocabulary import MAP_NAMES
 from service.wsi.raster import RasterFile
-from service.wsi.slide import RegionReader, Slide, TileGrid, TissueMask, analysis_shape, tissue_mask
+from service.wsi.slide import RegionReader, Slide, analysis_shape
+from service.wsi.tissue import TissueMask, tissue_mask
 
-MAP_NAMES = ("probability", "entropy", "mutual_information", "uga")
-log = logging.getLogger("uga.engine")
 Progress = Callable[[int, int], None]
-
-
-class Ensemble:
-    """One ONNX Runtime session holding every ensemble member in one graph."""
-
-    def __init__(self, onnx_path: Path, version: str, *, providers: list[str] | None = None, threads: int = 0):
-        self.path, self.version = Path(onnx_path), version
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # no busy-waiting between ops: the reader and stitcher threads need the cores too
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        wanted = providers or default_providers()
-        self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
-        missing = [p for p in wanted if p not in self.session.get_providers()]
-        if missing:
-            log.warning("ONNX Runtime is not using %s (running on %s)", ", ".join(missing), self.providers)
-        self.input_name = self.session.get_inputs()[0].name
-        self.members = int(self.session.get_outputs()[0].shape[1])
-
-    @property
-    def providers(self) -> list[str]:
-        """The providers that really run (read back from the session)."""
-        return list(self.session.get_providers())
-
-    def predict(self, tiles: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) RGB -> float32 (B, M, H, W) member tumour probabilities."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})[0]
-
-    def warm_up(self, tile: int = 256) -> None:
-        self.predict(np.full((1, tile, tile, 3), 230, np.uint8))
-
-
-def default_providers() -> list[str]:
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-@dataclass
-class SegmentOptions:
-    mpp: float = 1.0
-    tile: int = 256
-    overlap: int = 32
-    batch: int = 2
-    threshold: float = 0.5
 
 
 @dataclass
@@ -107,13 +61,13 @@ def _positions(grid: TileGrid) -> Iterator[tuple[int, int]]:
 
 def segment(
     slide: Slide,
-    ensemble: Ensemble,
+    ensemble: Predictor,
     workdir: Path,
-    options: SegmentOptions | None = None,
+    options: SegmentationOptions | None = None,
     progress: Progress | None = None,
 ) -> SegmentResult:
     """Run the ensemble over the slide's tissue and stream every map into rasters under ``workdir``."""
-    opt = options or SegmentOptions()
+    opt = options or SegmentationOptions()
     t_start = time.perf_counter()
     tissue = tissue_mask(slide)
     height, width = analysis_shape(slide, opt.mpp)

@@ -17,20 +17,9 @@ from skimage import measure as skmeasure  # noqa: E402
 
 from service.fsutil import atomic_write_bytes, atomic_write_json  # noqa: E402
 from service.inference.uncertainty import STORAGE_MAX  # noqa: E402
+from service.vocabulary import ARTIFACTS  # noqa: E402
 from service.wsi.pyramid import write_pyramid_tiff  # noqa: E402
 from service.wsi.raster import RasterFile  # noqa: E402
-
-ARTIFACTS = {
-    "mask": "mask.tif",
-    "probability": "probability.tif",
-    "entropy": "uncertainty-entropy.tif",
-    "mutual_information": "uncertainty-mutual_information.tif",
-    "uga": "uncertainty-uga.tif",
-    "overlay": "overlay.png",
-    "geojson": "annotations.geojson",
-    "queue": "queue.json",
-    "summary": "summary.json",
-}
 
 
 def write_map_tiff(out_dir: Path, name: str, raster: RasterFile, mpp: float) -> str:

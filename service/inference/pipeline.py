@@ -7,54 +7,24 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.config import Settings
+from service.errors import Unprocessable
 from service.inference import outputs
 from service.inference.analysis import analyse
-from service.inference.engine import Ensemble, Progress, SegmentOptions, segment
+from service.inference.engine import Progress, segment
+from service.inference.ensemble import Predictor
 from service.inference.queue import build_queue
-from service.inference.uncertainty import MEASURES
-from service.wsi.slide import RegionReader, choose_level, open_slide
+from service.options import SegmentationOptions
+from service.wsi.slide import RegionReader, Slide, choose_level, open_slide
 
 
-class OutputError(ValueError):
+class OutputError(Unprocessable):
     """The output directory cannot be used; one line for the user."""
 
-
-@dataclass
-class RunOptions:
-    mpp: float = 1.0
-    slide_mpp: float | None = None
-    tile: int = 256
-    overlap: int = 32
-    batch: int = 2
-    threshold: float = 0.5
-    measure: str = "uga"
-    scoring: str = "mean"
-    queue_size: int = 10
-    patch_um: float = 1024.0
-    min_tissue: float = 0.5
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: object) -> RunOptions:
-        """The settings' defaults, with every override that is not None applied on top."""
-        values = {
-            "mpp": settings.mpp,
-            "tile": settings.tile,
-            "overlap": settings.overlap,
-            "batch": settings.batch,
-            "threshold": settings.threshold,
-            "measure": settings.uncertainty,
-            "scoring": settings.scoring,
-            "queue_size": settings.queue_size,
-            "patch_um": settings.patch_um,
-            "min_tissue": settings.min_tissue,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def __init__(self, message: str):
+        super().__init__("unusable_output_dir", message)
 
 
 def prepare_output_dir(out_dir: Path) -> Path:
@@ -74,46 +44,48 @@ def prepare_output_dir(out_dir: Path) -> Path:
 def run_segmentation(
     slide_path: Path,
     out_dir: Path,
-    ensemble: Ensemble,
-    options: RunOptions | None = None,
+    ensemble: Predictor,
+    options: SegmentationOptions | None = None,
     *,
     slide_key: str | None = None,
     progress: Progress | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> dict:
     """Segment ``slide_path`` and write all artifacts to ``out_dir``. Returns the summary dict."""
-    opt = options or RunOptions()
-    if opt.measure not in MEASURES:
-        raise ValueError(f"unknown uncertainty measure {opt.measure!r}; use one of {', '.join(MEASURES)}")
-    if opt.tile % 8 or opt.overlap * 2 > opt.tile:
-        raise ValueError("tile must be a multiple of 8 and overlap at most half the tile")
+    opt = options or SegmentationOptions()
     slide = open_slide(slide_path, opt.slide_mpp)  # refuse a bad slide before touching the output
-    try:
+    with slide:
         out_dir = prepare_output_dir(out_dir)
-    except OutputError:
-        slide.close()
-        raise
+        return _run(slide, out_dir, ensemble, opt, slide_key or Path(slide_path).name, progress, exclude)
+
+
+def _run(
+    slide: Slide,
+    out_dir: Path,
+    ensemble: Predictor,
+    opt: SegmentationOptions,
+    key: str,
+    progress: Progress | None,
+    exclude: set[str] | frozenset[str],
+) -> dict:
+    """The segmentation proper, on an open slide and a writable output directory."""
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="uga-tiff")
     try:
-        seg_opts = SegmentOptions(
-            mpp=opt.mpp, tile=opt.tile, overlap=opt.overlap, batch=opt.batch, threshold=opt.threshold
-        )
-        result = segment(slide, ensemble, work, seg_opts, progress=progress)
+        result = segment(slide, ensemble, work, opt, progress=progress)
         t_seg = time.perf_counter()
-        analysis = analyse(result, work, measure=opt.measure, threshold=opt.threshold)
-        key = slide_key or Path(slide_path).name
+        analysis = analyse(result, work, measure=opt.uncertainty, threshold=opt.threshold)
         queue = build_queue(
             analysis.cells,
-            patch_px=max(1, round(opt.patch_um / opt.mpp)),
+            patch_px=opt.patch_px,
             top=opt.queue_size,
             scoring=opt.scoring,
             min_tissue=opt.min_tissue,
             mpp=opt.mpp,
             level0_mpp=slide.mpp,
             slide_key=key,
-            measure=opt.measure,
+            measure=opt.uncertainty,
             model_version=ensemble.version,
             exclude=exclude,
         )
@@ -121,12 +93,12 @@ def run_segmentation(
         tiffs = outputs.start_map_tiffs(out_dir, rasters, opt.mpp, pool)
         artifacts = {name: outputs.ARTIFACTS[name] for name in rasters}
         f = analysis.preview_f
-        preview = analysis.previews[opt.measure]
+        preview = analysis.previews[opt.uncertainty]
         thumb = RegionReader(slide, opt.mpp * f).read(0, 0, *preview.shape)
         level0_per_px = f * opt.mpp / slide.mpp
         px_area_mm2 = (opt.mpp / 1000.0) ** 2
         summary = {
-            "slide": Path(slide_path).name,
+            "slide": slide.path.name,
             "slide_key": key,
             "model_version": ensemble.version,
             "ensemble_members": ensemble.members,
@@ -152,7 +124,7 @@ def run_segmentation(
             else 0.0,
             "mean_uncertainty": {k: round(v, 6) for k, v in analysis.mean_uncertainty.items()},
             "queue": {
-                "measure": opt.measure,
+                "measure": opt.uncertainty,
                 "scoring": opt.scoring,
                 "size": len(queue),
                 "requested": opt.queue_size,
@@ -170,11 +142,11 @@ def run_segmentation(
             result.tissue.crop(0, 0, *preview.shape, opt.mpp * f),
             analysis.previews["mask"],
             queue,
-            measure=opt.measure,
+            measure=opt.uncertainty,
             level0_per_px=level0_per_px,
             title=f"{summary['slide']}  ·  model {ensemble.version}  ·  "
             f"tumour {summary['tumour_area_mm2']:.2f} mm²  ·  "
-            f"mean {opt.measure} {analysis.mean_uncertainty[opt.measure]:.3f}",
+            f"mean {opt.uncertainty} {analysis.mean_uncertainty[opt.uncertainty]:.3f}",
         )
         pool.shutdown(wait=True)
         for future in tiffs.values():
@@ -197,5 +169,4 @@ def run_segmentation(
         return summary
     finally:
         pool.shutdown(wait=True)  # writers read the rasters in ``work``: finish before removing it
-        slide.close()
         shutil.rmtree(work, ignore_errors=True)

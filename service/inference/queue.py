@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCORINGS = ("mean", "paper")
+from service.vocabulary import SCORINGS
+
 PAPER_FRACTION = 0.8  # the paper: pixels above 0.8 x max count 100 each
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 EPS = 1e-6
-MEASURES = ("uga", "entropy", "mutual_information")
-DEFAULT_MEASURE = "uga"
 # Upper end of the 8-bit storage scale per measure (values above are clipped when stored).
 STORAGE_MAX = {"probability": 1.0, "entropy": 1.0, "mutual_information": 1.0, "uga": 4.0}
 

@@ -20,16 +20,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from skimage import draw
 
+from service.errors import InvalidInput, Unprocessable
 from service.fsutil import fsync_dir
-from service.wsi.slide import RegionReader, Slide
+from service.store import Correction
+from service.wsi.slide import Slide
 
 MAX_MASK_SIDE = 8192
 
 
-class CorrectionError(ValueError):
-    def __init__(self, status: int, code: str, message: str, details=None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
+class CorrectionError(Unprocessable):
+    """A correction that cannot be used as sent (wrong size, not binary, outside the slide, ...)."""
+
+
+class MalformedCorrection(InvalidInput, CorrectionError):
+    """A correction body that is empty or does not parse."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,9 @@ class Region:
 def check_region(region: Region, slide_dims: tuple[int, int]) -> None:
     w0, h0 = slide_dims
     if region.width <= 0 or region.height <= 0:
-        raise CorrectionError(422, "invalid_region", "region width and height must be positive")
+        raise CorrectionError("invalid_region", "region width and height must be positive")
     if region.x < 0 or region.y < 0 or region.x + region.width > w0 or region.y + region.height > h0:
         raise CorrectionError(
-            422,
             "region_outside_slide",
             f"region lies outside the slide ({w0}x{h0} level-0 pixels)",
             {"region": region.__dict__, "slide": [w0, h0]},
@@ -63,26 +66,23 @@ def check_region(region: Region, slide_dims: tuple[int, int]) -> None:
 def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """A binary PNG (values {0,1} or {0,255}) of exactly ``shape`` (rows, cols) -> bool array."""
     if not data:
-        raise CorrectionError(400, "empty_body", "the request body is empty; send the mask as PNG")
+        raise MalformedCorrection("empty_body", "the request body is empty; send the mask as PNG")
     try:
         img = Image.open(io.BytesIO(data))
         if img.format != "PNG":
-            raise CorrectionError(422, "invalid_png", f"expected a PNG image, got {img.format}")
+            raise CorrectionError("invalid_png", f"expected a PNG image, got {img.format}")
         if max(img.size) > MAX_MASK_SIDE:
-            raise CorrectionError(422, "mask_too_large", f"mask sides may not exceed {MAX_MASK_SIDE} px")
+            raise CorrectionError("mask_too_large", f"mask sides may not exceed {MAX_MASK_SIDE} px")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, CorrectionError):
-            raise
-        raise CorrectionError(422, "invalid_png", "the body does not decode as a PNG image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise CorrectionError("invalid_png", "the body does not decode as a PNG image") from None
     arr = np.asarray(img.convert("L") if img.mode in ("1", "P") else img)
     if arr.ndim == 3:
         if not (arr[..., :3] == arr[..., :1]).all():
-            raise CorrectionError(422, "mask_not_binary", "mask must be single-channel (grey) 0/1 or 0/255")
+            raise CorrectionError("mask_not_binary", "mask must be single-channel (grey) 0/1 or 0/255")
         arr = arr[..., 0]
     if arr.shape != tuple(shape):
         raise CorrectionError(
-            422,
             "mask_size_mismatch",
             f"mask is {arr.shape[1]}x{arr.shape[0]} px but the region needs {shape[1]}x{shape[0]} px at its µm/px",
             {"expected": [shape[1], shape[0]], "got": [arr.shape[1], arr.shape[0]]},
@@ -90,7 +90,7 @@ def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     values = np.unique(arr)
     if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         raise CorrectionError(
-            422, "mask_not_binary", "mask values must be 0/1 or 0/255 only", {"values": values[:8].tolist()}
+            "mask_not_binary", "mask values must be 0/1 or 0/255 only", {"values": values[:8].tolist()}
         )
     return arr > 0
 
@@ -103,7 +103,7 @@ def _rings(geometry: dict) -> list[list]:
         return [coords]
     if kind == "MultiPolygon":
         return list(coords or [])
-    raise CorrectionError(422, "invalid_geojson", f"only Polygon and MultiPolygon geometries are accepted, got {kind}")
+    raise CorrectionError("invalid_geojson", f"only Polygon and MultiPolygon geometries are accepted, got {kind}")
 
 
 def rasterize_geojson(
@@ -115,13 +115,13 @@ def rasterize_geojson(
     defaults and QuPath's absolute level-0 coordinates use origin = region corner, scale = 1/f.
     """
     if not data:
-        raise CorrectionError(400, "empty_body", "the request body is empty; send GeoJSON polygons")
+        raise MalformedCorrection("empty_body", "the request body is empty; send GeoJSON polygons")
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorrectionError(400, "malformed_json", "the body is not valid JSON") from None
+        raise MalformedCorrection("malformed_json", "the body is not valid JSON") from None
     if not isinstance(obj, dict):
-        raise CorrectionError(422, "invalid_geojson", "expected a GeoJSON object")
+        raise CorrectionError("invalid_geojson", "expected a GeoJSON object")
     if obj.get("type") == "FeatureCollection":
         geometries = [f.get("geometry") for f in obj.get("features") or [] if isinstance(f, dict)]
     elif obj.get("type") == "Feature":
@@ -131,7 +131,6 @@ def rasterize_geojson(
     mask = np.zeros(shape, bool)
     if not geometries:
         raise CorrectionError(
-            422,
             "invalid_geojson",
             "no geometry found (an empty mask is sent as an empty Polygon list "
             "is not allowed; send a PNG of zeros instead)",
@@ -142,15 +141,13 @@ def rasterize_geojson(
                 for k, ring in enumerate(polygon):
                     pts = np.asarray(ring, dtype=np.float64)
                     if pts.ndim != 2 or pts.shape[1] < 2 or len(pts) < 3 or not np.isfinite(pts).all():
-                        raise CorrectionError(422, "invalid_geojson", "each ring needs >= 3 finite [x, y] points")
+                        raise CorrectionError("invalid_geojson", "each ring needs >= 3 finite [x, y] points")
                     cols = (pts[:, 0] - origin[0]) * scale
                     rows = (pts[:, 1] - origin[1]) * scale
                     rr, cc = draw.polygon(rows, cols, shape=shape)
                     mask[rr, cc] = k == 0  # outer ring fills, holes clear
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, CorrectionError):
-            raise
-        raise CorrectionError(422, "invalid_geojson", "polygon coordinates must be arrays of [x, y] numbers") from None
+    except (TypeError, ValueError):
+        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of [x, y] numbers") from None
     return mask
 
 
@@ -191,9 +188,9 @@ def write_correction_files(root: Path, cid: str, image: np.ndarray, mask: np.nda
     return final
 
 
-def read_crop(slide: Slide, region: Region, shape: tuple[int, int]) -> np.ndarray:
-    f = region.mpp / slide.mpp
-    return RegionReader(slide, region.mpp).read(round(region.y / f), round(region.x / f), *shape)
+def read_crop(slide: Slide, region: Region) -> np.ndarray:
+    """The slide's RGB pixels under the region, at the region's µm/px (the mask's shape)."""
+    return slide.read_box(region.x, region.y, region.width, region.height, region.mpp)
 
 
 def build_record(
@@ -206,22 +203,23 @@ def build_record(
     queue_item_id: str | None,
     proposed_by: str | None,
     holdout_every: int,
-) -> dict:
-    return {
-        "id": cid,
-        "slide": slide,
-        "x": region.x,
-        "y": region.y,
-        "width": region.width,
-        "height": region.height,
-        "mpp": region.mpp,
-        "queue_item_id": queue_item_id,
-        "proposed_by_version": proposed_by,
-        "annotator": annotator,
-        "tumour_fraction": round(float(mask.mean()), 6),
-        "holdout": int(holdout_every > 0 and int(cid[:8], 16) % holdout_every == 0),
-        "created_at": time.time(),
-    }
+) -> Correction:
+    """The correction's record; every ``holdout_every``-th by hash is held out for the gate."""
+    return Correction(
+        id=cid,
+        slide=slide,
+        x=region.x,
+        y=region.y,
+        width=region.width,
+        height=region.height,
+        mpp=region.mpp,
+        queue_item_id=queue_item_id,
+        proposed_by_version=proposed_by,
+        annotator=annotator,
+        tumour_fraction=round(float(mask.mean()), 6),
+        holdout=int(holdout_every > 0 and int(cid[:8], 16) % holdout_every == 0),
+        created_at=time.time(),
+    )
 
 
 def load_pair(root: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Slide access through OpenSlide: validation, µm/px, pyramid level choice, tissue mask, tile grid."""
+"""Slide access through OpenSlide: path checks, µm/px, pyramid level choice, regions at a target µm/px."""
 
 from __future__ import annotations
 
@@ -9,25 +9,37 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import openslide
 from PIL import Image
-from scipy import ndimage
-from skimage import filters, morphology
 
-TISSUE_MASK_MPP = 8.0  # µm/px of the low-resolution tissue mask
+from service.errors import DomainError, InvalidInput, NotFound, Unprocessable
+
 GLASS_RGB = (255, 255, 255)
 
 
-class SlideError(ValueError):
+class SlideError(Unprocessable):
     """A slide that cannot be used; the message is one line for the user."""
 
+    def __init__(self, message: str, details=None):
+        super().__init__("unusable_slide", message, details)
 
-class SlidePathError(ValueError):
+
+class SlideNotFound(NotFound, SlideError):
+    """No slide file at the given path."""
+
+    def __init__(self, message: str):
+        DomainError.__init__(self, "slide_not_found", message)
+
+
+class SlidePathError(InvalidInput):
     """A slide path that is not allowed (absolute, traversal, outside the slide root)."""
+
+    def __init__(self, message: str):
+        super().__init__("invalid_slide_path", message)
 
 
 def resolve_slide_path(root: Path, relative: str) -> Path:
     """``root / relative`` after refusing absolute paths, '..' and symlinks that leave ``root``.
 
-    Raises SlidePathError for a refused path and SlideError when nothing is there.
+    Raises SlidePathError for a refused path and SlideNotFound when nothing is there.
     """
     if not relative or "\\" in relative or "\x00" in relative:
         raise SlidePathError("slide path must be a non-empty POSIX path relative to the slide root")
@@ -45,7 +57,7 @@ def resolve_slide_path(root: Path, relative: str) -> Path:
     if not resolved.is_relative_to(root_resolved):
         raise SlidePathError(f"slide path {relative!r} leads outside the slide root (symlink)")
     if not exists:
-        raise SlideError(f"slide not found: {relative}")
+        raise SlideNotFound(f"slide not found: {relative}")
     return resolved
 
 
@@ -69,12 +81,27 @@ class Slide:
     def close(self) -> None:
         self.handle.close()
 
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def analysis_window(self, x: float, y: float, width: float, height: float, mpp: float) -> tuple[int, int, int, int]:
+        """(row, col, rows, cols) at ``mpp`` of the level-0 box (x, y, width, height)."""
+        f = self.mpp / mpp
+        return round(y * f), round(x * f), max(1, round(height * f)), max(1, round(width * f))
+
+    def read_box(self, x: float, y: float, width: float, height: float, mpp: float) -> np.ndarray:
+        """RGB uint8 of the level-0 box (x, y, width, height), resampled to ``mpp``."""
+        return RegionReader(self, mpp).read(*self.analysis_window(x, y, width, height, mpp))
+
 
 def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
     """Open ``path`` with OpenSlide; refuse it (SlideError) if it is missing, unreadable or lacks µm/px."""
     path = Path(path)
     if not path.exists():
-        raise SlideError(f"slide not found: {path}")
+        raise SlideNotFound(f"slide not found: {path}")
     if path.is_dir():
         raise SlideError(f"{path} is a directory; give the slide file itself (for DICOM, any .dcm of the series)")
     try:
@@ -162,91 +189,3 @@ class RegionReader:
             box = (x * f - lx0, y * f - ly0, (x + w) * f - lx0, (y + h) * f - ly0)
             rgb = rgb.resize((w, h), Image.Resampling.BILINEAR if f >= 1 else Image.Resampling.BOX, box=box)
         return np.asarray(rgb)
-
-
-@dataclass
-class TissueMask:
-    """Boolean tissue mask at ``mpp`` (coarse), covering the whole slide."""
-
-    mask: np.ndarray
-    mpp: float
-
-    def fraction(self) -> float:
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-    def crop(self, y: int, x: int, h: int, w: int, mpp: float) -> np.ndarray:
-        """Nearest-neighbour tissue mask for analysis region [y, y+h) x [x, x+w) at ``mpp``."""
-        f = mpp / self.mpp
-        ys = np.minimum(((np.arange(y, y + h) + 0.5) * f).astype(np.int64), self.mask.shape[0] - 1)
-        xs = np.minimum(((np.arange(x, x + w) + 0.5) * f).astype(np.int64), self.mask.shape[1] - 1)
-        out = self.mask[np.ix_(ys, xs)]
-        out[(np.arange(y, y + h) * f) >= self.mask.shape[0]] = False
-        out[:, (np.arange(x, x + w) * f) >= self.mask.shape[1]] = False
-        return out
-
-
-def tissue_from_rgb(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
-    """Tissue = coloured and not bright glass: Otsu on (max-min) chroma, then clean-up morphology."""
-    rgb = np.asarray(rgb)
-    chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2).astype(np.int16)
-    if chroma.max() <= min_saturation:
-        return np.zeros(chroma.shape, bool)
-    thr = max(min_saturation, float(filters.threshold_otsu(chroma)))
-    mask = (chroma > thr) & (rgb.mean(axis=2) < 235)
-    mask = ndimage.binary_closing(mask, morphology.disk(2))
-    mask = morphology.remove_small_objects(mask, max_size=8)
-    return morphology.remove_small_holes(mask, max_size=64)
-
-
-def tissue_mask(slide: Slide, mpp: float = TISSUE_MASK_MPP) -> TissueMask:
-    """Low-resolution tissue mask read through the pyramid (bounded: one small image)."""
-    h, w = analysis_shape(slide, mpp)
-    reader = RegionReader(slide, mpp)
-    rgb = reader.read(0, 0, h, w)
-    return TissueMask(tissue_from_rgb(rgb), mpp)
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """Overlapping square tiles (stride = tile - overlap) covering an analysis image of (height, width)."""
-
-    height: int
-    width: int
-    tile: int
-    overlap: int
-
-    @property
-    def stride(self) -> int:
-        return self.tile - self.overlap
-
-    @property
-    def rows(self) -> int:
-        return max(1, math.ceil(self.height / self.stride))
-
-    @property
-    def cols(self) -> int:
-        return max(1, math.ceil(self.width / self.stride))
-
-    def origin(self, r: int, c: int) -> tuple[int, int]:
-        return r * self.stride, c * self.stride
-
-    def occupied(self, tissue: TissueMask, mpp: float) -> np.ndarray:
-        """(rows, cols) bool: tiles whose core (the stride x stride part no other tile's core covers) has tissue.
-
-        Every pixel lies in exactly one core, and the tile of that core covers it, so skipping tiles whose
-        core is glass never leaves tissue unpredicted.
-        """
-        f = mpp / tissue.mpp
-        mh, mw = tissue.mask.shape
-        out = np.zeros((self.rows, self.cols), bool)
-        for r in range(self.rows):
-            y0 = r * self.stride
-            my0, my1 = int(y0 * f), min(mh, math.ceil((y0 + self.stride) * f))
-            if my0 >= mh:
-                continue
-            band = tissue.mask[my0:my1]
-            for c in range(self.cols):
-                x0 = c * self.stride
-                mx0, mx1 = int(x0 * f), min(mw, math.ceil((x0 + self.stride) * f))
-                out[r, c] = mx0 < mw and bool(band[:, mx0:mx1].any())
-        return out

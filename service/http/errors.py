@@ -1,0 +1,133 @@
+"""Errors over HTTP, in one place: domain error kinds -> status, the JSON envelope, the body limit,
+and the boundary that turns an unexpected exception (a bug) into a logged 500 with a JSON body."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable, Unprocessable, UnsupportedMedia
+
+log = logging.getLogger("uga.http")
+
+STATUS: dict[type[DomainError], int] = {
+    InvalidInput: 400,
+    NotFound: 404,
+    Conflict: 409,
+    UnsupportedMedia: 415,
+    Unprocessable: 422,
+    Unavailable: 503,
+}
+
+
+def status_of(exc: DomainError) -> int:
+    """The status of the first error kind in the exception's class hierarchy."""
+    return next((STATUS[k] for k in type(exc).__mro__ if k in STATUS), 400)
+
+
+def error_response(status: int, code: str, message: str, details=None, headers=None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class HttpError(DomainError):
+    """A refusal that exists only over HTTP (authentication, authorisation, not ready)."""
+
+    def __init__(self, status: int, code: str, message: str, details=None):
+        super().__init__(code, message, details)
+        self.status = status
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError):
+        status = exc.status if isinstance(exc, HttpError) else status_of(exc)
+        return error_response(status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "malformed_json", "request body is not valid JSON", None)
+        details = [{"loc": list(e.get("loc", [])), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        return error_response(422, "invalid_request", "request does not match the schema", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), None)
+
+
+class ErrorBoundary:
+    """ASGI middleware: an exception nobody mapped is a bug: log its traceback, answer a JSON 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
+            if started:
+                raise
+            response = error_response(
+                500,
+                "internal_error",
+                f"the server failed on this request (a bug); quote request id {request_id} when reporting it",
+                {"request_id": request_id},
+            )
+            await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies above ``limit`` bytes with 413 before the route reads them."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = error_response(
+            413, "body_too_large", f"request body exceeds {self.limit} bytes (UGA_MAX_BODY_MB)", {"limit": self.limit}
+        )
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            return await too_big(scope, receive, send)

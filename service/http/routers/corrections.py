@@ -1,0 +1,109 @@
+"""/corrections: ingest a corrected mask (for a queue item or any region), list and fetch them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.errors import NotFound
+from service.http.deps import Annotator, Base, Rt, Viewer
+from service.http.runtime import Runtime
+from service.loop.corrections import Region
+from service.loop.ingest import ingest_correction, ingest_item_correction
+from service.store import Correction
+from service.store.records import as_dict
+
+router = APIRouter(tags=["corrections"])
+Coords = Annotated[str, Query(pattern="^(region|level0)$")]
+
+
+def media_type(request: Request) -> str:
+    return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+
+
+def created_response(record: Correction, created: bool, base: str) -> JSONResponse:
+    body = {
+        **as_dict(record),
+        "duplicate": not created,
+        "links": {n: f"{base}/corrections/{record.id}/{n}.png" for n in ("image", "mask")},
+    }
+    return JSONResponse(
+        body, status_code=201 if created else 200, headers={"Location": f"{base}/corrections/{record.id}"}
+    )
+
+
+@router.post("/queue/items/{item_id}/correction", status_code=201)
+async def correct_item(item_id: str, request: Request, rt: Rt, base: Base, who: Annotator, coords: Coords = "region"):
+    """Corrected mask for a queue patch: PNG (0/255, the patch's size at its µm/px) or GeoJSON polygons
+    (in patch pixel coordinates, or level-0 coordinates with coords=level0 as QuPath exports)."""
+    body = await request.body()
+    record, created = await run_in_threadpool(
+        ingest_item_correction,
+        rt.store,
+        rt.settings,
+        item_id,
+        body=body,
+        media_type=media_type(request),
+        coords=coords,
+        annotator=who.name,
+    )
+    return created_response(record, created, base)
+
+
+@router.post("/corrections", status_code=201)
+async def correct_region(
+    request: Request,
+    rt: Rt,
+    base: Base,
+    who: Annotator,
+    slide: str,
+    x: int,
+    y: int,
+    width: Annotated[int, Query(gt=0)],
+    height: Annotated[int, Query(gt=0)],
+    mpp: Annotated[float, Query(ge=0.25, le=16)] = 1.0,
+    coords: Coords = "region",
+):
+    """Corrected mask for any region (x, y, width, height in level-0 pixels; mask at ``mpp``)."""
+    body = await request.body()
+    record, created = await run_in_threadpool(
+        ingest_correction,
+        rt.store,
+        rt.settings,
+        slide=slide,
+        region=Region(x, y, width, height, mpp),
+        body=body,
+        media_type=media_type(request),
+        coords=coords,
+        annotator=who.name,
+        proposed_by=rt.models.current().version,
+    )
+    return created_response(record, created, base)
+
+
+@router.get("/corrections")
+def list_corrections(rt: Rt, _: Viewer, limit: Annotated[int, Query(ge=1, le=5000)] = 500):
+    return {"corrections": [as_dict(c) for c in rt.store.corrections.list(limit)]}
+
+
+def _correction(rt: Runtime, cid: str) -> Correction:
+    rec = rt.store.corrections.get(cid)
+    if rec is None:
+        raise NotFound("correction_not_found", f"no correction {cid!r}")
+    return rec
+
+
+@router.get("/corrections/{cid}")
+def get_correction(cid: str, rt: Rt, _: Viewer):
+    return as_dict(_correction(rt, cid))
+
+
+@router.get("/corrections/{cid}/{name}.png")
+def correction_file(cid: str, name: str, rt: Rt, _: Viewer):
+    _correction(rt, cid)
+    if name not in ("image", "mask"):
+        raise NotFound("not_found", "use image.png or mask.png")
+    return FileResponse(rt.settings.data_dir / "corrections" / cid / f"{name}.png", media_type="image/png")

@@ -1,0 +1,64 @@
+"""/jobs: submit a slide for segmentation, follow it, download its artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import FileResponse
+
+from service.http.deps import Annotator, Base, Rt, Viewer
+from service.http.errors import HttpError
+from service.http.schemas import JobList, JobSubmit, JobView, job_view
+from service.loop.jobs import get_job, submit_segmentation
+from service.vocabulary import ARTIFACTS, JOB_STATES
+
+router = APIRouter(tags=["jobs"])
+MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
+
+
+@router.post("/jobs", status_code=202, response_model=JobView)
+def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Response) -> JobView:
+    """Submit a slide (path relative to the slide root) for asynchronous segmentation."""
+    job, created = submit_segmentation(
+        rt.store,
+        rt.settings,
+        body.slide,
+        body.options.model_dump(),
+        model_version=rt.models.current().version,
+        actor=who.name,
+    )
+    response.headers["Location"] = f"{base}/jobs/{job.id}"
+    if not created:
+        response.status_code = 200
+    return job_view(job, base, deduplicated=not created)
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(
+    rt: Rt, base: Base, _: Viewer, state: str | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> JobList:
+    if state is not None and state not in JOB_STATES:
+        raise HttpError(400, "invalid_state", f"unknown state {state!r}")
+    return JobList(jobs=[job_view(j, base) for j in rt.store.jobs.list(state, limit)])
+
+
+@router.get("/jobs/{job_id}", response_model=JobView)
+def get_job_view(job_id: str, rt: Rt, base: Base, _: Viewer) -> JobView:
+    """State, progress (tiles done / total), and when finished the summary and artifact links."""
+    return job_view(get_job(rt.store, job_id), base)
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}")
+def get_artifact(job_id: str, name: str, rt: Rt, _: Viewer):
+    job = get_job(rt.store, job_id)
+    if name not in ARTIFACTS:
+        raise HttpError(404, "artifact_not_found", f"unknown artifact {name!r}", {"known": list(ARTIFACTS)})
+    if job.state != "succeeded":
+        raise HttpError(409, "job_not_finished", f"job is {job.state}; artifacts exist once it succeeded")
+    path = rt.store.job_dir(job_id) / ARTIFACTS[name]
+    if not path.exists():
+        raise HttpError(404, "artifact_missing", f"{ARTIFACTS[name]} is missing from the job directory")
+    return FileResponse(
+        path, media_type=MEDIA.get(path.suffix, "application/octet-stream"), filename=f"{job_id}-{path.name}"
+    )

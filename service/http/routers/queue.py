@@ -1,0 +1,62 @@
+"""/queue: the ranked review patches, their images and predicted masks, skipping one."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Response
+from PIL import Image
+
+from service.http.deps import Annotator, Base, Rt, Viewer
+from service.http.errors import HttpError
+from service.http.schemas import QueueItemView, QueueView, item_view
+from service.loop.review import get_item, item_image, item_mask, skip_item
+
+router = APIRouter(tags=["queue"])
+
+
+def png_response(array: np.ndarray) -> Response:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png")
+
+
+@router.get("/queue", response_model=QueueView)
+def get_queue(
+    rt: Rt,
+    base: Base,
+    _: Viewer,
+    slide: str | None = None,
+    k: Annotated[int, Query(ge=1, le=500)] = 10,
+    measure: str | None = None,
+) -> QueueView:
+    """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted."""
+    if slide is not None and rt.store.jobs.latest_for_slide(slide) is None:
+        raise HttpError(404, "slide_not_segmented", f"no finished segmentation of {slide!r}; submit a job first")
+    items = rt.store.queue.pending(slide, k, measure)
+    return QueueView(slide=slide, items=[item_view(i, base) for i in items])
+
+
+@router.get("/queue/items/{item_id}", response_model=QueueItemView)
+def get_queue_item(item_id: str, rt: Rt, base: Base, _: Viewer) -> QueueItemView:
+    return item_view(get_item(rt.store, item_id), base)
+
+
+@router.get("/queue/items/{item_id}/image.png")
+def queue_item_image(item_id: str, rt: Rt, _: Viewer):
+    """The patch as the model saw it (RGB at the job's µm/px)."""
+    return png_response(item_image(rt.store, rt.settings, item_id))
+
+
+@router.get("/queue/items/{item_id}/mask.png")
+def queue_item_mask(item_id: str, rt: Rt, _: Viewer):
+    """The model's predicted tumour mask for the patch (0/255, same size as image.png)."""
+    return png_response(item_mask(rt.store, item_id))
+
+
+@router.post("/queue/items/{item_id}/skip", response_model=QueueItemView)
+def skip_queue_item(item_id: str, rt: Rt, base: Base, who: Annotator) -> QueueItemView:
+    """Take the patch out of the queue without a correction."""
+    return item_view(skip_item(rt.store, item_id, who.name), base)

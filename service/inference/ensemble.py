@@ -1,0 +1,107 @@
+"""The model seam: a ``Predictor`` protocol, its ONNX Runtime implementation, and reading a model
+directory (ensemble.onnx + card.json). Never torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import Unprocessable
+
+log = logging.getLogger("uga.engine")
+
+
+class Predictor(Protocol):
+    """What inference needs of a model: member probabilities for a batch of RGB tiles."""
+
+    version: str
+    members: int
+
+    @property
+    def providers(self) -> list[str]: ...
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) RGB -> float32 (B, M, H, W) member tumour probabilities."""
+        ...
+
+
+class Ensemble:
+    """One ONNX Runtime session holding every ensemble member in one graph."""
+
+    def __init__(self, onnx_path: Path, version: str, *, providers: list[str] | None = None, threads: int = 0):
+        self.path, self.version = Path(onnx_path), version
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between ops: the reader and stitcher threads need the cores too
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        wanted = providers or default_providers()
+        self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+        missing = [p for p in wanted if p not in self.session.get_providers()]
+        if missing:
+            log.warning("ONNX Runtime is not using %s (running on %s)", ", ".join(missing), self.providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.members = int(self.session.get_outputs()[0].shape[1])
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers that really run (read back from the session)."""
+        return list(self.session.get_providers())
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) RGB -> float32 (B, M, H, W) member tumour probabilities."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})[0]
+
+    def warm_up(self, tile: int = 256) -> None:
+        self.predict(np.full((1, tile, tile, 3), 230, np.uint8))
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class ModelError(Unprocessable):
+    """A model directory that cannot be served."""
+
+    def __init__(self, message: str):
+        super().__init__("unusable_model", message)
+
+
+def read_card(model_dir: Path) -> dict:
+    path = Path(model_dir) / "card.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"no model card at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"model card {path} is not valid JSON: {exc}") from None
+
+
+def load_ensemble(model_dir: Path, *, providers: str = "auto", threads: int = 0) -> Ensemble:
+    """Open the version's fused ONNX ensemble, named by its card's version."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    onnx_path = model_dir / "ensemble.onnx"
+    if not onnx_path.exists():
+        raise ModelError(f"no ensemble.onnx in {model_dir}")
+    return Ensemble(onnx_path, card["version"], providers=PROVIDERS.get(providers), threads=threads)
+
+
+def check_outputs_finite(ensemble: Ensemble, tile: int = 128) -> None:
+    """Warm the session up on a synthetic H&E-like tile and refuse NaN/inf or out-of-range outputs."""
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal((200, 150, 200), 30, (1, tile, tile, 3)), 0, 255).astype(np.uint8)
+    out = ensemble.predict(img)
+    if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+        raise ModelError(f"model {ensemble.version} produces non-finite or out-of-range outputs")

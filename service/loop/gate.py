@@ -1,0 +1,54 @@
+"""The promotion gate: may a candidate replace the current version?"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.inference.ensemble import Predictor
+from service.inference.evaluation import pairs_overlap
+
+Pairs = tuple[list[np.ndarray], list[np.ndarray]] | tuple[np.ndarray, np.ndarray]
+
+
+class GateResult(dict):
+    @property
+    def passed(self) -> bool:
+        return bool(self["passed"])
+
+
+def gate(
+    current: Predictor,
+    candidate: Predictor,
+    holdout_bank: Pairs,
+    heldout_pairs: Pairs,
+    *,
+    margin: float,
+    min_heldout: int,
+) -> GateResult:
+    """Promotion rule: finite outputs; source-holdout Dice drop <= margin; not worse on held-out corrections."""
+    images, masks = holdout_bank
+    cur_src, cur_ok = pairs_overlap(current, images, masks)
+    cand_src, cand_ok = pairs_overlap(candidate, images, masks)
+    result = GateResult(
+        finite=cand_ok,
+        source_holdout_dice={"current": round(cur_src.dice, 4), "candidate": round(cand_src.dice, 4)},
+        margin=margin,
+        heldout_corrections=len(heldout_pairs[0]),
+    )
+    reasons = []
+    if not cand_ok:
+        reasons.append("candidate outputs are not finite")
+    if cand_src.dice < cur_src.dice - margin:
+        reasons.append(f"source holdout Dice dropped {cur_src.dice:.3f} -> {cand_src.dice:.3f} (margin {margin})")
+    if len(heldout_pairs[0]) >= min_heldout:
+        cur_h, _ = pairs_overlap(current, *heldout_pairs)
+        cand_h, _ = pairs_overlap(candidate, *heldout_pairs)
+        result["heldout_dice"] = {"current": round(cur_h.dice, 4), "candidate": round(cand_h.dice, 4)}
+        if cand_h.dice < cur_h.dice:
+            reasons.append(f"worse on held-out corrections: {cur_h.dice:.3f} -> {cand_h.dice:.3f}")
+    else:
+        result["heldout_dice"] = None
+        result["heldout_note"] = f"fewer than {min_heldout} held-out corrections: not gated on them yet"
+    result["passed"] = not reasons
+    result["reasons"] = reasons
+    return result

@@ -1,0 +1,92 @@
+"""Ingest a clinician's correction: validate, decode, deduplicate, crop, write durably, record."""
+
+from __future__ import annotations
+
+from service.config import Settings
+from service.errors import UnsupportedMedia
+from service.loop.corrections import (
+    Region,
+    build_record,
+    check_region,
+    correction_id,
+    decode_png_mask,
+    rasterize_geojson,
+    read_crop,
+    write_correction_files,
+)
+from service.loop.review import get_item, item_job
+from service.store import Correction, Store
+from service.wsi.slide import open_slide, resolve_slide_path
+
+MEDIA_TYPES = ("image/png", "application/geo+json", "application/json")
+
+
+def ingest_correction(
+    store: Store,
+    settings: Settings,
+    *,
+    slide: str,
+    region: Region,
+    body: bytes,
+    media_type: str,
+    coords: str,
+    annotator: str,
+    proposed_by: str,
+    queue_item_id: str | None = None,
+) -> tuple[Correction, bool]:
+    """Store the correction (files durable before the row). Returns (record, created); the same
+    correction sent twice is one record. Nothing is written when anything is refused."""
+    if media_type not in MEDIA_TYPES:
+        raise UnsupportedMedia(
+            "unsupported_media_type", "send the mask as image/png or GeoJSON polygons as application/geo+json"
+        )
+    path = resolve_slide_path(settings.slide_root, slide)
+    slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide file
+    with open_slide(path) as handle:
+        check_region(region, handle.dimensions)
+        shape = region.mask_shape(handle.mpp)
+        if media_type == "image/png":
+            mask = decode_png_mask(body, shape)
+        else:
+            f = region.mpp / handle.mpp
+            origin, scale = ((region.x, region.y), 1 / f) if coords == "level0" else ((0, 0), 1.0)
+            mask = rasterize_geojson(body, shape, origin, scale)
+        cid = correction_id(slide, region, mask)
+        existing = store.corrections.get(cid)
+        if existing is not None:
+            return existing, False
+        image = read_crop(handle, region)
+    write_correction_files(settings.data_dir / "corrections", cid, image, mask)
+    record = build_record(
+        cid,
+        slide,
+        region,
+        mask,
+        annotator=annotator,
+        queue_item_id=queue_item_id,
+        proposed_by=proposed_by,
+        holdout_every=settings.holdout_every,
+    )
+    created = store.corrections.add(record, annotator)
+    return (record if created else store.corrections.get(cid)), created
+
+
+def ingest_item_correction(
+    store: Store, settings: Settings, item_id: str, *, body: bytes, media_type: str, coords: str, annotator: str
+) -> tuple[Correction, bool]:
+    """A correction of a queue item: its region at the µm/px of the job that proposed it."""
+    item = get_item(store, item_id)
+    b = item.bbox_level0
+    region = Region(b["x"], b["y"], b["width"], b["height"], item_job(store, item).summary["mpp"])
+    return ingest_correction(
+        store,
+        settings,
+        slide=item.slide,
+        region=region,
+        body=body,
+        media_type=media_type,
+        coords=coords,
+        annotator=annotator,
+        proposed_by=item.model_version,
+        queue_item_id=item.id,
+    )

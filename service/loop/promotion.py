@@ -1,0 +1,41 @@
+"""Moving 'current' — by the runner after a passed gate, or by an admin — followed by rescoring."""
+
+from __future__ import annotations
+
+from service.config import Settings
+from service.errors import Conflict, NotFound
+from service.loop.jobs import enqueue_rescoring
+from service.loop.registry import Registry
+from service.store import ModelVersion
+
+
+def promote_candidate(registry: Registry, settings: Settings, version: str, *, parent: str) -> str | None:
+    """Make a gated candidate current if ``parent`` still is. Returns None, or why it was not promoted."""
+    if not registry.move_pointer(version, action="promote", actor="runner", expect=parent):
+        reason = "the current version changed during the run; not promoted over it"
+        registry.versions.set_status(version, "rejected", reason, actor="runner")
+        return reason
+    registry.versions.set_status(version, "promoted", None, actor="runner")
+    enqueue_rescoring(registry.store, settings, version, "runner")
+    return None
+
+
+def move_current(registry: Registry, settings: Settings, version: str, *, action: str, actor: str) -> ModelVersion:
+    """Admin promote / rollback to any registered version that has not failed to load."""
+    target = registry.versions.get(version)
+    if target is None:
+        raise NotFound("model_not_found", f"no model version {version!r}")
+    if target.status == "failed":
+        raise Conflict("model_failed", f"{version} failed to load before: {target.reason}")
+    if not registry.move_pointer(version, action=action, actor=actor):
+        raise Conflict("already_current", f"{version} is already the current version")
+    enqueue_rescoring(registry.store, settings, version, actor)
+    return registry.versions.get(version)
+
+
+def rollback(registry: Registry, settings: Settings, *, actor: str) -> ModelVersion:
+    """Move 'current' back to the version that was current before it."""
+    target = registry.versions.rollback_target()
+    if target is None:
+        raise Conflict("nothing_to_roll_back", "the current version has no predecessor")
+    return move_current(registry, settings, target, action="rollback", actor=actor)

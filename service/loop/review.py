@@ -1,0 +1,55 @@
+"""Reviewing the queue: look up an item, the patch as the model saw it, its predicted mask, skipping it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import Conflict, NotFound
+from service.store import Job, QueueItem, Store
+from service.vocabulary import ARTIFACTS
+from service.wsi.slide import open_slide, resolve_slide_path
+
+
+def get_item(store: Store, item_id: str) -> QueueItem:
+    item = store.queue.item(item_id)
+    if item is None:
+        raise NotFound("queue_item_not_found", f"no queue item {item_id!r}")
+    return item
+
+
+def item_job(store: Store, item: QueueItem) -> Job:
+    """The finished job that proposed the item (its summary holds the analysis and slide µm/px)."""
+    return store.jobs.get(item.job_id)
+
+
+def item_image(store: Store, settings: Settings, item_id: str) -> np.ndarray:
+    """The patch as the model saw it: RGB at the job's µm/px."""
+    item = get_item(store, item_id)
+    job = item_job(store, item)
+    b = item.bbox_level0
+    path = resolve_slide_path(settings.slide_root, item.slide)
+    with open_slide(path, job.options.get("slide_mpp")) as slide:
+        return slide.read_box(b["x"], b["y"], b["width"], b["height"], job.summary["mpp"])
+
+
+def item_mask(store: Store, item_id: str) -> np.ndarray:
+    """The model's predicted tumour mask for the patch (0/255, the shape of ``item_image``)."""
+    item = get_item(store, item_id)
+    job = item_job(store, item)
+    mpp, slide_mpp = job.summary["mpp"], job.summary["slide_mpp"]
+    b = item.bbox_level0
+    with open_slide(store.job_dir(job.id) / ARTIFACTS["mask"]) as mask:  # its level 0 is the job's µm/px
+        to_mask = slide_mpp / mask.mpp
+        box = (b["x"] * to_mask, b["y"] * to_mask, b["width"] * to_mask, b["height"] * to_mask)
+        rgb = mask.read_box(*box, mpp)
+    return np.where(rgb[..., 0] > 127, 255, 0).astype(np.uint8)
+
+
+def skip_item(store: Store, item_id: str, actor: str) -> QueueItem:
+    """Take the patch out of the queue without a correction."""
+    item = get_item(store, item_id)
+    if item.status == "corrected":
+        raise Conflict("already_corrected", "this patch already has a correction; it cannot be skipped")
+    store.queue.set_status(item.slide, item_id, "skipped", actor)
+    return get_item(store, item_id)

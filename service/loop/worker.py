@@ -1,0 +1,139 @@
+"""Background segmentation worker: claims queued jobs from the store, runs them, records results.
+
+One worker thread per serving process. Progress and a heartbeat go to the store, so any worker or
+replica can report status, and a job whose worker died is requeued once its heartbeat is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import DomainError
+from service.inference.pipeline import run_segmentation
+from service.loop.model_holder import ModelHolder
+from service.options import SegmentationOptions
+from service.store import Job, Store
+from service.wsi.slide import resolve_slide_path
+
+log = logging.getLogger("uga.jobs")
+HEARTBEAT_S = 2.0
+RECOVER_EVERY_S = 5.0
+
+
+class Cancelled(Exception):
+    """The worker is stopping; the job goes back to the queue."""
+
+
+class JobWorker:
+    """Runs queued jobs one at a time; ``on_success(summary)`` / ``on_failure()`` observe outcomes."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        models: ModelHolder,
+        name: str,
+        *,
+        on_success: Callable[[dict], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ):
+        self.store, self.settings, self.models, self.name = store, settings, models, name
+        self.on_success, self.on_failure = on_success, on_failure
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"uga-jobs-{name}", daemon=True)
+        self.current_job: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        last_recover = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - last_recover > RECOVER_EVERY_S:
+                    last_recover = time.monotonic()
+                    for job_id in self.store.jobs.recover_stale(self.settings.job_stale_s):
+                        log.warning("job %s had no heartbeat for %.0fs: requeued", job_id, self.settings.job_stale_s)
+                job = self.store.jobs.claim(self.name) if self.models.loaded else None
+            except Exception:  # noqa: BLE001 - the store may be briefly busy; keep the worker alive
+                log.exception("job worker: store error")
+                job = None
+            if job is None:
+                self._stop.wait(0.5)
+                continue
+            self._run(job)
+
+    def options(self, job: Job) -> SegmentationOptions:
+        """The options resolved at submission (older jobs: resolved now, from the settings)."""
+        if job.resolved:
+            return SegmentationOptions(**job.resolved)
+        return SegmentationOptions.resolve(self.settings, job.options)
+
+    def _run(self, job: Job) -> None:
+        jobs = self.store.jobs
+        self.current_job = job.id
+        beat_stop = threading.Event()
+
+        def beat() -> None:
+            while not beat_stop.wait(HEARTBEAT_S):
+                try:
+                    jobs.heartbeat(job.id, self.name)
+                except Exception:  # noqa: BLE001
+                    log.exception("heartbeat failed")
+
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if self._stop.is_set():
+                raise Cancelled()
+            now = time.monotonic()
+            if now - last[0] >= 0.5 or done == total:
+                last[0] = now
+                jobs.heartbeat(job.id, self.name, done, total)
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        try:
+            self.models.sync()  # a job claimed right after a pointer move runs on the new version
+            slide = resolve_slide_path(self.settings.slide_root, job.slide)
+            out = self.store.job_dir(job.id)
+            ensemble = self.models.current()  # pinned: the whole job runs on this version
+            summary = run_segmentation(
+                slide,
+                out,
+                ensemble,
+                self.options(job),
+                slide_key=job.slide,
+                progress=progress,
+                exclude=self.store.queue.handled(job.slide),
+            )
+            queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
+            if jobs.finish(job.id, self.name, summary, queue) and self.on_success:
+                self.on_success(summary)
+        except Cancelled:
+            log.warning("job %s interrupted by shutdown: back to the queue", job.id)
+            jobs.requeue(job.id, self.name)
+        except DomainError as exc:  # the slide or the options cannot be used: the caller's to fix
+            self._fail(job, exc.message)
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
+            log.exception("job %s failed", job.id)
+            self._fail(job, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        finally:
+            beat_stop.set()
+            self.current_job = None
+
+    def _fail(self, job: Job, error: str) -> None:
+        self.store.jobs.fail(job.id, self.name, error)
+        if self.on_failure:
+            self.on_failure()

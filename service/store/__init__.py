@@ -1,0 +1,47 @@
+"""Durable metadata: one SQLite database (WAL, one transaction per change) and the blob directories.
+
+``Store`` groups one repository per resource over the shared transaction helper:
+``store.jobs``, ``store.queue``, ``store.corrections``, ``store.models``, ``store.runs``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.store.corrections import CorrectionRepository
+from service.store.db import Database, StoreError
+from service.store.jobs import JobRepository
+from service.store.models import ModelRepository
+from service.store.queue import QueueRepository
+from service.store.records import Correction, FinetuneRun, Job, ModelVersion, QueueItem
+from service.store.runs import RunRepository
+
+__all__ = ["Correction", "FinetuneRun", "Job", "ModelVersion", "QueueItem", "Store", "StoreError"]
+
+
+class Store:
+    """``<data_dir>/uga.sqlite`` plus ``<data_dir>/jobs/<id>/`` artifact directories."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(self.data_dir / "uga.sqlite")
+        self.db_path = self.db.path
+        self.jobs = JobRepository(self.db)
+        self.queue = QueueRepository(self.db)
+        self.corrections = CorrectionRepository(self.db)
+        self.models = ModelRepository(self.db)
+        self.runs = RunRepository(self.db)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        return self.db.all("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+
+    def writable(self) -> bool:
+        return self.db.writable()
+
+    def close(self) -> None:
+        self.db.close()

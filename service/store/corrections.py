@@ -1,0 +1,70 @@
+"""Corrections: durable rows (files are written before), and which versions used which."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import astuple, fields
+
+from service.store.db import Database, audit
+from service.store.queue import SET_STATUS
+from service.store.records import Correction
+
+
+class CorrectionRepository:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def get(self, correction_id: str) -> Correction | None:
+        return Correction.from_row(self.db.one("SELECT * FROM corrections WHERE id = ?", (correction_id,)))
+
+    def add(self, record: Correction, actor: str) -> bool:
+        """Insert a correction (files already durable) and mark its queue item corrected; one transaction.
+
+        Returns False when the same correction (same content hash) already exists.
+        """
+        cols = [f.name for f in fields(record)]
+        with self.db.transaction() as db:
+            if db.execute("SELECT 1 FROM corrections WHERE id = ?", (record.id,)).fetchone():
+                return False
+            db.execute(
+                f"INSERT INTO corrections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", astuple(record)
+            )
+            if record.queue_item_id:
+                db.execute(SET_STATUS, (record.slide, record.queue_item_id, "corrected", actor, time.time()))
+            audit(db, actor, "correction.ingest", record.id, {"slide": record.slide})
+            return True
+
+    def list(self, limit: int = 1000) -> list[Correction]:
+        rows = self.db.all("SELECT * FROM corrections ORDER BY created_at LIMIT ?", (limit,))
+        return [Correction.from_row(r) for r in rows]
+
+    def count(self) -> int:
+        return int(self.db.scalar("SELECT COUNT(*) FROM corrections"))
+
+    def ids(self) -> set[str]:
+        return {r["id"] for r in self.db.all("SELECT id FROM corrections")}
+
+    def seen(self, roles: tuple[str, ...] = ("train", "holdout")) -> set[str]:
+        """Ids of corrections some registered version used in ``roles`` (trained on / held out)."""
+        seen: set[str] = set()
+        for r in self.db.conn().execute("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
+            used = json.loads(r[0])
+            for role in roles:
+                seen.update(used.get(role, []))
+        return seen
+
+    def unseen(self) -> list[Correction]:
+        """Corrections no registered version has used yet, for training or as held-out."""
+        seen = self.seen()
+        return [c for c in self.list(1_000_000) if c.id not in seen]
+
+    def unused_for_training(self) -> list[Correction]:
+        """Training corrections that no registered version has been trained on yet."""
+        used = self.seen(("train",))
+        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at")
+        return [Correction.from_row(r) for r in rows if r["id"] not in used]
+
+    def held_out(self) -> list[Correction]:
+        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 1 ORDER BY created_at")
+        return [Correction.from_row(r) for r in rows]

@@ -1,0 +1,227 @@
+"""The one transaction helper: SQLite in WAL mode, one connection per thread, migrations.
+
+Every write is one ``BEGIN IMMEDIATE ... COMMIT`` with ``synchronous=FULL``, so a change
+acknowledged to a client survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from service.vocabulary import ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, RUN_STATES, sql_in
+
+SCHEMA_VERSION = 3
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    dedup_key TEXT UNIQUE,
+    slide TEXT NOT NULL,
+    options TEXT NOT NULL,              -- what the client asked for (None = server default)
+    resolved TEXT,                      -- the segmentation options the job runs with
+    model_version TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN {sql_in(JOB_STATES)}),
+    progress_done INTEGER NOT NULL DEFAULT 0,
+    progress_total INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    summary TEXT,
+    submitted_by TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_slide ON jobs (slide, finished_at);
+CREATE TABLE IF NOT EXISTS queue_items (
+    id TEXT NOT NULL,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    slide TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    score REAL NOT NULL,
+    measure TEXT NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (job_id, id)
+);
+CREATE INDEX IF NOT EXISTS queue_by_item ON queue_items (id);
+CREATE TABLE IF NOT EXISTS item_status (
+    slide TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {sql_in(ITEM_STATUSES[1:])}),
+    actor TEXT,
+    at REAL NOT NULL,
+    PRIMARY KEY (slide, item_id)
+);
+CREATE TABLE IF NOT EXISTS corrections (
+    id TEXT PRIMARY KEY,                -- content hash: same correction twice = one record
+    slide TEXT NOT NULL,
+    x INTEGER NOT NULL, y INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,  -- level 0
+    mpp REAL NOT NULL,                  -- µm/px of the stored image crop and mask
+    queue_item_id TEXT,
+    proposed_by_version TEXT,
+    annotator TEXT NOT NULL,
+    tumour_fraction REAL NOT NULL,
+    holdout INTEGER NOT NULL DEFAULT 0, -- held out from training, used by the promotion gate
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version TEXT PRIMARY KEY,
+    parent TEXT,
+    sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {sql_in(MODEL_STATUSES)}),
+    reason TEXT,
+    metrics TEXT,
+    corrections TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_pointer (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version TEXT NOT NULL REFERENCES model_versions (version),
+    changed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pointer_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    version TEXT NOT NULL,
+    previous TEXT,
+    action TEXT NOT NULL,
+    actor TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS finetune_runs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN {sql_in(RUN_STATES)}),
+    trigger TEXT NOT NULL,
+    parent TEXT,
+    candidate TEXT,
+    corrections TEXT,
+    progress_done INTEGER NOT NULL DEFAULT 0,
+    progress_total INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT,
+    reason TEXT,
+    requested_by TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT,
+    action TEXT NOT NULL,
+    target TEXT,
+    details TEXT
+);
+"""
+# Changes to existing tables, by the schema version that introduced them; applied to older stores
+# after SCHEMA (whose IF NOT EXISTS creates tables that are new). A new store gets SCHEMA alone.
+UPGRADES = {3: "ALTER TABLE jobs ADD COLUMN resolved TEXT;"}
+JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def decode(row: sqlite3.Row | None) -> dict | None:
+    """A row as a dict with its JSON columns parsed."""
+    if row is None:
+        return None
+    d = dict(row)
+    for key in JSON_COLUMNS:
+        if d.get(key):
+            d[key] = json.loads(d[key])
+    return d
+
+
+class Database:
+    """Thread-safe access (one connection per thread) to ``<data_dir>/uga.sqlite``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._migrate()
+
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable change: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error)."""
+        db = self.conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def one(self, sql: str, args: tuple | list = ()) -> dict | None:
+        return decode(self.conn().execute(sql, args).fetchone())
+
+    def all(self, sql: str, args: tuple | list = ()) -> list[dict]:
+        return [decode(r) for r in self.conn().execute(sql, args).fetchall()]
+
+    def scalar(self, sql: str, args: tuple | list = ()) -> Any:
+        row = self.conn().execute(sql, args).fetchone()
+        return row[0] if row else None
+
+    def _migrate(self) -> None:
+        db = self.conn()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema {version}, newer than this code ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION:
+            return
+        upgrades = "" if version == 0 else "".join(sql for v, sql in UPGRADES.items() if version < v)
+        script = SCHEMA + upgrades
+        db.executescript("BEGIN IMMEDIATE;" + script + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def writable(self) -> bool:
+        """True when the directory takes a file and the database a write lock within a second (/readyz)."""
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=".ready-"):
+                pass
+            probe = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            finally:
+                probe.close()
+            return True
+        except (OSError, sqlite3.Error):
+            return False
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def audit(db: sqlite3.Connection, actor: str | None, action: str, target: str, details: Any = None) -> None:
+    """One audit row, inside the caller's transaction."""
+    db.execute(
+        "INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), actor, action, target, json.dumps(details) if details is not None else None),
+    )

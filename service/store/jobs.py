@@ -1,0 +1,156 @@
+"""Segmentation jobs: submit (deduplicated), claim, heartbeat, finish with the job's queue, recover."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from service.store.db import Database, audit
+from service.store.records import Job
+from service.vocabulary import JOB_STATES
+
+
+class JobRepository:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def submit(
+        self, *, slide: str, options: dict, resolved: dict, model_version: str, dedup_key: str, actor: str | None
+    ) -> tuple[Job, bool]:
+        """Create a queued job, or return the existing one with the same key. Returns (job, created).
+
+        A failed job with the same key is retried as a new job (its key is released).
+        """
+        with self.db.transaction() as db:
+            existing = db.execute("SELECT * FROM jobs WHERE dedup_key = ?", (dedup_key,)).fetchone()
+            if existing is not None and existing["state"] != "failed":
+                return self.get(existing["id"]), False
+            if existing is not None:
+                db.execute("UPDATE jobs SET dedup_key = NULL WHERE id = ?", (existing["id"],))
+            job_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO jobs (id, dedup_key, slide, options, resolved, model_version, state, submitted_by,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (
+                    job_id,
+                    dedup_key,
+                    slide,
+                    json.dumps(options),
+                    json.dumps(resolved),
+                    model_version,
+                    actor,
+                    time.time(),
+                ),
+            )
+            audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})
+        return self.get(job_id), True
+
+    def get(self, job_id: str) -> Job | None:
+        return Job.from_row(self.db.one("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+
+    def list(self, state: str | None = None, limit: int = 50) -> list[Job]:
+        q, args = "SELECT * FROM jobs", []
+        if state:
+            q += " WHERE state = ?"
+            args.append(state)
+        q += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        return [Job.from_row(r) for r in self.db.all(q, args)]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for r in self.db.all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[r["state"]] = r["n"]
+        return counts
+
+    def claim(self, worker: str) -> Job | None:
+        """Atomically take the oldest queued job for ``worker``."""
+        now = time.time()
+        with self.db.transaction() as db:
+            row = db.execute(
+                "UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = ?,"
+                " attempts = attempts + 1, progress_done = 0"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1)"
+                " RETURNING id",
+                (worker, now, now),
+            ).fetchone()
+        return self.get(row["id"]) if row else None
+
+    def heartbeat(self, job_id: str, worker: str, done: int | None = None, total: int | None = None) -> None:
+        with self.db.transaction() as db:
+            if done is None:
+                db.execute(
+                    "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                    (time.time(), job_id, worker),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET heartbeat_at = ?, progress_done = ?, progress_total = ?"
+                    " WHERE id = ? AND worker = ? AND state = 'running'",
+                    (time.time(), done, total, job_id, worker),
+                )
+
+    def finish(self, job_id: str, worker: str, summary: dict, queue: list[dict]) -> bool:
+        """Record success and the job's queue in one transaction. False if the job was taken away."""
+        with self.db.transaction() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'succeeded', summary = ?, model_version = ?, finished_at = ?,"
+                " progress_done = progress_total, error = NULL WHERE id = ? AND worker = ? AND state = 'running'",
+                (json.dumps(summary), summary["model_version"], time.time(), job_id, worker),
+            )
+            if cur.rowcount != 1:
+                return False
+            slide = db.execute("SELECT slide FROM jobs WHERE id = ?", (job_id,)).fetchone()["slide"]
+            db.executemany(
+                "INSERT INTO queue_items (id, job_id, slide, rank, score, measure, item) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(q["id"], job_id, slide, q["rank"], q["score"], q["measure"], json.dumps(q)) for q in queue],
+            )
+            return True
+
+    def fail(self, job_id: str, worker: str | None, error: str) -> None:
+        with self.db.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ? AND state = 'running'"
+                + (" AND worker = ?" if worker else ""),
+                (error, time.time(), job_id, *([worker] if worker else [])),
+            )
+
+    def requeue(self, job_id: str, worker: str) -> None:
+        """Give a running job back to the queue (clean shutdown of its worker)."""
+        with self.db.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', worker = NULL, attempts = MAX(0, attempts - 1)"
+                " WHERE id = ? AND worker = ? AND state = 'running'",
+                (job_id, worker),
+            )
+
+    def recover_stale(self, stale_after_s: float, max_attempts: int = 2) -> list[str]:
+        """Running jobs whose worker stopped beating: requeue (or fail after ``max_attempts``)."""
+        cutoff = time.time() - stale_after_s
+        with self.db.transaction() as db:
+            rows = db.execute(
+                "SELECT id, attempts FROM jobs WHERE state = 'running' AND heartbeat_at < ?", (cutoff,)
+            ).fetchall()
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                        (time.time(), f"interrupted {r['attempts']} times (worker stopped); resubmit", r["id"]),
+                    )
+                else:
+                    db.execute("UPDATE jobs SET state = 'queued', worker = NULL WHERE id = ?", (r["id"],))
+                audit(db, "system", "job.recover", r["id"], {"attempts": r["attempts"]})
+            return [r["id"] for r in rows]
+
+    def latest_for_slide(self, slide: str) -> Job | None:
+        """The slide's most recent successful job (the one whose queue is current)."""
+        return Job.from_row(
+            self.db.one(
+                "SELECT * FROM jobs WHERE slide = ? AND state = 'succeeded' ORDER BY finished_at DESC LIMIT 1",
+                (slide,),
+            )
+        )
+
+    def segmented_slides(self) -> list[str]:
+        return [r["slide"] for r in self.db.all("SELECT DISTINCT slide FROM jobs WHERE state = 'succeeded'")]

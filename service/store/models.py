@@ -1,0 +1,81 @@
+"""Model versions (immutable rows) and the one 'current' pointer with its history."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from service.store.db import Database, audit
+from service.store.records import ModelVersion
+
+
+class ModelRepository:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def register(self, v: ModelVersion, actor: str | None = None) -> None:
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO model_versions (version, parent, sha256, path, status, reason, metrics,"
+                " corrections, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    v.version,
+                    v.parent,
+                    v.sha256,
+                    v.path,
+                    v.status,
+                    v.reason,
+                    json.dumps(v.metrics),
+                    json.dumps(v.corrections),
+                    v.created_at,
+                ),
+            )
+            audit(db, actor or "system", "model.register", v.version, {"status": v.status})
+
+    def set_status(self, version: str, status: str, reason: str | None, actor: str | None = None) -> None:
+        with self.db.transaction() as db:
+            db.execute("UPDATE model_versions SET status = ?, reason = ? WHERE version = ?", (status, reason, version))
+            audit(db, actor or "system", f"model.{status}", version, {"reason": reason})
+
+    def get(self, version: str) -> ModelVersion | None:
+        return ModelVersion.from_row(self.db.one("SELECT * FROM model_versions WHERE version = ?", (version,)))
+
+    def list(self) -> list[ModelVersion]:
+        return [ModelVersion.from_row(r) for r in self.db.all("SELECT * FROM model_versions ORDER BY created_at DESC")]
+
+    def current(self) -> str | None:
+        return self.db.scalar("SELECT version FROM model_pointer WHERE id = 1")
+
+    def move_pointer(self, version: str, *, action: str, actor: str | None, expect: str | None = None) -> bool:
+        """Point 'current' at ``version`` atomically (compare-and-set: only if it still is ``expect``)."""
+        with self.db.transaction() as db:
+            cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
+            previous = cur[0] if cur else None
+            if (expect is not None and previous != expect) or previous == version:
+                return False
+            now = time.time()
+            db.execute(
+                "INSERT INTO model_pointer (id, version, changed_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET version = excluded.version, changed_at = excluded.changed_at",
+                (version, now),
+            )
+            db.execute(
+                "INSERT INTO pointer_history (version, previous, action, actor, at) VALUES (?, ?, ?, ?, ?)",
+                (version, previous, action, actor, now),
+            )
+            audit(db, actor or "system", f"pointer.{action}", version, {"previous": previous})
+            return True
+
+    def pointer_history(self, limit: int = 50) -> list[dict]:
+        return self.db.all("SELECT * FROM pointer_history ORDER BY id DESC LIMIT ?", (limit,))
+
+    def rollback_target(self) -> str | None:
+        """The version that was current before the current one."""
+        return self.db.scalar(
+            "SELECT previous FROM pointer_history WHERE version = (SELECT version FROM model_pointer WHERE id = 1)"
+            " ORDER BY id DESC LIMIT 1"
+        )
+
+    def count_actions(self, actions: tuple[str, ...]) -> int:
+        marks = ", ".join("?" * len(actions))
+        return int(self.db.scalar(f"SELECT COUNT(*) FROM pointer_history WHERE action IN ({marks})", actions))

@@ -1,0 +1,80 @@
+"""The review queue: pending items of each slide's latest finished job, and their status per slide."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from service.store.db import Database, audit
+from service.store.records import QueueItem
+
+# Queue items of each slide's latest finished job that nobody corrected or skipped yet.
+PENDING_ITEMS = """
+    FROM queue_items qi JOIN jobs j ON j.id = qi.job_id
+    WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2 WHERE j2.slide = j.slide AND j2.state = 'succeeded')
+      AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)
+"""
+# Upsert of an item's status (skipped / corrected); also used inside the correction transaction.
+SET_STATUS = (
+    "INSERT INTO item_status (slide, item_id, status, actor, at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (slide, item_id) DO UPDATE SET status = excluded.status, actor = excluded.actor, at = excluded.at"
+)
+
+
+def _item(row: dict, status: str | None) -> QueueItem:
+    return QueueItem.from_row(
+        {**json.loads(row["item"]), "slide": row["slide"], "job_id": row["job_id"], "status": status or "pending"}
+    )
+
+
+class QueueRepository:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def pending(self, slide: str | None, k: int, measure: str | None = None) -> list[QueueItem]:
+        """Pending items of each slide's latest finished job, best score first (one slide or pooled)."""
+        q = "SELECT qi.item, qi.slide, qi.job_id " + PENDING_ITEMS
+        args: list[Any] = []
+        if slide is not None:
+            q += " AND qi.slide = ?"
+            args.append(slide)
+        if measure is not None:
+            q += " AND qi.measure = ?"
+            args.append(measure)
+        q += " ORDER BY qi.score DESC, qi.slide, qi.rank LIMIT ?"
+        args.append(k)
+        return [_item(r, None) for r in self.db.conn().execute(q, args).fetchall()]
+
+    def item(self, item_id: str) -> QueueItem | None:
+        """The most recent stored version of a queue item, with its slide, job and status."""
+        r = (
+            self.db.conn()
+            .execute(
+                "SELECT qi.item, qi.slide, qi.job_id, s.status FROM queue_items qi JOIN jobs j ON j.id = qi.job_id"
+                " LEFT JOIN item_status s ON s.slide = qi.slide AND s.item_id = qi.id"
+                " WHERE qi.id = ? ORDER BY j.finished_at DESC LIMIT 1",
+                (item_id,),
+            )
+            .fetchone()
+        )
+        return None if r is None else _item(r, r["status"])
+
+    def set_status(self, slide: str, item_id: str, status: str, actor: str | None) -> bool:
+        """Mark a queue item skipped/corrected. False if it already had that status."""
+        with self.db.transaction() as db:
+            prev = db.execute(
+                "SELECT status FROM item_status WHERE slide = ? AND item_id = ?", (slide, item_id)
+            ).fetchone()
+            if prev is not None and prev["status"] == status:
+                return False
+            db.execute(SET_STATUS, (slide, item_id, status, actor, time.time()))
+            audit(db, actor, f"queue.{status}", item_id, {"slide": slide})
+            return True
+
+    def handled(self, slide: str) -> set[str]:
+        """Ids of the slide's items someone corrected or skipped (they never return to its queue)."""
+        return {r["item_id"] for r in self.db.all("SELECT item_id FROM item_status WHERE slide = ?", (slide,))}
+
+    def pending_count(self) -> int:
+        return int(self.db.scalar("SELECT COUNT(*) " + PENDING_ITEMS))

@@ -1,0 +1,124 @@
+"""Typed records the store returns (one per table a caller reads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _from(cls, row: dict | None):
+    """A record from a decoded row (unknown columns ignored); None stays None."""
+    if row is None:
+        return None
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in row.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    slide: str
+    options: dict  # as requested (None = server default)
+    model_version: str
+    state: str
+    created_at: float
+    resolved: dict | None = None  # the segmentation options it runs with
+    dedup_key: str | None = None
+    progress_done: int = 0
+    progress_total: int = 0
+    error: str | None = None
+    summary: dict | None = None
+    submitted_by: str | None = None
+    attempts: int = 0
+    worker: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = None
+
+    from_row = classmethod(_from)
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """A review patch of a finished job, with its status on the slide."""
+
+    id: str
+    slide: str
+    job_id: str
+    rank: int
+    bbox_level0: dict
+    bbox_um: dict
+    score: float
+    measure: str
+    scoring: str
+    mean_uncertainty: float
+    mean_probability: float
+    tissue_fraction: float
+    model_version: str
+    status: str = "pending"
+
+    from_row = classmethod(_from)
+
+
+@dataclass(frozen=True)
+class Correction:
+    id: str
+    slide: str
+    x: int
+    y: int
+    width: int
+    height: int
+    mpp: float
+    annotator: str
+    tumour_fraction: float
+    holdout: int
+    created_at: float
+    queue_item_id: str | None = None
+    proposed_by_version: str | None = None
+
+    from_row = classmethod(_from)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    sha256: str
+    path: str
+    status: str
+    created_at: float
+    parent: str | None = None
+    reason: str | None = None
+    metrics: dict = field(default_factory=dict)
+    corrections: dict = field(default_factory=dict)  # correction ids used: train / holdout
+
+    @classmethod
+    def from_row(cls, row: dict | None) -> ModelVersion | None:
+        if row is None:
+            return None
+        return _from(cls, {**row, "metrics": row.get("metrics") or {}, "corrections": row.get("corrections") or {}})
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    id: str
+    state: str
+    trigger: str
+    created_at: float
+    parent: str | None = None
+    candidate: str | None = None
+    corrections: dict | None = None
+    progress_done: int = 0
+    progress_total: int = 0
+    metrics: dict | None = None
+    reason: str | None = None
+    requested_by: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = None
+
+    from_row = classmethod(_from)
+
+
+def as_dict(record: Any) -> dict:
+    """A record as a plain dict (JSON responses)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}

@@ -1,0 +1,88 @@
+"""Fine-tune runs: requested -> running -> promoted / rejected / failed, with progress and heartbeat."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from service.store.db import Database, audit
+from service.store.records import FinetuneRun
+from service.vocabulary import RUN_OUTCOMES
+
+
+class RunRepository:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def request(self, trigger: str, actor: str | None) -> tuple[FinetuneRun, bool]:
+        """A new 'requested' run, unless one is already requested or running (then that one)."""
+        with self.db.transaction() as db:
+            open_run = db.execute(
+                "SELECT id FROM finetune_runs WHERE state IN ('requested', 'running') ORDER BY created_at LIMIT 1"
+            ).fetchone()
+            if open_run is not None:
+                return self.get(open_run["id"]), False
+            run_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO finetune_runs (id, state, trigger, requested_by, created_at)"
+                " VALUES (?, 'requested', ?, ?, ?)",
+                (run_id, trigger, actor, time.time()),
+            )
+            audit(db, actor or "system", "finetune.request", run_id, {"trigger": trigger})
+        return self.get(run_id), True
+
+    def oldest_requested(self) -> FinetuneRun | None:
+        return FinetuneRun.from_row(
+            self.db.one("SELECT * FROM finetune_runs WHERE state = 'requested' ORDER BY created_at LIMIT 1")
+        )
+
+    def start(self, run_id: str, parent: str, corrections: dict, total: int) -> None:
+        with self.db.transaction() as db:
+            now = time.time()
+            db.execute(
+                "UPDATE finetune_runs SET state = 'running', parent = ?, corrections = ?, progress_total = ?,"
+                " started_at = ?, heartbeat_at = ? WHERE id = ?",
+                (parent, json.dumps(corrections), total, now, now, run_id),
+            )
+
+    def progress(self, run_id: str, done: int) -> None:
+        with self.db.transaction() as db:
+            db.execute(
+                "UPDATE finetune_runs SET progress_done = ?, heartbeat_at = ? WHERE id = ?", (done, time.time(), run_id)
+            )
+
+    def end(self, run_id: str, state: str, *, candidate: str | None, metrics: dict | None, reason: str | None) -> None:
+        with self.db.transaction() as db:
+            db.execute(
+                "UPDATE finetune_runs SET state = ?, candidate = ?, metrics = ?, reason = ?, finished_at = ?"
+                " WHERE id = ?",
+                (state, candidate, json.dumps(metrics or {}), reason, time.time(), run_id),
+            )
+            audit(db, "runner", f"finetune.{state}", run_id, {"candidate": candidate, "reason": reason})
+
+    def list(self, limit: int = 50) -> list[FinetuneRun]:
+        rows = self.db.all("SELECT * FROM finetune_runs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [FinetuneRun.from_row(r) for r in rows]
+
+    def get(self, run_id: str) -> FinetuneRun | None:
+        return FinetuneRun.from_row(self.db.one("SELECT * FROM finetune_runs WHERE id = ?", (run_id,)))
+
+    def fail_interrupted(self) -> list[str]:
+        """At runner start: runs left 'running' by a dead runner are failed (their work is redone)."""
+        with self.db.transaction() as db:
+            rows = db.execute("SELECT id FROM finetune_runs WHERE state = 'running'").fetchall()
+            for r in rows:
+                db.execute(
+                    "UPDATE finetune_runs SET state = 'failed', reason = 'runner stopped mid-run (restarted)',"
+                    " finished_at = ? WHERE id = ?",
+                    (time.time(), r["id"]),
+                )
+            return [r["id"] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(RUN_OUTCOMES, 0)
+        for r in self.db.all("SELECT state, COUNT(*) AS n FROM finetune_runs GROUP BY state"):
+            if r["state"] in counts:
+                counts[r["state"]] = r["n"]
+        return counts
