@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,serve,dev
 
-.PHONY: setup serve demo test lint bench train clean
+.PHONY: setup serve demo test test-fast lint bench train clean
 
 $(BIN)/uga: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,9 +20,13 @@ serve: setup                  ## the service on http://127.0.0.1:3000 with a dem
 demo: setup                   ## build the demo slide (once) and segment it (CLI only)
 	$(BIN)/uga demo
 
-test: setup                   ## the whole test suite
+test: setup                   ## the whole test suite (what CI runs)
 	$(BIN)/ruff check service models tests bench
 	$(BIN)/python -m pytest -q
+
+test-fast: setup              ## everything in-process: no server or runner processes (< 2 min)
+	$(BIN)/ruff check service models tests bench
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 bench: setup                  ## engine benchmark (prints a table)
 	$(BIN)/python bench/bench_engine.py

@@ -8,7 +8,7 @@ Prints two Markdown tables (measures against their goals, then the raw numbers) 
 progress to stderr, and writes ``<out>/bench_engine.json``. Nothing here asserts on time: the
 verdicts are information, not test failures.
 
-Benchmark slides are built with ``models.slidegen.build_slide`` (centre "source", fixed seed) and
+Benchmark slides are built with ``models.data.slidegen.build_slide`` (centre "source", fixed seed) and
 cached under ``$UGA_CACHE_DIR/bench-slides`` (default ``~/.cache/uga-serve/bench-slides``).
 """
 
@@ -122,7 +122,7 @@ def seg_options() -> SegmentationOptions:
 
 
 def time_segment(path: Path, ens: Ensemble) -> dict:
-    """One engine run (``service.engine.segment``): tiles computed, wall seconds, engine timings."""
+    """One engine run (``service.inference.engine.segment``): tiles computed, wall seconds, engine timings."""
     slide = open_slide(path)
     work = Path(tempfile.mkdtemp(prefix="uga-bench-seg-"))
     try:
@@ -146,8 +146,7 @@ def time_segment(path: Path, ens: Ensemble) -> dict:
 def time_predict_only(path: Path, ens: Ensemble) -> dict:
     """The same occupied tiles, read into memory first; only ``ensemble.predict`` is timed."""
     opt = seg_options()
-    slide = open_slide(path)
-    try:
+    with open_slide(path) as slide:
         t0 = time.perf_counter()
         tissue = tissue_mask(slide)
         height, width = analysis_shape(slide, opt.mpp)
@@ -161,8 +160,6 @@ def time_predict_only(path: Path, ens: Ensemble) -> dict:
                     y, x = grid.origin(r, c)
                     tiles.append(reader.read(y, x, opt.tile, opt.tile))
         read_s = time.perf_counter() - t0
-    finally:
-        slide.close()
     batches = [np.stack(tiles[i : i + opt.batch]) for i in range(0, len(tiles), opt.batch)]
     del tiles
     per_batch = []
@@ -181,7 +178,7 @@ def time_predict_only(path: Path, ens: Ensemble) -> dict:
 
 
 def time_run(path: Path, ens: Ensemble) -> dict:
-    """``service.pipeline.run_segmentation`` end to end, every artifact written."""
+    """``service.inference.pipeline.run_segmentation`` end to end, every artifact written."""
     out = Path(tempfile.mkdtemp(prefix="uga-bench-run-"))
     try:
         t0 = time.perf_counter()
@@ -205,7 +202,7 @@ def best(runs: list[dict], key: str) -> dict:
 def memory_child(path: str, model_dir: str) -> None:
     """Fresh process: load the model, run ``run_segmentation``, print peak RSS (KiB) as JSON.
 
-    ``service.pipeline.segment`` is wrapped so the peak is also read right after the engine
+    ``service.inference.pipeline.segment`` is wrapped so the peak is also read right after the engine
     finished (ru_maxrss only grows, so this is the engine's own peak).
     """
     import service.inference.pipeline as pipeline

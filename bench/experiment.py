@@ -7,7 +7,7 @@ Protocol (see bench/README.md): the shipped baseline (source centre only) segmen
 of several out-of-domain centres; each strategy picks ``budget`` non-overlapping 256 µm patches from
 the union of all pool slides (one pooled ranking, like the service's pooled queue); the ground truth
 of those patches stands in for the clinician's correction; every member is fine-tuned ONCE with the
-production recipe (``FinetuneBudget`` defaults, as ``service/runner.py`` uses it); the fine-tuned
+production recipe (``FinetuneBudget`` defaults, as ``service/loop/candidate.py`` uses it); the fine-tuned
 ensemble segments every centre's held-out evaluation slides (never selected from) and we report
 per-slide tumour Dice, per centre and mean. Plus uncertainty quality (per-pixel AUROC for the
 baseline's errors, ECE) and the ensemble-size trade-off (first 1, 3, 5 members).
@@ -67,7 +67,7 @@ ORACLE_NOTE = "patches with the highest share of baseline errors (prediction != 
 DICE_DEFINITION = (
     "per slide, tumour class, prediction = mean probability >= 0.5 at 1 µm/px vs the exact ground-truth mask "
     "resampled to 1 µm/px, Dice = 2TP/(2TP+FP+FN) over the whole slide; a slide with no tumour in truth and "
-    "prediction counts 1.0, no tumour in truth but some predicted counts 0.0 (service.evaluation.Overlap.dice); "
+    "prediction counts 1.0, no tumour in truth but some predicted counts 0.0 (evaluation.Overlap.dice); "
     "averaged over the evaluation slides (per centre: over its slides; mean: over all slides, equal count per centre)"
 )
 PAPER = {"budgets": [0, 5, 10], "uga_dice": [0.66, 0.76, 0.84], "source": "Khalili et al. 2024, out-of-domain slides"}
@@ -380,11 +380,8 @@ def read_corrections(patches: list[Patch], refs: dict[str, SlideRef], size: int)
     for p in patches:
         ref = refs[p.slide]
         y, x = p.yx
-        slide = open_slide(ref.path)
-        try:
+        with open_slide(ref.path) as slide:
             images.append(RegionReader(slide, MPP).read(y, x, size, size))
-        finally:
-            slide.close()
         masks.append(read_truth(ref.mask, MPP, y, x, size, size).astype(np.uint8))
     return images, masks
 
@@ -575,7 +572,7 @@ def _run(cfg: Config, out: Path, slide_root: Path, work: Path, t_start: float) -
                 **asdict(recipe),
                 "seed": "= experiment seed",
                 "replay": "models/baseline/replay.npz",
-                "note": "finetune_members(), the recipe service/runner.py runs (FinetuneBudget defaults)"
+                "note": "finetune_members(), the recipe service/loop/candidate.py runs (FinetuneBudget defaults)"
                 + ("" if cfg.steps is None else f"; steps overridden to {cfg.steps}"),
             },
             "dice": DICE_DEFINITION,

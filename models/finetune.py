@@ -1,6 +1,6 @@
 """Fine-tune every ensemble member from a parent version on clinician corrections + source replay.
 
-Used by the background runner (service/runner.py) and the paper experiment (bench/). torch lives here,
+Used by the background runner (service/loop/candidate.py) and the paper experiment (bench/). torch lives here,
 never in the serving path.
 """
 

@@ -24,8 +24,7 @@ def sample_patches(
 
     About ``tumour_share`` of them are centred on tumour pixels, the rest anywhere on tissue.
     """
-    slide, mask_slide = open_slide(slide_path), open_slide(mask_path)
-    try:
+    with open_slide(slide_path) as slide, open_slide(mask_path) as mask_slide:
         tissue = tissue_mask(slide)
         truth_low = RegionReader(mask_slide, tissue.mpp).read(0, 0, *tissue.mask.shape)[..., 0] > 127
         h, w = analysis_shape(slide, mpp)
@@ -42,6 +41,3 @@ def sample_patches(
             images[i] = reader.read(y, x, size, size)
             masks[i] = mreader.read(y, x, size, size)[..., 0] > 127
         return images, masks
-    finally:
-        slide.close()
-        mask_slide.close()

@@ -62,13 +62,10 @@ def evaluate(onnx_path: Path, slides: list[Path], *, mpp: float = 1.0, workdir: 
     ens = Ensemble(onnx_path, "eval")
     scores = []
     for path in slides:
-        slide = open_slide(path)
-        try:
+        with open_slide(path) as slide:
             res = segment(slide, ens, workdir / path.stem, SegmentationOptions(mpp=mpp))
             scores.append(overlap_with_truth(res.maps["probability"], mask_path_of(path), mpp).dice)
             res.close()
-        finally:
-            slide.close()
     return scores
 
 

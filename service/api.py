@@ -1,4 +1,4 @@
-"""The BentoML service: the REST API (service/routes.py) mounted at /v1, plus BentoML's own /livez,
+"""The BentoML service: the REST API (service/http/app.py) mounted at /v1, plus BentoML's own /livez,
 /readyz (ready only with a loaded model and a writable store) and /metrics (ours appended).
 
     bentoml serve service.api:UGAService --port 3000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,19 @@ TOKENS = {
     "annotator": "annotator-token-0123456789ab",
     "viewer": "viewer-token-0123456789abcdef",
 }
+
+
+def hostile_slide_root(root: Path, source_slide: Path) -> Path:
+    """``root/slides`` with cases/a.tif (+ its mask), a non-slide, and a symlink leading out of the root."""
+    slides = root / "slides"
+    (slides / "cases").mkdir(parents=True)
+    shutil.copy(source_slide, slides / "cases" / "a.tif")
+    shutil.copy(source_slide.with_name(source_slide.stem + ".mask.tif"), slides / "cases" / "a.mask.tif")
+    (slides / "notes.svs").write_text("not a slide")
+    outside = root / "secret.tif"
+    shutil.copy(source_slide, outside)
+    (slides / "escape.tif").symlink_to(outside)
+    return slides
 
 
 def free_port() -> int:

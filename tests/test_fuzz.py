@@ -11,7 +11,7 @@ import pytest
 
 from tests.server import TOKENS, Server, wait_job
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def test_no_generated_request_causes_a_server_error(tmp_path, source_slide):

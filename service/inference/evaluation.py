@@ -43,11 +43,8 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def read_truth(mask_path: Path, mpp: float, y: int, x: int, h: int, w: int, slide_mpp: float | None = None):
     """Ground-truth tumour (bool) for an analysis region, resampled from a mask slide."""
-    mask_slide = open_slide(mask_path, slide_mpp)
-    try:
+    with open_slide(mask_path, slide_mpp) as mask_slide:
         return RegionReader(mask_slide, mpp).read(y, x, h, w)[..., 0] > 127
-    finally:
-        mask_slide.close()
 
 
 def overlap_with_truth(
@@ -63,8 +60,7 @@ def overlap_with_truth(
     """
     y0, x0, h, w = region or (0, 0, probability.height, probability.width)
     cut = int(np.ceil(threshold * 255 - 1e-9))
-    mask_slide = open_slide(mask_path)
-    try:
+    with open_slide(mask_path) as mask_slide:
         reader = RegionReader(mask_slide, mpp)
         out = Overlap()
         for by in range(y0, y0 + h, BAND):
@@ -73,8 +69,6 @@ def overlap_with_truth(
             truth = reader.read(by, x0, bh, w)[..., 0] > 127
             out.add(pred, truth)
         return out
-    finally:
-        mask_slide.close()
 
 
 def predict_mean(ensemble, image: np.ndarray) -> np.ndarray:

@@ -1,0 +1,261 @@
+"""The HTTP contract in-process (the ASGI app with a real store, model and job worker, no server
+process): jobs, artifacts, queue, models, every refusal with its JSON error and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from tests.inprocess import InProcessService
+from tests.server import hostile_slide_root, wait_job
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, source_slide):
+    root = tmp_path_factory.mktemp("svc")
+    slides = hostile_slide_root(root, source_slide)
+    service = InProcessService(root / "data", slides)
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
+        assert r.status_code == 202, r.text
+        assert r.headers["location"].endswith(r.json()["id"])
+        return wait_job(c, r.json()["id"])
+
+
+def test_job_runs_to_completion_with_progress_and_summary(env, finished):
+    assert finished["state"] == "succeeded", finished["error"]
+    assert finished["progress"]["done"] == finished["progress"]["total"] > 0
+    s = finished["summary"]
+    assert s["model_version"] == finished["model_version"]
+    assert s["queue"]["size"] == 4 and s["tissue_area_mm2"] > 0
+
+
+def test_every_artifact_downloads_and_tiffs_open_in_openslide(env, finished, tmp_path):
+    with env.client("viewer") as c:
+        for name, url in finished["artifacts"].items():
+            r = c.get(url)
+            assert r.status_code == 200, (name, r.text)
+            path = (
+                tmp_path
+                / f"{name}{'.tif' if name in ('mask', 'probability', 'entropy', 'mutual_information', 'uga') else ''}"
+            )
+            path.write_bytes(r.content)
+            if path.suffix == ".tif":
+                s = openslide.OpenSlide(str(path))
+                assert float(s.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+                assert s.level_count >= 2
+        assert c.get(finished["artifacts"]["overlay"]).headers["content-type"] == "image/png"
+        gj = c.get(finished["artifacts"]["geojson"]).json()
+        assert gj["type"] == "FeatureCollection"
+
+
+def test_same_submission_returns_the_existing_job(env, finished):
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
+        assert r.status_code == 200 and r.json()["deduplicated"] is True
+        assert r.json()["id"] == finished["id"]
+
+
+def test_queue_items_link_to_patch_image_and_predicted_mask_and_can_be_skipped(env, finished):
+    with env.client("viewer") as c:
+        q = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+        assert len(q) == 4 and [i["rank"] for i in q] == [1, 2, 3, 4]
+        pooled = c.get("/v1/queue", params={"k": 2}).json()["items"]
+        assert [i["id"] for i in pooled] == [i["id"] for i in q[:2]]
+        img = Image.open(__import__("io").BytesIO(c.get(q[0]["links"]["image"]).content))
+        mask = Image.open(__import__("io").BytesIO(c.get(q[0]["links"]["mask"]).content))
+        assert img.size == mask.size == (256, 256) and img.mode == "RGB"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    with env.client("annotator") as c:
+        r = c.post(q[0]["links"]["skip"])
+        assert r.status_code == 200 and r.json()["status"] == "skipped"
+        left = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+        assert q[0]["id"] not in [i["id"] for i in left] and len(left) == 3
+
+
+def test_models_listing(env):
+    with env.client("viewer") as c:
+        models = c.get("/v1/models").json()
+        assert models["current"].startswith("baseline-")
+        assert models["models"][0]["metrics"]["dice_source_holdout"] > 0.85
+        assert c.get("/v1/models/current").json()["current"] is True
+
+
+# -- refusals: JSON error envelope, fitting status, nothing written ---------------------------------
+
+
+def _jobs(env) -> int:
+    with env.client("viewer") as c:
+        return len(c.get("/v1/jobs", params={"limit": 500}).json()["jobs"])
+
+
+@pytest.mark.parametrize(
+    ("role", "body", "status", "code"),
+    [
+        ("annotator", {"slide": "/etc/passwd"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "../secret.tif"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "cases/../../secret.tif"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "escape.tif"}, 400, "invalid_slide_path"),
+        ("annotator", {"slide": "cases/missing.tif"}, 404, "slide_not_found"),
+        ("annotator", {"slide": "0" * 1000}, 400, "invalid_slide_path"),  # longer than a file name may be
+        ("annotator", {"slide": "notes.svs"}, 422, "unusable_slide"),
+        ("annotator", {"slide": "cases/a.tif", "options": {"uncertainty": "vibes"}}, 422, "invalid_request"),
+        ("annotator", {"slide": "cases/a.tif", "extra": 1}, 422, "invalid_request"),
+        (None, {"slide": "cases/a.tif"}, 401, "unauthenticated"),
+        ("viewer", {"slide": "cases/a.tif"}, 403, "forbidden"),
+    ],
+)
+def test_bad_submissions_are_refused_and_write_nothing(env, finished, role, body, status, code):
+    before = _jobs(env)
+    with env.client(role) as c:
+        r = c.post("/v1/jobs", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"]
+    assert _jobs(env) == before
+
+
+def test_wrong_token_malformed_json_and_oversize_body(env, finished):
+    before = _jobs(env)
+    with env.client(None) as c:
+        r = c.get("/v1/jobs", headers={"Authorization": "Bearer not-a-real-token-at-all"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", content=b'{"slide": ', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+        r = c.post("/v1/jobs", content=b"x" * (65 * 1024 * 1024), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert _jobs(env) == before
+
+
+def test_unknown_resources_are_404_json(env, finished):
+    with env.client("viewer") as c:
+        for url, code in [
+            ("/v1/jobs/nope", "job_not_found"),
+            (f"/v1/jobs/{finished['id']}/artifacts/passwords", "artifact_not_found"),
+            ("/v1/queue/items/nope", "queue_item_not_found"),
+            ("/v1/queue?slide=never/seen.tif", "slide_not_segmented"),
+            ("/v1/no-such-route", "not_found"),
+        ]:
+            r = c.get(url)
+            assert r.status_code == 404 and r.json()["error"]["code"] == code, (url, r.text)
+
+
+# -- corrections over HTTP: every refusal writes nothing -----------------------------------------
+
+
+def _png(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _corrections_state(env):
+    with env.client("viewer") as c:
+        n = len(c.get("/v1/corrections").json()["corrections"])
+    d = env.data_dir / "corrections"
+    return n, sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_correction_refusals(env, finished):
+    with env.client("viewer") as c:
+        item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
+    url = f"/v1/queue/items/{item['id']}/correction"
+    side = item["bbox_level0"]["width"] // 2  # mask pixels at the job's 1 µm/px on a 0.5 µm/px slide
+    good = np.zeros((side, side), np.uint8)
+    before = _corrections_state(env)
+    cases = [
+        ("annotator", url, _png(np.zeros((100, side), np.uint8)), "image/png", 422, "mask_size_mismatch"),
+        ("annotator", url, _png(np.full((side, side), 7, np.uint8)), "image/png", 422, "mask_not_binary"),
+        ("annotator", url, b"\x89PNG\r\n\x1a\n garbage", "image/png", 422, "invalid_png"),
+        ("annotator", url, b"", "image/png", 400, "empty_body"),
+        ("annotator", url, b'{"type": "Point", "coordinates": [1, 2]}', "application/geo+json", 422, "invalid_geojson"),
+        ("annotator", url, _png(good), "text/plain", 415, "unsupported_media_type"),
+        ("annotator", "/v1/queue/items/nope/correction", _png(good), "image/png", 404, "queue_item_not_found"),
+        (
+            "annotator",
+            "/v1/corrections?slide=cases/a.tif&x=1900&y=0&width=512&height=512",
+            _png(good),
+            "image/png",
+            422,
+            "region_outside_slide",
+        ),
+        (
+            "annotator",
+            "/v1/corrections?slide=cases/nope.tif&x=0&y=0&width=512&height=512",
+            _png(good),
+            "image/png",
+            404,
+            "slide_not_found",
+        ),
+        ("viewer", url, _png(good), "image/png", 403, "forbidden"),
+        (None, url, _png(good), "image/png", 401, "unauthenticated"),
+    ]
+    for role, u, body, ctype, status, code in cases:
+        with env.client(role) as c:
+            r = c.post(u, content=body, headers={"content-type": ctype})
+        assert r.status_code == status and r.json()["error"]["code"] == code, (code, r.status_code, r.text[:300])
+    with env.client("annotator") as c:
+        r = c.post(url, content=b"0" * (65 * 1024 * 1024), headers={"content-type": "image/png"})
+        assert r.status_code == 413
+    assert _corrections_state(env) == before
+
+
+def test_geojson_correction_is_stored_with_crop_and_is_idempotent(env, finished):
+    with env.client("viewer") as c:
+        items = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+    item = items[-1]
+    b = item["bbox_level0"]
+    square = [
+        [b["x"], b["y"]],
+        [b["x"] + 200, b["y"]],
+        [b["x"] + 200, b["y"] + 200],
+        [b["x"], b["y"] + 200],
+        [b["x"], b["y"]],
+    ]
+    body = json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}}).encode()
+    with env.client("annotator") as c:
+        url = f"/v1/queue/items/{item['id']}/correction?coords=level0"
+        r = c.post(url, content=body, headers={"content-type": "application/geo+json"})
+        assert r.status_code == 201, r.text
+        rec = r.json()
+        side = b["width"] // 2
+        assert rec["tumour_fraction"] == pytest.approx((100 * 100) / side**2, abs=0.01)  # 200 level-0 px = 100 µm
+        assert rec["queue_item_id"] == item["id"] and rec["annotator"].startswith("annotator:")
+        again = c.post(url, content=body, headers={"content-type": "application/geo+json"})
+        assert again.status_code == 200 and again.json()["duplicate"] is True and again.json()["id"] == rec["id"]
+        crop = Image.open(__import__("io").BytesIO(c.get(rec["links"]["image"]).content))
+        assert crop.size == (side, side)
+        assert c.get(f"/v1/queue/items/{item['id']}").json()["status"] == "corrected"
+        r = c.post(f"/v1/queue/items/{item['id']}/skip")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "already_corrected"
+
+
+
+
+def test_a_bug_is_a_logged_json_500_with_a_request_id(env, monkeypatch, caplog):
+    def broken(*_args, **_kwargs):
+        raise ValueError("an internal mistake, not the caller's")
+
+    monkeypatch.setattr(env.runtime.store.jobs, "list", broken)
+    with caplog.at_level("ERROR", logger="uga.http"), env.client("viewer") as c:
+        r = c.get("/v1/jobs")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["code"] == "internal_error" and "internal mistake" not in err["message"]
+    request_id = err["details"]["request_id"]
+    assert request_id in err["message"]
+    logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert logged and logged[0].exc_info and logged[0].exc_info[0] is ValueError  # the traceback is in the log
