@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.inference.ensemble import Predictor
+from service.config import Settings
+from service.inference.ensemble import Ensemble, Predictor, check_outputs_finite, load_ensemble
 from service.inference.evaluation import pairs_overlap
+from service.loop.candidate import Candidate, pairs
+from service.loop.registry import Registry
+from service.store import Correction
 
 Pairs = tuple[list[np.ndarray], list[np.ndarray]] | tuple[np.ndarray, np.ndarray]
 
@@ -52,3 +56,23 @@ def gate(
     result["passed"] = not reasons
     result["reasons"] = reasons
     return result
+
+
+def gate_candidate(
+    registry: Registry, settings: Settings, candidate: Candidate, *, parent: str, holdout: list[Correction]
+) -> GateResult:
+    """Gate the staged candidate against ``parent`` on the frozen source holdout and held-out corrections."""
+    from models.bank import load_bank
+
+    threads = settings.finetune_threads
+    staged = Ensemble(candidate.staging / "ensemble.onnx", candidate.version, threads=threads)
+    check_outputs_finite(staged)
+    current = load_ensemble(registry.path(parent), threads=threads)
+    return gate(
+        current,
+        staged,
+        load_bank(settings.baseline_dir / "holdout.npz"),
+        pairs(settings.data_dir / "corrections", holdout),
+        margin=settings.gate_margin,
+        min_heldout=settings.gate_min_heldout,
+    )

@@ -14,9 +14,9 @@ import threading
 import time
 
 from service.config import Settings
-from service.inference.ensemble import Ensemble, check_outputs_finite, load_ensemble, read_card
-from service.loop.candidate import Candidate, build_candidate, pairs
-from service.loop.gate import GateResult, gate
+from service.inference.ensemble import read_card
+from service.loop.candidate import build_candidate
+from service.loop.gate import gate_candidate
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
 from service.store import FinetuneRun, Store
@@ -101,7 +101,7 @@ class Runner:
                 progress=progress,
                 device=self.device(),
             )
-            result = self.gate(candidate, parent, holdout)
+            result = gate_candidate(self.registry, s, candidate, parent=parent, holdout=holdout)
             result["duration_s"] = round(time.time() - t0, 1)
             card = {**candidate.card, "metrics": {**candidate.card.get("metrics", {}), "gate": dict(result)}}
             reason = None if result.passed else "; ".join(result["reasons"])
@@ -128,23 +128,6 @@ class Runner:
         runs.end(run.id, status, candidate=candidate.version, metrics=dict(result), reason=reason)
         log.info("run %s: %s %s (%s)", run.id, status, candidate.version, reason or "gate passed")
         return status
-
-    def gate(self, candidate: Candidate, parent: str, holdout: list) -> GateResult:
-        """Gate the staged candidate against the parent on the frozen holdout and held-out corrections."""
-        s = self.settings
-        staged = Ensemble(candidate.staging / "ensemble.onnx", candidate.version, threads=s.finetune_threads)
-        check_outputs_finite(staged)
-        current = load_ensemble(self.registry.path(parent), threads=s.finetune_threads)
-        from models.bank import load_bank
-
-        return gate(
-            current,
-            staged,
-            load_bank(s.baseline_dir / "holdout.npz"),
-            pairs(s.data_dir / "corrections", holdout),
-            margin=s.gate_margin,
-            min_heldout=s.gate_min_heldout,
-        )
 
 
 def check(settings: Settings, stale_s: float = 600.0) -> tuple[bool, str]:

@@ -1,0 +1,62 @@
+"""The store: migrations of an existing data directory, typed records, one transaction per change."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import pytest
+
+from service.store import Job, Store, StoreError
+from service.store.db import SCHEMA, SCHEMA_VERSION
+
+
+def _version_2_store(data_dir) -> None:
+    """A data directory as the previous release left it (schema 2: jobs without resolved options)."""
+    data_dir.mkdir(parents=True)
+    schema_2 = re.sub(r"\n    resolved TEXT,[^\n]*", "", SCHEMA)
+    assert schema_2 != SCHEMA
+    db = sqlite3.connect(data_dir / "uga.sqlite")
+    db.executescript(schema_2 + "PRAGMA user_version=2;")
+    db.execute(
+        "INSERT INTO jobs (id, dedup_key, slide, options, model_version, state, created_at)"
+        " VALUES ('j1', 'k1', 'a.tif', ?, 'v1', 'succeeded', 1.0)",
+        (json.dumps({"patch_um": 256}),),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_version_2_data_directory_is_migrated_and_keeps_its_jobs(tmp_path):
+    _version_2_store(tmp_path / "data")
+    store = Store(tmp_path / "data")
+    job = store.jobs.get("j1")
+    assert isinstance(job, Job) and job.options == {"patch_um": 256} and job.resolved is None
+    assert store.db.scalar("PRAGMA user_version") == SCHEMA_VERSION
+    new, created = store.jobs.submit(
+        slide="a.tif", options={}, resolved={"mpp": 1.0}, model_version="v1", dedup_key="k2", actor="t"
+    )
+    assert created and store.jobs.get(new.id).resolved == {"mpp": 1.0}
+    store.close()
+    assert Store(tmp_path / "data").jobs.get("j1").state == "succeeded"  # reopening migrates nothing twice
+
+
+def test_a_store_from_newer_code_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    db = sqlite3.connect(tmp_path / "data" / "uga.sqlite")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this code"):
+        Store(tmp_path / "data")
+
+
+def test_a_failed_change_writes_nothing(tmp_path):
+    store = Store(tmp_path / "data")
+    with pytest.raises(RuntimeError), store.db.transaction() as db:
+        db.execute(
+            "INSERT INTO jobs (id, slide, options, model_version, state, created_at)"
+            " VALUES ('x', 'a.tif', '{}', 'v1', 'queued', 1.0)"
+        )
+        raise RuntimeError("crash inside the transaction")
+    assert store.jobs.get("x") is None and store.jobs.counts()["queued"] == 0
