@@ -85,3 +85,20 @@ def test_excluded_items_leave_the_queue():
     again = build_queue(_stats(unc), exclude={first[0]["id"]}, **kw)
     assert first[0]["id"] not in {i["id"] for i in again}
     assert again[0]["rank"] == 1
+
+
+def test_no_patch_reaches_past_the_slide_edge():
+    # a 6000-px slide at 0.5 µm/px = 3000 analysis px = 46.9 cells of 64: the last cell row is partial
+    unc = np.zeros((47, 47))
+    unc[-16:, -16:] = 1.0  # the most uncertain tissue lies in the partial edge cells
+    kwargs = dict(patch_px=1024, top=5, scoring="mean", min_tissue=0.5, mpp=1.0, level0_mpp=0.5)
+    common = dict(slide_key="s", measure="uga", model_version="v1")
+    stats = _stats(unc, cell=64)
+    unbounded = build_queue(stats, **kwargs, **common)
+    assert any(i["bbox_level0"]["y"] + i["bbox_level0"]["height"] > 6000 for i in unbounded)  # the old behaviour
+    items = build_queue(stats, **kwargs, **common, level0_size=(6000, 6000))
+    assert items and all(
+        i["bbox_level0"]["x"] + i["bbox_level0"]["width"] <= 6000
+        and i["bbox_level0"]["y"] + i["bbox_level0"]["height"] <= 6000
+        for i in items
+    )

@@ -88,6 +88,7 @@ def _run(
             measure=opt.uncertainty,
             model_version=ensemble.version,
             exclude=exclude,
+            level0_size=slide.dimensions,
         )
         rasters = {"mask": analysis.mask, **result.maps}
         tiffs = outputs.start_map_tiffs(out_dir, rasters, opt.mpp, pool)

@@ -104,8 +104,13 @@ def build_queue(
     measure: str,
     model_version: str,
     exclude: set[str] | frozenset[str] = frozenset(),
+    level0_size: tuple[int, int] | None = None,
 ) -> list[dict]:
-    """Top non-overlapping patches as queue items (bbox in level-0 px and in µm), best first."""
+    """Top non-overlapping patches as queue items (bbox in level-0 px and in µm), best first.
+
+    With ``level0_size`` (width, height), a patch that would reach past the slide is never proposed:
+    every item can be corrected exactly as proposed.
+    """
     k = max(1, round(patch_px / stats.cell))
     size_px = k * stats.cell
     cands = score_candidates(stats, k, scoring=scoring, min_tissue=min_tissue)
@@ -116,6 +121,9 @@ def build_queue(
     def level0_xy(c: Candidate) -> tuple[int, int]:
         return round(c.col * stats.cell * to0), round(c.row * stats.cell * to0)
 
+    if level0_size is not None:
+        w0, h0 = level0_size
+        cands = [c for c in cands if all(v + size0 <= lim for v, lim in zip(level0_xy(c), (w0, h0), strict=True))]
     if exclude:
         cands = [c for c in cands if item_id(slide_key, *level0_xy(c), size0) not in exclude]
     for rank, c in enumerate(select_non_overlapping(cands, k, top), start=1):
