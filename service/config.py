@@ -34,7 +34,22 @@ class Settings(BaseSettings, SegmentationDefaults):
     auth_tokens_file: Path | None = Field(None, description="file with lines 'ROLE TOKEN' (a Kubernetes Secret)")
     auth_tokens: str | None = Field(None, description="'ROLE:TOKEN,ROLE:TOKEN' (alternative to the file)")
     auth_disabled: bool = Field(False, description="serve without authentication (logged as a warning)")
+    # OpenID Connect: bearer JWTs from the hospital's identity provider (on when oidc_issuer is set)
+    oidc_issuer: str | None = Field(None, description="expected 'iss' of ID provider JWTs; setting it turns OIDC on")
+    oidc_audience: str | None = Field(None, description="expected 'aud' (this service's client id at the IdP)")
+    oidc_jwks_url: str | None = Field(None, description="the IdP's JWKS endpoint (its public signing keys)")
+    oidc_roles_claim: str = Field("roles", description="claim with the IdP roles; dots walk into objects")
+    oidc_role_map: str | None = Field(None, description="'IDP_ROLE=ROLE,...' onto viewer/annotator/admin")
+    oidc_name_claim: str = Field("preferred_username", description="claim naming the person ('sub' if absent)")
+    oidc_algorithms: str = Field("RS256,ES256", description="accepted signature algorithms (asymmetric only)")
+    oidc_leeway_s: float = Field(30.0, ge=0, le=600, description="clock skew allowed on exp/nbf/iat, seconds")
+    oidc_jwks_cache_s: float = Field(300.0, gt=0, le=86400, description="how long fetched JWKS keys are used")
+    oidc_jwks_timeout_s: float = Field(5.0, gt=0, le=60, description="timeout of one JWKS fetch")
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body, MiB")
+    max_correction_px: int = Field(
+        4096, ge=64, le=16384, description="largest side of a correction's mask, pixels at its µm/px"
+    )
+    max_geojson_vertices: int = Field(100_000, ge=3, description="most polygon vertices in one GeoJSON correction")
     job_stale_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")
     model_poll_s: float = Field(1.0, gt=0, le=10, description="how often each worker checks the current-model pointer")
     # human-in-the-loop

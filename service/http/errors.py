@@ -3,6 +3,7 @@ and the boundary that turns an unexpected exception (a bug) into a logged 500 wi
 
 from __future__ import annotations
 
+import errno
 import logging
 import uuid
 
@@ -82,18 +83,28 @@ class ErrorBoundary:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
-            request_id = uuid.uuid4().hex[:16]
-            log.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
+        except Exception as exc:
             if started:
-                raise
-            response = error_response(
-                500,
-                "internal_error",
-                f"the server failed on this request (a bug); quote request id {request_id} when reporting it",
-                {"request_id": request_id},
+                raise  # the response is under way: nothing left to answer with
+            await self.answer(exc, scope)(scope, receive, send)
+
+    @staticmethod
+    def answer(exc: Exception, scope) -> JSONResponse:
+        """507 for a full disk; anything else is a bug: its traceback logged under a request id."""
+        where = f"{scope.get('method')} {scope.get('path')}"
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            log.error("disk full in %s: %s", where, exc.strerror)
+            return error_response(
+                507, "insufficient_storage", "the server's data volume is full; nothing was stored, retry later"
             )
-            await response(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        log.error("unhandled error in %s (request %s)", where, request_id, exc_info=exc)
+        return error_response(
+            500,
+            "internal_error",
+            f"the server failed on this request (a bug); quote request id {request_id} when reporting it",
+            {"request_id": request_id},
+        )
 
 
 class _TooLarge(Exception):

@@ -6,6 +6,7 @@ a crash leaves either a complete correction or an orphan directory that is never
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -13,19 +14,18 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from skimage import draw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from service.errors import InvalidInput, Unprocessable
 from service.fsutil import fsync_dir
 from service.store import Correction
 from service.wsi.slide import Slide
-
-MAX_MASK_SIDE = 8192
 
 
 class CorrectionError(Unprocessable):
@@ -51,7 +51,8 @@ class Region:
         return max(1, round(self.height * f)), max(1, round(self.width * f))
 
 
-def check_region(region: Region, slide_dims: tuple[int, int]) -> None:
+def check_region(region: Region, slide_dims: tuple[int, int], slide_mpp: float, max_side: int) -> None:
+    """The region lies on the slide and its mask (at the region's µm/px) is at most ``max_side`` a side."""
     w0, h0 = slide_dims
     if region.width <= 0 or region.height <= 0:
         raise CorrectionError("invalid_region", "region width and height must be positive")
@@ -61,32 +62,50 @@ def check_region(region: Region, slide_dims: tuple[int, int]) -> None:
             f"region lies outside the slide ({w0}x{h0} level-0 pixels)",
             {"region": region.__dict__, "slide": [w0, h0]},
         )
+    rows, cols = region.mask_shape(slide_mpp)
+    if max(rows, cols) > max_side:
+        raise CorrectionError(
+            "region_too_large",
+            f"the region's mask would be {cols}x{rows} px at {region.mpp} µm/px; at most {max_side} px a side "
+            "(UGA_MAX_CORRECTION_PX): split it, or use a coarser mpp",
+            {"limit": max_side, "mask": [cols, rows]},
+        )
 
 
 def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """A binary PNG (values {0,1} or {0,255}) of exactly ``shape`` (rows, cols) -> bool array."""
+    """A binary PNG (values {0,1} or {0,255}) of exactly ``shape`` (rows, cols) -> bool array.
+
+    The size is read from the header and compared before anything is decoded, so the work is
+    bounded by ``shape`` (itself bounded by UGA_MAX_CORRECTION_PX), whatever the header claims.
+    """
     if not data:
         raise MalformedCorrection("empty_body", "the request body is empty; send the mask as PNG")
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format != "PNG":
-            raise CorrectionError("invalid_png", f"expected a PNG image, got {img.format}")
-        if max(img.size) > MAX_MASK_SIDE:
-            raise CorrectionError("mask_too_large", f"mask sides may not exceed {MAX_MASK_SIDE} px")
-        img.load()
+    except Image.DecompressionBombError:
+        raise CorrectionError(
+            "mask_size_mismatch", f"the PNG claims a size far beyond {shape[1]}x{shape[0]} px"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise CorrectionError("invalid_png", "the body does not decode as a PNG image") from None
+    if img.format != "PNG":
+        raise CorrectionError("invalid_png", f"expected a PNG image, got {img.format}")
+    width, height = img.size
+    if (height, width) != tuple(shape):
+        raise CorrectionError(
+            "mask_size_mismatch",
+            f"mask is {width}x{height} px but the region needs {shape[1]}x{shape[0]} px at its µm/px",
+            {"expected": [shape[1], shape[0]], "got": [width, height]},
+        )
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise CorrectionError("invalid_png", "the body does not decode as a PNG image") from None
     arr = np.asarray(img.convert("L") if img.mode in ("1", "P") else img)
     if arr.ndim == 3:
         if not (arr[..., :3] == arr[..., :1]).all():
             raise CorrectionError("mask_not_binary", "mask must be single-channel (grey) 0/1 or 0/255")
         arr = arr[..., 0]
-    if arr.shape != tuple(shape):
-        raise CorrectionError(
-            "mask_size_mismatch",
-            f"mask is {arr.shape[1]}x{arr.shape[0]} px but the region needs {shape[1]}x{shape[0]} px at its µm/px",
-            {"expected": [shape[1], shape[0]], "got": [arr.shape[1], arr.shape[0]]},
-        )
     values = np.unique(arr)
     if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         raise CorrectionError(
@@ -95,24 +114,58 @@ def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     return arr > 0
 
 
-def _rings(geometry: dict) -> list[list]:
+def _geometries(obj: object) -> list:
+    """The geometries of a GeoJSON object (FeatureCollection, Feature or bare geometry)."""
+    if not isinstance(obj, dict):
+        raise CorrectionError("invalid_geojson", "expected a GeoJSON object")
+    if obj.get("type") == "FeatureCollection":
+        features = obj.get("features")
+        if not isinstance(features, list):
+            raise CorrectionError("invalid_geojson", "a FeatureCollection's features must be a list")
+        return [f.get("geometry") for f in features if isinstance(f, dict)]
+    if obj.get("type") == "Feature":
+        return [obj.get("geometry")]
+    return [obj]
+
+
+def _polygons(geometry: object) -> list:
     """Polygons of a GeoJSON geometry as lists of rings (outer first); refuse anything else."""
     kind = geometry.get("type") if isinstance(geometry, dict) else None
     coords = geometry.get("coordinates") if isinstance(geometry, dict) else None
     if kind == "Polygon":
-        return [coords]
-    if kind == "MultiPolygon":
-        return list(coords or [])
-    raise CorrectionError("invalid_geojson", f"only Polygon and MultiPolygon geometries are accepted, got {kind}")
+        polygons = [coords]
+    elif kind == "MultiPolygon":
+        polygons = coords
+    else:
+        raise CorrectionError("invalid_geojson", f"only Polygon and MultiPolygon geometries are accepted, got {kind}")
+    if not isinstance(polygons, list) or not all(isinstance(p, list) for p in polygons):
+        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of rings of [x, y] numbers")
+    return polygons
+
+
+def _ring_points(ring: object) -> np.ndarray:
+    try:
+        pts = np.asarray(ring, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of [x, y] numbers") from None
+    if pts.ndim != 2 or pts.shape[1] < 2 or len(pts) < 3 or not np.isfinite(pts).all():
+        raise CorrectionError("invalid_geojson", "each ring needs >= 3 finite [x, y] points")
+    return pts[:, :2]
 
 
 def rasterize_geojson(
-    data: bytes, shape: tuple[int, int], origin: tuple[float, float] = (0, 0), scale: float = 1.0
+    data: bytes,
+    shape: tuple[int, int],
+    origin: tuple[float, float] = (0, 0),
+    scale: float = 1.0,
+    *,
+    max_vertices: int = 100_000,
 ) -> np.ndarray:
     """Fill GeoJSON polygons (holes subtracted) into a bool mask of ``shape``.
 
     Coordinates are (x, y); pixel = (coordinate - origin) * scale, so region coordinates use the
     defaults and QuPath's absolute level-0 coordinates use origin = region corner, scale = 1/f.
+    At most ``max_vertices`` points in all; the fill is a C scanline (time ~ vertices + pixels).
     """
     if not data:
         raise MalformedCorrection("empty_body", "the request body is empty; send GeoJSON polygons")
@@ -120,35 +173,38 @@ def rasterize_geojson(
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MalformedCorrection("malformed_json", "the body is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise CorrectionError("invalid_geojson", "expected a GeoJSON object")
-    if obj.get("type") == "FeatureCollection":
-        geometries = [f.get("geometry") for f in obj.get("features") or [] if isinstance(f, dict)]
-    elif obj.get("type") == "Feature":
-        geometries = [obj.get("geometry")]
-    else:
-        geometries = [obj]
-    mask = np.zeros(shape, bool)
+    except RecursionError:
+        raise CorrectionError("invalid_geojson", "the GeoJSON is nested too deeply") from None
+    geometries = _geometries(obj)
     if not geometries:
         raise CorrectionError(
             "invalid_geojson",
             "no geometry found (an empty mask is sent as an empty Polygon list "
             "is not allowed; send a PNG of zeros instead)",
         )
-    try:
-        for geometry in geometries:
-            for polygon in _rings(geometry):
-                for k, ring in enumerate(polygon):
-                    pts = np.asarray(ring, dtype=np.float64)
-                    if pts.ndim != 2 or pts.shape[1] < 2 or len(pts) < 3 or not np.isfinite(pts).all():
-                        raise CorrectionError("invalid_geojson", "each ring needs >= 3 finite [x, y] points")
-                    cols = (pts[:, 0] - origin[0]) * scale
-                    rows = (pts[:, 1] - origin[1]) * scale
-                    rr, cc = draw.polygon(rows, cols, shape=shape)
-                    mask[rr, cc] = k == 0  # outer ring fills, holes clear
-    except (TypeError, ValueError):
-        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of [x, y] numbers") from None
-    return mask
+    rings: list[tuple[np.ndarray, bool]] = []  # (points, is the outer ring)
+    vertices = 0
+    for geometry in geometries:
+        for polygon in _polygons(geometry):
+            for k, ring in enumerate(polygon):
+                pts = _ring_points(ring)
+                vertices += len(pts)
+                if vertices > max_vertices:
+                    raise CorrectionError(
+                        "too_many_vertices",
+                        f"the polygons have more than {max_vertices} vertices (UGA_MAX_GEOJSON_VERTICES); "
+                        "simplify them or send a PNG mask",
+                        {"limit": max_vertices},
+                    )
+                rings.append((pts, k == 0))
+    height, width = shape
+    canvas = Image.new("L", (width, height), 0)
+    pen = ImageDraw.Draw(canvas)
+    bound = 4.0 * max(height, width) + 16  # far outside the mask: clipped the same, no int overflow
+    for pts, outer in rings:
+        xy = np.clip((pts - origin) * scale, -bound, bound)
+        pen.polygon([tuple(p) for p in xy.tolist()], fill=1 if outer else 0)  # outer rings fill, holes clear
+    return np.asarray(canvas) > 0
 
 
 def correction_id(slide: str, region: Region, mask: np.ndarray) -> str:
@@ -166,8 +222,25 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@contextmanager
+def correction_lock(data_dir: Path, cid: str) -> Iterator[None]:
+    """Exclusive, across processes on this host, for one correction id: check, write and record it."""
+    locks = Path(data_dir) / "locks" / "corrections"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{cid}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_correction_files(root: Path, cid: str, image: np.ndarray, mask: np.ndarray) -> Path:
-    """image.png + mask.png in ``root/cid``: built in a temp dir, fsynced, renamed into place."""
+    """image.png + mask.png in ``root/cid``: built in a temp dir, fsynced, renamed into place.
+
+    Call under ``correction_lock``: an existing ``root/cid`` without a database row is an orphan of a
+    crash and is replaced.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / cid
     tmp = Path(tempfile.mkdtemp(prefix=f".{cid}.", dir=root))

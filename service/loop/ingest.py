@@ -9,6 +9,7 @@ from service.loop.corrections import (
     build_record,
     check_region,
     correction_id,
+    correction_lock,
     decode_png_mask,
     rasterize_geojson,
     read_crop,
@@ -43,20 +44,19 @@ def ingest_correction(
     path = resolve_slide_path(settings.slide_root, slide)
     slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide file
     with open_slide(path) as handle:
-        check_region(region, handle.dimensions)
+        check_region(region, handle.dimensions, handle.mpp, settings.max_correction_px)
         shape = region.mask_shape(handle.mpp)
         if media_type == "image/png":
             mask = decode_png_mask(body, shape)
         else:
             f = region.mpp / handle.mpp
             origin, scale = ((region.x, region.y), 1 / f) if coords == "level0" else ((0, 0), 1.0)
-            mask = rasterize_geojson(body, shape, origin, scale)
+            mask = rasterize_geojson(body, shape, origin, scale, max_vertices=settings.max_geojson_vertices)
         cid = correction_id(slide, region, mask)
         existing = store.corrections.get(cid)
         if existing is not None:
             return existing, False
         image = read_crop(handle, region)
-    write_correction_files(settings.data_dir / "corrections", cid, image, mask)
     record = build_record(
         cid,
         slide,
@@ -67,7 +67,12 @@ def ingest_correction(
         proposed_by=proposed_by,
         holdout_every=settings.holdout_every,
     )
-    created = store.corrections.add(record, annotator)
+    with correction_lock(settings.data_dir, cid):  # the same correction sent concurrently: one writer
+        existing = store.corrections.get(cid)
+        if existing is not None:
+            return existing, False
+        write_correction_files(settings.data_dir / "corrections", cid, image, mask)
+        created = store.corrections.add(record, annotator)
     return (record if created else store.corrections.get(cid)), created
 
 

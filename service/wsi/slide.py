@@ -101,9 +101,9 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
     """Open ``path`` with OpenSlide; refuse it (SlideError) if it is missing, unreadable or lacks µm/px."""
     path = Path(path)
     if not path.exists():
-        raise SlideNotFound(f"slide not found: {path}")
+        raise SlideNotFound(f"slide not found: {path.name}")
     if path.is_dir():
-        raise SlideError(f"{path} is a directory; give the slide file itself (for DICOM, any .dcm of the series)")
+        raise SlideError(f"{path.name} is a directory; give the slide file itself (for DICOM, any .dcm of the series)")
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -182,7 +182,10 @@ class RegionReader:
         lx1, ly1 = math.ceil((x + w) * f), math.ceil((y + h) * f)
         lw, lh = max(1, lx1 - lx0), max(1, ly1 - ly0)
         loc = (int(round(lx0 * self.level_ds)), int(round(ly0 * self.level_ds)))
-        rgba = self.slide.handle.read_region(loc, self.level, (lw, lh))
+        try:
+            rgba = self.slide.handle.read_region(loc, self.level, (lw, lh))
+        except openslide.OpenSlideError as exc:  # the file changed or broke after it was opened
+            raise SlideError(f"cannot read {self.slide.path.name}: {exc}") from None
         rgb = Image.new("RGB", rgba.size, GLASS_RGB)
         rgb.paste(rgba, mask=rgba.getchannel("A"))
         if (lw, lh) != (w, h) or abs(f - 1.0) > 1e-9:
