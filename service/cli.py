@@ -1,4 +1,4 @@
-"""`uga` command line: segment, serve, runner, and commands that other installed packages plug in.
+"""`uga` command line: segment, serve, runner, tokens, and commands that other installed packages plug in.
 
 Entry points extend it, so this package imports nothing from ``models.data``:
 
@@ -125,19 +125,59 @@ def _demo_slide_builder() -> Callable[[Path], None]:
     return next(iter(found)).load()
 
 
-def ensure_tokens(data_dir: Path) -> Path:
-    """First-run convenience: a 0600 tokens file with one random token per role (never overwritten)."""
-    import secrets
+DEFAULT_USERS = ("admin", "annotator", "viewer")  # first-run users of `uga serve`, each with the role of its name
+
+
+def _legacy_tokens_file(path: Path) -> bool:
+    """True when ``path`` holds shared ``ROLE TOKEN`` lines (an earlier release's data/tokens), not named tokens."""
+    from service.store.tokens import looks_like_token
+
+    for raw in path.read_text().splitlines():
+        fields = raw.split("#", 1)[0].replace(":", " ", 1).split()
+        if len(fields) >= 2 and not looks_like_token(fields[1]):
+            return True
+    return False
+
+
+def ensure_tokens(data_dir: Path) -> Path | None:
+    """First-run convenience: named users admin, annotator and viewer (each with that role) in the store,
+    their tokens in a 0600 ``data/tokens`` created with O_EXCL and never overwritten.
+
+    Nothing is created when the file exists or the store already has tokens (an operator issued them).
+    Returns the file when it holds an earlier release's shared role tokens, to be served as those; else None.
+    """
+    from service.store import Store
 
     path = data_dir / "tokens"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        lines = [f"{role} {secrets.token_urlsafe(24)}" for role in ("admin", "annotator", "viewer")]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("# ROLE TOKEN (created by `uga serve`; edit or replace freely)\n" + "\n".join(lines) + "\n")
-        print(f"uga: created API tokens in {path} (one per role)", file=sys.stderr)
-    return path
+    if path.exists():
+        return path if _legacy_tokens_file(path) else None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir)
+    issued: list[str] = []
+    try:
+        if store.tokens.count(active_only=False):
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another `uga serve` got there first
+            return None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("# NAME TOKEN: named users created by `uga serve`, each with the role of its name.\n")
+                f.write("# Manage them with `uga tokens add|list|revoke`; this file is not read by the service.\n")
+                for name in DEFAULT_USERS:
+                    record, token = store.tokens.issue(name, name, actor="uga serve")
+                    issued.append(record.id)
+                    f.write(f"{name} {token}\n")
+        except BaseException:  # no token nobody can read: take back what was issued, and the file
+            for token_id in issued:
+                store.tokens.revoke(token_id, actor="uga serve")
+            path.unlink(missing_ok=True)
+            raise
+    finally:
+        store.close()
+    print(f"uga: created users {', '.join(DEFAULT_USERS)}; their API tokens are in {path}", file=sys.stderr)
+    return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -148,8 +188,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data_dir, slide_root = s.data_dir.resolve(), s.slide_root.resolve()
     slide_root.mkdir(parents=True, exist_ok=True)
     env.update(UGA_DATA_DIR=str(data_dir), UGA_SLIDE_ROOT=str(slide_root), UGA_WORKERS=str(args.workers))
-    if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled):
-        env["UGA_AUTH_TOKENS_FILE"] = str(ensure_tokens(data_dir))
+    if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled or s.oidc_issuer):
+        legacy = ensure_tokens(data_dir)
+        if legacy is not None:
+            env["UGA_AUTH_TOKENS_FILE"] = str(legacy)
+            print(
+                f"uga: {legacy} holds shared role tokens, which record a role, not a person; "
+                "issue personal ones with `uga tokens add NAME --role ROLE`",
+                file=sys.stderr,
+            )
     if build_demo:
         build_demo(slide_root / "demo-mixed.tif")
     bentoml_bin = Path(sys.executable).with_name("bentoml")
@@ -157,6 +204,90 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"uga: serving on http://{args.host}:{args.port} (data {data_dir}, slides {slide_root})", file=sys.stderr)
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def _token_store(create: bool):
+    """The store of UGA_DATA_DIR; without ``create``, a missing store is an error, not a new empty one."""
+    from service.store import Store
+
+    data_dir = get_settings().data_dir
+    if not create and not (data_dir / "uga.sqlite").exists():
+        raise CliError(f"no store in {data_dir}: set UGA_DATA_DIR to the service's data directory")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Store(data_dir)
+
+
+def _operator() -> str:
+    """Who ran the command, for the audit log."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment (some containers)
+        return "cli"
+
+
+def _when(t: float | None) -> str:
+    import datetime as dt
+
+    return "-" if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_tokens_add(args: argparse.Namespace) -> int:
+    from service.store.tokens import check_name, check_role
+
+    if args.role is None:
+        raise CliError("tokens add: --role is required (viewer, annotator or admin)")
+    check_name(args.name)
+    check_role(args.role)
+    store = _token_store(create=True)
+    try:
+        record, token = store.tokens.issue(args.name, args.role, actor=_operator())
+    finally:
+        store.close()
+    print(token)  # the only line on stdout: `TOKEN=$(uga tokens add ...)`
+    print(f"uga: issued {record.role} token {record.id} for {record.name}; it is shown only this once", file=sys.stderr)
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    store = _token_store(create=False)
+    try:
+        tokens = store.tokens.list(include_revoked=not args.active)
+    finally:
+        store.close()
+    rows = [("NAME", "ROLE", "ID", "CREATED", "REVOKED", "LAST_USED")]
+    rows += [(t.name, t.role, t.id, _when(t.created_at), _when(t.revoked_at), _when(t.last_used_at)) for t in tokens]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    store = _token_store(create=False)
+    try:
+        revoked = store.tokens.revoke(args.name_or_id, actor=_operator())
+    finally:
+        store.close()
+    for t in revoked:
+        print(f"revoked {t.id} ({t.name}, {t.role})")
+    return 0
+
+
+def _add_tokens_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokens", help="named users' API tokens: add, list, revoke (in UGA_DATA_DIR's store)")
+    tsub = p.add_subparsers(dest="tokens_command", required=True)
+    q = tsub.add_parser("add", help="issue a token for a person; prints it once, on stdout")
+    q.add_argument("name", help="the person (1-64 of A-Z a-z 0-9 . _ @ -): the actor in the audit log")
+    q.add_argument("--role", default=None, help="viewer, annotator or admin (required)")
+    q.set_defaults(func=cmd_tokens_add)
+    q = tsub.add_parser("list", help="name, role, id, created, revoked, last used (never secrets)")
+    q.add_argument("--active", action="store_true", help="only tokens that are not revoked")
+    q.set_defaults(func=cmd_tokens_list)
+    q = tsub.add_parser("revoke", help="revoke a token by id, or every token of a person by name")
+    q.add_argument("name_or_id")
+    q.set_defaults(func=cmd_tokens_revoke)
 
 
 def cmd_runner(args: argparse.Namespace) -> int:
@@ -202,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="do at most one pending run, then exit")
     p.add_argument("--check", action="store_true", help="liveness check for Kubernetes (exit 0 = healthy)")
     p.set_defaults(func=cmd_runner)
+    _add_tokens_command(sub)
     return parser
 
 

@@ -5,8 +5,9 @@ import sqlite3
 import pytest
 
 from service.config import Settings
-from service.http.auth import AuthConfigError, TokenAuth, parse_tokens
+from service.http.auth import AuthConfigError, Authenticator, OidcVerifier, parse_tokens
 from service.http.runtime import Runtime
+from service.store import Store
 from tests.conftest import REPO
 
 
@@ -33,18 +34,34 @@ def test_ready_only_with_a_model_and_a_writable_store(tmp_path):
         rt.close()
 
 
-def test_auth_must_be_configured_or_explicitly_disabled(caplog):
+def test_auth_must_be_configured_or_explicitly_disabled(caplog, tmp_path):
     with pytest.raises(AuthConfigError, match="no API tokens configured"):
-        TokenAuth([], disabled=False)
-    auth = TokenAuth([], disabled=True)
+        Authenticator([], disabled=False)
+    store = Store(tmp_path / "data")
+    try:
+        with pytest.raises(AuthConfigError, match="uga tokens add"):
+            Authenticator(named=store.tokens)  # a store without tokens is no way in
+        store.tokens.issue("ops", "admin")
+        assert Authenticator(named=store.tokens).authenticate("Bearer nope") is None
+    finally:
+        store.close()
+    auth = Authenticator([], disabled=True)
     assert "AUTH IS DISABLED" in caplog.text
     assert auth.authenticate(None).role == "admin"
 
 
+def test_runtime_refuses_to_start_without_a_way_in(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", slide_root=tmp_path, auth_tokens=None, auth_tokens_file=None)
+    with pytest.raises(AuthConfigError, match="no API tokens configured"):
+        Runtime.create(settings, start_worker=False)
+
+
 def test_tokens_parse_and_roles_are_checked():
     entries = parse_tokens("# ops\nadmin AAAAAAAAAAAAAAAAAAAA\nviewer:BBBBBBBBBBBBBBBBBBBB")
-    auth = TokenAuth(entries)
+    auth = Authenticator(entries)
     assert auth.authenticate("Bearer AAAAAAAAAAAAAAAAAAAA").role == "admin"
+    assert auth.authenticate("bearer AAAAAAAAAAAAAAAAAAAA").role == "admin"  # the scheme is case-insensitive
+    assert auth.authenticate("Bearer AAAAAAAAAAAAAAAAAAAA").name.startswith("admin:")
     assert auth.authenticate("Bearer BBBBBBBBBBBBBBBBBBBB").allows("viewer")
     assert not auth.authenticate("Bearer BBBBBBBBBBBBBBBBBBBB").allows("annotator")
     assert auth.authenticate("Bearer nope") is None and auth.authenticate(None) is None
@@ -53,5 +70,42 @@ def test_tokens_parse_and_roles_are_checked():
         parse_tokens("admin short")
     with pytest.raises(AuthConfigError, match="placeholder"):
         parse_tokens((REPO / "k8s" / "base" / "tokens").read_text())  # the manifests' Secret must be replaced
-    with pytest.raises(AuthConfigError, match="ROLE TOKEN"):
-        parse_tokens("root AAAAAAAAAAAAAAAAAAAA")
+    for entry in ("root AAAAAAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAAAAAA"):
+        with pytest.raises(AuthConfigError, match="ROLE TOKEN") as refused:
+            parse_tokens(entry)
+        assert "AAAA" not in str(refused.value)  # a refused entry's token is not repeated in the message
+
+
+OIDC = {
+    "oidc_issuer": "https://idp.test",
+    "oidc_audience": "uga",
+    "oidc_jwks_url": "https://idp.test/jwks",
+    "oidc_role_map": "pathologist=annotator",
+}
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({**OIDC, "oidc_algorithms": "RS256,none"}, "none"),
+        ({**OIDC, "oidc_algorithms": "HS256"}, "HS256"),
+        ({**OIDC, "oidc_algorithms": ""}, "UGA_OIDC_ALGORITHMS"),
+        ({**OIDC, "oidc_audience": None}, "UGA_OIDC_AUDIENCE"),
+        ({**OIDC, "oidc_jwks_url": None}, "UGA_OIDC_JWKS_URL"),
+        ({**OIDC, "oidc_jwks_url": "file:///etc/passwd"}, "UGA_OIDC_JWKS_URL"),
+        ({**OIDC, "oidc_role_map": None}, "UGA_OIDC_ROLE_MAP"),
+        ({**OIDC, "oidc_role_map": "pathologist=root"}, "UGA_OIDC_ROLE_MAP"),
+        ({**OIDC, "oidc_role_map": "pathologist"}, "UGA_OIDC_ROLE_MAP"),
+        ({**OIDC, "oidc_issuer": None}, "UGA_OIDC_ISSUER"),
+    ],
+)
+def test_oidc_settings_are_checked_at_start(settings, needle):
+    with pytest.raises(AuthConfigError, match=needle):
+        OidcVerifier.from_settings(Settings(**settings))
+
+
+def test_oidc_is_off_unless_an_issuer_is_set_and_alone_is_a_way_in():
+    assert OidcVerifier.from_settings(Settings()) is None
+    oidc = OidcVerifier.from_settings(Settings(**{**OIDC, "oidc_role_map": "a=viewer, b = admin,x=y=annotator"}))
+    assert oidc.role_map == {"a": "viewer", "b": "admin", "x=y": "annotator"}
+    assert Authenticator(oidc=oidc).oidc is oidc

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.http.auth import Principal
+from service.http.auth import AuthFailure, Principal
 from service.http.errors import HttpError
 from service.http.runtime import Runtime
 
@@ -20,7 +20,10 @@ def runtime(request: Request) -> Runtime:
 
 def require(role: str):
     def dependency(request: Request) -> Principal:
-        principal = runtime(request).auth.authenticate(request.headers.get("authorization"))
+        try:
+            principal = runtime(request).auth.authenticate(request.headers.get("authorization"))
+        except AuthFailure as exc:  # a refused JWT (401), no mapped role (403), keys unreachable (503)
+            raise HttpError(exc.status, exc.code, exc.message) from None
         if principal is None:
             raise HttpError(401, "unauthenticated", "missing or unknown bearer token (Authorization: Bearer <token>)")
         if not principal.allows(role):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from service.config import Settings
 from service.http import metrics
-from service.http.auth import TokenAuth
+from service.http.auth import Authenticator
 from service.loop.corrections import sweep_orphans
 from service.loop.model_holder import ModelHolder
 from service.loop.registry import Registry
@@ -24,15 +24,19 @@ class Runtime:
     settings: Settings
     store: Store
     registry: Registry
-    auth: TokenAuth
+    auth: Authenticator
     models: ModelHolder
     worker: JobWorker
 
     @classmethod
     def create(cls, settings: Settings, *, start_worker: bool = True) -> Runtime:
-        auth = TokenAuth.from_settings(settings.auth_tokens_file, settings.auth_tokens, settings.auth_disabled)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.data_dir)
+        try:  # named users' tokens live in the store, so auth is built after it
+            auth = Authenticator.from_settings(settings, store.tokens)
+        except BaseException:
+            store.close()
+            raise
         registry = Registry(store, settings.data_dir, settings.baseline_dir)
         registry.ensure_baseline()
         removed = sweep_orphans(settings.data_dir / "corrections", store.corrections.ids())

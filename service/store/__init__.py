@@ -1,7 +1,7 @@
 """Durable metadata: one SQLite database (WAL, one transaction per change) and the blob directories.
 
 ``Store`` groups one repository per resource over the shared transaction helper:
-``store.jobs``, ``store.queue``, ``store.corrections``, ``store.models``, ``store.runs``.
+``store.jobs``, ``store.queue``, ``store.corrections``, ``store.models``, ``store.runs``, ``store.tokens``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from service.store.db import Database, StoreError
 from service.store.jobs import JobRepository
 from service.store.models import ModelRepository
 from service.store.queue import QueueRepository
-from service.store.records import Correction, FinetuneRun, Job, ModelVersion, QueueItem
+from service.store.records import ApiToken, Correction, FinetuneRun, Job, ModelVersion, QueueItem
 from service.store.runs import RunRepository
+from service.store.tokens import TokenRepository
 
-__all__ = ["Correction", "FinetuneRun", "Job", "ModelVersion", "QueueItem", "Store", "StoreError"]
+__all__ = ["ApiToken", "Correction", "FinetuneRun", "Job", "ModelVersion", "QueueItem", "Store", "StoreError"]
 
 
 class Store:
@@ -33,6 +34,7 @@ class Store:
         self.corrections = CorrectionRepository(self.db)
         self.models = ModelRepository(self.db)
         self.runs = RunRepository(self.db)
+        self.tokens = TokenRepository(self.db)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.vocabulary import ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, RUN_STATES, sql_in
+from service.vocabulary import ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -122,6 +122,16 @@ CREATE TABLE IF NOT EXISTS audit (
     target TEXT,
     details TEXT
 );
+CREATE TABLE IF NOT EXISTS api_tokens (  -- named users' tokens (uga tokens add/list/revoke); since schema 4
+    id TEXT PRIMARY KEY,                 -- public part of the token uga_<id>_<secret>
+    name TEXT NOT NULL,                  -- the person: the actor of everything the token does
+    role TEXT NOT NULL CHECK (role IN {sql_in(ROLES)}),
+    secret_sha256 TEXT NOT NULL,         -- hex sha256 of the secret part; the secret is never stored
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    last_used_at REAL                    -- updated at most every few minutes
+);
+CREATE INDEX IF NOT EXISTS api_tokens_by_name ON api_tokens (name);
 """
 # Changes to existing tables, by the schema version that introduced them; applied to older stores
 # after SCHEMA (whose IF NOT EXISTS creates tables that are new). A new store gets SCHEMA alone.

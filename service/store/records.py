@@ -119,6 +119,24 @@ class FinetuneRun:
     from_row = classmethod(_from)
 
 
+@dataclass(frozen=True)
+class ApiToken:
+    """A named user's API token, as the store describes it: never its secret nor the secret's hash."""
+
+    id: str
+    name: str
+    role: str
+    created_at: float
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+    from_row = classmethod(_from)
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
 def as_dict(record: Any) -> dict:
     """A record as a plain dict (JSON responses)."""
     return {f.name: getattr(record, f.name) for f in fields(record)}
