@@ -11,12 +11,14 @@ import logging
 import bentoml
 
 from service.config import get_settings
+from service.http import connections
 from service.http.app import create_app
 from service.http.metrics import store_metrics
 from service.http.runtime import Runtime
 
 settings = get_settings()
-app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024))
+connections.install(settings.header_timeout_s, settings.max_connections)  # before the worker's server starts
+app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024), body_timeout_s=settings.body_timeout_s)
 log = logging.getLogger("uga")
 
 

@@ -50,6 +50,14 @@ class Settings(BaseSettings, SegmentationDefaults):
         4096, ge=64, le=16384, description="largest side of a correction's mask, pixels at its µm/px"
     )
     max_geojson_vertices: int = Field(100_000, ge=3, description="most polygon vertices in one GeoJSON correction")
+    max_job_tiles: int = Field(50_000, ge=1, description="most tiles one segmentation job may have (checked at submit)")
+    max_job_s: float = Field(7200.0, gt=0, description="wall time after which a running job is stopped and failed")
+    max_active_jobs: int = Field(200, ge=1, description="jobs waiting or running in all; more: 429 with Retry-After")
+    max_active_jobs_per_caller: int = Field(20, ge=1, description="jobs one caller may have waiting or running")
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="a request's headers must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description="longest wait for the next chunk of a body (408)")
+    max_connections: int = Field(256, ge=1, description="open connections per worker process; more are closed")
+    min_free_mb: float = Field(256.0, ge=0, description="/readyz fails when the data volume has less free space, MiB")
     job_stale_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")
     model_poll_s: float = Field(1.0, gt=0, le=10, description="how often each worker checks the current-model pointer")
     # human-in-the-loop

@@ -39,3 +39,11 @@ class UnsupportedMedia(DomainError):
 
 class Unavailable(DomainError):
     """The service cannot do this right now; retrying later may work."""
+
+
+class TooBusy(DomainError):
+    """A limit on queued work is reached; retry after ``retry_after`` seconds."""
+
+    def __init__(self, code: str, message: str, details: Any = None, *, retry_after: int = 30):
+        super().__init__(code, message, details)
+        self.retry_after = retry_after

@@ -16,7 +16,7 @@ from tests.server import TOKENS
 class InProcessService:
     """Same surface as tests.server.Server for contract tests: ``client(role)`` and ``data_dir``."""
 
-    def __init__(self, data_dir: Path, slide_root: Path, **settings: object):
+    def __init__(self, data_dir: Path, slide_root: Path, *, start_worker: bool = True, **settings: object):
         self.data_dir, self.slide_root = data_dir, slide_root
         self.settings = Settings(
             data_dir=data_dir,
@@ -26,7 +26,7 @@ class InProcessService:
             job_stale_s=3,
             **settings,
         )
-        self.runtime = Runtime.create(self.settings)
+        self.runtime = Runtime.create(self.settings, start_worker=start_worker)
         api = create_app(int(self.settings.max_body_mb * 1024 * 1024))
         api.state.uga = self.runtime
         self.app = FastAPI()

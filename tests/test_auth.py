@@ -272,11 +272,11 @@ def test_the_store_keeps_a_hash_of_the_secret_never_the_secret(svc):
 
 
 def test_use_is_recorded_on_the_token(svc):
-    bob = svc.named["bob"]
-    token_id = bob.split("_")[1]
+    record, token = svc.runtime.store.tokens.issue("carol", "viewer")  # never used before this test
+    assert record.last_used_at is None
     before = time.time()
-    assert call(svc, "GET", "/v1/finetune/runs", f"Bearer {bob}").status_code == 200
-    record = svc.runtime.store.tokens.get(token_id)
+    assert call(svc, "GET", "/v1/finetune/runs", f"Bearer {token}").status_code == 200
+    record = svc.runtime.store.tokens.get(record.id)
     assert record.last_used_at is not None and record.last_used_at >= before - 1
 
 

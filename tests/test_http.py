@@ -259,3 +259,16 @@ def test_a_bug_is_a_logged_json_500_with_a_request_id(env, monkeypatch, caplog):
     assert request_id in err["message"]
     logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
     assert logged and logged[0].exc_info and logged[0].exc_info[0] is ValueError  # the traceback is in the log
+
+
+def test_openapi_documents_every_status_and_the_correction_bodies(env):
+    with env.client(None) as c:
+        paths = c.get("/v1/openapi.json").json()["paths"]
+    for route in ("/queue/items/{item_id}/correction", "/corrections"):
+        op = paths[route]["post"]
+        assert {"image/png", "application/geo+json"} <= set(op["requestBody"]["content"])
+        assert {"200", "201", "401", "403", "413", "415", "422"} <= set(op["responses"])
+    assert {"200", "202", "429"} <= set(paths["/jobs"]["post"]["responses"])
+    assert "409" in paths["/queue/items/{item_id}/skip"]["post"]["responses"]
+    assert "409" in paths["/jobs/{job_id}/artifacts/{name}"]["get"]["responses"]
+    assert all("500" in op["responses"] for ops in paths.values() for op in ops.values())

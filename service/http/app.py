@@ -9,19 +9,17 @@ from fastapi import FastAPI
 from service.errors import NotFound
 from service.http.errors import BodyLimit, ErrorBoundary, install_handlers
 from service.http.routers import corrections, finetune, jobs, models, queue
-from service.http.schemas import ErrorBody
-
-ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 404)}
+from service.http.schemas import COMMON_ERRORS
 
 
-def create_app(max_body_bytes: int) -> FastAPI:
+def create_app(max_body_bytes: int, body_timeout_s: float = 30.0) -> FastAPI:
     app = FastAPI(
         title="UGA Serve",
         version="0.1.0",
         description="Uncertainty-guided annotation for whole-slide segmentation",
-        responses=ERRORS,
+        responses=COMMON_ERRORS,
     )
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(ErrorBoundary)
     install_handlers(app)
     for router in (jobs.router, queue.router, corrections.router, finetune.router, models.router):

@@ -3,6 +3,7 @@ and the boundary that turns an unexpected exception (a bug) into a logged 500 wi
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import uuid
@@ -12,7 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable, Unprocessable, UnsupportedMedia
+from service.errors import (
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    TooBusy,
+    Unavailable,
+    Unprocessable,
+    UnsupportedMedia,
+)
 
 log = logging.getLogger("uga.http")
 
@@ -22,6 +32,7 @@ STATUS: dict[type[DomainError], int] = {
     Conflict: 409,
     UnsupportedMedia: 415,
     Unprocessable: 422,
+    TooBusy: 429,
     Unavailable: 503,
 }
 
@@ -48,7 +59,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError):
         status = exc.status if isinstance(exc, HttpError) else status_of(exc)
-        return error_response(status, exc.code, exc.message, exc.details)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooBusy) else None
+        return error_response(status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
@@ -107,15 +119,24 @@ class ErrorBoundary:
         )
 
 
-class _TooLarge(Exception):
+class _BodyRefused(BaseException):
+    """Raised inside ``receive``: a BaseException, so that no body parser turns it into its own 400."""
+
+
+class _TooLarge(_BodyRefused):
+    pass
+
+
+class _TooSlow(_BodyRefused):
     pass
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies above ``limit`` bytes with 413 before the route reads them."""
+    """ASGI middleware: refuse bodies above ``limit`` bytes (413) before the route reads them, and
+    bodies whose next chunk takes longer than ``timeout_s`` to arrive (408)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -127,13 +148,19 @@ class BodyLimit:
         )
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_big(scope, receive, send)
-        seen = 0
+        seen, body_done = 0, False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # only disconnects are left to wait for: no deadline on those
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise _TooSlow() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.limit:
                     raise _TooLarge()
             return message
@@ -142,3 +169,11 @@ class BodyLimit:
             return await self.app(scope, limited_receive, send)
         except _TooLarge:
             return await too_big(scope, receive, send)
+        except _TooSlow:
+            slow = error_response(
+                408,
+                "body_timeout",
+                f"the request body stalled for {self.timeout_s:g} s (UGA_BODY_TIMEOUT_S); send it at once",
+                headers={"Connection": "close"},
+            )
+            return await slow(scope, receive, send)

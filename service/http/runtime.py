@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from service.http.auth import Authenticator
 from service.loop.corrections import sweep_orphans
 from service.loop.model_holder import ModelHolder
 from service.loop.registry import Registry
-from service.loop.worker import JobWorker
+from service.loop.worker import JobWorker, sweep_scratch
 from service.store import Store
 
 log = logging.getLogger("uga")
@@ -39,6 +40,8 @@ class Runtime:
             raise
         registry = Registry(store, settings.data_dir, settings.baseline_dir)
         registry.ensure_baseline()
+        if swept := sweep_scratch(store):
+            log.warning("removed the scratch rasters of %d jobs that were not running (interrupted runs)", swept)
         removed = sweep_orphans(settings.data_dir / "corrections", store.corrections.ids())
         if removed:
             log.warning("removed %d correction directories without a database row (interrupted ingests)", len(removed))
@@ -64,6 +67,13 @@ class Runtime:
         return cls(settings, store, registry, auth, models, worker)
 
     def ready(self) -> bool:
+        """A model is loaded, the store takes a write, and the data volume has UGA_MIN_FREE_MB free."""
+        free_mb = shutil.disk_usage(self.settings.data_dir).free / 2**20
+        if free_mb < self.settings.min_free_mb:
+            log.warning(
+                "not ready: %.0f MiB free on the data volume (UGA_MIN_FREE_MB %.0f)", free_mb, self.settings.min_free_mb
+            )
+            return False
         return self.models.loaded and self.store.writable()
 
     def close(self) -> None:

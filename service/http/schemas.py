@@ -22,6 +22,40 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+WHY = {
+    400: "malformed input: bad path, malformed JSON, empty body",
+    401: "no token, or an unknown or revoked one",
+    403: "the caller's role is too low",
+    404: "the resource is unknown",
+    409: "the resource's state does not allow this",
+    413: "the body is over UGA_MAX_BODY_MB",
+    415: "the body's content type is not accepted here",
+    422: "well-formed but unusable input (schema, slide, mask, limits)",
+    429: "too many active jobs (see Retry-After)",
+    500: "a bug: the body carries a request id that is in the server log",
+    507: "the data volume is full; nothing was stored",
+}
+
+
+def errors(*statuses: int) -> dict[int, dict]:
+    """OpenAPI responses: each status with the JSON error body."""
+    return {s: {"model": ErrorBody, "description": WHY[s]} for s in statuses}
+
+
+# Every route can answer these (authentication, the body limit, the error boundary).
+COMMON_ERRORS = errors(400, 401, 403, 404, 413, 422, 500, 507)
+CORRECTION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/geo+json": {"schema": {"type": "object", "description": "GeoJSON Polygon(s)"}},
+            "application/json": {"schema": {"type": "object", "description": "GeoJSON Polygon(s)"}},
+        },
+    }
+}
+
+
 class JobSubmit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

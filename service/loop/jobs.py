@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.errors import NotFound
+from service.errors import NotFound, Unprocessable
+from service.inference.tiling import TileGrid
 from service.options import SegmentationOptions
 from service.store import Job, Store
-from service.wsi.slide import SlideError, SlidePathError, open_slide, resolve_slide_path
+from service.wsi.slide import SlideError, SlidePathError, analysis_shape, open_slide, resolve_slide_path
 
 
 def job_identity(slide_file: Path, slide: str, options: SegmentationOptions, model_version: str) -> str:
@@ -37,14 +38,18 @@ def submit_segmentation(
     *,
     model_version: str,
     actor: str | None,
-    check_slide: bool = True,
+    from_client: bool = True,
 ) -> tuple[Job, bool]:
     """Queue a segmentation of ``slide`` (relative to the slide root) with the requested options on top
-    of the settings. Returns (job, created): an identical earlier job is returned instead of a new one."""
+    of the settings. Returns (job, created): an identical earlier job is returned instead of a new one.
+
+    A client's submission is checked against the work limits first (the slide must open, its tiles,
+    the review patch size, the active jobs); the system's own rescoring is not limited.
+    """
     path = resolve_slide_path(settings.slide_root, slide)
     options = SegmentationOptions.resolve(settings, requested)
-    if check_slide:
-        open_slide(path, options.slide_mpp).close()  # refuse an unusable slide now, not in the worker
+    if from_client:
+        check_work(settings, path, options)
     rel = path.relative_to(settings.slide_root.resolve()).as_posix()
     return store.jobs.submit(
         slide=rel,
@@ -53,7 +58,30 @@ def submit_segmentation(
         model_version=model_version,
         dedup_key=job_identity(path, rel, options, model_version),
         actor=actor,
+        limits=(settings.max_active_jobs, settings.max_active_jobs_per_caller) if from_client else None,
     )
+
+
+def check_work(settings: Settings, slide_file: Path, options: SegmentationOptions) -> None:
+    """Refuse, before anything is queued, a slide that does not open or a job over the work limits."""
+    with open_slide(slide_file, options.slide_mpp) as slide:
+        height, width = analysis_shape(slide, options.mpp)
+    grid = TileGrid(height, width, options.tile, options.overlap)
+    tiles = grid.rows * grid.cols
+    if tiles > settings.max_job_tiles:
+        raise Unprocessable(
+            "too_much_work",
+            f"this slide at {options.mpp} µm/px is {tiles} tiles; one job may have at most {settings.max_job_tiles} "
+            "(UGA_MAX_JOB_TILES): use a coarser mpp, or ask the operator to raise the limit",
+            {"tiles": tiles, "limit": settings.max_job_tiles},
+        )
+    if options.patch_px > settings.max_correction_px:
+        raise Unprocessable(
+            "patch_too_large",
+            f"review patches of {options.patch_um:g} µm at {options.mpp} µm/px are {options.patch_px} px, larger than "
+            f"a correction may be ({settings.max_correction_px} px, UGA_MAX_CORRECTION_PX): use smaller patch_um",
+            {"patch_px": options.patch_px, "limit": settings.max_correction_px},
+        )
 
 
 def get_job(store: Store, job_id: str) -> Job:
@@ -73,7 +101,7 @@ def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str
             continue
         try:
             job, new = submit_segmentation(
-                store, settings, slide, latest.options, model_version=version, actor=actor, check_slide=False
+                store, settings, slide, latest.options, model_version=version, actor=actor, from_client=False
             )
         except (SlideError, SlidePathError):
             continue  # the slide is gone; its old queue stays readable

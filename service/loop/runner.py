@@ -42,8 +42,8 @@ class Runner:
 
     def startup(self) -> None:
         self.registry.ensure_baseline()
-        for run_id in self.store.runs.fail_interrupted():
-            log.warning("run %s was interrupted by a runner crash: marked failed, work will be redone", run_id)
+        for run in self.store.runs.fail_interrupted():
+            log.warning("run %s was interrupted by a runner crash: marked failed, work will be redone", run.id)
         for name in self.registry.sweep():
             log.warning("removed unregistered model directory %s (interrupted run)", name)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,27 @@ RECOVER_EVERY_S = 5.0
 
 class Cancelled(Exception):
     """The worker is stopping; the job goes back to the queue."""
+
+
+class TimedOut(Exception):
+    """The job ran past UGA_MAX_JOB_S."""
+
+
+def remove_scratch(job_dir: Path) -> None:
+    """A job's scratch rasters (``.work-*``), left behind when its worker died or it was stopped."""
+    for work in job_dir.glob(".work-*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def sweep_scratch(store: Store) -> int:
+    """At start: remove the scratch of every job that is not running (crashed runs). Returns how many."""
+    running = {j.id for j in store.jobs.list("running", 100_000)}
+    swept = 0
+    for job_dir in store.jobs_dir.iterdir():
+        if job_dir.name not in running and any(job_dir.glob(".work-*")):
+            remove_scratch(job_dir)
+            swept += 1
+    return swept
 
 
 class JobWorker:
@@ -92,12 +114,14 @@ class JobWorker:
                 except Exception:  # noqa: BLE001
                     log.exception("heartbeat failed")
 
-        last = [0.0]
+        last, started = [0.0], time.monotonic()
 
         def progress(done: int, total: int) -> None:
             if self._stop.is_set():
                 raise Cancelled()
             now = time.monotonic()
+            if now - started > self.settings.max_job_s:
+                raise TimedOut()
             if now - last[0] >= 0.5 or done == total:
                 last[0] = now
                 jobs.heartbeat(job.id, self.name, done, total)
@@ -124,6 +148,8 @@ class JobWorker:
         except Cancelled:
             log.warning("job %s interrupted by shutdown: back to the queue", job.id)
             jobs.requeue(job.id, self.name)
+        except TimedOut:
+            self._fail(job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp")
         except DomainError as exc:  # the slide or the options cannot be used: the caller's to fix
             self._fail(job, exc.message)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
@@ -131,6 +157,7 @@ class JobWorker:
             self._fail(job, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
         finally:
             beat_stop.set()
+            remove_scratch(self.store.job_dir(job.id))
             self.current_job = None
 
     def _fail(self, job: Job, error: str) -> None:

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 
+from service.errors import TooBusy
 from service.store.db import Database, audit
 from service.store.records import Job
 from service.vocabulary import JOB_STATES
@@ -16,16 +17,27 @@ class JobRepository:
         self.db = db
 
     def submit(
-        self, *, slide: str, options: dict, resolved: dict, model_version: str, dedup_key: str, actor: str | None
+        self,
+        *,
+        slide: str,
+        options: dict,
+        resolved: dict,
+        model_version: str,
+        dedup_key: str,
+        actor: str | None,
+        limits: tuple[int, int] | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
-        A failed job with the same key is retried as a new job (its key is released).
+        A failed job with the same key is retried as a new job (its key is released). ``limits``
+        (all, per caller) bound the jobs waiting or running: over either, TooBusy and nothing written.
         """
         with self.db.transaction() as db:
             existing = db.execute("SELECT * FROM jobs WHERE dedup_key = ?", (dedup_key,)).fetchone()
             if existing is not None and existing["state"] != "failed":
                 return self.get(existing["id"]), False
+            if limits is not None:
+                self._check_limits(db, actor, *limits)
             if existing is not None:
                 db.execute("UPDATE jobs SET dedup_key = NULL WHERE id = ?", (existing["id"],))
             job_id = uuid.uuid4().hex
@@ -45,6 +57,25 @@ class JobRepository:
             )
             audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})
         return self.get(job_id), True
+
+    @staticmethod
+    def _check_limits(db, actor: str | None, total: int, per_caller: int) -> None:
+        active = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+        if db.execute(active).fetchone()[0] >= total:
+            raise TooBusy(
+                "queue_full",
+                f"{total} jobs are already waiting or running (UGA_MAX_ACTIVE_JOBS); retry later",
+                {"limit": total},
+                retry_after=60,
+            )
+        if db.execute(active + " AND submitted_by = ?", (actor,)).fetchone()[0] >= per_caller:
+            raise TooBusy(
+                "too_many_jobs",
+                f"you already have {per_caller} jobs waiting or running (UGA_MAX_ACTIVE_JOBS_PER_CALLER); "
+                "retry when one has finished, or cancel one",
+                {"limit": per_caller},
+                retry_after=60,
+            )
 
     def get(self, job_id: str) -> Job | None:
         return Job.from_row(self.db.one("SELECT * FROM jobs WHERE id = ?", (job_id,)))

@@ -68,8 +68,9 @@ class RunRepository:
     def get(self, run_id: str) -> FinetuneRun | None:
         return FinetuneRun.from_row(self.db.one("SELECT * FROM finetune_runs WHERE id = ?", (run_id,)))
 
-    def fail_interrupted(self) -> list[str]:
-        """At runner start: runs left 'running' by a dead runner are failed (their work is redone)."""
+    def fail_interrupted(self) -> list[FinetuneRun]:
+        """At runner start: runs left 'running' by a dead runner are failed. An admin's request is not
+        lost with them: it is requested again (in the same transaction), so the work is redone."""
         with self.db.transaction() as db:
             rows = db.execute("SELECT id FROM finetune_runs WHERE state = 'running'").fetchall()
             for r in rows:
@@ -78,7 +79,16 @@ class RunRepository:
                     " finished_at = ? WHERE id = ?",
                     (time.time(), r["id"]),
                 )
-            return [r["id"] for r in rows]
+            failed = [self.get(r["id"]) for r in rows]
+            if any(run.trigger == "admin" for run in failed):
+                admin = next(run for run in failed if run.trigger == "admin")
+                db.execute(
+                    "INSERT INTO finetune_runs (id, state, trigger, requested_by, created_at)"
+                    " VALUES (?, 'requested', 'admin', ?, ?)",
+                    (uuid.uuid4().hex, admin.requested_by, time.time()),
+                )
+                audit(db, "runner", "finetune.request", admin.id, {"trigger": "admin", "redo_of": admin.id})
+            return failed
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(RUN_OUTCOMES, 0)

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from service.errors import NotFound
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.runtime import Runtime
+from service.http.schemas import CORRECTION_BODY, errors
 from service.loop.corrections import Region
 from service.loop.ingest import ingest_correction, ingest_item_correction
 from service.store import Correction
@@ -18,6 +19,11 @@ from service.store.records import as_dict
 
 router = APIRouter(tags=["corrections"])
 Coords = Annotated[str, Query(pattern="^(region|level0)$")]
+INGEST = {
+    "status_code": 201,
+    "responses": {200: {"description": "the same correction exists (duplicate: true)"}, **errors(415)},
+    "openapi_extra": CORRECTION_BODY,
+}
 
 
 def media_type(request: Request) -> str:
@@ -35,7 +41,7 @@ def created_response(record: Correction, created: bool, base: str) -> JSONRespon
     )
 
 
-@router.post("/queue/items/{item_id}/correction", status_code=201)
+@router.post("/queue/items/{item_id}/correction", **INGEST)
 async def correct_item(item_id: str, request: Request, rt: Rt, base: Base, who: Annotator, coords: Coords = "region"):
     """Corrected mask for a queue patch: PNG (0/255, the patch's size at its µm/px) or GeoJSON polygons
     (in patch pixel coordinates, or level-0 coordinates with coords=level0 as QuPath exports)."""
@@ -53,7 +59,7 @@ async def correct_item(item_id: str, request: Request, rt: Rt, base: Base, who: 
     return created_response(record, created, base)
 
 
-@router.post("/corrections", status_code=201)
+@router.post("/corrections", **INGEST)
 async def correct_region(
     request: Request,
     rt: Rt,
@@ -101,7 +107,7 @@ def get_correction(cid: str, rt: Rt, _: Viewer):
     return as_dict(_correction(rt, cid))
 
 
-@router.get("/corrections/{cid}/{name}.png")
+@router.get("/corrections/{cid}/{name}.png", responses={200: {"content": {"image/png": {}}, "description": "PNG"}})
 def correction_file(cid: str, name: str, rt: Rt, _: Viewer):
     _correction(rt, cid)
     if name not in ("image", "mask"):

@@ -11,7 +11,7 @@ from service.http.schemas import run_view
 router = APIRouter(tags=["finetune"])
 
 
-@router.post("/finetune", status_code=202)
+@router.post("/finetune", status_code=202, responses={200: {"description": "a run is already requested or running"}})
 def request_finetune(rt: Rt, who: Admin, response: Response):
     """Ask the runner for a fine-tune run now (whatever the number of new corrections)."""
     run, created = rt.store.runs.request("admin", who.name)

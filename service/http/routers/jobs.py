@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.errors import HttpError
-from service.http.schemas import JobList, JobSubmit, JobView, job_view
+from service.http.schemas import JobList, JobSubmit, JobView, errors, job_view
 from service.loop.jobs import get_job, submit_segmentation
 from service.vocabulary import ARTIFACTS, JOB_STATES
 
@@ -17,7 +17,12 @@ router = APIRouter(tags=["jobs"])
 MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
 
 
-@router.post("/jobs", status_code=202, response_model=JobView)
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobView,
+    responses={200: {"model": JobView, "description": "an identical job exists (deduplicated)"}, **errors(429)},
+)
 def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Response) -> JobView:
     """Submit a slide (path relative to the slide root) for asynchronous segmentation."""
     job, created = submit_segmentation(
@@ -49,7 +54,10 @@ def get_job_view(job_id: str, rt: Rt, base: Base, _: Viewer) -> JobView:
     return job_view(get_job(rt.store, job_id), base)
 
 
-@router.get("/jobs/{job_id}/artifacts/{name}")
+@router.get(
+    "/jobs/{job_id}/artifacts/{name}",
+    responses={200: {"content": {m: {} for m in MEDIA.values()}, "description": "the artifact file"}, **errors(409)},
+)
 def get_artifact(job_id: str, name: str, rt: Rt, _: Viewer):
     job = get_job(rt.store, job_id)
     if name not in ARTIFACTS:

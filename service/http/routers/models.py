@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.http.deps import Admin, Rt, Viewer
-from service.http.schemas import ModelList, ModelView, model_view
+from service.http.schemas import ModelList, ModelView, errors, model_view
 from service.loop.promotion import move_current, rollback
 
 router = APIRouter(tags=["models"])
@@ -28,13 +28,13 @@ def current_model(rt: Rt, _: Viewer) -> ModelView:
     return model_view(rt.store.models.get(current), current, served=rt.models.version)
 
 
-@router.post("/models/{version}/promote", response_model=ModelView)
+@router.post("/models/{version}/promote", response_model=ModelView, responses=errors(409))
 def promote(version: str, rt: Rt, who: Admin) -> ModelView:
     """Make ``version`` current (any registered version, including a rejected candidate)."""
     return model_view(move_current(rt.registry, rt.settings, version, action="manual-promote", actor=who.name), version)
 
 
-@router.post("/models/rollback", response_model=ModelView)
+@router.post("/models/rollback", response_model=ModelView, responses=errors(409))
 def rollback_model(rt: Rt, who: Admin) -> ModelView:
     """Move the pointer back to the version that was current before this one."""
     target = rollback(rt.registry, rt.settings, actor=who.name)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.errors import HttpError
-from service.http.schemas import QueueItemView, QueueView, item_view
+from service.http.schemas import QueueItemView, QueueView, errors, item_view
 from service.loop.review import get_item, item_image, item_mask, skip_item
 
 router = APIRouter(tags=["queue"])
@@ -44,19 +44,22 @@ def get_queue_item(item_id: str, rt: Rt, base: Base, _: Viewer) -> QueueItemView
     return item_view(get_item(rt.store, item_id), base)
 
 
-@router.get("/queue/items/{item_id}/image.png")
+PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+
+
+@router.get("/queue/items/{item_id}/image.png", responses=PNG)
 def queue_item_image(item_id: str, rt: Rt, _: Viewer):
     """The patch as the model saw it (RGB at the job's µm/px)."""
     return png_response(item_image(rt.store, rt.settings, item_id))
 
 
-@router.get("/queue/items/{item_id}/mask.png")
+@router.get("/queue/items/{item_id}/mask.png", responses=PNG)
 def queue_item_mask(item_id: str, rt: Rt, _: Viewer):
     """The model's predicted tumour mask for the patch (0/255, same size as image.png)."""
     return png_response(item_mask(rt.store, item_id))
 
 
-@router.post("/queue/items/{item_id}/skip", response_model=QueueItemView)
+@router.post("/queue/items/{item_id}/skip", response_model=QueueItemView, responses=errors(409))
 def skip_queue_item(item_id: str, rt: Rt, base: Base, who: Annotator) -> QueueItemView:
     """Take the patch out of the queue without a correction."""
     return item_view(skip_item(rt.store, item_id, who.name), base)

@@ -1,0 +1,212 @@
+"""The abuse suite: each attack a hostile or careless client can make, against a real `uga serve`.
+
+Each asserts the refusal, its JSON error body and that nothing was written; how much memory and
+time the attacks cost while in flight is measured by bench/bench_abuse.py, not asserted here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.server import TOKENS, Server, hostile_slide_root, wait_job
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, source_slide):
+    root = tmp_path_factory.mktemp("abuse")
+    slides = hostile_slide_root(root, source_slide)
+    srv = Server(
+        root / "data", slides, UGA_HEADER_TIMEOUT_S="2", UGA_BODY_TIMEOUT_S="2", UGA_MAX_CORRECTION_PX="2048"
+    ).start()
+    with srv.client("annotator") as c:
+        job = wait_job(c, c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256}}).json()["id"])
+        assert job["state"] == "succeeded", job
+    yield srv
+    srv.stop()
+
+
+def _state(server) -> tuple:
+    """What a refused request must leave unchanged: jobs, corrections and their files."""
+    with server.client("viewer") as c:
+        jobs = len(c.get("/v1/jobs", params={"limit": 500}).json()["jobs"])
+        corrections = len(c.get("/v1/corrections").json()["corrections"])
+    d = server.data_dir / "corrections"
+    return jobs, corrections, sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _item(server) -> dict:
+    with server.client("viewer") as c:
+        return c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
+
+
+def _square(x0: float, y0: float, side: float, vertices: int) -> list:
+    """A closed ring of ``vertices`` points around a square (many points on its edges)."""
+    t = np.linspace(0, 4, vertices, endpoint=False)
+    edge, frac = np.floor(t).astype(int), t - np.floor(t)
+    xs = np.choose(edge, [frac, np.ones_like(t), 1 - frac, np.zeros_like(t)]) * side + x0
+    ys = np.choose(edge, [np.zeros_like(t), frac, np.ones_like(t), 1 - frac]) * side + y0
+    ring = np.stack([xs, ys], 1).round(2).tolist()
+    return ring + [ring[0]]
+
+
+def _geojson(ring: list) -> bytes:
+    return json.dumps({"type": "Polygon", "coordinates": [ring]}).encode()
+
+
+def _deep(depth: int) -> bytes:
+    return b'{"type": "Polygon", "coordinates": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def _bomb_png() -> bytes:
+    """A PNG whose header claims 100000 x 100000 px (a few hundred bytes of zlib)."""
+    img = Image.new("1", (100_000, 100_000))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "body", "ctype", "status", "code"),
+    [
+        (
+            "geojson vertex flood",
+            "item",
+            _geojson(_square(0, 0, 200, 120_000)),
+            "application/geo+json",
+            422,
+            "too_many_vertices",
+        ),
+        ("geojson nested deep", "item", _deep(100_000), "application/geo+json", 422, "invalid_geojson"),
+        (
+            "geojson features not a list",
+            "item",
+            b'{"type": "FeatureCollection", "features": 5}',
+            "application/geo+json",
+            422,
+            "invalid_geojson",
+        ),
+        ("png header bomb", "item", _bomb_png(), "image/png", 422, "mask_size_mismatch"),
+        (
+            "region far too large",
+            "/v1/corrections?slide=cases/a.tif&x=0&y=0&width=2048&height=2048&mpp=0.25",
+            _png(np.zeros((8, 8), np.uint8)),
+            "image/png",
+            422,
+            "region_too_large",
+        ),
+    ],
+)
+def test_hostile_corrections_are_refused_and_write_nothing(server, name, url, body, ctype, status, code):
+    before = _state(server)
+    if url == "item":
+        url = f"/v1/queue/items/{_item(server)['id']}/correction"
+    with server.client("annotator") as c:
+        r = c.post(url, content=body, headers={"content-type": ctype})
+    assert r.status_code == status and r.json()["error"]["code"] == code, (name, r.status_code, r.text[:300])
+    assert _state(server) == before
+    assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
+
+
+def test_concurrent_identical_corrections_are_one_record_and_never_fail(server):
+    item = _item(server)
+    side = item["bbox_level0"]["width"] // 2
+    mask = np.zeros((side, side), np.uint8)
+    mask[: side // 2] = 255
+    body, statuses = _png(mask), []
+
+    def post() -> None:
+        with server.client("annotator") as c:
+            for _ in range(6):
+                r = c.post(
+                    f"/v1/queue/items/{item['id']}/correction", content=body, headers={"content-type": "image/png"}
+                )
+                statuses.append((r.status_code, r.json().get("id")))
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted({s for s, _ in statuses}) in ([200, 201], [201]) and len({i for _, i in statuses}) == 1
+    assert [s for s, _ in statuses].count(201) == 1
+    cid = statuses[0][1]
+    with server.client("viewer") as c:
+        for name in ("image", "mask"):
+            assert c.get(f"/v1/corrections/{cid}/{name}.png").status_code == 200
+
+
+def test_every_queue_item_is_correctable_as_proposed(server):
+    with server.client("viewer") as c:
+        items = c.get("/v1/queue", params={"slide": "cases/a.tif", "k": 50}).json()["items"]
+    assert items
+    with server.client("annotator") as c:
+        for item in items:
+            side = round(item["bbox_level0"]["width"] / 2)  # 0.5 µm/px slide, 1 µm/px job
+            r = c.post(
+                f"/v1/queue/items/{item['id']}/correction",
+                content=_png(np.zeros((side, side), np.uint8)),
+                headers={"content-type": "image/png"},
+            )
+            assert r.status_code in (200, 201), r.text
+
+
+def test_slow_headers_are_cut_off_and_the_service_stays_responsive(server):
+    conns = []
+    for _ in range(6):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        s.sendall(b"GET /v1/jobs HTTP/1.1\r\n")
+        conns.append(s)
+    closed_at = {}
+    t0 = time.monotonic()
+    while len(closed_at) < len(conns) and time.monotonic() - t0 < 20:
+        for k, s in enumerate(conns):
+            if k in closed_at:
+                continue
+            try:
+                s.sendall(b"X")  # one byte of a header line at a time
+            except OSError:
+                closed_at[k] = time.monotonic() - t0
+        assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
+        time.sleep(0.5)
+    for s in conns:
+        s.close()
+    assert len(closed_at) == len(conns), f"still open after 20 s: {len(conns) - len(closed_at)}"
+    assert max(closed_at.values()) < 15  # the header deadline is 2 s here
+
+
+def test_a_stalled_body_gets_408_and_writes_nothing(server):
+    before = _state(server)
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    s.sendall(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+        + f"Authorization: Bearer {TOKENS['annotator']}\r\n\r\n".encode()
+        + b'{"slide": '
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    s.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+    assert _state(server) == before

@@ -1,0 +1,88 @@
+"""Bounded work: every input that causes work has a limit, refused in the error contract, nothing written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.inprocess import InProcessService
+from tests.server import wait_job
+
+
+@pytest.fixture()
+def slides(tmp_path, source_slide):
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(source_slide, root / "a.tif")
+    return root
+
+
+def _jobs(service) -> int:
+    return len(service.runtime.store.jobs.list(limit=500))
+
+
+def test_active_jobs_are_limited_per_caller_and_in_all_with_retry_after(tmp_path, slides):
+    service = InProcessService(
+        tmp_path / "data", slides, start_worker=False, max_active_jobs=2, max_active_jobs_per_caller=1
+    )
+    try:
+        with service.client("annotator") as c:
+            assert c.post("/v1/jobs", json={"slide": "a.tif"}).status_code == 202
+            again = c.post("/v1/jobs", json={"slide": "a.tif"})  # the same job: deduplicated, not limited
+            assert again.status_code == 200 and again.json()["deduplicated"] is True
+            r = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"queue_size": 3}})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_jobs"
+            assert int(r.headers["retry-after"]) > 0
+            assert "UGA_MAX_ACTIVE_JOBS_PER_CALLER" in r.json()["error"]["message"]
+        with service.client("admin") as c:
+            assert c.post("/v1/jobs", json={"slide": "a.tif", "options": {"queue_size": 4}}).status_code == 202
+            r = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"queue_size": 5}})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert _jobs(service) == 2
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "options", "code", "setting"),
+    [
+        ({"max_job_tiles": 10}, {}, "too_much_work", "UGA_MAX_JOB_TILES"),
+        ({}, {"patch_um": 8192}, "patch_too_large", "UGA_MAX_CORRECTION_PX"),
+    ],
+)
+def test_a_job_over_a_work_limit_is_refused_at_submit(tmp_path, slides, settings, options, code, setting):
+    service = InProcessService(tmp_path / "data", slides, start_worker=False, **settings)
+    try:
+        with service.client("annotator") as c:
+            r = c.post("/v1/jobs", json={"slide": "a.tif", "options": options})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == code and setting in r.json()["error"]["message"]
+        assert _jobs(service) == 0
+    finally:
+        service.close()
+
+
+def test_a_job_past_its_wall_time_fails_and_leaves_no_scratch(tmp_path, slides):
+    service = InProcessService(tmp_path / "data", slides, max_job_s=0.01)
+    try:
+        with service.client("annotator") as c:
+            job = wait_job(c, c.post("/v1/jobs", json={"slide": "a.tif"}).json()["id"], timeout=120)
+        assert job["state"] == "failed" and "UGA_MAX_JOB_S" in job["error"]
+        assert not list((tmp_path / "data" / "jobs" / job["id"]).glob(".work-*"))
+    finally:
+        service.close()
+
+
+def test_scratch_of_crashed_jobs_is_removed_at_start_and_a_full_disk_is_not_ready(tmp_path, slides):
+    left = tmp_path / "data" / "jobs" / "crashed-job" / ".work-abc"
+    left.mkdir(parents=True)
+    (left / "probability.raw").write_bytes(b"\0" * 1024)
+    service = InProcessService(tmp_path / "data", slides, start_worker=False)
+    try:
+        assert not left.exists()
+        assert service.runtime.ready()
+        service.runtime.settings.min_free_mb = 1e12  # more than any disk has: as good as full
+        assert not service.runtime.ready()
+    finally:
+        service.close()
