@@ -210,3 +210,27 @@ def test_a_stalled_body_gets_408_and_writes_nothing(server):
     assert head.startswith(b"HTTP/1.1 408"), reply[:200]
     assert json.loads(body)["error"]["code"] == "body_timeout"
     assert _state(server) == before
+
+
+def test_an_unauthenticated_flood_is_refused_before_its_body_is_read(server):
+    before = _state(server)
+    body = b'{"slide": "cases/a.tif", "pad": "' + b"x" * (21 * 1024 * 1024) + b'"}'
+    r = httpx.post(f"{server.url}/v1/jobs", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    assert _state(server) == before
+
+
+def test_a_chunked_body_over_the_limit_is_413(server):
+    def chunks():
+        for _ in range(70):
+            yield b"0" * (1024 * 1024)
+
+    before = _state(server)
+    with server.client("annotator") as c:
+        r = c.post(
+            "/v1/corrections?slide=cases/a.tif&x=0&y=0&width=64&height=64",
+            content=chunks(),
+            headers={"content-type": "image/png"},
+        )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert _state(server) == before

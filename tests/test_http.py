@@ -243,8 +243,6 @@ def test_geojson_correction_is_stored_with_crop_and_is_idempotent(env, finished)
         assert r.status_code == 409 and r.json()["error"]["code"] == "already_corrected"
 
 
-
-
 def test_a_bug_is_a_logged_json_500_with_a_request_id(env, monkeypatch, caplog):
     def broken(*_args, **_kwargs):
         raise ValueError("an internal mistake, not the caller's")
@@ -272,3 +270,63 @@ def test_openapi_documents_every_status_and_the_correction_bodies(env):
     assert "409" in paths["/queue/items/{item_id}/skip"]["post"]["responses"]
     assert "409" in paths["/jobs/{job_id}/artifacts/{name}"]["get"]["responses"]
     assert all("500" in op["responses"] for ops in paths.values() for op in ops.values())
+
+
+def _raw_post(app, url: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
+    """POST straight through ASGI; returns (status, JSON body, how often the app asked for the body)."""
+    path, _, query = url.partition("?")
+    import anyio
+
+    asked, sent = [], []
+
+    async def receive():
+        asked.append(1)
+        return {"type": "http.request", "body": b'{"slide": "cases/a.tif"}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    anyio.run(app, scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), len(asked)
+
+
+@pytest.mark.parametrize(
+    ("path", "role", "ctype", "status", "code"),
+    [
+        ("/v1/jobs", None, b"application/json", 401, "unauthenticated"),
+        ("/v1/jobs", "viewer", b"application/json", 403, "forbidden"),
+        ("/v1/corrections?slide=cases/a.tif&x=0&y=0&width=8&height=8", None, b"image/png", 401, "unauthenticated"),
+        (
+            "/v1/corrections?slide=cases/a.tif&x=0&y=0&width=8&height=8",
+            "annotator",
+            b"text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+        ("/v1/models/rollback", "annotator", b"application/json", 403, "forbidden"),
+    ],
+)
+def test_no_body_is_read_before_the_caller_is_authorised_and_the_type_accepted(env, path, role, ctype, status, code):
+    from tests.server import TOKENS
+
+    headers = [(b"content-type", ctype), (b"content-length", b"24")]
+    if role:
+        headers.append((b"authorization", f"Bearer {TOKENS[role]}".encode()))
+    got, body, reads = _raw_post(env.app, path, headers)
+    assert got == status and body["error"]["code"] == code
+    assert reads == 0  # refused from the headers alone

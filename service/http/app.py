@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service.errors import NotFound
+from service.http.deps import AuthFirst
 from service.http.errors import BodyLimit, ErrorBoundary, install_handlers
 from service.http.routers import corrections, finetune, jobs, models, queue
 from service.http.schemas import COMMON_ERRORS
@@ -19,10 +20,13 @@ def create_app(max_body_bytes: int, body_timeout_s: float = 30.0) -> FastAPI:
         description="Uncertainty-guided annotation for whole-slide segmentation",
         responses=COMMON_ERRORS,
     )
+    routers = (jobs.router, queue.router, corrections.router, finetune.router, models.router)
+    routes = [route for router in routers for route in router.routes]
+    app.add_middleware(AuthFirst, api=app, routes=routes)  # innermost: decides before any route reads a body
     app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(ErrorBoundary)
     install_handlers(app)
-    for router in (jobs.router, queue.router, corrections.router, finetune.router, models.router):
+    for router in routers:
         app.include_router(router)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -1,36 +1,96 @@
-"""What every router needs from a request: the process's runtime, the caller, the base URL."""
+"""Who may do what, decided before any body is read; and what routers need from a request.
+
+``AuthFirst`` (ASGI middleware) finds the route a request is for, and when the route requires a role
+(a ``Viewer``/``Annotator``/``Admin`` parameter) authenticates and authorises the caller from the
+headers alone: a refused caller gets its 401/403 without one byte of the body being received,
+parsed or decoded. The route's dependency then reads the principal the middleware stored.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from service.http.auth import AuthFailure, Principal
-from service.http.errors import HttpError
+from service.http.errors import HttpError, error_response
 from service.http.runtime import Runtime
 
+PRINCIPAL = "uga_principal"  # key in the ASGI scope's state
 
-def runtime(request: Request) -> Runtime:
-    rt = getattr(request.app.state, "uga", None)
+
+def runtime_of(app) -> Runtime:
+    rt = getattr(app.state, "uga", None)
     if rt is None:
         raise HttpError(503, "not_ready", "service is starting; retry shortly")
     return rt
 
 
+def runtime(request: Request) -> Runtime:
+    return runtime_of(request.app)
+
+
+def authorise(rt: Runtime, authorization: str | None, role: str) -> Principal:
+    """The caller's principal if it holds ``role``; HttpError (401 / 403 / 503) otherwise."""
+    try:
+        principal = rt.auth.authenticate(authorization)
+    except AuthFailure as exc:  # a refused JWT (401), no mapped role (403), keys unreachable (503)
+        raise HttpError(exc.status, exc.code, exc.message) from None
+    if principal is None:
+        raise HttpError(401, "unauthenticated", "missing or unknown bearer token (Authorization: Bearer <token>)")
+    if not principal.allows(role):
+        raise HttpError(403, "forbidden", f"this action needs the {role} role; your token has {principal.role}")
+    return principal
+
+
 def require(role: str):
     def dependency(request: Request) -> Principal:
-        try:
-            principal = runtime(request).auth.authenticate(request.headers.get("authorization"))
-        except AuthFailure as exc:  # a refused JWT (401), no mapped role (403), keys unreachable (503)
-            raise HttpError(exc.status, exc.code, exc.message) from None
-        if principal is None:
-            raise HttpError(401, "unauthenticated", "missing or unknown bearer token (Authorization: Bearer <token>)")
-        if not principal.allows(role):
-            raise HttpError(403, "forbidden", f"this action needs the {role} role; your token has {principal.role}")
-        return principal
+        principal = request.scope.get("state", {}).get(PRINCIPAL)
+        return (
+            principal
+            if principal is not None
+            else authorise(runtime(request), request.headers.get("authorization"), role)
+        )
 
+    dependency.uga_role = role
     return dependency
+
+
+def required_role(route: APIRoute) -> str | None:
+    """The role a route's dependencies require (None: the route is open)."""
+    stack = [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        if role := getattr(dependant.call, "uga_role", None):
+            return role
+        stack.extend(dependant.dependencies)
+    return None
+
+
+class AuthFirst:
+    """ASGI middleware: authenticate and authorise for the matched route before the app reads a body."""
+
+    def __init__(self, app, api: FastAPI, routes: list[APIRoute]):
+        self.app, self.api = app, api
+        self.routes = [(route, required_role(route)) for route in routes]
+
+    def role_for(self, scope) -> str | None:
+        """The role of the route that will serve ``scope`` (the routers' own routes, matched in order)."""
+        return next((role for route, role in self.routes if route.matches(scope)[0] == Match.FULL), None)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (role := self.role_for(scope)) is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        try:
+            principal = authorise(runtime_of(self.api), authorization, role)
+        except HttpError as exc:
+            return await error_response(exc.status, exc.code, exc.message, exc.details)(scope, receive, send)
+        scope.setdefault("state", {})[PRINCIPAL] = principal
+        await self.app(scope, receive, send)
 
 
 def base_url(request: Request) -> str:

@@ -22,6 +22,14 @@ from service.wsi.slide import open_slide, resolve_slide_path
 MEDIA_TYPES = ("image/png", "application/geo+json", "application/json")
 
 
+def check_media_type(media_type: str) -> None:
+    """Refuse a body that is neither a PNG nor GeoJSON (before it is even read)."""
+    if media_type not in MEDIA_TYPES:
+        raise UnsupportedMedia(
+            "unsupported_media_type", "send the mask as image/png or GeoJSON polygons as application/geo+json"
+        )
+
+
 def ingest_correction(
     store: Store,
     settings: Settings,
@@ -37,10 +45,7 @@ def ingest_correction(
 ) -> tuple[Correction, bool]:
     """Store the correction (files durable before the row). Returns (record, created); the same
     correction sent twice is one record. Nothing is written when anything is refused."""
-    if media_type not in MEDIA_TYPES:
-        raise UnsupportedMedia(
-            "unsupported_media_type", "send the mask as image/png or GeoJSON polygons as application/geo+json"
-        )
+    check_media_type(media_type)
     path = resolve_slide_path(settings.slide_root, slide)
     slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide file
     with open_slide(path) as handle:

@@ -13,7 +13,7 @@ from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.runtime import Runtime
 from service.http.schemas import CORRECTION_BODY, errors
 from service.loop.corrections import Region
-from service.loop.ingest import ingest_correction, ingest_item_correction
+from service.loop.ingest import check_media_type, ingest_correction, ingest_item_correction
 from service.store import Correction
 from service.store.records import as_dict
 
@@ -45,6 +45,7 @@ def created_response(record: Correction, created: bool, base: str) -> JSONRespon
 async def correct_item(item_id: str, request: Request, rt: Rt, base: Base, who: Annotator, coords: Coords = "region"):
     """Corrected mask for a queue patch: PNG (0/255, the patch's size at its µm/px) or GeoJSON polygons
     (in patch pixel coordinates, or level-0 coordinates with coords=level0 as QuPath exports)."""
+    check_media_type(media_type(request))  # before the body is read
     body = await request.body()
     record, created = await run_in_threadpool(
         ingest_item_correction,
@@ -74,6 +75,7 @@ async def correct_region(
     coords: Coords = "region",
 ):
     """Corrected mask for any region (x, y, width, height in level-0 pixels; mask at ``mpp``)."""
+    check_media_type(media_type(request))  # before the body is read
     body = await request.body()
     record, created = await run_in_threadpool(
         ingest_correction,
