@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import sqlite3
+import time
 
 import pytest
 
@@ -60,3 +62,26 @@ def test_a_failed_change_writes_nothing(tmp_path):
         )
         raise RuntimeError("crash inside the transaction")
     assert store.jobs.get("x") is None and store.jobs.counts()["queued"] == 0
+
+
+def _open(path: str, start: float) -> str:
+    while time.time() < start:
+        pass
+    try:
+        Store(path).close()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["version-2 store", "new store"])
+def test_processes_starting_together_migrate_a_store_once(tmp_path, existing):
+    if existing:
+        _version_2_store(tmp_path / "data")
+    start = time.time() + 0.5
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        results = pool.starmap(_open, [(str(tmp_path / "data"), start)] * 6)
+    assert results == ["ok"] * 6
+    store = Store(tmp_path / "data")
+    assert store.db.scalar("PRAGMA user_version") == SCHEMA_VERSION
+    assert (store.jobs.get("j1") is not None) == existing

@@ -139,6 +139,31 @@ UPGRADES = {3: "ALTER TABLE jobs ADD COLUMN resolved TEXT;"}
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 
 
+def _enable_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """WAL mode. Switching into it needs an exclusive lock for which SQLite does not wait (processes
+    opening a new store together get 'database is locked' at once), so retry for ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _statements(script: str) -> list[str]:
+    """The SQL statements of a script, one by one (DDL runs inside the caller's transaction)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return out
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -167,7 +192,7 @@ class Database:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
@@ -197,15 +222,22 @@ class Database:
         return row[0] if row else None
 
     def _migrate(self) -> None:
-        db = self.conn()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"store {self.path} has schema {version}, newer than this code ({SCHEMA_VERSION})")
-        if version == SCHEMA_VERSION:
+        """Bring the database to SCHEMA_VERSION. Under the write lock and re-checked there, so that
+        processes starting together (workers, the runner) migrate it once, never concurrently."""
+        if self.conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return
-        upgrades = "" if version == 0 else "".join(sql for v, sql in UPGRADES.items() if version < v)
-        script = SCHEMA + upgrades
-        db.executescript("BEGIN IMMEDIATE;" + script + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path.name} has schema {version}, newer than this code ({SCHEMA_VERSION})"
+                )
+            if version == SCHEMA_VERSION:
+                return  # another process migrated it while this one waited for the lock
+            upgrades = [sql for v, sql in UPGRADES.items() if 0 < version < v]
+            for statement in _statements(SCHEMA + "".join(upgrades)):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def writable(self) -> bool:
         """True when the directory takes a file and the database a write lock within a second (/readyz)."""
