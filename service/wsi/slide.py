@@ -13,6 +13,10 @@ from PIL import Image
 from service.errors import DomainError, InvalidInput, NotFound, Unprocessable
 
 GLASS_RGB = (255, 255, 255)
+# Level pixels one read_region may fetch (16 Mi px: 64 MiB RGBA). Larger regions (a slide without a
+# level near the target µm/px, e.g. a single-level TIFF read whole at 8 µm/px) are read in blocks.
+MAX_READ_PIXELS = 1 << 24
+_FILTER_SUPPORT = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BOX: 0.5}  # Pillow's, in source px
 
 
 class SlideError(Unprocessable):
@@ -181,14 +185,95 @@ class RegionReader:
         lx0, ly0 = math.floor(x * f), math.floor(y * f)
         lx1, ly1 = math.ceil((x + w) * f), math.ceil((y + h) * f)
         lw, lh = max(1, lx1 - lx0), max(1, ly1 - ly0)
-        loc = (int(round(lx0 * self.level_ds)), int(round(ly0 * self.level_ds)))
+        if lw * lh > MAX_READ_PIXELS:
+            return self._read_chunked(y, x, h, w, lx0, ly0, lw, lh)
+        rgb, _rgba = self._level_rgb(lx0, ly0, lw, lh)
+        if (lw, lh) != (w, h) or abs(f - 1.0) > 1e-9:
+            box = (x * f - lx0, y * f - ly0, (x + w) * f - lx0, (y + h) * f - ly0)
+            rgb = rgb.resize((w, h), Image.Resampling.BILINEAR if f >= 1 else Image.Resampling.BOX, box=box)
+        return np.asarray(rgb)
+
+    def _level_rgb(self, lx: int, ly: int, lw: int, lh: int) -> tuple[Image.Image, Image.Image]:
+        """RGB of the chosen level's pixels [ly, ly+lh) x [lx, lx+lw), transparency composited on glass,
+        and the RGBA it came from (the caller holds it until it is done: freeing that buffer before the
+        resize makes the resize fault in fresh pages, ~5% of a whole-slide read)."""
+        loc = (int(round(lx * self.level_ds)), int(round(ly * self.level_ds)))
         try:
             rgba = self.slide.handle.read_region(loc, self.level, (lw, lh))
         except openslide.OpenSlideError as exc:  # the file changed or broke after it was opened
             raise SlideError(f"cannot read {self.slide.path.name}: {exc}") from None
         rgb = Image.new("RGB", rgba.size, GLASS_RGB)
         rgb.paste(rgba, mask=rgba.getchannel("A"))
-        if (lw, lh) != (w, h) or abs(f - 1.0) > 1e-9:
-            box = (x * f - lx0, y * f - ly0, (x + w) * f - lx0, (y + h) * f - ly0)
-            rgb = rgb.resize((w, h), Image.Resampling.BILINEAR if f >= 1 else Image.Resampling.BOX, box=box)
-        return np.asarray(rgb)
+        return rgb, rgba
+
+    def _read_chunked(self, y: int, x: int, h: int, w: int, lx0: int, ly0: int, lw: int, lh: int) -> np.ndarray:
+        """What ``_read`` returns, from level reads of at most about MAX_READ_PIXELS each.
+
+        The output is cut into blocks: bands of whole output rows, split into columns only when one row
+        band of the full width is already over the budget. Each block reads the level pixels under its
+        output pixels' resampling filter (clipped to the one-shot region, as Pillow clips it there) and is
+        resized with the same filter and the one-shot's source box translated into the block. Row bands
+        match the one-shot read within ±1 (Pillow's fixed-point rounding of coefficients computed from
+        translated positions); column-split blocks round in both passes, rarely ±2. Upsampling (BOX,
+        nearest-like) can differ where an output pixel centre falls exactly on a source pixel edge.
+        Memory: the output plus one block. A ratio so extreme that one output pixel's filter alone covers
+        more than the budget is refused (SlideError) instead of read.
+        """
+        f = self.to_level
+        resize = (lw, lh) != (w, h) or abs(f - 1.0) > 1e-9
+        resample = Image.Resampling.BILINEAR if f >= 1 else Image.Resampling.BOX
+        # the one-shot resize box, in one-shot region coordinates, and Pillow's scale along each axis
+        bx0, by0, bx1, by1 = x * f - lx0, y * f - ly0, (x + w) * f - lx0, (y + h) * f - ly0
+        sx, sy = ((bx1 - bx0) / w, (by1 - by0) / h) if resize else (1.0, 1.0)
+        # how far (in level px) Pillow's filter reaches from an output pixel centre
+        reach = (_FILTER_SUPPORT[resample] * max(sx, sy, 1.0)) if resize else 0.0
+
+        def src_span(n: int, scale: float, full: int) -> int:  # level px under n output px, at most
+            return min(full, math.ceil(n * scale + 2 * reach) + 4)
+
+        budget = MAX_READ_PIXELS
+        if src_span(1, sx, lw) * src_span(1, sy, lh) > budget:
+            raise SlideError(
+                f"cannot read {self.slide.path.name} at {self.mpp:g} µm/px: one pixel would cover "
+                f"{f:.0f}x{f:.0f} pixels of its nearest level (level {self.level}); the slide has no level "
+                "close enough to that resolution"
+            )
+        if src_span(1, sy, lh) * src_span(w, sx, lw) <= budget:
+            cols = w
+        else:
+            side = math.isqrt(budget)
+            cols = max(1, min(w, math.floor((side - 2 * reach - 4) / sx)))
+        block_w = src_span(cols, sx, lw)
+        rows = max(1, min(h, math.floor((budget / block_w - 2 * reach - 4) / sy)))
+
+        def src_range(a: int, b: int, b0: float, scale: float, full: int) -> tuple[int, int]:
+            """Level px (region coordinates) that output px [a, b) read, as Pillow bounds them, +1 slack."""
+            if not resize:
+                return a, b
+            lo = int(b0 + (a + 0.5) * scale - reach + 0.5) - 1
+            hi = int(b0 + (b - 0.5) * scale + reach + 0.5) + 1
+            return max(0, lo), min(full, hi)
+
+        def edge(i: int, n: int, b0: float, b1: float, scale: float) -> float:
+            """Source position of output edge i; the one-shot's own box values at the two ends."""
+            return b0 if i == 0 else b1 if i == n else b0 + i * scale
+
+        out = np.empty((h, w, 3), np.uint8)
+        for oy0 in range(0, h, rows):
+            oy1 = min(h, oy0 + rows)
+            ry0, ry1 = src_range(oy0, oy1, by0, sy, lh)
+            for ox0 in range(0, w, cols):
+                ox1 = min(w, ox0 + cols)
+                rx0, rx1 = src_range(ox0, ox1, bx0, sx, lw)
+                block, _rgba = self._level_rgb(lx0 + rx0, ly0 + ry0, rx1 - rx0, ry1 - ry0)
+                if resize:
+                    box = (
+                        max(0.0, edge(ox0, w, bx0, bx1, sx) - rx0),
+                        max(0.0, edge(oy0, h, by0, by1, sy) - ry0),
+                        min(float(rx1 - rx0), edge(ox1, w, bx0, bx1, sx) - rx0),
+                        min(float(ry1 - ry0), edge(oy1, h, by0, by1, sy) - ry0),
+                    )
+                    block = block.resize((ox1 - ox0, oy1 - oy0), resample, box=box)
+                out[oy0:oy1, ox0:ox1] = np.asarray(block)
+                del block, _rgba  # before the next read, so that only one block is held at a time
+        return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,9 @@ from skimage import filters, morphology
 from service.wsi.slide import RegionReader, Slide, analysis_shape
 
 TISSUE_MASK_MPP = 8.0  # µm/px of the low-resolution tissue mask
+# Pixels of the mask at most (4096^2, i.e. 33 x 33 mm at 8 µm/px: more than any scanned area). A slide
+# claiming larger dimensions gets its mask at a coarser µm/px, so the mask stays small whatever the file says.
+MAX_MASK_PIXELS = 1 << 24
 
 
 @dataclass
@@ -41,15 +45,22 @@ def tissue_from_rgb(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     if chroma.max() <= min_saturation:
         return np.zeros(chroma.shape, bool)
     thr = max(min_saturation, float(filters.threshold_otsu(chroma)))
-    mask = (chroma > thr) & (rgb.mean(axis=2) < 235)
+    mask = (chroma > thr) & (rgb.sum(axis=2, dtype=np.uint16) < 3 * 235)  # mean < 235, without a float copy
     mask = ndimage.binary_closing(mask, morphology.disk(2))
     mask = morphology.remove_small_objects(mask, max_size=8)
     return morphology.remove_small_holes(mask, max_size=64)
 
 
 def tissue_mask(slide: Slide, mpp: float = TISSUE_MASK_MPP) -> TissueMask:
-    """Low-resolution tissue mask read through the pyramid (bounded: one small image)."""
+    """Low-resolution tissue mask read through the pyramid, or in bounded blocks where the slide has no
+    level near ``mpp`` (RegionReader); at most MAX_MASK_PIXELS, coarser than ``mpp`` if need be."""
     h, w = analysis_shape(slide, mpp)
+    if h * w > MAX_MASK_PIXELS:
+        mpp *= math.sqrt(h * w / MAX_MASK_PIXELS)
+        h, w = analysis_shape(slide, mpp)
+        while h * w > MAX_MASK_PIXELS and h * w > 1:  # each side rounds
+            mpp *= 1.01
+            h, w = analysis_shape(slide, mpp)
     reader = RegionReader(slide, mpp)
     rgb = reader.read(0, 0, h, w)
     return TissueMask(tissue_from_rgb(rgb), mpp)
