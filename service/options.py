@@ -20,12 +20,14 @@ from service.vocabulary import Measure, Scoring
 
 # Options a client may choose per job (HTTP and CLI); the rest are deployment settings only.
 REQUEST_FIELDS = ("mpp", "slide_mpp", "uncertainty", "scoring", "queue_size", "patch_um")
+# A client's per-job choice is bounded tighter than what a deployment may set (ge, le).
+REQUEST_BOUNDS = {"mpp": (0.25, 16), "queue_size": (1, 200), "patch_um": (64, 8192)}
 
 
 class SegmentationDefaults(BaseModel):
     """Options with a deployment-wide default."""
 
-    mpp: float = Field(1.0, ge=0.25, le=16, description="analysis resolution in µm/px (the paper: 1.0)")
+    mpp: float = Field(1.0, gt=0, description="analysis resolution in µm/px (the paper: 1.0)")
     tile: int = Field(256, ge=64, le=4096, description="tile side in analysis pixels (multiple of 8)")
     overlap: int = Field(32, ge=0, le=512, description="tile overlap in pixels, blended (at most half the tile)")
     batch: int = Field(2, ge=1, le=64, description="tiles per ONNX Runtime call")
@@ -33,8 +35,14 @@ class SegmentationDefaults(BaseModel):
     uncertainty: Measure = Field("uga", description="uncertainty measure that ranks the review queue")
     scoring: Scoring = Field("mean", description="patch score: mean over tissue, or the paper's")
     queue_size: int = Field(10, ge=1, le=1000, description="patches in the ranked review queue per slide")
-    patch_um: float = Field(1024.0, ge=64, le=8192, description="review patch side in µm (the paper: 1024)")
+    patch_um: float = Field(1024.0, gt=0, description="review patch side in µm (the paper: 1024)")
     min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a review patch")
+
+    @model_validator(mode="after")
+    def _tile_geometry(self):
+        if self.tile % 8 or self.overlap * 2 > self.tile:
+            raise ValueError("tile must be a multiple of 8 and overlap at most half the tile")
+        return self
 
 
 class SegmentationOptions(SegmentationDefaults):
@@ -45,12 +53,6 @@ class SegmentationOptions(SegmentationDefaults):
     slide_mpp: float | None = Field(
         None, ge=0.05, le=100, description="level-0 µm/px, for a slide without it in its metadata"
     )
-
-    @model_validator(mode="after")
-    def _tile_geometry(self) -> SegmentationOptions:
-        if self.tile % 8 or self.overlap * 2 > self.tile:
-            raise ValueError("tile must be a multiple of 8 and overlap at most half the tile")
-        return self
 
     @classmethod
     def resolve(cls, defaults: SegmentationDefaults, overrides: Mapping[str, Any] | None = None) -> SegmentationOptions:
@@ -78,8 +80,12 @@ class SegmentationOptions(SegmentationDefaults):
 
 
 def _optional(name: str) -> tuple[Any, Any]:
+    """The option as a request field: None by default, with the request's bounds where tighter."""
     info = SegmentationOptions.model_fields[name]
-    field = Field(None, description=info.description, json_schema_extra=None)
+    if name in REQUEST_BOUNDS:
+        low, high = REQUEST_BOUNDS[name]
+        return info.annotation | None, Field(None, ge=low, le=high, description=info.description)
+    field = Field(None, description=info.description)
     field.metadata = list(info.metadata)  # the same bounds as the resolved option
     return info.annotation | None, field
 

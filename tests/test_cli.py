@@ -93,3 +93,8 @@ def test_make_slides_builds_pyramid_with_mask(tmp_path):
         "blur-00.tif",
         "blur-00.mask.tif",
     }
+
+
+def test_demo_with_an_unknown_centre_is_one_line(tmp_path):
+    proc = uga("demo", "--centre", "bogus", "--quiet")
+    assert_refused(proc, "unknown centre")

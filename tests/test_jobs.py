@@ -69,9 +69,13 @@ def test_a_new_model_version_gives_a_new_job(setup):
 
 
 def test_an_invalid_option_set_is_one_line_naming_the_option():
-    settings = Settings(tile=128)
     with pytest.raises(InvalidInput) as exc:
-        SegmentationOptions.resolve(settings, {"mpp": 100})
+        SegmentationOptions.resolve(Settings(), {"mpp": -1})
     assert exc.value.code == "invalid_options" and exc.value.message.startswith("mpp:")
     with pytest.raises(InvalidInput, match="multiple of 8"):
-        SegmentationOptions.resolve(Settings(tile=132))
+        SegmentationOptions.resolve(Settings(), {"tile": 132})
+
+
+def test_bad_deployment_settings_fail_at_start_not_in_every_request():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Settings(tile=132)

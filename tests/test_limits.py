@@ -86,3 +86,17 @@ def test_scratch_of_crashed_jobs_is_removed_at_start_and_a_full_disk_is_not_read
         assert not service.runtime.ready()
     finally:
         service.close()
+
+
+def test_slide_mpp_cannot_override_the_slides_own_metadata(tmp_path, slides):
+    service = InProcessService(tmp_path / "data", slides, start_worker=False)
+    try:
+        with service.client("annotator") as c:
+            r = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"slide_mpp": 4, "mpp": 0.25}})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "unusable_slide"
+            assert "only for slides without it" in r.json()["error"]["message"]
+            assert _jobs(service) == 0
+            ok = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"slide_mpp": 0.52}})  # within 10 %
+            assert ok.status_code == 202
+    finally:
+        service.close()

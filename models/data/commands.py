@@ -62,6 +62,10 @@ def cmd_make_slides(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the demo slide once, then segment it exactly as `uga segment` would."""
+    from models.data.slidegen import CENTRES
+
+    if args.centre not in CENTRES:
+        raise CliError(f"unknown centre {args.centre!r}; choose from {', '.join(CENTRES)}")
     s = get_settings()
     slide = s.data_dir / "demo" / f"demo-{args.centre}.tif"
     if not slide.exists():

@@ -12,6 +12,7 @@ from PIL import Image
 
 from service.errors import DomainError, InvalidInput, NotFound, Unprocessable
 
+MPP_RANGE = (0.05, 100.0)  # plausible level-0 µm/px, from metadata or a caller
 GLASS_RGB = (255, 255, 255)
 # Level pixels one read_region may fetch (16 Mi px: 64 MiB RGBA). Larger regions (a slide without a
 # level near the target µm/px, e.g. a single-level TIFF read whole at 8 µm/px) are read in blocks.
@@ -116,24 +117,38 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
         ) from None
     except (openslide.OpenSlideError, OSError) as exc:
         raise SlideError(f"cannot read slide {path.name}: {exc}") from None
-    if slide_mpp is not None:
-        if not (math.isfinite(slide_mpp) and 0.05 <= slide_mpp <= 100):
-            handle.close()
-            raise SlideError(f"--slide-mpp {slide_mpp} is not a plausible µm/px (0.05..100)")
-        return Slide(path, handle, float(slide_mpp), "caller")
-    props = handle.properties
+    try:
+        return Slide(path, handle, *_level0_mpp(path.name, handle.properties, slide_mpp))
+    except SlideError:
+        handle.close()
+        raise
+
+
+def _level0_mpp(name: str, props, slide_mpp: float | None) -> tuple[float, str]:
+    """(level-0 µm/px, where it came from). The slide's own metadata wins: a caller's ``slide_mpp`` is
+    for slides without it, and is refused when it contradicts the metadata by more than 10 %."""
+    if slide_mpp is not None and not (math.isfinite(slide_mpp) and MPP_RANGE[0] <= slide_mpp <= MPP_RANGE[1]):
+        raise SlideError(f"--slide-mpp {slide_mpp} is not a plausible µm/px (0.05..100)")
     try:
         mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
         mpp_y = float(props.get(openslide.PROPERTY_NAME_MPP_Y, mpp_x))
     except (KeyError, ValueError):
-        handle.close()
+        if slide_mpp is not None:
+            return float(slide_mpp), "caller"
         raise SlideError(
-            f"{path.name} has no µm/px metadata; pass the scanner's level-0 µm/px (e.g. --slide-mpp 0.25)"
+            f"{name} has no µm/px metadata; pass the scanner's level-0 µm/px (e.g. --slide-mpp 0.25)"
         ) from None
-    if not (mpp_x > 0 and math.isfinite(mpp_x)) or abs(mpp_x - mpp_y) > 0.02 * mpp_x:
-        handle.close()
-        raise SlideError(f"{path.name} has unusable µm/px metadata (x={mpp_x}, y={mpp_y}); pass --slide-mpp")
-    return Slide(path, handle, mpp_x, "metadata")
+    plausible = math.isfinite(mpp_x) and MPP_RANGE[0] <= mpp_x <= MPP_RANGE[1] and abs(mpp_x - mpp_y) <= 0.02 * mpp_x
+    if slide_mpp is not None:
+        if plausible and abs(slide_mpp - mpp_x) > 0.1 * mpp_x:
+            raise SlideError(
+                f"{name} states {mpp_x:g} µm/px in its metadata; slide_mpp ({slide_mpp:g}) is only for slides "
+                "without it: leave it out"
+            )
+        return float(slide_mpp), "caller"
+    if not plausible:
+        raise SlideError(f"{name} has unusable µm/px metadata (x={mpp_x}, y={mpp_y}); pass --slide-mpp")
+    return mpp_x, "metadata"
 
 
 def choose_level(downsamples: list[float] | tuple[float, ...], level0_mpp: float, target_mpp: float) -> int:
