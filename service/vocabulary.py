@@ -10,7 +10,6 @@ from typing import Literal, get_args
 
 Measure = Literal["uga", "entropy", "mutual_information"]
 MEASURES: tuple[str, ...] = get_args(Measure)
-DEFAULT_MEASURE: Measure = "uga"
 
 Scoring = Literal["mean", "paper"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
@@ -21,13 +20,17 @@ MAP_NAMES: tuple[str, ...] = get_args(MapName)
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
+ACTIVE_JOB_STATES: tuple[str, ...] = ("queued", "running")  # counted against the work limits
 
 ItemStatus = Literal["pending", "skipped", "corrected"]
 ITEM_STATUSES: tuple[str, ...] = get_args(ItemStatus)
+HANDLED_ITEM_STATUSES: tuple[str, ...] = ("skipped", "corrected")  # stored; "pending" is their absence
 
 RunState = Literal["requested", "running", "promoted", "rejected", "failed"]
 RUN_STATES: tuple[str, ...] = get_args(RunState)
 RUN_OUTCOMES: tuple[str, ...] = ("promoted", "rejected", "failed")
+OPEN_RUN_STATES: tuple[str, ...] = ("requested", "running")
+GATED_RUN_STATES: tuple[str, ...] = ("promoted", "rejected")  # the candidate reached the gate
 
 ModelStatus = Literal["baseline", "promoted", "rejected", "failed", "candidate"]
 MODEL_STATUSES: tuple[str, ...] = get_args(ModelStatus)

@@ -31,7 +31,6 @@ class InProcessService:
         api.state.uga = self.runtime
         self.app = FastAPI()
         self.app.mount("/v1", api)  # as BentoML mounts it: links carry the /v1 root path
-        self.api = api
 
     def client(self, role: str | None = "admin") -> TestClient:
         headers = {"Authorization": f"Bearer {TOKENS[role]}"} if role else {}

@@ -10,6 +10,7 @@ import openslide
 import pytest
 from PIL import Image
 
+from service.vocabulary import ARTIFACTS
 from tests.inprocess import InProcessService
 from tests.server import hostile_slide_root, wait_job
 
@@ -45,10 +46,7 @@ def test_every_artifact_downloads_and_tiffs_open_in_openslide(env, finished, tmp
         for name, url in finished["artifacts"].items():
             r = c.get(url)
             assert r.status_code == 200, (name, r.text)
-            path = (
-                tmp_path
-                / f"{name}{'.tif' if name in ('mask', 'probability', 'entropy', 'mutual_information', 'uga') else ''}"
-            )
+            path = tmp_path / ARTIFACTS[name]
             path.write_bytes(r.content)
             if path.suffix == ".tif":
                 s = openslide.OpenSlide(str(path))

@@ -84,6 +84,13 @@ def test_scratch_of_crashed_jobs_is_removed_at_start_and_a_full_disk_is_not_read
         assert service.runtime.ready()
         service.runtime.settings.min_free_mb = 1e12  # more than any disk has: as good as full
         assert not service.runtime.ready()
+        with service.client("viewer") as c:
+            health = c.get("/v1/health").json()
+        assert health["ready"] is False and health["checks"] == {
+            "model_loaded": True,
+            "store_writable": True,
+            "disk_space": False,
+        }
     finally:
         service.close()
 

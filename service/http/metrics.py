@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.store import Store
-from service.vocabulary import PROMOTE_ACTIONS, ROLLBACK_ACTIONS
+from service.vocabulary import GATED_RUN_STATES, PROMOTE_ACTIONS, ROLLBACK_ACTIONS
 
 SEGMENTATION_SECONDS = Histogram(
     "uga_segmentation_duration_seconds",
@@ -74,7 +74,7 @@ def store_metrics(store: Store) -> str:
     Gauge("uga_finetune_progress_ratio", "Progress of the running fine-tune (0 when idle)", registry=reg).set(
         running.progress_done / running.progress_total if running and running.progress_total else 0.0
     )
-    finished = next((r for r in history if r.state in ("promoted", "rejected") and r.metrics), None)
+    finished = next((r for r in history if r.state in GATED_RUN_STATES and r.metrics), None)
     if finished:
         m = finished.metrics
         Gauge("uga_finetune_duration_seconds", "Duration of the last finished fine-tune run", registry=reg).set(

@@ -66,15 +66,28 @@ class Runtime:
             worker.start()
         return cls(settings, store, registry, auth, models, worker)
 
-    def ready(self) -> bool:
-        """A model is loaded, the store takes a write, and the data volume has UGA_MIN_FREE_MB free."""
+    def health(self) -> dict:
+        """What readiness depends on: a loaded model, a store that takes a write, UGA_MIN_FREE_MB free."""
         free_mb = shutil.disk_usage(self.settings.data_dir).free / 2**20
-        if free_mb < self.settings.min_free_mb:
-            log.warning(
-                "not ready: %.0f MiB free on the data volume (UGA_MIN_FREE_MB %.0f)", free_mb, self.settings.min_free_mb
-            )
-            return False
-        return self.models.loaded and self.store.writable()
+        checks = {
+            "model_loaded": self.models.loaded,
+            "store_writable": self.store.writable(),
+            "disk_space": free_mb >= self.settings.min_free_mb,
+        }
+        return {
+            "ready": all(checks.values()),
+            "checks": checks,
+            "free_mb": round(free_mb),
+            "min_free_mb": self.settings.min_free_mb,
+            "model_served": self.models.version,
+            "model_current": self.store.models.current(),
+        }
+
+    def ready(self) -> bool:
+        health = self.health()
+        if not health["checks"]["disk_space"]:
+            log.warning("not ready: %s MiB free on the data volume (UGA_MIN_FREE_MB)", health["free_mb"])
+        return health["ready"]
 
     def close(self) -> None:
         self.models.stop()

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import Unprocessable
+from service.errors import Unavailable
 
 log = logging.getLogger("uga.engine")
 
@@ -71,7 +71,7 @@ def default_providers() -> list[str]:
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-class ModelError(Unprocessable):
+class ModelError(Unavailable):
     """A model directory that cannot be served."""
 
     def __init__(self, message: str):

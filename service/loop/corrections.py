@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from service.errors import InvalidInput, Unprocessable
 from service.fsutil import fsync_dir
 from service.store import Correction
-from service.wsi.slide import Slide
+from service.wsi.slide import Slide, box_window
 
 
 class CorrectionError(Unprocessable):
@@ -47,8 +47,8 @@ class Region:
     mpp: float
 
     def mask_shape(self, level0_mpp: float) -> tuple[int, int]:
-        f = level0_mpp / self.mpp
-        return max(1, round(self.height * f)), max(1, round(self.width * f))
+        """(rows, cols) of the region's mask at its µm/px on a slide of ``level0_mpp``."""
+        return box_window(self.x, self.y, self.width, self.height, level0_mpp / self.mpp)[2:]
 
 
 def check_region(region: Region, slide_dims: tuple[int, int], slide_mpp: float, max_side: int) -> None:

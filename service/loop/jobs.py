@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.errors import NotFound, Unprocessable
+from service.errors import Conflict, DomainError, InvalidInput, NotFound, Unprocessable
 from service.inference.tiling import TileGrid
 from service.options import SegmentationOptions
 from service.store import Job, Store
-from service.wsi.slide import SlideError, SlidePathError, analysis_shape, open_slide, resolve_slide_path
+from service.vocabulary import ARTIFACTS, JOB_STATES
+from service.wsi.slide import analysis_shape, open_slide, resolve_slide_path
+
+log = logging.getLogger("uga.jobs")
 
 
 def job_identity(slide_file: Path, slide: str, options: SegmentationOptions, model_version: str) -> str:
@@ -91,6 +95,25 @@ def get_job(store: Store, job_id: str) -> Job:
     return job
 
 
+def list_jobs(store: Store, state: str | None, limit: int) -> list[Job]:
+    if state is not None and state not in JOB_STATES:
+        raise InvalidInput("invalid_state", f"unknown state {state!r}; one of {', '.join(JOB_STATES)}")
+    return store.jobs.list(state, limit)
+
+
+def artifact_path(store: Store, job_id: str, name: str) -> Path:
+    """The file of a finished job's artifact."""
+    job = get_job(store, job_id)
+    if name not in ARTIFACTS:
+        raise NotFound("artifact_not_found", f"unknown artifact {name!r}", {"known": list(ARTIFACTS)})
+    if job.state != "succeeded":
+        raise Conflict("job_not_finished", f"job is {job.state}; artifacts exist once it succeeded")
+    path = store.job_dir(job_id) / ARTIFACTS[name]
+    if not path.exists():
+        raise NotFound("artifact_missing", f"{ARTIFACTS[name]} is missing from the job directory")
+    return path
+
+
 def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str) -> list[str]:
     """After a model change: re-segment every slide's latest finished job with the new version, so the
     queue is rescored by the model now serving (corrected / skipped patches stay out of it)."""
@@ -103,8 +126,9 @@ def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str
             job, new = submit_segmentation(
                 store, settings, slide, latest.options, model_version=version, actor=actor, from_client=False
             )
-        except (SlideError, SlidePathError):
-            continue  # the slide is gone; its old queue stays readable
+        except DomainError as exc:  # the slide is gone or unusable: its old queue stays readable
+            log.warning("slide %s not rescored: %s", slide, exc.message)
+            continue
         if new:
             created.append(job.id)
     return created

@@ -7,6 +7,7 @@ from service.errors import Conflict, NotFound
 from service.loop.jobs import enqueue_rescoring
 from service.loop.registry import Registry
 from service.store import ModelVersion
+from service.vocabulary import PointerAction
 
 
 def promote_candidate(registry: Registry, settings: Settings, version: str, *, parent: str) -> str | None:
@@ -20,7 +21,9 @@ def promote_candidate(registry: Registry, settings: Settings, version: str, *, p
     return None
 
 
-def move_current(registry: Registry, settings: Settings, version: str, *, action: str, actor: str) -> ModelVersion:
+def move_current(
+    registry: Registry, settings: Settings, version: str, *, action: PointerAction, actor: str
+) -> ModelVersion:
     """Admin promote / rollback to any registered version that has not failed to load."""
     target = registry.versions.get(version)
     if target is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from service.fsutil import atomic_write_json, fsync_dir
 from service.inference.ensemble import ModelError, read_card
 from service.store import ModelVersion, Store
+from service.vocabulary import PointerAction
 
 
 def finetuned_card(parent_card: dict, *, version: str, sha256: str, parent: str, finetune: dict) -> dict:
@@ -111,7 +112,24 @@ class Registry:
         self.versions.register(version, actor=actor)
         return version
 
-    def move_pointer(self, version: str, *, action: str, actor: str | None, expect: str | None = None) -> bool:
+    def commit_gated(self, staging: Path, card: dict, gate: dict, corrections: dict) -> tuple[ModelVersion, str | None]:
+        """Commit a gated candidate with the gate's result in its card: 'candidate' when it passed (until
+        the pointer has moved to it), 'rejected' with the gate's reasons otherwise."""
+        reason = None if gate["passed"] else "; ".join(gate["reasons"])
+        card = {**card, "metrics": {**card.get("metrics", {}), "gate": dict(gate)}}
+        status = "candidate" if gate["passed"] else "rejected"
+        version = self.commit(
+            staging, card, status=status, reason=reason, metrics=dict(gate), corrections=corrections, actor="runner"
+        )
+        return version, reason
+
+    def members(self, version: str) -> int:
+        """How many ensemble members the version has (a fine-tune trains each)."""
+        return int(read_card(self.path(version))["recipe"]["members"])
+
+    def move_pointer(
+        self, version: str, *, action: PointerAction, actor: str | None, expect: str | None = None
+    ) -> bool:
         """Compare-and-set of 'current': moves only if it still is ``expect`` (when given)."""
         return self.versions.move_pointer(version, action=action, actor=actor, expect=expect)
 

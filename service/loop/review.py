@@ -18,6 +18,13 @@ def get_item(store: Store, item_id: str) -> QueueItem:
     return item
 
 
+def pending_queue(store: Store, slide: str | None, k: int, measure: str | None) -> list[QueueItem]:
+    """Pending patches, best first: of one segmented slide, or pooled across slides."""
+    if slide is not None and store.jobs.latest_for_slide(slide) is None:
+        raise NotFound("slide_not_segmented", f"no finished segmentation of {slide!r}; submit a job first")
+    return store.queue.pending(slide, k, measure)
+
+
 def item_job(store: Store, item: QueueItem) -> Job:
     """The finished job that proposed the item (its summary holds the analysis and slide µm/px)."""
     return store.jobs.get(item.job_id)

@@ -14,12 +14,12 @@ import threading
 import time
 
 from service.config import Settings
-from service.inference.ensemble import read_card
 from service.loop.candidate import build_candidate
 from service.loop.gate import gate_candidate
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
 from service.store import FinetuneRun, Store
+from service.vocabulary import GATED_RUN_STATES
 
 log = logging.getLogger("uga.runner")
 
@@ -75,8 +75,7 @@ class Runner:
         train = self.store.corrections.unused_for_training()
         holdout = self.store.corrections.held_out()
         used = {"train": [c.id for c in train], "holdout": [c.id for c in holdout]}
-        n_members = int(read_card(self.registry.path(parent))["recipe"]["members"])
-        runs.start(run.id, parent, used, total=s.finetune_steps * n_members)
+        runs.start(run.id, parent, used, total=s.finetune_steps * self.registry.members(parent))
         if not train:
             runs.end(run.id, "rejected", candidate=None, metrics={}, reason="no new training corrections")
             return "rejected"
@@ -103,17 +102,7 @@ class Runner:
             )
             result = gate_candidate(self.registry, s, candidate, parent=parent, holdout=holdout)
             result["duration_s"] = round(time.time() - t0, 1)
-            card = {**candidate.card, "metrics": {**candidate.card.get("metrics", {}), "gate": dict(result)}}
-            reason = None if result.passed else "; ".join(result["reasons"])
-            self.registry.commit(
-                candidate.staging,
-                card,
-                status="candidate" if result.passed else "rejected",  # 'candidate' until the pointer moved
-                reason=reason,
-                metrics=dict(result),
-                corrections=used,
-                actor="runner",
-            )
+            _, reason = self.registry.commit_gated(candidate.staging, candidate.card, result, used)
         except InterruptedError:
             runs.end(run.id, "failed", candidate=None, metrics={}, reason="runner stopped mid-run")
             return "failed"
@@ -154,6 +143,6 @@ def main(settings: Settings, once: bool = False) -> int:
     if once:
         runner.startup()
         run = runner.next_run()
-        return 0 if run is None or runner.execute(run) in ("promoted", "rejected") else 1
+        return 0 if run is None or runner.execute(run) in GATED_RUN_STATES else 1
     runner.serve_forever()
     return 0

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.config import Settings
-from service.errors import DomainError
+from service.errors import DomainError, Unavailable
 from service.inference.pipeline import run_segmentation
 from service.loop.model_holder import ModelHolder
 from service.options import SegmentationOptions
@@ -150,7 +150,9 @@ class JobWorker:
             jobs.requeue(job.id, self.name)
         except TimedOut:
             self._fail(job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp")
-        except DomainError as exc:  # the slide or the options cannot be used: the caller's to fix
+        except DomainError as exc:  # the slide or the options cannot be used, or the model failed to load
+            if isinstance(exc, Unavailable):
+                log.exception("job %s failed", job.id)
             self._fail(job, exc.message)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
             log.exception("job %s failed", job.id)

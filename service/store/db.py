@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.vocabulary import ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
+from service.vocabulary import HANDLED_ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
 
 SCHEMA_VERSION = 4
 SCHEMA = f"""
@@ -56,7 +56,7 @@ CREATE INDEX IF NOT EXISTS queue_by_item ON queue_items (id);
 CREATE TABLE IF NOT EXISTS item_status (
     slide TEXT NOT NULL,
     item_id TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN {sql_in(ITEM_STATUSES[1:])}),
+    status TEXT NOT NULL CHECK (status IN {sql_in(HANDLED_ITEM_STATUSES)}),
     actor TEXT,
     at REAL NOT NULL,
     PRIMARY KEY (slide, item_id)

@@ -9,7 +9,7 @@ import uuid
 from service.errors import TooBusy
 from service.store.db import Database, audit
 from service.store.records import Job
-from service.vocabulary import JOB_STATES
+from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, sql_in
 
 
 class JobRepository:
@@ -60,7 +60,7 @@ class JobRepository:
 
     @staticmethod
     def _check_limits(db, actor: str | None, total: int, per_caller: int) -> None:
-        active = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+        active = f"SELECT COUNT(*) FROM jobs WHERE state IN {sql_in(ACTIVE_JOB_STATES)}"
         if db.execute(active).fetchone()[0] >= total:
             raise TooBusy(
                 "queue_full",

@@ -7,6 +7,7 @@ import time
 
 from service.store.db import Database, audit
 from service.store.records import ModelVersion
+from service.vocabulary import PointerAction
 
 
 class ModelRepository:
@@ -46,7 +47,9 @@ class ModelRepository:
     def current(self) -> str | None:
         return self.db.scalar("SELECT version FROM model_pointer WHERE id = 1")
 
-    def move_pointer(self, version: str, *, action: str, actor: str | None, expect: str | None = None) -> bool:
+    def move_pointer(
+        self, version: str, *, action: PointerAction, actor: str | None, expect: str | None = None
+    ) -> bool:
         """Point 'current' at ``version`` atomically (compare-and-set: only if it still is ``expect``)."""
         with self.db.transaction() as db:
             cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()

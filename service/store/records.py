@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from service.vocabulary import ItemStatus, JobState, ModelStatus, RunState
+
 
 def _from(cls, row: dict | None):
     """A record from a decoded row (unknown columns ignored); None stays None."""
@@ -20,7 +22,7 @@ class Job:
     slide: str
     options: dict  # as requested (None = server default)
     model_version: str
-    state: str
+    state: JobState
     created_at: float
     resolved: dict | None = None  # the segmentation options it runs with
     dedup_key: str | None = None
@@ -55,7 +57,7 @@ class QueueItem:
     mean_probability: float
     tissue_fraction: float
     model_version: str
-    status: str = "pending"
+    status: ItemStatus = "pending"
 
     from_row = classmethod(_from)
 
@@ -84,7 +86,7 @@ class ModelVersion:
     version: str
     sha256: str
     path: str
-    status: str
+    status: ModelStatus
     created_at: float
     parent: str | None = None
     reason: str | None = None
@@ -101,7 +103,7 @@ class ModelVersion:
 @dataclass(frozen=True)
 class FinetuneRun:
     id: str
-    state: str
+    state: RunState
     trigger: str
     created_at: float
     parent: str | None = None

@@ -8,7 +8,7 @@ import uuid
 
 from service.store.db import Database, audit
 from service.store.records import FinetuneRun
-from service.vocabulary import RUN_OUTCOMES
+from service.vocabulary import OPEN_RUN_STATES, RUN_OUTCOMES, sql_in
 
 
 class RunRepository:
@@ -19,7 +19,7 @@ class RunRepository:
         """A new 'requested' run, unless one is already requested or running (then that one)."""
         with self.db.transaction() as db:
             open_run = db.execute(
-                "SELECT id FROM finetune_runs WHERE state IN ('requested', 'running') ORDER BY created_at LIMIT 1"
+                f"SELECT id FROM finetune_runs WHERE state IN {sql_in(OPEN_RUN_STATES)} ORDER BY created_at LIMIT 1"
             ).fetchone()
             if open_run is not None:
                 return self.get(open_run["id"]), False

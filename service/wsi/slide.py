@@ -94,12 +94,16 @@ class Slide:
 
     def analysis_window(self, x: float, y: float, width: float, height: float, mpp: float) -> tuple[int, int, int, int]:
         """(row, col, rows, cols) at ``mpp`` of the level-0 box (x, y, width, height)."""
-        f = self.mpp / mpp
-        return round(y * f), round(x * f), max(1, round(height * f)), max(1, round(width * f))
+        return box_window(x, y, width, height, self.mpp / mpp)
 
     def read_box(self, x: float, y: float, width: float, height: float, mpp: float) -> np.ndarray:
         """RGB uint8 of the level-0 box (x, y, width, height), resampled to ``mpp``."""
         return RegionReader(self, mpp).read(*self.analysis_window(x, y, width, height, mpp))
+
+
+def box_window(x: float, y: float, width: float, height: float, scale: float) -> tuple[int, int, int, int]:
+    """(row, col, rows, cols) of a box scaled by ``scale`` (level-0 µm/px over target µm/px)."""
+    return round(y * scale), round(x * scale), max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from service.errors import NotFound
 from service.http.deps import Admin, Rt, Viewer
 from service.http.schemas import run_view
+from service.store.records import as_dict
 
 router = APIRouter(tags=["finetune"])
 
@@ -17,7 +18,7 @@ def request_finetune(rt: Rt, who: Admin, response: Response):
     run, created = rt.store.runs.request("admin", who.name)
     if not created:
         response.status_code = 200
-    return {**run_view(run), "existing": not created}
+    return {**as_dict(run), "existing": not created}
 
 
 @router.get("/finetune/runs")

@@ -8,10 +8,8 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 
 from service.http.deps import Annotator, Base, Rt, Viewer
-from service.http.errors import HttpError
 from service.http.schemas import JobList, JobSubmit, JobView, errors, job_view
-from service.loop.jobs import get_job, submit_segmentation
-from service.vocabulary import ARTIFACTS, JOB_STATES
+from service.loop.jobs import artifact_path, get_job, list_jobs, submit_segmentation
 
 router = APIRouter(tags=["jobs"])
 MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
@@ -40,12 +38,10 @@ def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Re
 
 
 @router.get("/jobs", response_model=JobList)
-def list_jobs(
+def list_job_views(
     rt: Rt, base: Base, _: Viewer, state: str | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> JobList:
-    if state is not None and state not in JOB_STATES:
-        raise HttpError(400, "invalid_state", f"unknown state {state!r}")
-    return JobList(jobs=[job_view(j, base) for j in rt.store.jobs.list(state, limit)])
+    return JobList(jobs=[job_view(j, base) for j in list_jobs(rt.store, state, limit)])
 
 
 @router.get("/jobs/{job_id}", response_model=JobView)
@@ -59,14 +55,7 @@ def get_job_view(job_id: str, rt: Rt, base: Base, _: Viewer) -> JobView:
     responses={200: {"content": {m: {} for m in MEDIA.values()}, "description": "the artifact file"}, **errors(409)},
 )
 def get_artifact(job_id: str, name: str, rt: Rt, _: Viewer):
-    job = get_job(rt.store, job_id)
-    if name not in ARTIFACTS:
-        raise HttpError(404, "artifact_not_found", f"unknown artifact {name!r}", {"known": list(ARTIFACTS)})
-    if job.state != "succeeded":
-        raise HttpError(409, "job_not_finished", f"job is {job.state}; artifacts exist once it succeeded")
-    path = rt.store.job_dir(job_id) / ARTIFACTS[name]
-    if not path.exists():
-        raise HttpError(404, "artifact_missing", f"{ARTIFACTS[name]} is missing from the job directory")
+    path = artifact_path(rt.store, job_id, name)
     return FileResponse(
         path, media_type=MEDIA.get(path.suffix, "application/octet-stream"), filename=f"{job_id}-{path.name}"
     )

@@ -10,9 +10,8 @@ from fastapi import APIRouter, Query, Response
 from PIL import Image
 
 from service.http.deps import Annotator, Base, Rt, Viewer
-from service.http.errors import HttpError
 from service.http.schemas import QueueItemView, QueueView, errors, item_view
-from service.loop.review import get_item, item_image, item_mask, skip_item
+from service.loop.review import get_item, item_image, item_mask, pending_queue, skip_item
 
 router = APIRouter(tags=["queue"])
 
@@ -33,9 +32,7 @@ def get_queue(
     measure: str | None = None,
 ) -> QueueView:
     """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted."""
-    if slide is not None and rt.store.jobs.latest_for_slide(slide) is None:
-        raise HttpError(404, "slide_not_segmented", f"no finished segmentation of {slide!r}; submit a job first")
-    items = rt.store.queue.pending(slide, k, measure)
+    items = pending_queue(rt.store, slide, k, measure)
     return QueueView(slide=slide, items=[item_view(i, base) for i in items])
 
 
