@@ -25,6 +25,10 @@ class Unprocessable(DomainError):
     """The input is well-formed but cannot be used (a mask of the wrong size, an unreadable slide)."""
 
 
+class NotAllowed(DomainError):
+    """The caller may not do this to this resource (e.g. another person's job)."""
+
+
 class NotFound(DomainError):
     """The named resource does not exist."""
 

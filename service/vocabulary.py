@@ -18,9 +18,10 @@ SCORINGS: tuple[str, ...] = get_args(Scoring)
 MapName = Literal["probability", "entropy", "mutual_information", "uga"]
 MAP_NAMES: tuple[str, ...] = get_args(MapName)
 
-JobState = Literal["queued", "running", "succeeded", "failed"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
 ACTIVE_JOB_STATES: tuple[str, ...] = ("queued", "running")  # counted against the work limits
+RETRYABLE_JOB_STATES: tuple[str, ...] = ("failed", "cancelled")  # resubmitting makes a new job
 
 ItemStatus = Literal["pending", "skipped", "corrected"]
 ITEM_STATUSES: tuple[str, ...] = get_args(ItemStatus)

@@ -115,7 +115,7 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed"):
+        if job["state"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")

@@ -28,7 +28,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from service.cli import ensure_tokens
 from service.http.auth import Authenticator, AuthUnavailable, NoRole, OidcVerifier, Unauthenticated, bearer
 from service.store import Store
-from service.store.db import SCHEMA
+from service.store.db import SCHEMA, SCHEMA_VERSION
 from tests.conftest import REPO
 from tests.inprocess import InProcessService
 from tests.server import TOKENS, free_port
@@ -379,7 +379,7 @@ def test_a_version_3_store_gains_the_tokens_table(tmp_path):
     token = issue(data, "migrated", "viewer")
     store = Store(data)
     try:
-        assert store.db.scalar("PRAGMA user_version") == 4
+        assert store.db.scalar("PRAGMA user_version") == SCHEMA_VERSION
         assert store.tokens.verify(token).name == "migrated"
     finally:
         store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
@@ -105,5 +106,42 @@ def test_slide_mpp_cannot_override_the_slides_own_metadata(tmp_path, slides):
             assert _jobs(service) == 0
             ok = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"slide_mpp": 0.52}})  # within 10 %
             assert ok.status_code == 202
+    finally:
+        service.close()
+
+
+def test_cancel_a_queued_job_own_jobs_only_and_resubmit(tmp_path, slides):
+    service = InProcessService(tmp_path / "data", slides, start_worker=False)
+    try:
+        _, other = service.runtime.store.tokens.issue("dr.other", "annotator")
+        with service.client("annotator") as c:
+            job = c.post("/v1/jobs", json={"slide": "a.tif"}).json()
+            r = c.post(f"/v1/jobs/{job['id']}/cancel", headers={"Authorization": f"Bearer {other}"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "not_your_job"
+            r = c.post(f"/v1/jobs/{job['id']}/cancel")
+            assert r.status_code == 200 and r.json()["state"] == "cancelled"
+            assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["error"]["code"] == "job_finished"
+            again = c.post("/v1/jobs", json={"slide": "a.tif"})
+            assert again.status_code == 202 and again.json()["id"] != job["id"]  # cancelled: a new job
+            assert c.get("/v1/jobs", params={"state": "cancelled"}).json()["jobs"][0]["id"] == job["id"]
+        with service.client("admin") as c:  # an admin cancels anyone's job
+            assert c.post(f"/v1/jobs/{again.json()['id']}/cancel").json()["state"] == "cancelled"
+    finally:
+        service.close()
+
+
+def test_cancel_a_running_job_stops_it_and_removes_its_files(tmp_path, slides):
+    service = InProcessService(tmp_path / "data", slides)
+    try:
+        with service.client("annotator") as c:
+            job = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"mpp": 0.25}}).json()
+            deadline = time.monotonic() + 60
+            while c.get(f"/v1/jobs/{job['id']}").json()["progress"]["done"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            r = c.post(f"/v1/jobs/{job['id']}/cancel")
+            assert r.status_code == 202 and r.json()["cancel_requested"] is True
+            done = wait_job(c, job["id"], timeout=60)
+        assert done["state"] == "cancelled" and done["progress"]["done"] < done["progress"]["total"]
+        assert not (tmp_path / "data" / "jobs" / job["id"]).exists()
     finally:
         service.close()

@@ -17,14 +17,20 @@ from service.store.db import SCHEMA, SCHEMA_VERSION
 def _version_2_store(data_dir) -> None:
     """A data directory as the previous release left it (schema 2: jobs without resolved options)."""
     data_dir.mkdir(parents=True)
-    schema_2 = re.sub(r"\n    resolved TEXT,[^\n]*", "", SCHEMA)
-    assert schema_2 != SCHEMA
+    schema_2 = re.sub(r"\n    (resolved|cancel_requested) [^\n]*", "", SCHEMA).replace(", 'cancelled'", "")
+    schema_2 = re.sub(r"CREATE TABLE IF NOT EXISTS api_tokens \(.*?\n\);", "", schema_2, flags=re.S)
+    schema_2 = re.sub(r"CREATE INDEX IF NOT EXISTS api_tokens[^\n]*", "", schema_2)
+    assert "resolved" not in schema_2 and "cancel" not in schema_2 and "api_tokens" not in schema_2
     db = sqlite3.connect(data_dir / "uga.sqlite")
     db.executescript(schema_2 + "PRAGMA user_version=2;")
     db.execute(
         "INSERT INTO jobs (id, dedup_key, slide, options, model_version, state, created_at)"
         " VALUES ('j1', 'k1', 'a.tif', ?, 'v1', 'succeeded', 1.0)",
         (json.dumps({"patch_um": 256}),),
+    )
+    db.execute(
+        "INSERT INTO queue_items (id, job_id, slide, rank, score, measure, item) VALUES ('q1', 'j1', 'a.tif',"
+        " 1, 0.5, 'uga', '{}')"
     )
     db.commit()
     db.close()
@@ -35,6 +41,8 @@ def test_a_version_2_data_directory_is_migrated_and_keeps_its_jobs(tmp_path):
     store = Store(tmp_path / "data")
     job = store.jobs.get("j1")
     assert isinstance(job, Job) and job.options == {"patch_um": 256} and job.resolved is None
+    assert store.db.scalar("SELECT job_id FROM queue_items WHERE id = 'q1'") == "j1"  # its queue kept
+    assert store.db.scalar("PRAGMA foreign_key_check") is None
     assert store.db.scalar("PRAGMA user_version") == SCHEMA_VERSION
     new, created = store.jobs.submit(
         slide="a.tif", options={}, resolved={"mpp": 1.0}, model_version="v1", dedup_key="k2", actor="t"

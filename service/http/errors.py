@@ -17,6 +17,7 @@ from service.errors import (
     Conflict,
     DomainError,
     InvalidInput,
+    NotAllowed,
     NotFound,
     TooBusy,
     Unavailable,
@@ -28,6 +29,7 @@ log = logging.getLogger("uga.http")
 
 STATUS: dict[type[DomainError], int] = {
     InvalidInput: 400,
+    NotAllowed: 403,
     NotFound: 404,
     Conflict: 409,
     UnsupportedMedia: 415,

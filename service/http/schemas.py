@@ -83,6 +83,7 @@ class JobView(BaseModel):
     summary: dict | None = None
     artifacts: dict[str, str] = Field(default_factory=dict, description="artifact name -> URL")
     deduplicated: bool = Field(False, description="true when an identical earlier job was returned")
+    cancel_requested: bool = Field(False, description="a cancel was asked for; the running job stops shortly")
 
 
 class JobList(BaseModel):
@@ -167,6 +168,7 @@ def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
         summary=job.summary,
         artifacts=artifacts,
         deduplicated=deduplicated,
+        cancel_requested=bool(job.cancel_requested),
     )
 
 

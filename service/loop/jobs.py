@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.errors import Conflict, DomainError, InvalidInput, NotFound, Unprocessable
+from service.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound, Unprocessable
 from service.inference.tiling import TileGrid
 from service.options import SegmentationOptions
 from service.store import Job, Store
-from service.vocabulary import ARTIFACTS, JOB_STATES
+from service.vocabulary import ACTIVE_JOB_STATES, ARTIFACTS, JOB_STATES
 from service.wsi.slide import analysis_shape, open_slide, resolve_slide_path
 
 log = logging.getLogger("uga.jobs")
@@ -93,6 +93,17 @@ def get_job(store: Store, job_id: str) -> Job:
     if job is None:
         raise NotFound("job_not_found", f"no job {job_id!r}")
     return job
+
+
+def cancel_job(store: Store, job_id: str, *, actor: str, any_job: bool) -> Job:
+    """Cancel a queued job, or ask a running one to stop within a few tiles (its scratch is removed).
+    Without ``any_job`` (an admin's right), only the caller's own jobs."""
+    job = get_job(store, job_id)
+    if not any_job and job.submitted_by != actor:
+        raise NotAllowed("not_your_job", "you may cancel only the jobs you submitted; an admin may cancel any")
+    if job.state not in ACTIVE_JOB_STATES:
+        raise Conflict("job_finished", f"job is {job.state}; only queued or running jobs can be cancelled")
+    return store.jobs.cancel(job_id, actor)
 
 
 def list_jobs(store: Store, state: str | None, limit: int) -> list[Job]:

@@ -35,6 +35,10 @@ class TimedOut(Exception):
     """The job ran past UGA_MAX_JOB_S."""
 
 
+class CancelRequested(Exception):
+    """Someone cancelled the running job."""
+
+
 def remove_scratch(job_dir: Path) -> None:
     """A job's scratch rasters (``.work-*``), left behind when its worker died or it was stopped."""
     for work in job_dir.glob(".work-*"):
@@ -107,10 +111,13 @@ class JobWorker:
         self.current_job = job.id
         beat_stop = threading.Event()
 
+        cancel = threading.Event()
+
         def beat() -> None:
             while not beat_stop.wait(HEARTBEAT_S):
                 try:
-                    jobs.heartbeat(job.id, self.name)
+                    if jobs.heartbeat(job.id, self.name):
+                        cancel.set()
                 except Exception:  # noqa: BLE001
                     log.exception("heartbeat failed")
 
@@ -122,9 +129,12 @@ class JobWorker:
             now = time.monotonic()
             if now - started > self.settings.max_job_s:
                 raise TimedOut()
+            if cancel.is_set():
+                raise CancelRequested()
             if now - last[0] >= 0.5 or done == total:
                 last[0] = now
-                jobs.heartbeat(job.id, self.name, done, total)
+                if jobs.heartbeat(job.id, self.name, done, total):
+                    raise CancelRequested()
 
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
@@ -148,6 +158,10 @@ class JobWorker:
         except Cancelled:
             log.warning("job %s interrupted by shutdown: back to the queue", job.id)
             jobs.requeue(job.id, self.name)
+        except CancelRequested:
+            log.info("job %s cancelled while running", job.id)
+            jobs.end_cancelled(job.id, self.name)
+            shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)  # partial outputs too
         except TimedOut:
             self._fail(job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp")
         except DomainError as exc:  # the slide or the options cannot be used, or the model failed to load

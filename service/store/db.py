@@ -18,9 +18,11 @@ from typing import Any
 
 from service.vocabulary import HANDLED_ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
 
-SCHEMA_VERSION = 4
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
+SCHEMA_VERSION = 5
+
+
+def jobs_table(name: str) -> str:
+    return f"""CREATE TABLE IF NOT EXISTS {name} (
     id TEXT PRIMARY KEY,
     dedup_key TEXT UNIQUE,
     slide TEXT NOT NULL,
@@ -28,6 +30,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     resolved TEXT,                      -- the segmentation options the job runs with
     model_version TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN {sql_in(JOB_STATES)}),
+    cancel_requested INTEGER NOT NULL DEFAULT 0,  -- a running job stops at its next tiles
     progress_done INTEGER NOT NULL DEFAULT 0,
     progress_total INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -40,7 +43,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     heartbeat_at REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+"""
+
+
+JOBS_TABLE = jobs_table("jobs")
+SCHEMA = f"""
+{JOBS_TABLE}CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_slide ON jobs (slide, finished_at);
 CREATE TABLE IF NOT EXISTS queue_items (
     id TEXT NOT NULL,
@@ -135,7 +143,26 @@ CREATE INDEX IF NOT EXISTS api_tokens_by_name ON api_tokens (name);
 """
 # Changes to existing tables, by the schema version that introduced them; applied to older stores
 # after SCHEMA (whose IF NOT EXISTS creates tables that are new). A new store gets SCHEMA alone.
-UPGRADES = {3: "ALTER TABLE jobs ADD COLUMN resolved TEXT;"}
+_V4_JOB_COLUMNS = (
+    "id, dedup_key, slide, options, resolved, model_version, state, progress_done, progress_total, error, summary,"
+    " submitted_by, attempts, worker, created_at, started_at, finished_at, heartbeat_at"
+)
+UPGRADES = {
+    3: "ALTER TABLE jobs ADD COLUMN resolved TEXT;\n",
+    # 5: the 'cancelled' state (a CHECK constraint: SQLite rebuilds the table) and cancel requests.
+    # Runs with foreign keys off (SQLite's table-rebuild procedure) and checked before the commit.
+    5: "\n".join(
+        [
+            jobs_table("jobs_v5"),
+            f"INSERT INTO jobs_v5 ({_V4_JOB_COLUMNS}) SELECT {_V4_JOB_COLUMNS} FROM jobs;",
+            "DROP TABLE jobs;",
+            "ALTER TABLE jobs_v5 RENAME TO jobs;",
+            "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);",
+            "CREATE INDEX IF NOT EXISTS jobs_by_slide ON jobs (slide, finished_at);",
+        ]
+    )
+    + "\n",
+}
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 
 
@@ -224,20 +251,27 @@ class Database:
     def _migrate(self) -> None:
         """Bring the database to SCHEMA_VERSION. Under the write lock and re-checked there, so that
         processes starting together (workers, the runner) migrate it once, never concurrently."""
-        if self.conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        conn = self.conn()
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return
-        with self.transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store {self.path.name} has schema {version}, newer than this code ({SCHEMA_VERSION})"
-                )
-            if version == SCHEMA_VERSION:
-                return  # another process migrated it while this one waited for the lock
-            upgrades = [sql for v, sql in UPGRADES.items() if 0 < version < v]
-            for statement in _statements(SCHEMA + "".join(upgrades)):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("PRAGMA foreign_keys=OFF")  # a table rebuild drops a parent table (outside a transaction)
+        try:
+            with self.transaction() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store {self.path.name} has schema {version}, newer than this code ({SCHEMA_VERSION})"
+                    )
+                if version == SCHEMA_VERSION:
+                    return  # another process migrated it while this one waited for the lock
+                upgrades = [sql for v, sql in UPGRADES.items() if 0 < version < v]
+                for statement in _statements(SCHEMA + "".join(upgrades)):
+                    db.execute(statement)
+                if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                    raise StoreError(f"store {self.path.name}: migration would break references; nothing changed")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
 
     def writable(self) -> bool:
         """True when the directory takes a file and the database a write lock within a second (/readyz)."""

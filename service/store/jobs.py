@@ -9,7 +9,7 @@ import uuid
 from service.errors import TooBusy
 from service.store.db import Database, audit
 from service.store.records import Job
-from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, sql_in
+from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, RETRYABLE_JOB_STATES, sql_in
 
 
 class JobRepository:
@@ -29,12 +29,12 @@ class JobRepository:
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
-        A failed job with the same key is retried as a new job (its key is released). ``limits``
+        A failed or cancelled job with the same key is retried as a new job (its key is released). ``limits``
         (all, per caller) bound the jobs waiting or running: over either, TooBusy and nothing written.
         """
         with self.db.transaction() as db:
             existing = db.execute("SELECT * FROM jobs WHERE dedup_key = ?", (dedup_key,)).fetchone()
-            if existing is not None and existing["state"] != "failed":
+            if existing is not None and existing["state"] not in RETRYABLE_JOB_STATES:
                 return self.get(existing["id"]), False
             if limits is not None:
                 self._check_limits(db, actor, *limits)
@@ -108,19 +108,44 @@ class JobRepository:
             ).fetchone()
         return self.get(row["id"]) if row else None
 
-    def heartbeat(self, job_id: str, worker: str, done: int | None = None, total: int | None = None) -> None:
+    def heartbeat(self, job_id: str, worker: str, done: int | None = None, total: int | None = None) -> bool:
+        """Record that ``worker`` is alive (and its progress). Returns True when a cancel was requested."""
         with self.db.transaction() as db:
             if done is None:
-                db.execute(
-                    "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                row = db.execute(
+                    "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'"
+                    " RETURNING cancel_requested",
                     (time.time(), job_id, worker),
-                )
+                ).fetchone()
             else:
-                db.execute(
+                row = db.execute(
                     "UPDATE jobs SET heartbeat_at = ?, progress_done = ?, progress_total = ?"
-                    " WHERE id = ? AND worker = ? AND state = 'running'",
+                    " WHERE id = ? AND worker = ? AND state = 'running' RETURNING cancel_requested",
                     (time.time(), done, total, job_id, worker),
-                )
+                ).fetchone()
+        return bool(row and row[0])
+
+    def cancel(self, job_id: str, actor: str | None) -> Job:
+        """Cancel a queued job now; ask a running one to stop (its worker ends it). One transaction."""
+        with self.db.transaction() as db:
+            now = time.time()
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled' WHERE id = ?"
+                " AND state = 'queued'",
+                (now, job_id),
+            )
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
+            audit(db, actor, "job.cancel", job_id)
+        return self.get(job_id)
+
+    def end_cancelled(self, job_id: str, worker: str) -> None:
+        """The worker stopped a job whose cancel was requested."""
+        with self.db.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled' WHERE id = ? AND worker = ?"
+                " AND state = 'running'",
+                (time.time(), job_id, worker),
+            )
 
     def finish(self, job_id: str, worker: str, summary: dict, queue: list[dict]) -> bool:
         """Record success and the job's queue in one transaction. False if the job was taken away."""
@@ -157,14 +182,21 @@ class JobRepository:
             )
 
     def recover_stale(self, stale_after_s: float, max_attempts: int = 2) -> list[str]:
-        """Running jobs whose worker stopped beating: requeue (or fail after ``max_attempts``)."""
+        """Running jobs whose worker stopped beating: requeue (or fail after ``max_attempts``; cancel one
+        whose cancel was requested)."""
         cutoff = time.time() - stale_after_s
         with self.db.transaction() as db:
             rows = db.execute(
-                "SELECT id, attempts FROM jobs WHERE state = 'running' AND heartbeat_at < ?", (cutoff,)
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running' AND heartbeat_at < ?",
+                (cutoff,),
             ).fetchall()
             for r in rows:
-                if r["attempts"] >= max_attempts:
+                if r["cancel_requested"]:
+                    db.execute(
+                        "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled' WHERE id = ?",
+                        (time.time(), r["id"]),
+                    )
+                elif r["attempts"] >= max_attempts:
                     db.execute(
                         "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
                         (time.time(), f"interrupted {r['attempts']} times (worker stopped); resubmit", r["id"]),

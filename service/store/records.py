@@ -25,6 +25,7 @@ class Job:
     state: JobState
     created_at: float
     resolved: dict | None = None  # the segmentation options it runs with
+    cancel_requested: int = 0
     dedup_key: str | None = None
     progress_done: int = 0
     progress_total: int = 0

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.schemas import JobList, JobSubmit, JobView, errors, job_view
-from service.loop.jobs import artifact_path, get_job, list_jobs, submit_segmentation
+from service.loop.jobs import artifact_path, cancel_job, get_job, list_jobs, submit_segmentation
 
 router = APIRouter(tags=["jobs"])
 MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
@@ -35,6 +35,20 @@ def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Re
     if not created:
         response.status_code = 200
     return job_view(job, base, deduplicated=not created)
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobView,
+    responses={202: {"model": JobView, "description": "running: it stops within a few tiles"}, **errors(409)},
+)
+def cancel(job_id: str, rt: Rt, base: Base, who: Annotator, response: Response) -> JobView:
+    """Cancel a job: a queued one at once (200), a running one within a few tiles (202). Annotators
+    cancel their own jobs, admins any."""
+    job = cancel_job(rt.store, job_id, actor=who.name, any_job=who.allows("admin"))
+    if job.state == "running":
+        response.status_code = 202
+    return job_view(job, base)
 
 
 @router.get("/jobs", response_model=JobList)
