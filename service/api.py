@@ -7,16 +7,54 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import bentoml
+from pydantic import ValidationError
 
-from service.config import get_settings
+from service.config import Settings, get_settings
+from service.errors import DomainError
 from service.http import connections
 from service.http.app import create_app
+from service.http.auth import AuthConfigError, Authenticator
 from service.http.metrics import store_metrics
 from service.http.runtime import Runtime
+from service.inference.ensemble import read_card
+from service.store import Store, StoreError
 
-settings = get_settings()
+
+def preflight() -> Settings:
+    """The settings, if this process can serve with them; otherwise one line on stderr and exit 2.
+
+    Run when BentoML imports this module, in its main process before any worker starts: a fatal
+    misconfiguration stops `bentoml serve` at once instead of crash-looping its workers.
+    """
+    try:
+        settings = get_settings()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.data_dir)
+        try:
+            Authenticator.from_settings(settings, store.tokens)
+        finally:
+            store.close()
+        read_card(settings.baseline_dir)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "_".join(str(p) for p in first["loc"]).upper()
+        _fatal(f"{'UGA_' + where if where else 'settings'}: {first['msg']}")
+    except (AuthConfigError, DomainError, StoreError, OSError) as exc:
+        _fatal(str(exc).splitlines()[0])
+    return settings
+
+
+def _fatal(reason: str) -> None:
+    print(f"uga: error: {reason}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# `bentoml serve` (also what `uga serve` runs) checks the configuration first; `bentoml build` and
+# the workers only import the definitions (a build must not need the deployment's secrets).
+settings = preflight() if sys.argv[1:2] == ["serve"] else get_settings()
 connections.install(settings.header_timeout_s, settings.max_connections)  # before the worker's server starts
 app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024), body_timeout_s=settings.body_timeout_s)
 log = logging.getLogger("uga")

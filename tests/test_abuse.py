@@ -234,3 +234,66 @@ def test_a_chunked_body_over_the_limit_is_413(server):
         )
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     assert _state(server) == before
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({}, "no API tokens configured"),
+        ({"UGA_AUTH_TOKENS": "admin:0123456789abcdef0123", "UGA_TILE": "132"}, "multiple of 8"),
+        ({"UGA_AUTH_TOKENS": "admin short"}, "shorter than 16"),
+    ],
+)
+def test_plain_bentoml_serve_with_a_fatal_misconfiguration_exits_with_one_line(tmp_path, env, reason):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.server import REPO, free_port
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("UGA_")}
+    base.update(UGA_DATA_DIR=str(tmp_path / "data"), UGA_SLIDE_ROOT=str(tmp_path), **env)
+    bentoml = Path(sys.executable).with_name("bentoml")
+    proc = subprocess.run(
+        [str(bentoml), "serve", "service.api:UGAService", "--port", str(free_port())],
+        cwd=REPO,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("uga: error:")]
+    assert len(lines) == 1 and reason in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_slide_mpp_cannot_turn_a_small_job_into_hours(server):
+    before = _state(server)
+    with server.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"slide_mpp": 4, "mpp": 0.25}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unusable_slide"
+    assert _state(server) == before
+
+
+def test_a_burst_of_submissions_is_bounded_with_retry_after(server):
+    codes = []
+    with server.client("viewer") as v, server.client("annotator") as c:
+        for n in range(60):
+            r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"queue_size": n + 1, "mpp": 8}})
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] in ("too_many_jobs", "queue_full") and int(r.headers["retry-after"])
+        active = [
+            j for j in v.get("/v1/jobs", params={"limit": 500}).json()["jobs"] if j["state"] in ("queued", "running")
+        ]
+        for job in active:  # leave nothing queued for the tests after this one
+            c.post(f"/v1/jobs/{job['id']}/cancel")
+    assert codes.count(429) > 0 and codes.count(202) >= 20
+    assert len(active) <= 20  # UGA_MAX_ACTIVE_JOBS_PER_CALLER
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    for scheme in ("bearer", "BEARER"):
+        r = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": f"{scheme} {TOKENS['viewer']}"})
+        assert r.status_code == 200, (scheme, r.text)
