@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from service.config import Settings, get_settings
 from service.errors import DomainError
-from service.http import connections
+from service.http import connections, request_metrics
 from service.http.app import create_app
 from service.http.auth import AuthConfigError, Authenticator
 from service.http.metrics import store_metrics
@@ -57,6 +57,7 @@ def _fatal(reason: str) -> None:
 settings = preflight() if sys.argv[1:2] == ["serve"] else get_settings()
 connections.install(settings.header_timeout_s, settings.max_connections)  # before the worker's server starts
 app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024), body_timeout_s=settings.body_timeout_s)
+request_metrics.install(request_metrics.route_templates(app.state.routes, "/v1"))  # no caller-made labels
 log = logging.getLogger("uga")
 
 

@@ -297,3 +297,20 @@ def test_the_bearer_scheme_is_case_insensitive(server):
     for scheme in ("bearer", "BEARER"):
         r = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": f"{scheme} {TOKENS['viewer']}"})
         assert r.status_code == 200, (scheme, r.text)
+
+
+def test_request_metrics_are_labelled_by_route_template_not_by_what_callers_send(server):
+    import re
+
+    with server.client("viewer") as c:
+        job_id = c.get("/v1/jobs").json()["jobs"][0]["id"]
+        c.get(f"/v1/jobs/{job_id}")
+        for n in range(40):
+            c.get(f"/v1/jobs/MRN-{n:08d}")  # looks like a record number
+            c.get(f"/v1/invented-{n}/path")
+            httpx.get(f"{server.url}/also-invented-{n}")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "MRN-" not in text and "invented-" not in text and job_id not in text
+    endpoints = set(re.findall(r'endpoint="([^"]*)"', text))
+    assert {"/v1/jobs/{job_id}", "/v1/{unknown}", "/{unknown}"} <= endpoints
+    assert len(endpoints) < 40  # bounded by the routes, not by the requests

@@ -328,3 +328,21 @@ def test_no_body_is_read_before_the_caller_is_authorised_and_the_type_accepted(e
     got, body, reads = _raw_post(env.app, path, headers)
     assert got == status and body["error"]["code"] == code
     assert reads == 0  # refused from the headers alone
+
+
+def test_a_full_disk_is_507_in_the_contract_and_stores_nothing(env, monkeypatch):
+    import errno
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("service.loop.ingest.write_correction_files", disk_full)
+    before = _corrections_state(env)
+    with env.client("annotator") as c:
+        r = c.post(
+            "/v1/corrections?slide=cases/a.tif&x=0&y=0&width=64&height=64",
+            content=_png(np.zeros((32, 32), np.uint8)),
+            headers={"content-type": "image/png"},
+        )
+    assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
+    assert _corrections_state(env) == before

@@ -28,6 +28,7 @@ def create_app(max_body_bytes: int, body_timeout_s: float = 30.0) -> FastAPI:
     install_handlers(app)
     for router in routers:
         app.include_router(router)
+    app.state.routes = routes  # the API's routes, for request metrics by template
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def unknown_route(path: str):
