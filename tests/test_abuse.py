@@ -27,7 +27,12 @@ def server(tmp_path_factory, source_slide):
     root = tmp_path_factory.mktemp("abuse")
     slides = hostile_slide_root(root, source_slide)
     srv = Server(
-        root / "data", slides, UGA_HEADER_TIMEOUT_S="2", UGA_BODY_TIMEOUT_S="2", UGA_MAX_CORRECTION_PX="2048"
+        root / "data",
+        slides,
+        UGA_HEADER_TIMEOUT_S="2",
+        UGA_BODY_TIMEOUT_S="2",
+        UGA_MAX_CORRECTION_PX="2048",
+        UGA_MAX_JOB_TILES="100",  # the 2048² slide: 25 tiles at 1 µm/px, 84 at 0.5, 335 at 0.25
     ).start()
     with srv.client("annotator") as c:
         job = wait_job(c, c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256}}).json()["id"])
@@ -314,3 +319,25 @@ def test_request_metrics_are_labelled_by_route_template_not_by_what_callers_send
     endpoints = set(re.findall(r'endpoint="([^"]*)"', text))
     assert {"/v1/jobs/{job_id}", "/v1/{unknown}", "/{unknown}"} <= endpoints
     assert len(endpoints) < 40  # bounded by the routes, not by the requests
+
+
+def test_a_job_over_the_tile_limit_is_refused_at_submit(server):
+    before = _state(server)
+    with server.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"mpp": 0.25}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_much_work"
+    assert "UGA_MAX_JOB_TILES" in r.json()["error"]["message"] and r.json()["error"]["details"]["tiles"] > 100
+    assert _state(server) == before
+
+
+def test_a_running_job_is_cancelled_within_a_few_tiles_and_leaves_no_files(server):
+    with server.client("annotator") as c:
+        job = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"mpp": 0.5, "queue_size": 7}}).json()
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/jobs/{job['id']}").json()["progress"]["done"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = c.post(f"/v1/jobs/{job['id']}/cancel")
+        assert r.status_code == 202 and r.json()["cancel_requested"] is True
+        done = wait_job(c, job["id"], timeout=60)
+    assert done["state"] == "cancelled" and done["progress"]["done"] < done["progress"]["total"]
+    assert not (server.data_dir / "jobs" / job["id"]).exists()
