@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import select
 import shutil
 import socket
@@ -33,11 +31,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.hostile import deep, png, png_header_bomb, polygon, square_ring  # noqa: E402
 from tests.server import Server, wait_for, wait_job  # noqa: E402
 
 MIB = 1024 * 1024
@@ -83,37 +81,6 @@ def build_slides(slides: Path) -> None:
 
 
 # ---------------------------------------------------------------- bodies
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bomb_png() -> bytes:
-    """A PNG whose header claims 100000 x 100000 px (1-bit, a few hundred KB of zlib)."""
-    buf = io.BytesIO()
-    Image.new("1", (100_000, 100_000)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def square_ring(x0: float, y0: float, side: float, vertices: int) -> list:
-    """A closed ring of ``vertices`` points around a square (many points on each edge)."""
-    t = np.linspace(0, 4, vertices, endpoint=False)
-    edge, frac = np.floor(t).astype(int), t - np.floor(t)
-    xs = np.choose(edge, [frac, np.ones_like(t), 1 - frac, np.zeros_like(t)]) * side + x0
-    ys = np.choose(edge, [np.zeros_like(t), frac, np.ones_like(t), 1 - frac]) * side + y0
-    ring = np.stack([xs, ys], 1).round(2).tolist()
-    return ring + [ring[0]]
-
-
-def polygon(ring: list) -> bytes:
-    return json.dumps({"type": "Polygon", "coordinates": [ring]}).encode()
-
-
-def deep(depth: int) -> bytes:
-    return b'{"type": "Polygon", "coordinates": ' + b"[" * depth + b"]" * depth + b"}"
 
 
 # ---------------------------------------------------------------- measuring
@@ -480,7 +447,7 @@ class Bench:
         small = png(np.zeros((8, 8), np.uint8))
         self.row("5a. region 16384² at 0.25 µm/px (slide 3072²)", lambda: self.region(0, 0, 16384, 16384, 0.25, small))
         self.row("5b. largest region (2048² → 4096² mask), PNG 4095²", self.largest_region)
-        bomb = bomb_png()
+        bomb = png_header_bomb()
         self.row(f"6a. PNG header 100000² ({len(bomb) / 1024:.0f} KiB)", lambda: self.item_post(4, bomb, "image/png"))
         rgba = png(np.zeros((8192, 8192, 4), np.uint8))
         self.row(f"6b. PNG 8192² RGBA zeros ({len(rgba) / 1024:.0f} KiB)", lambda: self.item_post(4, rgba, "image/png"))

@@ -121,6 +121,24 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
     raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
+def wait_started(client, job_id: str, timeout: float = 120) -> dict:
+    """The job once it has computed its first tiles."""
+    return wait_for(
+        lambda: (job := client.get(f"/v1/jobs/{job_id}").json())["progress"]["done"] > 0 and job,
+        timeout,
+        interval=0.1,
+        what=f"job {job_id} running",
+    )
+
+
+def finished_patch_job(client) -> dict:
+    """Submit cases/a.tif with 256-µm patches and a queue of 4; the job once it has finished."""
+    r = client.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"].endswith(r.json()["id"])
+    return wait_job(client, r.json()["id"])
+
+
 class RunnerProcess:
     """`uga runner` as its own process, sharing the server's data directory."""
 

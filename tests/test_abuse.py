@@ -6,7 +6,6 @@ time the attacks cost while in flight is measured by bench/bench_abuse.py, not a
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import threading
@@ -15,9 +14,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.server import TOKENS, Server, hostile_slide_root, wait_job
+from tests.hostile import deep, png, png_header_bomb, polygon, square_ring
+from tests.server import TOKENS, Server, hostile_slide_root, wait_job, wait_started
 
 pytestmark = pytest.mark.e2e
 
@@ -50,41 +49,9 @@ def _state(server) -> tuple:
     return jobs, corrections, sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _item(server) -> dict:
     with server.client("viewer") as c:
         return c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
-
-
-def _square(x0: float, y0: float, side: float, vertices: int) -> list:
-    """A closed ring of ``vertices`` points around a square (many points on its edges)."""
-    t = np.linspace(0, 4, vertices, endpoint=False)
-    edge, frac = np.floor(t).astype(int), t - np.floor(t)
-    xs = np.choose(edge, [frac, np.ones_like(t), 1 - frac, np.zeros_like(t)]) * side + x0
-    ys = np.choose(edge, [np.zeros_like(t), frac, np.ones_like(t), 1 - frac]) * side + y0
-    ring = np.stack([xs, ys], 1).round(2).tolist()
-    return ring + [ring[0]]
-
-
-def _geojson(ring: list) -> bytes:
-    return json.dumps({"type": "Polygon", "coordinates": [ring]}).encode()
-
-
-def _deep(depth: int) -> bytes:
-    return b'{"type": "Polygon", "coordinates": ' + b"[" * depth + b"]" * depth + b"}"
-
-
-def _bomb_png() -> bytes:
-    """A PNG whose header claims 100000 x 100000 px (a few hundred bytes of zlib)."""
-    img = Image.new("1", (100_000, 100_000))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -93,12 +60,12 @@ def _bomb_png() -> bytes:
         (
             "geojson vertex flood",
             "item",
-            _geojson(_square(0, 0, 200, 120_000)),
+            polygon(square_ring(0, 0, 200, 120_000)),
             "application/geo+json",
             422,
             "too_many_vertices",
         ),
-        ("geojson nested deep", "item", _deep(100_000), "application/geo+json", 422, "invalid_geojson"),
+        ("geojson nested deep", "item", deep(100_000), "application/geo+json", 422, "invalid_geojson"),
         (
             "geojson features not a list",
             "item",
@@ -107,11 +74,11 @@ def _bomb_png() -> bytes:
             422,
             "invalid_geojson",
         ),
-        ("png header bomb", "item", _bomb_png(), "image/png", 422, "mask_size_mismatch"),
+        ("png header bomb", "item", png_header_bomb(), "image/png", 422, "mask_size_mismatch"),
         (
             "region far too large",
             "/v1/corrections?slide=cases/a.tif&x=0&y=0&width=2048&height=2048&mpp=0.25",
-            _png(np.zeros((8, 8), np.uint8)),
+            png(np.zeros((8, 8), np.uint8)),
             "image/png",
             422,
             "region_too_large",
@@ -134,7 +101,7 @@ def test_concurrent_identical_corrections_are_one_record_and_never_fail(server):
     side = item["bbox_level0"]["width"] // 2
     mask = np.zeros((side, side), np.uint8)
     mask[: side // 2] = 255
-    body, statuses = _png(mask), []
+    body, statuses = png(mask), []
 
     def post() -> None:
         with server.client("annotator") as c:
@@ -166,7 +133,7 @@ def test_every_queue_item_is_correctable_as_proposed(server):
             side = round(item["bbox_level0"]["width"] / 2)  # 0.5 µm/px slide, 1 µm/px job
             r = c.post(
                 f"/v1/queue/items/{item['id']}/correction",
-                content=_png(np.zeros((side, side), np.uint8)),
+                content=png(np.zeros((side, side), np.uint8)),
                 headers={"content-type": "image/png"},
             )
             assert r.status_code in (200, 201), r.text
@@ -333,9 +300,7 @@ def test_a_job_over_the_tile_limit_is_refused_at_submit(server):
 def test_a_running_job_is_cancelled_within_a_few_tiles_and_leaves_no_files(server):
     with server.client("annotator") as c:
         job = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"mpp": 0.5, "queue_size": 7}}).json()
-        deadline = time.monotonic() + 120
-        while c.get(f"/v1/jobs/{job['id']}").json()["progress"]["done"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_started(c, job["id"])
         r = c.post(f"/v1/jobs/{job['id']}/cancel")
         assert r.status_code == 202 and r.json()["cancel_requested"] is True
         done = wait_job(c, job["id"], timeout=60)

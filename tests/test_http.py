@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.vocabulary import ARTIFACTS
 from tests.inprocess import InProcessService
-from tests.server import hostile_slide_root, wait_job
+from tests.server import finished_patch_job, hostile_slide_root
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,7 @@ def env(tmp_path_factory, source_slide):
 @pytest.fixture(scope="module")
 def finished(env):
     with env.client("annotator") as c:
-        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
-        assert r.status_code == 202, r.text
-        assert r.headers["location"].endswith(r.json()["id"])
-        return wait_job(c, r.json()["id"])
+        return finished_patch_job(c)
 
 
 def test_job_runs_to_completion_with_progress_and_summary(env, finished):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
 from tests.inprocess import InProcessService
-from tests.server import wait_job
+from tests.server import wait_job, wait_started
 
 
 @pytest.fixture()
@@ -135,9 +134,7 @@ def test_cancel_a_running_job_stops_it_and_removes_its_files(tmp_path, slides):
     try:
         with service.client("annotator") as c:
             job = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"mpp": 0.25}}).json()
-            deadline = time.monotonic() + 60
-            while c.get(f"/v1/jobs/{job['id']}").json()["progress"]["done"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_started(c, job["id"], timeout=60)
             r = c.post(f"/v1/jobs/{job['id']}/cancel")
             assert r.status_code == 202 and r.json()["cancel_requested"] is True
             done = wait_job(c, job["id"], timeout=60)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server import Server, hostile_slide_root, wait_job
+from tests.server import Server, finished_patch_job, hostile_slide_root, wait_job
 
 pytestmark = pytest.mark.e2e
 
@@ -29,10 +29,7 @@ def env(tmp_path_factory, source_slide):
 @pytest.fixture(scope="module")
 def finished(env):
     with env.client("annotator") as c:
-        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "options": {"patch_um": 256, "queue_size": 4}})
-        assert r.status_code == 202, r.text
-        assert r.headers["location"].endswith(r.json()["id"])
-        return wait_job(c, r.json()["id"])
+        return finished_patch_job(c)
 
 
 def test_health_and_metrics(env, finished, tmp_path):
