@@ -63,6 +63,9 @@ class Server:
             "UGA_ORT_THREADS": "2",
             "UGA_PORT": str(self.port),
             "UGA_JOB_STALE_S": "3",
+            # BentoML keeps the multiprocess metrics under its home and clears them when a server
+            # starts: one home per server, so servers of concurrent test runs never wipe each other's.
+            "BENTOML_HOME": str(self.data_dir.parent / f"bentoml-home-{self.data_dir.name}"),
             **self.extra_env,
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
