@@ -118,3 +118,28 @@ def test_kill_9_during_ingests_loses_no_acknowledged_correction_and_counts_no_or
                 assert r.status_code == 200 and Image.open(__import__("io").BytesIO(r.content)).size == (side, side)
     on_disk = {p.name for p in (env.data_dir / "corrections").iterdir() if not p.name.startswith(".")}
     assert set(stored) <= on_disk  # orphans (files without a row) may exist but are never counted
+
+
+def test_store_counters_do_not_grow_with_scrapes_and_every_scrape_lints(env, finished):
+    import re
+
+    import httpx
+
+    scrapes = [httpx.get(f"{env.url}/metrics").text for _ in range(5)]
+
+    def value(text: str, name: str) -> float:
+        found = re.findall(rf"^{name} ([0-9.e+]+)$", text, flags=re.M)
+        assert len(found) == 1, (name, found)  # once: no duplicated families
+        return float(found[0])
+
+    with env.client("viewer") as c:
+        truth = len(c.get("/v1/corrections", params={"limit": 5000}).json()["corrections"])
+    for text in scrapes:
+        assert value(text, "uga_corrections_total") == truth  # the store's count, not count x scrapes
+        assert text.count("# HELP uga_jobs ") == 1
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt install prometheus)")
+    for text in scrapes[1:]:  # not just the first scrape
+        proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr

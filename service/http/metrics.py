@@ -7,6 +7,7 @@ Labels never carry patient or slide identifiers.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.store import Store
 from service.vocabulary import GATED_RUN_STATES, PROMOTE_ACTIONS, ROLLBACK_ACTIONS
@@ -41,51 +42,70 @@ def observe_segmentation(summary: dict) -> None:
         SLIDE_UNCERTAINTY.labels(summary["model_version"], measure).observe(value)
 
 
-def store_metrics(store: Store) -> str:
-    """Exposition text of the gauges derived from the shared store (the same on every worker/replica).
+class StoreCollector:
+    """Values derived from the shared store, built as metric families at collect time.
 
-    Counters here are counts of durable rows (monotonic: rows are never deleted).
+    Never client Counter/Gauge objects: in BentoML's multiprocess mode those write their values into
+    the shared directory, so creating them on every scrape added the whole count again each time
+    (the prometheus-client pitfall) and duplicated their HELP lines. Counters here are counts of
+    durable rows (monotonic: rows are never deleted).
     """
-    reg = CollectorRegistry()
-    jobs = Gauge("uga_jobs", "Segmentation jobs by state", ["state"], registry=reg)
-    for state, n in store.jobs.counts().items():
-        jobs.labels(state).set(n)
-    Gauge("uga_queue_pending", "Review patches waiting for a clinician", registry=reg).set(store.queue.pending_count())
-    current = store.models.current() or "none"
-    Gauge("uga_model_info", "Current model version (value 1)", ["version"], registry=reg).labels(current).set(1)
-    _counter(reg, "uga_corrections", "Corrections ingested (distinct)", store.corrections.count())
-    runs = Counter("uga_finetune_runs", "Fine-tune runs by outcome", ["outcome"], registry=reg)
-    for outcome, n in store.runs.counts().items():
-        runs.labels(outcome).inc(n)
-    _counter(
-        reg,
-        "uga_model_promotions",
-        "Pointer moves to a new version (runner or admin)",
-        store.models.count_actions(PROMOTE_ACTIONS),
-    )
-    _counter(
-        reg,
-        "uga_model_rollbacks",
-        "Pointer moves back (admin rollback or failed load)",
-        store.models.count_actions(ROLLBACK_ACTIONS),
-    )
-    history = store.runs.list(20)
-    running = next((r for r in history if r.state == "running"), None)
-    Gauge("uga_finetune_progress_ratio", "Progress of the running fine-tune (0 when idle)", registry=reg).set(
-        running.progress_done / running.progress_total if running and running.progress_total else 0.0
-    )
-    finished = next((r for r in history if r.state in GATED_RUN_STATES and r.metrics), None)
-    if finished:
-        m = finished.metrics
-        Gauge("uga_finetune_duration_seconds", "Duration of the last finished fine-tune run", registry=reg).set(
-            m.get("duration_s", 0.0)
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def collect(self):
+        store = self.store
+        jobs = GaugeMetricFamily("uga_jobs", "Segmentation jobs by state", labels=["state"])
+        for state, n in store.jobs.counts().items():
+            jobs.add_metric([state], n)
+        yield jobs
+        yield GaugeMetricFamily(
+            "uga_queue_pending", "Review patches waiting for a clinician", value=store.queue.pending_count()
         )
-        dice = Gauge("uga_holdout_dice", "Frozen source-holdout Dice of the last gated run", ["model"], registry=reg)
-        for model, value in (m.get("source_holdout_dice") or {}).items():
-            dice.labels(model).set(value)
-    return generate_latest(reg).decode()
+        info = GaugeMetricFamily("uga_model_info", "Current model version (value 1)", labels=["version"])
+        info.add_metric([store.models.current() or "none"], 1)
+        yield info
+        yield CounterMetricFamily("uga_corrections", "Corrections ingested (distinct)", value=store.corrections.count())
+        runs = CounterMetricFamily("uga_finetune_runs", "Fine-tune runs by outcome", labels=["outcome"])
+        for outcome, n in store.runs.counts().items():
+            runs.add_metric([outcome], n)
+        yield runs
+        yield CounterMetricFamily(
+            "uga_model_promotions",
+            "Pointer moves to a new version (runner or admin)",
+            value=store.models.count_actions(PROMOTE_ACTIONS),
+        )
+        yield CounterMetricFamily(
+            "uga_model_rollbacks",
+            "Pointer moves back (admin rollback or failed load)",
+            value=store.models.count_actions(ROLLBACK_ACTIONS),
+        )
+        history = store.runs.list(20)
+        running = next((r for r in history if r.state == "running"), None)
+        yield GaugeMetricFamily(
+            "uga_finetune_progress_ratio",
+            "Progress of the running fine-tune (0 when idle)",
+            value=running.progress_done / running.progress_total if running and running.progress_total else 0.0,
+        )
+        finished = next((r for r in history if r.state in GATED_RUN_STATES and r.metrics), None)
+        if finished:
+            m = finished.metrics
+            yield GaugeMetricFamily(
+                "uga_finetune_duration_seconds",
+                "Duration of the last finished fine-tune run",
+                value=m.get("duration_s", 0.0),
+            )
+            dice = GaugeMetricFamily(
+                "uga_holdout_dice", "Frozen source-holdout Dice of the last gated run", labels=["model"]
+            )
+            for model, value in (m.get("source_holdout_dice") or {}).items():
+                dice.add_metric([model], value)
+            yield dice
 
 
-def _counter(reg: CollectorRegistry, name: str, doc: str, value: float) -> None:
-    c = Counter(name, doc, registry=reg)
-    c.inc(value)
+def store_metrics(store: Store) -> str:
+    """Exposition text of the store-derived metrics (the same on every worker and replica)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    return generate_latest(registry).decode()
