@@ -52,6 +52,7 @@ DASHBOARD_METRICS = {
     "uga_queue_pending",
     "uga_jobs",
     "uga_model_info",
+    "uga_model_served",
     "bentoml_api_server_request_total",
     "uga_jobs_failed_total",
     "uga_corrections_total",

@@ -7,6 +7,7 @@ every worker swaps -> the slide is rescored by the new version and Dice on its h
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import threading
 import time
@@ -156,6 +157,9 @@ def test_3_runner_restarts_finetunes_promotes_and_every_worker_swaps(loop):
             what="every worker serving the new version",
         )
         assert time.monotonic() - promoted_at < 10
+        text = httpx.get(f"{server.url}/metrics").text  # what each process serves, not the store's pointer
+        served = re.findall(r'^uga_model_served\{pid="(\d+)",version="([^"]+)"\} 1\.0$', text, flags=re.M)
+        assert len({pid for pid, v in served if v == new}) == 2 and {v for _, v in served} == {new}, served
         models = {m["version"]: m for m in c.get("/v1/models").json()["models"]}
         assert models[new]["status"] == "promoted" and models[new]["parent"] == loop["baseline"]
         assert sorted(models[new]["corrections"]["train"]) and models[new]["metrics"]["passed"] is True

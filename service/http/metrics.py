@@ -30,6 +30,20 @@ SLIDE_UNCERTAINTY = Histogram(
 )
 JOBS_FAILED = Counter("uga_jobs_failed_total", "Segmentation jobs that failed")
 SWAPS = Counter("uga_model_swaps_total", "Hot swaps of the served model (per serving process)")
+MODEL_SERVED = Gauge(
+    "uga_model_served",
+    "1 for the model version this serving process runs now, 0 for one it ran before (pid label per process)",
+    ["version"],
+    multiprocess_mode="liveall",
+)
+
+
+def model_swapped(old: str | None, new: str) -> None:
+    """This process now serves ``new`` (after its first load, ``old`` is None)."""
+    if old is not None:
+        SWAPS.inc()
+        MODEL_SERVED.labels(old).set(0)
+    MODEL_SERVED.labels(new).set(1)
 
 
 def observe_segmentation(summary: dict) -> None:

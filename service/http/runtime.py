@@ -49,9 +49,10 @@ class Runtime:
             registry,
             providers=settings.providers,
             threads=settings.ort_threads,
-            on_swap=lambda old, new: metrics.SWAPS.inc(),
+            on_swap=metrics.model_swapped,
         )
         ensemble = models.load()
+        metrics.model_swapped(None, ensemble.version)
         models.start_watch(settings.model_poll_s)
         log.info("serving model %s on %s", ensemble.version, ", ".join(ensemble.providers))
         worker = JobWorker(
