@@ -53,7 +53,7 @@ DASHBOARD_METRICS = {
     "uga_jobs",
     "uga_model_info",
     "uga_model_served",
-    "bentoml_api_server_request_total",
+    "bentoml_service_request_total",
     "uga_jobs_failed_total",
     "uga_corrections_total",
     "uga_finetune_runs_total",

@@ -143,3 +143,19 @@ def test_store_counters_do_not_grow_with_scrapes_and_every_scrape_lints(env, fin
     for text in scrapes[1:]:  # not just the first scrape
         proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_metric_the_dashboard_reads_is_exported(env, finished):
+    import json
+    import re
+
+    import httpx
+
+    from tests.server import REPO
+
+    dashboard = json.loads((REPO / "k8s" / "base" / "grafana-dashboard.json").read_text())
+    used = set(re.findall(r"(?<![A-Za-z0-9_])((?:uga|bentoml)_[a-z0-9_]+)", json.dumps(dashboard)))
+    only_after_a_finetune = {"uga_holdout_dice"}
+    text = httpx.get(f"{env.url}/metrics").text
+    exported = set(re.findall(r"^([a-z_][a-z0-9_]*)(?:\{| )", text, flags=re.M))
+    assert used - only_after_a_finetune <= exported, sorted(used - only_after_a_finetune - exported)
