@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 
 import bentoml
@@ -42,7 +43,7 @@ def preflight() -> Settings:
         first = exc.errors()[0]
         where = "_".join(str(p) for p in first["loc"]).upper()
         _fatal(f"{'UGA_' + where if where else 'settings'}: {first['msg']}")
-    except (AuthConfigError, DomainError, StoreError, OSError) as exc:
+    except (AuthConfigError, DomainError, StoreError, OSError, sqlite3.Error) as exc:
         _fatal(str(exc).splitlines()[0])
     return settings
 

@@ -130,7 +130,7 @@ def test_crash_between_files_and_row_leaves_no_correction(tmp_path):
     assert store.corrections.list() == [] and store.corrections.unused_for_training() == []
     old = time.time() - 3600
     os.utime(root / cid, (old, old))
-    assert sweep_orphans(root, store.corrections.ids()) == [cid]
+    assert sweep_orphans(root, lambda c: c in store.corrections.ids()) == [cid]
     assert not (root / cid).exists()
 
 
@@ -152,3 +152,9 @@ def test_acknowledged_correction_survives_reopen_and_is_idempotent(tmp_path):
     assert [c.id for c in again.corrections.list()] == [cid]
     image, m = load_pair(root, cid)
     assert m.sum() == 16 and image.shape == (16, 16, 3)
+
+
+def test_a_polygon_whose_fill_would_take_seconds_is_refused_at_once():
+    zigzag = [[float(i % 2) * 4000, float(i)] for i in range(0, 40_000, 1)]  # edges spanning ~all rows each
+    zigzag = [[x, (i % 2) * 4095.0] for i, (x, _) in enumerate(zigzag)] + [[0.0, 0.0]]
+    assert code_of(rasterize_geojson, _poly([zigzag]), (4096, 4096)) == "polygons_too_complex"

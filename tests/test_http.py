@@ -3,6 +3,7 @@ process): jobs, artifacts, queue, models, every refusal with its JSON error and 
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -343,3 +344,27 @@ def test_a_full_disk_is_507_in_the_contract_and_stores_nothing(env, monkeypatch)
         )
     assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
     assert _corrections_state(env) == before
+
+
+def test_each_correction_records_how_far_the_model_was_from_it(env, finished):
+    from service.http.metrics import store_metrics
+
+    with env.client("viewer") as c:
+        item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
+        predicted = np.asarray(Image.open(io.BytesIO(c.get(item["links"]["mask"]).content)))
+    with env.client("annotator") as c:
+        same = c.post(
+            f"/v1/queue/items/{item['id']}/correction", content=_png(predicted), headers={"content-type": "image/png"}
+        ).json()
+        flipped = c.post(
+            "/v1/corrections",
+            params={"slide": "cases/a.tif", **{k: item["bbox_level0"][k] for k in ("x", "y", "width", "height")}},
+            content=_png(255 - predicted),
+            headers={"content-type": "image/png"},
+        ).json()
+    assert same["model_dice"] == 1.0  # the clinician kept the model's mask
+    assert flipped["model_dice"] is not None and flipped["model_dice"] < 0.5  # ... or inverted it
+    text = store_metrics(env.runtime.store)
+    version = item["model_version"]
+    assert f'uga_correction_agreement_dice_bucket{{le="1.0",model_version="{version}"}}' in text
+    assert f'uga_correction_agreement_dice_count{{model_version="{version}"}}' in text

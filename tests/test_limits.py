@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 import pytest
 
@@ -78,9 +80,12 @@ def test_scratch_of_crashed_jobs_is_removed_at_start_and_a_full_disk_is_not_read
     left = tmp_path / "data" / "jobs" / "crashed-job" / ".work-abc"
     left.mkdir(parents=True)
     (left / "probability.raw").write_bytes(b"\0" * 1024)
+    os.utime(left, (time.time() - 3600, time.time() - 3600))  # an hour old: its run died
+    fresh = tmp_path / "data" / "jobs" / "just-claimed" / ".work-def"  # another worker's run, just begun
+    fresh.mkdir(parents=True)
     service = InProcessService(tmp_path / "data", slides, start_worker=False)
     try:
-        assert not left.exists()
+        assert not left.exists() and fresh.exists()
         assert service.runtime.ready()
         service.runtime.settings.min_free_mb = 1e12  # more than any disk has: as good as full
         assert not service.runtime.ready()

@@ -266,7 +266,7 @@ class OidcVerifier:
             except PyJWKClientConnectionError as exc:
                 log.warning("cannot fetch the identity provider's JWKS from %s: %s", self.jwks_url, exc)
                 raise AuthUnavailable("cannot reach the identity provider's keys; retry later") from None
-            except (PyJWKClientError, PyJWKSetError) as exc:
+            except (PyJWKClientError, PyJWKSetError, ValueError, OSError) as exc:  # incl. a body that is not JSON
                 log.warning("the identity provider's JWKS at %s is unusable: %s", self.jwks_url, exc)
                 raise AuthUnavailable("the identity provider's keys hold no usable signing key") from None
         if key is None:

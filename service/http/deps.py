@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
@@ -48,11 +49,9 @@ def authorise(rt: Runtime, authorization: str | None, role: str) -> Principal:
 def require(role: str):
     def dependency(request: Request) -> Principal:
         principal = request.scope.get("state", {}).get(PRINCIPAL)
-        return (
-            principal
-            if principal is not None
-            else authorise(runtime(request), request.headers.get("authorization"), role)
-        )
+        if principal is not None and principal.allows(role):
+            return principal
+        return authorise(runtime(request), request.headers.get("authorization"), role)
 
     dependency.uga_role = role
     return dependency
@@ -85,8 +84,8 @@ class AuthFirst:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-        try:
-            principal = authorise(runtime_of(self.api), authorization, role)
+        try:  # in a thread: a JWKS fetch or a store lookup must never block the event loop
+            principal = await run_in_threadpool(authorise, runtime_of(self.api), authorization, role)
         except HttpError as exc:
             return await error_response(exc.status, exc.code, exc.message, exc.details)(scope, receive, send)
         scope.setdefault("state", {})[PRINCIPAL] = principal

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import sqlite3
 import uuid
 
 from fastapi import FastAPI, Request
@@ -106,7 +107,8 @@ class ErrorBoundary:
     def answer(exc: Exception, scope) -> JSONResponse:
         """507 for a full disk; anything else is a bug: its traceback logged under a request id."""
         where = f"{scope.get('method')} {scope.get('path')}"
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             log.error("disk full in %s: %s", where, exc.strerror)
             return error_response(
                 507, "insufficient_storage", "the server's data volume is full; nothing was stored, retry later"

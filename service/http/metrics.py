@@ -7,7 +7,7 @@ Labels never carry patient or slide identifiers.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from service.store import Store
 from service.vocabulary import GATED_RUN_STATES, PROMOTE_ACTIONS, ROLLBACK_ACTIONS
@@ -95,6 +95,7 @@ class StoreCollector:
             "Pointer moves back (admin rollback or failed load)",
             value=store.models.count_actions(ROLLBACK_ACTIONS),
         )
+        yield agreement_histogram(store.corrections.agreement())
         history = store.runs.list(20)
         running = next((r for r in history if r.state == "running"), None)
         yield GaugeMetricFamily(
@@ -116,6 +117,25 @@ class StoreCollector:
             for model, value in (m.get("source_holdout_dice") or {}).items():
                 dice.add_metric([model], value)
             yield dice
+
+
+AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def agreement_histogram(measured: list[tuple[str, float]]) -> HistogramMetricFamily:
+    """Dice of each proposing model's mask against the clinician's correction, by model version."""
+    family = HistogramMetricFamily(
+        "uga_correction_agreement_dice",
+        "Dice of the proposing model's mask against each ingested correction, by model version",
+        labels=["model_version"],
+    )
+    by_version: dict[str, list[float]] = {}
+    for version, value in measured:
+        by_version.setdefault(version, []).append(value)
+    for version, values in sorted(by_version.items()):
+        buckets = [(str(le), sum(v <= le for v in values)) for le in AGREEMENT_BUCKETS]
+        family.add_metric([version], buckets + [("+Inf", len(values))], sum_value=sum(values))
+    return family
 
 
 def store_metrics(store: Store) -> str:

@@ -37,7 +37,7 @@ class _RestorePath:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if REAL_PATH in scope:
+        if REAL_PATH in scope:  # http and websocket scopes alike
             scope = {k: v for k, v in scope.items() if k != REAL_PATH} | {"path": scope[REAL_PATH]}
         await self.app(scope, receive, send)
 
@@ -52,7 +52,7 @@ def install(template_of: Callable[[str], str]) -> None:
     original = Middleware.__call__
 
     async def templated(self, scope, receive, send):
-        if scope.get("type") != "http":
+        if scope.get("type") not in ("http", "websocket"):
             return await original(self, scope, receive, send)
         if not isinstance(self.app, _RestorePath):
             self.app = _RestorePath(self.app)

@@ -42,7 +42,7 @@ class Runtime:
         registry.ensure_baseline()
         if swept := sweep_scratch(store):
             log.warning("removed the scratch rasters of %d jobs that were not running (interrupted runs)", swept)
-        removed = sweep_orphans(settings.data_dir / "corrections", store.corrections.ids())
+        removed = sweep_orphans(settings.data_dir / "corrections", lambda cid: store.corrections.get(cid) is not None)
         if removed:
             log.warning("removed %d correction directories without a database row (interrupted ingests)", len(removed))
         models = ModelHolder(

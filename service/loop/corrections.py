@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,8 @@ from service.errors import InvalidInput, Unprocessable
 from service.fsutil import fsync_dir
 from service.store import Correction
 from service.wsi.slide import Slide, box_window
+
+MAX_EDGE_ROWS = 2e7  # a GeoJSON fill costs ~ sum over edges of the rows each spans: ~0.5 s here at most
 
 
 class CorrectionError(Unprocessable):
@@ -183,7 +185,7 @@ def rasterize_geojson(
             "is not allowed; send a PNG of zeros instead)",
         )
     rings: list[tuple[np.ndarray, bool]] = []  # (points, is the outer ring)
-    vertices = 0
+    vertices, crossings = 0, 0.0
     for geometry in geometries:
         for polygon in _polygons(geometry):
             for k, ring in enumerate(polygon):
@@ -197,6 +199,15 @@ def rasterize_geojson(
                         {"limit": max_vertices},
                     )
                 rings.append((pts, k == 0))
+                rows = np.clip((pts[:, 1] - origin[1]) * scale, 0, shape[0])
+                crossings += float(np.abs(np.diff(rows)).sum())  # the fill's cost: each edge, each row it spans
+                if crossings > MAX_EDGE_ROWS:
+                    raise CorrectionError(
+                        "polygons_too_complex",
+                        f"the polygons' edges cross more than {MAX_EDGE_ROWS:.0e} pixel rows in all; "
+                        "simplify them or send a PNG mask",
+                        {"limit": MAX_EDGE_ROWS},
+                    )
     height, width = shape
     canvas = Image.new("L", (width, height), 0)
     pen = ImageDraw.Draw(canvas)
@@ -276,6 +287,7 @@ def build_record(
     queue_item_id: str | None,
     proposed_by: str | None,
     holdout_every: int,
+    model_dice: float | None = None,
 ) -> Correction:
     """The correction's record; every ``holdout_every``-th by hash is held out for the gate."""
     return Correction(
@@ -292,6 +304,7 @@ def build_record(
         tumour_fraction=round(float(mask.mean()), 6),
         holdout=int(holdout_every > 0 and int(cid[:8], 16) % holdout_every == 0),
         created_at=time.time(),
+        model_dice=None if model_dice is None else round(model_dice, 6),
     )
 
 
@@ -302,15 +315,24 @@ def load_pair(root: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def sweep_orphans(root: Path, known: set[str], older_than_s: float = 60.0) -> list[str]:
-    """Remove correction directories without a database row (a crash before commit) and stale temps."""
+def sweep_orphans(root: Path, is_known: Callable[[str], bool], older_than_s: float = 60.0) -> list[str]:
+    """Remove correction directories without a database row (a crash before commit) and stale temps.
+
+    Each under its correction's lock, re-checked there: an ingest of the same correction running
+    meanwhile (another worker) is never undone.
+    """
     removed = []
     if not root.exists():
         return removed
-    now = time.time()
-    for d in root.iterdir():
-        if d.name in known or now - d.stat().st_mtime < older_than_s:
+    for d in list(root.iterdir()):
+        try:
+            if time.time() - d.stat().st_mtime < older_than_s:
+                continue
+        except FileNotFoundError:  # renamed into place or removed meanwhile
             continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d.name)
+        cid = d.name.split(".")[1] if d.name.startswith(".") else d.name
+        with correction_lock(root.parent, cid):
+            if d.exists() and (d.name.startswith(".") or not is_known(cid)):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
     return removed

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
+
 from service.config import Settings
-from service.errors import UnsupportedMedia
+from service.errors import DomainError, UnsupportedMedia
+from service.inference.evaluation import dice
 from service.loop.corrections import (
     Region,
     build_record,
@@ -15,10 +20,11 @@ from service.loop.corrections import (
     read_crop,
     write_correction_files,
 )
-from service.loop.review import get_item, item_job
-from service.store import Correction, Store
+from service.loop.review import get_item, item_job, model_mask
+from service.store import Correction, Job, Store
 from service.wsi.slide import open_slide, resolve_slide_path
 
+log = logging.getLogger("uga.corrections")
 MEDIA_TYPES = ("image/png", "application/geo+json", "application/json")
 
 
@@ -42,9 +48,13 @@ def ingest_correction(
     annotator: str,
     proposed_by: str,
     queue_item_id: str | None = None,
+    proposing_job: Job | None = None,
 ) -> tuple[Correction, bool]:
     """Store the correction (files durable before the row). Returns (record, created); the same
-    correction sent twice is one record. Nothing is written when anything is refused."""
+    correction sent twice is one record. Nothing is written when anything is refused.
+
+    The record carries how far the proposing model's mask was from the correction (Dice on the
+    region), the QC signal of whether fine-tuning helps where clinicians disagree."""
     check_media_type(media_type)
     path = resolve_slide_path(settings.slide_root, slide)
     slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide file
@@ -62,6 +72,9 @@ def ingest_correction(
         if existing is not None:
             return existing, False
         image = read_crop(handle, region)
+    if proposing_job is None:
+        latest = store.jobs.latest_for_slide(slide)
+        proposing_job = latest if latest is not None and latest.model_version == proposed_by else None
     record = build_record(
         cid,
         slide,
@@ -71,6 +84,7 @@ def ingest_correction(
         queue_item_id=queue_item_id,
         proposed_by=proposed_by,
         holdout_every=settings.holdout_every,
+        model_dice=model_agreement(store, proposing_job, region, mask),
     )
     with correction_lock(settings.data_dir, cid):  # the same correction sent concurrently: one writer
         existing = store.corrections.get(cid)
@@ -79,6 +93,19 @@ def ingest_correction(
         write_correction_files(settings.data_dir / "corrections", cid, image, mask)
         created = store.corrections.add(record, annotator)
     return (record if created else store.corrections.get(cid)), created
+
+
+def model_agreement(store: Store, job: Job | None, region: Region, mask: np.ndarray) -> float | None:
+    """Dice of ``job``'s predicted mask against the corrected ``mask`` on the region (None when the job
+    is unknown, was made at another µm/px, or its mask cannot be read: a QC signal, never a refusal)."""
+    if job is None or job.summary is None or job.summary.get("mpp") != region.mpp:
+        return None
+    try:
+        predicted = model_mask(store, job, (region.x, region.y, region.width, region.height))
+    except (DomainError, OSError) as exc:
+        log.warning("no model agreement for a correction on %s: %s", job.slide, exc)
+        return None
+    return dice(predicted, mask) if predicted.shape == mask.shape else None
 
 
 def ingest_item_correction(
@@ -99,4 +126,5 @@ def ingest_item_correction(
         annotator=annotator,
         proposed_by=item.model_version,
         queue_item_id=item.id,
+        proposing_job=item_job(store, item),
     )

@@ -43,14 +43,17 @@ def item_image(store: Store, settings: Settings, item_id: str) -> np.ndarray:
 def item_mask(store: Store, item_id: str) -> np.ndarray:
     """The model's predicted tumour mask for the patch (0/255, the shape of ``item_image``)."""
     item = get_item(store, item_id)
-    job = item_job(store, item)
-    mpp, slide_mpp = job.summary["mpp"], job.summary["slide_mpp"]
     b = item.bbox_level0
+    mask = model_mask(store, item_job(store, item), (b["x"], b["y"], b["width"], b["height"]))
+    return np.where(mask, 255, 0).astype(np.uint8)
+
+
+def model_mask(store: Store, job: Job, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The job's predicted tumour mask (bool) under a level-0 box of its slide, at the job's µm/px."""
+    mpp, slide_mpp = job.summary["mpp"], job.summary["slide_mpp"]
     with open_slide(store.job_dir(job.id) / ARTIFACTS["mask"]) as mask:  # its level 0 is the job's µm/px
         to_mask = slide_mpp / mask.mpp
-        box = (b["x"] * to_mask, b["y"] * to_mask, b["width"] * to_mask, b["height"] * to_mask)
-        rgb = mask.read_box(*box, mpp)
-    return np.where(rgb[..., 0] > 127, 255, 0).astype(np.uint8)
+        return mask.read_box(*(v * to_mask for v in box), mpp)[..., 0] > 127
 
 
 def skip_item(store: Store, item_id: str, actor: str) -> QueueItem:

@@ -39,20 +39,27 @@ class CancelRequested(Exception):
     """Someone cancelled the running job."""
 
 
-def remove_scratch(job_dir: Path) -> None:
-    """A job's scratch rasters (``.work-*``), left behind when its worker died or it was stopped."""
-    for work in job_dir.glob(".work-*"):
-        shutil.rmtree(work, ignore_errors=True)
+class Lost(Exception):
+    """The job is no longer this worker's (requeued to another after a stale heartbeat, or ended)."""
 
 
-def sweep_scratch(store: Store) -> int:
-    """At start: remove the scratch of every job that is not running (crashed runs). Returns how many."""
+def sweep_scratch(store: Store, older_than_s: float = 300.0) -> int:
+    """At start: remove the scratch of jobs that are not running (crashed runs). Returns how many.
+
+    Only scratch untouched for ``older_than_s``: a job another worker claimed a moment ago is safe."""
     running = {j.id for j in store.jobs.list("running", 100_000)}
     swept = 0
-    for job_dir in store.jobs_dir.iterdir():
-        if job_dir.name not in running and any(job_dir.glob(".work-*")):
-            remove_scratch(job_dir)
-            swept += 1
+    for job_dir in list(store.jobs_dir.iterdir()):
+        if job_dir.name in running:
+            continue
+        for work in job_dir.glob(".work-*"):
+            try:
+                stale = time.time() - work.stat().st_mtime > older_than_s
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(work, ignore_errors=True)
+                swept += 1
     return swept
 
 
@@ -111,12 +118,15 @@ class JobWorker:
         self.current_job = job.id
         beat_stop = threading.Event()
 
-        cancel = threading.Event()
+        cancel, lost = threading.Event(), threading.Event()
 
         def beat() -> None:
             while not beat_stop.wait(HEARTBEAT_S):
                 try:
-                    if jobs.heartbeat(job.id, self.name):
+                    answer = jobs.heartbeat(job.id, self.name)
+                    if answer is None:
+                        lost.set()
+                    elif answer:
                         cancel.set()
                 except Exception:  # noqa: BLE001
                     log.exception("heartbeat failed")
@@ -129,11 +139,16 @@ class JobWorker:
             now = time.monotonic()
             if now - started > self.settings.max_job_s:
                 raise TimedOut()
+            if lost.is_set():
+                raise Lost()
             if cancel.is_set():
                 raise CancelRequested()
             if now - last[0] >= 0.5 or done == total:
                 last[0] = now
-                if jobs.heartbeat(job.id, self.name, done, total):
+                answer = jobs.heartbeat(job.id, self.name, done, total)
+                if answer is None:
+                    raise Lost()
+                if answer:
                     raise CancelRequested()
 
         beater = threading.Thread(target=beat, daemon=True)
@@ -153,15 +168,20 @@ class JobWorker:
                 exclude=self.store.queue.handled(job.slide),
             )
             queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
-            if jobs.finish(job.id, self.name, summary, queue) and self.on_success:
-                self.on_success(summary)
+            if jobs.finish(job.id, self.name, summary, queue):
+                if self.on_success:
+                    self.on_success(summary)
+            elif (now := jobs.get(job.id)) is not None and now.cancel_requested and now.worker == self.name:
+                raise CancelRequested()  # cancelled while its outputs were being written
         except Cancelled:
             log.warning("job %s interrupted by shutdown: back to the queue", job.id)
             jobs.requeue(job.id, self.name)
+        except Lost:
+            log.warning("job %s is no longer this worker's (requeued after a stale heartbeat): stopped", job.id)
         except CancelRequested:
             log.info("job %s cancelled while running", job.id)
-            jobs.end_cancelled(job.id, self.name)
-            shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)  # partial outputs too
+            if jobs.end_cancelled(job.id, self.name):  # only its owner removes the outputs
+                shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)
         except TimedOut:
             self._fail(job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp")
         except DomainError as exc:  # the slide or the options cannot be used, or the model failed to load
@@ -171,9 +191,8 @@ class JobWorker:
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
             log.exception("job %s failed", job.id)
             self._fail(job, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
-        finally:
+        finally:  # the pipeline removed its own scratch; another worker may own the job's directory now
             beat_stop.set()
-            remove_scratch(self.store.job_dir(job.id))
             self.current_job = None
 
     def _fail(self, job: Job, error: str) -> None:

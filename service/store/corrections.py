@@ -65,6 +65,14 @@ class CorrectionRepository:
         rows = self.db.all("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at")
         return [Correction.from_row(r) for r in rows if r["id"] not in used]
 
+    def agreement(self) -> list[tuple[str, float]]:
+        """(proposing model version, Dice of its mask against the correction) of every measured one."""
+        rows = self.db.all(
+            "SELECT proposed_by_version, model_dice FROM corrections WHERE model_dice IS NOT NULL"
+            " AND proposed_by_version IS NOT NULL"
+        )
+        return [(r["proposed_by_version"], r["model_dice"]) for r in rows]
+
     def held_out(self) -> list[Correction]:
         rows = self.db.all("SELECT * FROM corrections WHERE holdout = 1 ORDER BY created_at")
         return [Correction.from_row(r) for r in rows]

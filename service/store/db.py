@@ -18,7 +18,7 @@ from typing import Any
 
 from service.vocabulary import HANDLED_ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def jobs_table(name: str) -> str:
@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS corrections (
     annotator TEXT NOT NULL,
     tumour_fraction REAL NOT NULL,
     holdout INTEGER NOT NULL DEFAULT 0, -- held out from training, used by the promotion gate
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    model_dice REAL                     -- Dice of the proposing model's mask against this one (QC)
 );
 CREATE TABLE IF NOT EXISTS model_versions (
     version TEXT PRIMARY KEY,
@@ -162,6 +163,7 @@ UPGRADES = {
         ]
     )
     + "\n",
+    6: "ALTER TABLE corrections ADD COLUMN model_dice REAL;\n",
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 
-from service.errors import TooBusy
+from service.errors import Conflict, TooBusy
 from service.store.db import Database, audit
 from service.store.records import Job
 from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, RETRYABLE_JOB_STATES, sql_in
@@ -108,8 +108,9 @@ class JobRepository:
             ).fetchone()
         return self.get(row["id"]) if row else None
 
-    def heartbeat(self, job_id: str, worker: str, done: int | None = None, total: int | None = None) -> bool:
-        """Record that ``worker`` is alive (and its progress). Returns True when a cancel was requested."""
+    def heartbeat(self, job_id: str, worker: str, done: int | None = None, total: int | None = None) -> bool | None:
+        """Record that ``worker`` is alive (and its progress). True: a cancel was requested; None: the job
+        is no longer this worker's (it was requeued to another, or ended): stop without touching it."""
         with self.db.transaction() as db:
             if done is None:
                 row = db.execute(
@@ -123,36 +124,44 @@ class JobRepository:
                     " WHERE id = ? AND worker = ? AND state = 'running' RETURNING cancel_requested",
                     (time.time(), done, total, job_id, worker),
                 ).fetchone()
-        return bool(row and row[0])
+        return None if row is None else bool(row[0])
 
     def cancel(self, job_id: str, actor: str | None) -> Job:
         """Cancel a queued job now; ask a running one to stop (its worker ends it). One transaction."""
         with self.db.transaction() as db:
             now = time.time()
-            db.execute(
+            changed = db.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled' WHERE id = ?"
                 " AND state = 'queued'",
                 (now, job_id),
-            )
-            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
+            ).rowcount
+            changed += db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,)
+            ).rowcount
+            if not changed:  # it finished between the caller's look and this transaction
+                state = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()["state"]
+                raise Conflict("job_finished", f"job is {state}; only queued or running jobs can be cancelled")
             audit(db, actor, "job.cancel", job_id)
         return self.get(job_id)
 
-    def end_cancelled(self, job_id: str, worker: str) -> None:
-        """The worker stopped a job whose cancel was requested."""
+    def end_cancelled(self, job_id: str, worker: str) -> bool:
+        """The worker stopped a job whose cancel was requested. False if the job was not its own."""
         with self.db.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled' WHERE id = ? AND worker = ?"
-                " AND state = 'running'",
+            cur = db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled'"
+                " WHERE id = ? AND worker = ? AND state = 'running'",
                 (time.time(), job_id, worker),
             )
+            return cur.rowcount == 1
 
     def finish(self, job_id: str, worker: str, summary: dict, queue: list[dict]) -> bool:
-        """Record success and the job's queue in one transaction. False if the job was taken away."""
+        """Record success and the job's queue in one transaction. False if the job was taken away or its
+        cancel was requested meanwhile (a cancel acknowledged to a caller wins over a late finish)."""
         with self.db.transaction() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'succeeded', summary = ?, model_version = ?, finished_at = ?,"
-                " progress_done = progress_total, error = NULL WHERE id = ? AND worker = ? AND state = 'running'",
+                " progress_done = progress_total, error = NULL"
+                " WHERE id = ? AND worker = ? AND state = 'running' AND cancel_requested = 0",
                 (json.dumps(summary), summary["model_version"], time.time(), job_id, worker),
             )
             if cur.rowcount != 1:

@@ -78,6 +78,7 @@ class Correction:
     created_at: float
     queue_item_id: str | None = None
     proposed_by_version: str | None = None
+    model_dice: float | None = None  # the proposing model's mask against this one (QC)
 
     from_row = classmethod(_from)
 
