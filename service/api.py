@@ -57,7 +57,11 @@ def _fatal(reason: str) -> None:
 # the workers only import the definitions (a build must not need the deployment's secrets).
 settings = preflight() if sys.argv[1:2] == ["serve"] else get_settings()
 connections.install(settings.header_timeout_s, settings.max_connections)  # before the worker's server starts
-app = create_app(max_body_bytes=int(settings.max_body_mb * 1024 * 1024), body_timeout_s=settings.body_timeout_s)
+app = create_app(
+    max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+    body_timeout_s=settings.body_timeout_s,
+    body_total_s=settings.body_total_s,
+)
 request_metrics.install(request_metrics.route_templates(app.state.routes, "/v1"))  # no caller-made labels
 log = logging.getLogger("uga")
 

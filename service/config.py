@@ -56,6 +56,7 @@ class Settings(BaseSettings, SegmentationDefaults):
     max_active_jobs_per_caller: int = Field(20, ge=1, description="jobs one caller may have waiting or running")
     header_timeout_s: float = Field(10.0, gt=0, le=300, description="a request's headers must arrive within this")
     body_timeout_s: float = Field(30.0, gt=0, le=600, description="longest wait for the next chunk of a body (408)")
+    body_total_s: float = Field(120.0, gt=0, le=3600, description="longest time to receive a whole request body")
     max_connections: int = Field(256, ge=1, description="open connections per worker process; more are closed")
     min_free_mb: float = Field(256.0, ge=0, description="/readyz fails when the data volume has less free space, MiB")
     job_stale_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")

@@ -30,6 +30,7 @@ def server(tmp_path_factory, source_slide):
         slides,
         UGA_HEADER_TIMEOUT_S="2",
         UGA_BODY_TIMEOUT_S="2",
+        UGA_BODY_TOTAL_S="4",
         UGA_MAX_CORRECTION_PX="2048",
         UGA_MAX_JOB_TILES="100",  # the 2048² slide: 25 tiles at 1 µm/px, 84 at 0.5, 335 at 0.25
     ).start()
@@ -306,3 +307,26 @@ def test_a_running_job_is_cancelled_within_a_few_tiles_and_leaves_no_files(serve
         done = wait_job(c, job["id"], timeout=60)
     assert done["state"] == "cancelled" and done["progress"]["done"] < done["progress"]["total"]
     assert not (server.data_dir / "jobs" / job["id"]).exists()
+
+
+def test_a_trickled_body_is_cut_off_by_the_total_deadline(server):
+    before = _state(server)
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    s.sendall(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+        + f"Authorization: Bearer {TOKENS['annotator']}\r\n\r\n".encode()
+    )
+    t0, reply = time.monotonic(), b""
+    s.settimeout(1.0)
+    while time.monotonic() - t0 < 15 and b"\r\n\r\n" not in reply:
+        try:
+            s.sendall(b" ")  # one byte a second: never stalls for UGA_BODY_TIMEOUT_S (2 s)
+            reply += s.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert time.monotonic() - t0 < 10  # UGA_BODY_TOTAL_S is 4 s here
+    assert _state(server) == before

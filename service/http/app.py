@@ -13,7 +13,7 @@ from service.http.routers import corrections, finetune, health, jobs, models, qu
 from service.http.schemas import COMMON_ERRORS
 
 
-def create_app(max_body_bytes: int, body_timeout_s: float = 30.0) -> FastAPI:
+def create_app(max_body_bytes: int, body_timeout_s: float = 30.0, body_total_s: float = 120.0) -> FastAPI:
     app = FastAPI(
         title="UGA Serve",
         version="0.1.0",
@@ -23,7 +23,7 @@ def create_app(max_body_bytes: int, body_timeout_s: float = 30.0) -> FastAPI:
     routers = (jobs.router, queue.router, corrections.router, finetune.router, models.router, health.router)
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(AuthFirst, api=app, routes=routes)  # innermost: decides before any route reads a body
-    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s, total_s=body_total_s)
     app.add_middleware(ErrorBoundary)
     install_handlers(app)
     for router in routers:

@@ -23,7 +23,12 @@ _installed: dict[str, float] = {}
 
 def install(header_timeout_s: float, max_connections: int) -> None:
     """Patch uvicorn's h11 protocol in this process (idempotent; the latest limits apply)."""
+    import uvicorn.config
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    # BentoML leaves uvicorn on http="auto", which picks httptools when it is installed: these guards
+    # live on the h11 protocol, so "auto" means h11 here.
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = "uvicorn.protocols.http.h11_impl:H11Protocol"
 
     _installed.update(header_timeout_s=header_timeout_s, max_connections=max_connections)
     if getattr(H11Protocol, "_uga_guarded", False):

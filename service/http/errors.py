@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import sqlite3
+import time
 import uuid
 
 from fastapi import FastAPI, Request
@@ -136,11 +137,11 @@ class _TooSlow(_BodyRefused):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies above ``limit`` bytes (413) before the route reads them, and
-    bodies whose next chunk takes longer than ``timeout_s`` to arrive (408)."""
+    """ASGI middleware: refuse bodies above ``limit`` bytes (413) before the route reads them, and bodies
+    whose next chunk takes longer than ``timeout_s``, or whose whole takes longer than ``total_s`` (408)."""
 
-    def __init__(self, app, limit: int, timeout_s: float = 30.0):
-        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+    def __init__(self, app, limit: int, timeout_s: float = 30.0, total_s: float = 120.0):
+        self.app, self.limit, self.timeout_s, self.total_s = app, limit, timeout_s, total_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -152,14 +153,16 @@ class BodyLimit:
         )
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_big(scope, receive, send)
-        seen, body_done = 0, False
+        seen, body_done, started = 0, False, False
+        deadline = time.monotonic() + self.total_s
 
         async def limited_receive():
             nonlocal seen, body_done
             if body_done:  # only disconnects are left to wait for: no deadline on those
                 return await receive()
+            wait = min(self.timeout_s, deadline - time.monotonic())
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, wait))
             except TimeoutError:
                 raise _TooSlow() from None
             if message["type"] == "http.request":
@@ -169,15 +172,23 @@ class BodyLimit:
                     raise _TooLarge()
             return message
 
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            return await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            return await too_big(scope, receive, send)
-        except _TooSlow:
+            return await self.app(scope, limited_receive, tracking_send)
+        except _BodyRefused as exc:
+            if started:  # a response is under way (a body sent with a download): nothing to answer
+                return None
+            if isinstance(exc, _TooLarge):
+                return await too_big(scope, receive, send)
             slow = error_response(
                 408,
                 "body_timeout",
-                f"the request body stalled for {self.timeout_s:g} s (UGA_BODY_TIMEOUT_S); send it at once",
+                f"the request body stalled for {self.timeout_s:g} s (UGA_BODY_TIMEOUT_S) or took over "
+                f"{self.total_s:g} s in all (UGA_BODY_TOTAL_S); send it at once",
                 headers={"Connection": "close"},
             )
             return await slow(scope, receive, send)
