@@ -41,23 +41,22 @@ def created_response(record: Correction, created: bool, base: str) -> JSONRespon
     )
 
 
+async def ingest(request: Request, base: str, use_case, *args, **kwargs) -> JSONResponse:
+    """Check the media type before the body is read, then run the ingest use case in a thread."""
+    kind = media_type(request)
+    check_media_type(kind)
+    body = await request.body()
+    record, created = await run_in_threadpool(use_case, *args, body=body, media_type=kind, **kwargs)
+    return created_response(record, created, base)
+
+
 @router.post("/queue/items/{item_id}/correction", **INGEST)
 async def correct_item(item_id: str, request: Request, rt: Rt, base: Base, who: Annotator, coords: Coords = "region"):
     """Corrected mask for a queue patch: PNG (0/255, the patch's size at its µm/px) or GeoJSON polygons
     (in patch pixel coordinates, or level-0 coordinates with coords=level0 as QuPath exports)."""
-    check_media_type(media_type(request))  # before the body is read
-    body = await request.body()
-    record, created = await run_in_threadpool(
-        ingest_item_correction,
-        rt.store,
-        rt.settings,
-        item_id,
-        body=body,
-        media_type=media_type(request),
-        coords=coords,
-        annotator=who.name,
+    return await ingest(
+        request, base, ingest_item_correction, rt.store, rt.settings, item_id, coords=coords, annotator=who.name
     )
-    return created_response(record, created, base)
 
 
 @router.post("/corrections", **INGEST)
@@ -75,21 +74,18 @@ async def correct_region(
     coords: Coords = "region",
 ):
     """Corrected mask for any region (x, y, width, height in level-0 pixels; mask at ``mpp``)."""
-    check_media_type(media_type(request))  # before the body is read
-    body = await request.body()
-    record, created = await run_in_threadpool(
+    return await ingest(
+        request,
+        base,
         ingest_correction,
         rt.store,
         rt.settings,
         slide=slide,
         region=Region(x, y, width, height, mpp),
-        body=body,
-        media_type=media_type(request),
         coords=coords,
         annotator=who.name,
         proposed_by=rt.models.current().version,
     )
-    return created_response(record, created, base)
 
 
 @router.get("/corrections")
