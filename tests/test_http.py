@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import openslide
@@ -368,3 +369,5 @@ def test_each_correction_records_how_far_the_model_was_from_it(env, finished):
     version = item["model_version"]
     assert f'uga_correction_agreement_dice_bucket{{le="1.0",model_version="{version}"}}' in text
     assert f'uga_correction_agreement_dice_count{{model_version="{version}"}}' in text
+    corrected = re.search(r'^uga_queue_items\{status="corrected"\} (\S+)$', text, re.M)
+    assert corrected and float(corrected[1]) >= 1

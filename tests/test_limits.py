@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
 import pytest
 
+from service.http.metrics import store_metrics
 from tests.inprocess import InProcessService
 from tests.server import wait_job, wait_started
 
@@ -42,6 +44,8 @@ def test_active_jobs_are_limited_per_caller_and_in_all_with_retry_after(tmp_path
             r = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"queue_size": 5}})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert _jobs(service) == 2
+        age = re.search(r"^uga_oldest_queued_job_age_seconds (\S+)$", store_metrics(service.runtime.store), re.M)
+        assert age and float(age[1]) > 0  # two jobs wait: no worker runs here
     finally:
         service.close()
 
@@ -71,6 +75,8 @@ def test_a_job_past_its_wall_time_fails_and_leaves_no_scratch(tmp_path, slides):
         with service.client("annotator") as c:
             job = wait_job(c, c.post("/v1/jobs", json={"slide": "a.tif"}).json()["id"], timeout=120)
         assert job["state"] == "failed" and "UGA_MAX_JOB_S" in job["error"]
+        text = store_metrics(service.runtime.store)  # QC: failures by reason code
+        assert 'uga_job_failures_total{reason="job_timeout"} 1.0' in text
         assert not list((tmp_path / "data" / "jobs" / job["id"]).glob(".work-*"))
     finally:
         service.close()

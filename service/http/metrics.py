@@ -77,6 +77,19 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "uga_queue_pending", "Review patches waiting for a clinician", value=store.queue.pending_count()
         )
+        items = GaugeMetricFamily("uga_queue_items", "Patches of the current queues by status", labels=["status"])
+        for status, n in store.queue.status_counts().items():
+            items.add_metric([status], n)
+        yield items
+        yield GaugeMetricFamily(
+            "uga_oldest_queued_job_age_seconds",
+            "How long the oldest queued job has waited (0 when none waits)",
+            value=store.jobs.oldest_queued_age_s(),
+        )
+        failures = CounterMetricFamily("uga_job_failures", "Failed jobs by reason code", labels=["reason"])
+        for reason, n in store.jobs.failure_counts().items():
+            failures.add_metric([reason], n)
+        yield failures
         info = GaugeMetricFamily("uga_model_info", "Current model version (value 1)", labels=["version"])
         info.add_metric([store.models.current() or "none"], 1)
         yield info

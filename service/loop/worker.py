@@ -183,11 +183,13 @@ class JobWorker:
             if jobs.end_cancelled(job.id, self.name):  # only its owner removes the outputs
                 shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)
         except TimedOut:
-            self._fail(job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp")
+            self._fail(
+                job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp", "job_timeout"
+            )
         except DomainError as exc:  # the slide or the options cannot be used, or the model failed to load
             if isinstance(exc, Unavailable):
                 log.exception("job %s failed", job.id)
-            self._fail(job, exc.message)
+            self._fail(job, exc.message, exc.code)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
             log.exception("job %s failed", job.id)
             self._fail(job, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
@@ -195,7 +197,7 @@ class JobWorker:
             beat_stop.set()
             self.current_job = None
 
-    def _fail(self, job: Job, error: str) -> None:
-        self.store.jobs.fail(job.id, self.name, error)
+    def _fail(self, job: Job, error: str, code: str = "internal_error") -> None:
+        self.store.jobs.fail(job.id, self.name, error, code)
         if self.on_failure:
             self.on_failure()

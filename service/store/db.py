@@ -7,6 +7,7 @@ acknowledged to a client survives a crash.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import tempfile
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 
 from service.vocabulary import HANDLED_ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def jobs_table(name: str) -> str:
@@ -31,6 +32,7 @@ def jobs_table(name: str) -> str:
     model_version TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN {sql_in(JOB_STATES)}),
     cancel_requested INTEGER NOT NULL DEFAULT 0,  -- a running job stops at its next tiles
+    error_code TEXT,                    -- a failure's stable reason (a domain error code, job_timeout, ...)
     progress_done INTEGER NOT NULL DEFAULT 0,
     progress_total INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -164,6 +166,7 @@ UPGRADES = {
     )
     + "\n",
     6: "ALTER TABLE corrections ADD COLUMN model_dice REAL;\n",
+    7: "ALTER TABLE jobs ADD COLUMN error_code TEXT;\n",
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 
@@ -180,6 +183,12 @@ def _enable_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def _adds_existing_column(db: sqlite3.Connection, statement: str) -> bool:
+    """True for ``ALTER TABLE t ADD COLUMN c`` when ``t`` already has ``c``."""
+    m = re.match(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", statement)
+    return bool(m) and any(row[1] == m[2] for row in db.execute(f"PRAGMA table_info({m[1]})"))
 
 
 def _statements(script: str) -> list[str]:
@@ -268,7 +277,8 @@ class Database:
                     return  # another process migrated it while this one waited for the lock
                 upgrades = [sql for v, sql in UPGRADES.items() if 0 < version < v]
                 for statement in _statements(SCHEMA + "".join(upgrades)):
-                    db.execute(statement)
+                    if not _adds_existing_column(db, statement):  # a rebuild may already have added it
+                        db.execute(statement)
                 if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
                     raise StoreError(f"store {self.path.name}: migration would break references; nothing changed")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -173,13 +173,27 @@ class JobRepository:
             )
             return True
 
-    def fail(self, job_id: str, worker: str | None, error: str) -> None:
+    def fail(self, job_id: str, worker: str | None, error: str, code: str = "internal_error") -> None:
+        """Record a failure: the message for people, ``code`` for dashboards (a bounded set)."""
         with self.db.transaction() as db:
             db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ? AND state = 'running'"
-                + (" AND worker = ?" if worker else ""),
-                (error, time.time(), job_id, *([worker] if worker else [])),
+                "UPDATE jobs SET state = 'failed', error = ?, error_code = ?, finished_at = ? WHERE id = ?"
+                " AND state = 'running'" + (" AND worker = ?" if worker else ""),
+                (error, code, time.time(), job_id, *([worker] if worker else [])),
             )
+
+    def failure_counts(self) -> dict[str, int]:
+        """Failed jobs by reason code."""
+        rows = self.db.all(
+            "SELECT COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n FROM jobs"
+            " WHERE state = 'failed' GROUP BY code"
+        )
+        return {r["code"]: r["n"] for r in rows}
+
+    def oldest_queued_age_s(self) -> float:
+        """Seconds the oldest queued job has waited (0 when none waits)."""
+        oldest = self.db.scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'")
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def requeue(self, job_id: str, worker: str) -> None:
         """Give a running job back to the queue (clean shutdown of its worker)."""
@@ -207,7 +221,8 @@ class JobRepository:
                     )
                 elif r["attempts"] >= max_attempts:
                     db.execute(
-                        "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                        "UPDATE jobs SET state = 'failed', finished_at = ?, error = ?, error_code = 'interrupted'"
+                        " WHERE id = ?",
                         (time.time(), f"interrupted {r['attempts']} times (worker stopped); resubmit", r["id"]),
                     )
                 else:

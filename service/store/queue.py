@@ -8,6 +8,7 @@ from typing import Any
 
 from service.store.db import Database, audit
 from service.store.records import QueueItem
+from service.vocabulary import ITEM_STATUSES
 
 # Queue items of each slide's latest finished job that nobody corrected or skipped yet.
 PENDING_ITEMS = """
@@ -75,6 +76,19 @@ class QueueRepository:
     def handled(self, slide: str) -> set[str]:
         """Ids of the slide's items someone corrected or skipped (they never return to its queue)."""
         return {r["item_id"] for r in self.db.all("SELECT item_id FROM item_status WHERE slide = ?", (slide,))}
+
+    def status_counts(self) -> dict[str, int]:
+        """Items of each slide's current queue by status: pending, skipped, corrected."""
+        counts = dict.fromkeys(ITEM_STATUSES, 0)
+        rows = self.db.all(
+            "SELECT COALESCE(s.status, 'pending') AS status, COUNT(*) AS n FROM queue_items qi"
+            " JOIN jobs j ON j.id = qi.job_id"
+            " LEFT JOIN item_status s ON s.slide = qi.slide AND s.item_id = qi.id"
+            " WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2 WHERE j2.slide = j.slide"
+            " AND j2.state = 'succeeded') GROUP BY COALESCE(s.status, 'pending')"
+        )
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
 
     def pending_count(self) -> int:
         return int(self.db.scalar("SELECT COUNT(*) " + PENDING_ITEMS))
