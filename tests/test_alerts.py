@@ -1,0 +1,135 @@
+"""Alerting rules (k8s/components/alerts): they parse, and each fires on the series it is for and
+stays quiet on healthy ones (`promtool test rules` on synthetic series)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is needed to read the PrometheusRule")
+
+RULE = Path(__file__).resolve().parent.parent / "k8s" / "components" / "alerts" / "prometheusrule.yaml"
+
+# alert -> (interval, eval time, series that must fire it, series that must not)
+CASES = {
+    "UGAJobsFailing": (
+        "1m",
+        "40m",
+        {'uga_job_failures_total{reason="unusable_slide",pod="a"}': "0+1x60"},
+        {'uga_job_failures_total{reason="unusable_slide",pod="a"}': "5x60"},
+    ),
+    "UGAQueueBackingUp": (
+        "1m",
+        "50m",
+        {'uga_oldest_queued_job_age_seconds{pod="a"}': "0+60x60"},
+        {'uga_oldest_queued_job_age_seconds{pod="a"}': "0+10x60"},
+    ),
+    "UGANoReadyReplica": (
+        "1m",
+        "10m",
+        {'kube_deployment_status_replicas_available{deployment="uga-serve"}': "0x20"},
+        {'kube_deployment_status_replicas_available{deployment="uga-serve"}': "2x20"},
+    ),
+    "UGAModelRolledBack": (
+        "1m",
+        "5m",
+        {'uga_model_rollbacks_total{pod="a"}': "0 0 0 1 1 1 1 1 1 1"},
+        {'uga_model_rollbacks_total{pod="a"}': "2x10"},
+    ),
+    "UGAFinetuneRejectedRepeatedly": (
+        "1h",
+        "5h",
+        {'uga_finetune_runs_total{outcome="rejected",pod="a"}': "0+1x10"},
+        {'uga_finetune_runs_total{outcome="rejected",pod="a"}': "0 0 0 0 1 1 1 1 1 1 1"},
+    ),
+    "UGAUncertaintyDrift": (
+        "1h",
+        "106h",
+        {
+            'uga_slide_mean_uncertainty_count{measure="uga"}': "0+10x108",
+            'uga_slide_mean_uncertainty_sum{measure="uga"}': "0+10x96 980+20x11",  # 1.0 bit a slide, then 2.0
+        },
+        {
+            'uga_slide_mean_uncertainty_count{measure="uga"}': "0+10x108",
+            'uga_slide_mean_uncertainty_sum{measure="uga"}': "0+10x96 980+12x11",  # then 1.2: within 50 %
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory) -> Path:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (apt install prometheus)")
+    doc = yaml.safe_load(RULE.read_text())
+    assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1"
+    path = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
+    proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return path
+
+
+def test_every_alert_has_a_case():
+    doc = yaml.safe_load(RULE.read_text())
+    alerts = {r["alert"] for g in doc["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts == set(CASES)
+
+
+@pytest.mark.parametrize("alert", sorted(CASES))
+def test_the_alert_fires_on_its_series_and_not_on_healthy_ones(rules, tmp_path, alert):
+    interval, at, bad, good = CASES[alert]
+    rule = next(
+        r for g in yaml.safe_load(RULE.read_text())["spec"]["groups"] for r in g["rules"] if r.get("alert") == alert
+    )
+    expected = {"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}
+
+    def case(series: dict, firing: bool) -> dict:
+        return {
+            "interval": interval,
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "alert_rule_test": [
+                {
+                    "eval_time": at,
+                    "alertname": alert,
+                    "exp_alerts": [expected] if firing else [],
+                }
+            ],
+        }
+
+    test = tmp_path / "test.yaml"
+    test.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": [case(bad, True), case(good, False)]}))
+    proc = subprocess.run(["promtool", "test", "rules", str(test)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_component_renders_into_an_overlay(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    k8s = RULE.parent.parent.parent
+    relative = {  # kustomize refuses absolute paths
+        "resources": [os.path.relpath(k8s / "overlays" / "cpu", overlay)],
+        "components": [os.path.relpath(RULE.parent, overlay)],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(relative))
+    proc = subprocess.run(
+        [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rules = [d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "PrometheusRule"]
+    source = yaml.safe_load(RULE.read_text())["spec"]["groups"]
+    assert len(rules) == 1
+
+    def alerts(groups):
+        return [(r["alert"], r["labels"]) for g in groups for r in g["rules"]]
+
+    assert alerts(rules[0]["spec"]["groups"]) == alerts(source)
