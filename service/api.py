@@ -18,9 +18,9 @@ from service.errors import DomainError
 from service.http import connections, request_metrics
 from service.http.app import create_app
 from service.http.auth import AuthConfigError, Authenticator
-from service.http.metrics import store_metrics
 from service.http.runtime import Runtime
 from service.inference.ensemble import read_card
+from service.loop.store_metrics import store_metrics
 from service.store import Store, StoreError
 
 
@@ -82,6 +82,9 @@ class UGAService:
         return self.runtime.ready()
 
     def __metrics__(self, content: str) -> str:
+        """Per-process metrics; the store-derived ones too where this deployment exports them here."""
+        if self.runtime.settings.store_metrics != "serve":
+            return content
         return content + store_metrics(self.runtime.store)
 
     @bentoml.on_shutdown

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.options import SegmentationDefaults
+
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+MAX_SITES = 64  # each site is a label value on a few histograms: keep the series count bounded
 
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "baseline"
 
@@ -76,6 +80,28 @@ class Settings(BaseSettings, SegmentationDefaults):
     gate_margin: float = Field(0.03, ge=0, le=1, description="allowed drop of Dice on the frozen source holdout")
     gate_min_heldout: int = Field(2, ge=1, description="held-out corrections needed before they gate promotion")
     runner_poll_s: float = Field(5.0, gt=0, description="runner: seconds between checks for work")
+    store_metrics: Literal["serve", "runner"] = Field(
+        "serve", description="who exports the store-derived metrics: `serve` (one pod) or `runner` (replicas)"
+    )
+    runner_metrics_host: str = Field("127.0.0.1", description="runner: bind address of its /metrics")
+    runner_metrics_port: int = Field(9464, ge=0, le=65535, description="runner: port of its /metrics (0 = none)")
+    sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
+
+    @field_validator("sites")
+    @classmethod
+    def _check_sites(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        bad = [n for n in names if not SITE_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"site names are 1-32 of a-z 0-9 . _ - (starting alphanumeric), not {bad[0]!r}")
+        if len(names) > MAX_SITES:
+            raise ValueError(f"at most {MAX_SITES} sites, got {len(names)}")
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """The configured sites a job may name (empty: none, the ``site`` field is refused)."""
+        return tuple(n for n in self.sites.split(",") if n)
 
 
 @lru_cache

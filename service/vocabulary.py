@@ -22,6 +22,8 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
 ACTIVE_JOB_STATES: tuple[str, ...] = ("queued", "running")  # counted against the work limits
 RETRYABLE_JOB_STATES: tuple[str, ...] = ("failed", "cancelled")  # resubmitting makes a new job
+# reason codes of failures the job machinery itself records (a domain error adds its own code)
+WORKER_FAILURE_CODES: tuple[str, ...] = ("job_timeout", "interrupted", "internal_error")
 
 ItemStatus = Literal["pending", "skipped", "corrected"]
 ITEM_STATUSES: tuple[str, ...] = get_args(ItemStatus)

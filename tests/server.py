@@ -149,12 +149,19 @@ class RunnerProcess:
         self.server, self.env = server, env
         self.proc: subprocess.Popen | None = None
         self.log = server.data_dir.parent / "runner.log"
+        self.metrics_port = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> RunnerProcess:
+        self.metrics_port = free_port()
         env = {
             **os.environ,
             "UGA_DATA_DIR": str(self.server.data_dir),
             "UGA_SLIDE_ROOT": str(self.server.slide_root),
+            "UGA_RUNNER_METRICS_PORT": str(self.metrics_port),
             **self.server.extra_env,
             **self.env,
         }

@@ -348,7 +348,7 @@ def test_a_full_disk_is_507_in_the_contract_and_stores_nothing(env, monkeypatch)
 
 
 def test_each_correction_records_how_far_the_model_was_from_it(env, finished):
-    from service.http.metrics import store_metrics
+    from service.loop.store_metrics import store_metrics
 
     with env.client("viewer") as c:
         item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]

@@ -28,7 +28,7 @@ KUBECTL = shutil.which("kubectl")
 # Oldest supported cluster (preStop `sleep` needs 1.30) and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", None)
 # Kinds served by CRDs: kubernetes-validate has no schema for them; checked structurally below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
 NAMESPACE = "uga"
 SERVE_LABELS = {"app.kubernetes.io/name": "uga-serve", "app.kubernetes.io/component": "server"}
 CONFIG = {
@@ -53,11 +53,17 @@ DASHBOARD_METRICS = {
     "uga_jobs",
     "uga_model_info",
     "uga_model_served",
-    "bentoml_service_request_total",
-    "uga_jobs_failed_total",
+    "uga_http_requests_total",
+    "uga_job_failures_total",
     "uga_corrections_total",
     "uga_finetune_runs_total",
-    "uga_holdout_dice",
+    "uga_last_gate_dice",
+    "uga_last_gate_passed",
+    "uga_slide_tumour_fraction_sum",
+    "uga_correction_agreement_dice_bucket",
+    "uga_queue_items",
+    "uga_oldest_queued_job_age_seconds",
+    "uga_runner_heartbeat_timestamp_seconds",
     "uga_model_swaps_total",
     "uga_model_rollbacks_total",
 }
@@ -162,6 +168,7 @@ def test_renders_expected_objects_in_namespace(docs):
             ("HorizontalPodAutoscaler", "uga-serve"),
             ("PodDisruptionBudget", "uga-serve"),
             ("ServiceMonitor", "uga-serve"),
+            ("PodMonitor", "uga-runner"),
         ]
     )
     for d in docs:
@@ -188,7 +195,7 @@ def test_strict_schema_validation(docs):
             except kv.SchemaNotFoundError:
                 pytest.fail(f"no schema for {d['apiVersion']} {d['kind']}: add it to CRD_KINDS with structural checks")
         checked += 1
-    assert checked == len(docs) - 1
+    assert checked == len(docs) - len([d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS])
     # Negative control: strict mode really rejects an unknown field.
     bad = copy.deepcopy(one(docs, "Deployment", "uga-serve"))
     container(bad)["readinesProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}}
@@ -319,6 +326,24 @@ def test_data_and_slide_volumes(docs, name):
 # ---------------------------------------------------------------- runner, scaling, selectors
 
 
+def test_runner_metrics_are_scraped_by_a_podmonitor_and_only_the_runner_exports_store_metrics(docs):
+    pm = one(docs, "PodMonitor", "uga-runner")
+    assert set(pm["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+    [ep] = pm["spec"]["podMetricsEndpoints"]
+    assert (ep["port"], ep["path"]) == ("metrics", "/metrics")
+    dep = one(docs, "Deployment", "uga-runner")
+    assert selects(pm["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+    serve_pods = one(docs, "Deployment", "uga-serve")["spec"]["template"]["metadata"]["labels"]
+    assert not selects(pm["spec"]["selector"], serve_pods)
+    c = container(dep)
+    [port] = c["ports"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert (port["name"], port["containerPort"]) == ("metrics", int(env["UGA_RUNNER_METRICS_PORT"]))
+    assert env["UGA_RUNNER_METRICS_HOST"] == "0.0.0.0"
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("uga-config"))
+    assert config["data"]["UGA_STORE_METRICS"] == "runner"  # one exporter: sums across serve pods stay right
+
+
 def test_runner_is_a_singleton_without_http(docs):
     dep = one(docs, "Deployment", "uga-runner")
     assert dep["spec"]["replicas"] == 1
@@ -327,7 +352,7 @@ def test_runner_is_a_singleton_without_http(docs):
     assert c["command"] == ["python", "-m", "service.cli", "runner"]
     assert c["livenessProbe"]["exec"]["command"] == ["python", "-m", "service.cli", "runner", "--check"]
     assert c["livenessProbe"]["periodSeconds"] >= 60
-    assert "ports" not in c and "readinessProbe" not in c
+    assert [p["name"] for p in c["ports"]] == ["metrics"] and "readinessProbe" not in c
     assert "httpGet" not in json.dumps(c)
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "emptyDir" in mount_for(dep, "/tmp")[1]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.http.metrics import store_metrics
+from service.loop.store_metrics import store_metrics
 from tests.inprocess import InProcessService
 from tests.server import wait_job, wait_started
 

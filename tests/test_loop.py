@@ -191,7 +191,7 @@ def test_3_runner_restarts_finetunes_promotes_and_every_worker_swaps(loop):
     assert after > before + 0.05
     text = httpx.get(f"{server.url}/metrics").text
     assert 'uga_finetune_runs_total{outcome="promoted"} 1.0' in text
-    assert "uga_corrections_total 5.0" in text and "uga_holdout_dice{model=" in text
+    assert "uga_corrections_total 5.0" in text and 'uga_last_gate_dice{holdout="source",model=' in text
     loop["new"] = new
 
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from service.errors import NotFound
 from service.http.deps import AuthFirst
 from service.http.errors import BodyLimit, ErrorBoundary, install_handlers
+from service.http.request_metrics import RequestMetrics
 from service.http.routers import corrections, finetune, health, jobs, models, queue
 from service.http.schemas import COMMON_ERRORS
 
@@ -25,6 +26,7 @@ def create_app(max_body_bytes: int, body_timeout_s: float = 30.0, body_total_s: 
     app.add_middleware(AuthFirst, api=app, routes=routes)  # innermost: decides before any route reads a body
     app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s, total_s=body_total_s)
     app.add_middleware(ErrorBoundary)
+    app.add_middleware(RequestMetrics, routes=routes)  # outermost: refusals are counted too
     install_handlers(app)
     for router in routers:
         app.include_router(router)

@@ -1,5 +1,8 @@
 """Request metrics labelled by route template, never by the raw path a caller sends.
 
+Ours (``uga_http_requests_total{route,method,status_class}``) come from ``RequestMetrics``, the
+outermost middleware of the API, so refusals (401, 413, 429) count too.
+
 BentoML's request metrics (``bentoml_service_request_total`` and friends) label each request with
 ``scope["path"]``: every job id, item id or invented path becomes a new series, unauthenticated. Its
 middleware reads the path once, for labels, and passes the scope on; ``install`` wraps it so the path
@@ -9,9 +12,13 @@ application below it gets the real path back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 from fastapi.routing import APIRoute
+from starlette.routing import Match
+
+from service.http.metrics import observe_request
 
 REAL_PATH = "uga.real_path"
 SYSTEM_PATHS = frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"})
@@ -28,6 +35,34 @@ def route_templates(routes: Sequence[APIRoute], prefix: str) -> Callable[[str], 
         return path if path in SYSTEM_PATHS else "/{unknown}"
 
     return template_of
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time each API request by route template, method and status class."""
+
+    def __init__(self, app, routes: Sequence[APIRoute], prefix: str = "/v1"):
+        self.app, self.routes, self.prefix = app, routes, prefix
+
+    def template(self, scope) -> str:
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:  # PARTIAL: the path matched, not the method (405)
+                return self.prefix + route.path
+        return self.prefix + "/{unknown}"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            observe_request(self.template(scope), scope["method"], status[0] or 500, time.perf_counter() - start)
 
 
 class _RestorePath:

@@ -61,7 +61,6 @@ class Runtime:
             models,
             name=f"{socket.gethostname()}-{os.getpid()}",
             on_success=metrics.observe_segmentation,
-            on_failure=metrics.JOBS_FAILED.inc,
         )
         if start_worker:
             worker.start()

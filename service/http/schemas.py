@@ -61,6 +61,9 @@ class JobSubmit(BaseModel):
 
     slide: str = Field(min_length=1, max_length=1024, description="path relative to the server's slide root")
     options: SegmentationRequest = Field(default_factory=SegmentationRequest)
+    site: str | None = Field(
+        None, max_length=64, description="hospital, scanner or stain batch, one of the configured UGA_SITES (metrics)"
+    )
 
 
 class Progress(BaseModel):
@@ -76,6 +79,7 @@ class JobView(BaseModel):
     progress: Progress
     options: dict
     model_version: str
+    site: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -161,6 +165,7 @@ def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
         progress=progress(job.progress_done, job.progress_total),
         options=job.options,
         model_version=job.model_version,
+        site=job.site,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -43,13 +43,16 @@ def submit_segmentation(
     model_version: str,
     actor: str | None,
     from_client: bool = True,
+    site: str | None = None,
 ) -> tuple[Job, bool]:
     """Queue a segmentation of ``slide`` (relative to the slide root) with the requested options on top
     of the settings. Returns (job, created): an identical earlier job is returned instead of a new one.
 
     A client's submission is checked against the work limits first (the slide must open, its tiles,
-    the review patch size, the active jobs); the system's own rescoring is not limited.
+    the review patch size, the active jobs); the system's own rescoring is not limited. ``site``, if
+    given, must be one of UGA_SITES (it labels the per-slide metrics; it is not part of the job's key).
     """
+    check_site(settings, site)
     path = resolve_slide_path(settings.slide_root, slide)
     options = SegmentationOptions.resolve(settings, requested)
     if from_client:
@@ -63,6 +66,20 @@ def submit_segmentation(
         dedup_key=job_identity(path, rel, options, model_version),
         actor=actor,
         limits=(settings.max_active_jobs, settings.max_active_jobs_per_caller) if from_client else None,
+        site=site,
+    )
+
+
+def check_site(settings: Settings, site: str | None) -> None:
+    """A named site must be one the operator configured (UGA_SITES): metric labels stay a bounded set."""
+    if site is None or site in settings.site_names:
+        return
+    if not settings.site_names:
+        raise InvalidInput("unknown_site", "this service has no sites configured (UGA_SITES): leave out 'site'")
+    raise InvalidInput(
+        "unknown_site",
+        f"unknown site {site[:40]!r}: use one of {', '.join(settings.site_names)} (UGA_SITES)",
+        {"sites": list(settings.site_names)},
     )
 
 
@@ -135,7 +152,14 @@ def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str
             continue
         try:
             job, new = submit_segmentation(
-                store, settings, slide, latest.options, model_version=version, actor=actor, from_client=False
+                store,
+                settings,
+                slide,
+                latest.options,
+                model_version=version,
+                actor=actor,
+                from_client=False,
+                site=latest.site if latest.site in settings.site_names else None,
             )
         except DomainError as exc:  # the slide is gone or unusable: its old queue stays readable
             log.warning("slide %s not rescored: %s", slide, exc.message)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_http_server
 
 from service.config import Settings
 from service.loop.candidate import build_candidate
 from service.loop.gate import gate_candidate
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
+from service.loop.store_metrics import StoreCollector
 from service.store import FinetuneRun, Store
 from service.vocabulary import GATED_RUN_STATES
 
@@ -30,6 +34,22 @@ class Runner:
         self.store = Store(settings.data_dir)
         self.registry = Registry(self.store, settings.data_dir, settings.baseline_dir)
         self._stop = threading.Event()
+        self.metrics = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.metrics)
+        self.heartbeat = Gauge(
+            "uga_runner_heartbeat_timestamp_seconds",
+            "When the runner last looked for work or reported progress",
+            registry=self.metrics,
+        )
+        if settings.store_metrics == "runner":  # the one exporter of the deployment's store metrics
+            self.metrics.register(StoreCollector(self.store))
+
+    def serve_metrics(self) -> None:
+        """Serve /metrics on UGA_RUNNER_METRICS_HOST:PORT (a daemon thread; port 0: not at all)."""
+        s = self.settings
+        if s.runner_metrics_port:
+            start_http_server(s.runner_metrics_port, addr=s.runner_metrics_host, registry=self.metrics)
+            log.info("metrics on http://%s:%d/metrics", s.runner_metrics_host, s.runner_metrics_port)
 
     def stop(self, *_: object) -> None:
         self._stop.set()
@@ -61,6 +81,7 @@ class Runner:
         self.startup()
         log.info("runner ready (threshold %d corrections)", self.settings.finetune_min_corrections)
         while not self._stop.is_set():
+            self.heartbeat.set_to_current_time()
             run = self.next_run()
             if run is None:
                 self._stop.wait(self.settings.runner_poll_s)
@@ -87,6 +108,7 @@ class Runner:
             if time.monotonic() - last[0] > 1.0 or done == total:
                 last[0] = time.monotonic()
                 runs.progress(run.id, done)
+                self.heartbeat.set_to_current_time()
 
         try:
             candidate = build_candidate(
@@ -138,6 +160,16 @@ def main(settings: Settings, once: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.nice(5)
     runner = Runner(settings)
+    try:
+        if not once:  # a one-shot run is over before anything would scrape it
+            runner.serve_metrics()
+    except OSError as exc:
+        where = f"{settings.runner_metrics_host}:{settings.runner_metrics_port}"
+        print(
+            f"uga: error: runner metrics on {where}: {exc.strerror or exc} (set UGA_RUNNER_METRICS_PORT)",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
     if once:

@@ -64,7 +64,7 @@ def sweep_scratch(store: Store, older_than_s: float = 300.0) -> int:
 
 
 class JobWorker:
-    """Runs queued jobs one at a time; ``on_success(summary)`` / ``on_failure()`` observe outcomes."""
+    """Runs queued jobs one at a time; ``on_success(job, summary)`` observes each finished one."""
 
     def __init__(
         self,
@@ -73,11 +73,10 @@ class JobWorker:
         models: ModelHolder,
         name: str,
         *,
-        on_success: Callable[[dict], None] | None = None,
-        on_failure: Callable[[], None] | None = None,
+        on_success: Callable[[Job, dict], None] | None = None,
     ):
         self.store, self.settings, self.models, self.name = store, settings, models, name
-        self.on_success, self.on_failure = on_success, on_failure
+        self.on_success = on_success
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"uga-jobs-{name}", daemon=True)
         self.current_job: str | None = None
@@ -170,7 +169,7 @@ class JobWorker:
             queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
             if jobs.finish(job.id, self.name, summary, queue):
                 if self.on_success:
-                    self.on_success(summary)
+                    self.on_success(job, summary)
             elif (now := jobs.get(job.id)) is not None and now.cancel_requested and now.worker == self.name:
                 raise CancelRequested()  # cancelled while its outputs were being written
         except Cancelled:
@@ -199,5 +198,3 @@ class JobWorker:
 
     def _fail(self, job: Job, error: str, code: str = "internal_error") -> None:
         self.store.jobs.fail(job.id, self.name, error, code)
-        if self.on_failure:
-            self.on_failure()

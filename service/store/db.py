@@ -19,7 +19,7 @@ from typing import Any
 
 from service.vocabulary import HANDLED_ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def jobs_table(name: str) -> str:
@@ -33,6 +33,7 @@ def jobs_table(name: str) -> str:
     state TEXT NOT NULL CHECK (state IN {sql_in(JOB_STATES)}),
     cancel_requested INTEGER NOT NULL DEFAULT 0,  -- a running job stops at its next tiles
     error_code TEXT,                    -- a failure's stable reason (a domain error code, job_timeout, ...)
+    site TEXT,                          -- a configured site (UGA_SITES) the submitter named, for metrics
     progress_done INTEGER NOT NULL DEFAULT 0,
     progress_total INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -167,6 +168,7 @@ UPGRADES = {
     + "\n",
     6: "ALTER TABLE corrections ADD COLUMN model_dice REAL;\n",
     7: "ALTER TABLE jobs ADD COLUMN error_code TEXT;\n",
+    8: "ALTER TABLE jobs ADD COLUMN site TEXT;\n",
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

@@ -9,7 +9,7 @@ import uuid
 from service.errors import Conflict, TooBusy
 from service.store.db import Database, audit
 from service.store.records import Job
-from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, RETRYABLE_JOB_STATES, sql_in
+from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, RETRYABLE_JOB_STATES, WORKER_FAILURE_CODES, sql_in
 
 
 class JobRepository:
@@ -26,6 +26,7 @@ class JobRepository:
         dedup_key: str,
         actor: str | None,
         limits: tuple[int, int] | None = None,
+        site: str | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
@@ -43,7 +44,7 @@ class JobRepository:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, dedup_key, slide, options, resolved, model_version, state, submitted_by,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                " created_at, site) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
                 (
                     job_id,
                     dedup_key,
@@ -53,6 +54,7 @@ class JobRepository:
                     model_version,
                     actor,
                     time.time(),
+                    site,
                 ),
             )
             audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})
@@ -183,12 +185,12 @@ class JobRepository:
             )
 
     def failure_counts(self) -> dict[str, int]:
-        """Failed jobs by reason code."""
+        """Failed jobs by reason code (the worker's own codes always present, at 0 before any failure)."""
         rows = self.db.all(
             "SELECT COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n FROM jobs"
             " WHERE state = 'failed' GROUP BY code"
         )
-        return {r["code"]: r["n"] for r in rows}
+        return dict.fromkeys(WORKER_FAILURE_CODES, 0) | {r["code"]: r["n"] for r in rows}
 
     def oldest_queued_age_s(self) -> float:
         """Seconds the oldest queued job has waited (0 when none waits)."""

@@ -37,6 +37,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     heartbeat_at: float | None = None
+    site: str | None = None  # one of UGA_SITES, or None
 
     from_row = classmethod(_from)
 

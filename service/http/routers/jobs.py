@@ -30,6 +30,7 @@ def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Re
         body.options.model_dump(),
         model_version=rt.models.current().version,
         actor=who.name,
+        site=body.site,
     )
     response.headers["Location"] = f"{base}/jobs/{job.id}"
     if not created:
