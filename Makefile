@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,serve,dev
 
-.PHONY: setup serve demo test test-fast lint bench train clean
+.PHONY: setup serve demo test test-fast lint bench train image image-gpu clean
 
 $(BIN)/uga: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: setup                  ## engine benchmark (prints a table)
 
 train: setup                  ## retrain the shipped baseline (all stages; fit uses CUDA when present)
 	$(BIN)/python -m models.train --out models/baseline
+
+image: setup                  ## OCI images with podman, offline: localhost/uga-serve:VERSION, localhost/uga-runner:VERSION
+	PY=$(BIN)/python image/build.sh serve runner
+
+image-gpu: setup              ## the GPU serving image (onnxruntime-gpu): localhost/uga-serve-gpu:VERSION
+	PY=$(BIN)/python image/build.sh gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,7 @@ import sys
 import bentoml
 from pydantic import ValidationError
 
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, settings_error
 from service.errors import DomainError
 from service.http import connections, request_metrics
 from service.http.app import create_app
@@ -40,9 +40,7 @@ def preflight() -> Settings:
             store.close()
         read_card(settings.baseline_dir)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "_".join(str(p) for p in first["loc"]).upper()
-        _fatal(f"{'UGA_' + where if where else 'settings'}: {first['msg']}")
+        _fatal(settings_error(exc))
     except (AuthConfigError, DomainError, StoreError, OSError, sqlite3.Error) as exc:
         _fatal(str(exc).splitlines()[0])
     return settings

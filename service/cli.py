@@ -17,7 +17,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from service.config import get_settings
+from pydantic import ValidationError
+
+from service.config import get_settings, settings_error
 from service.errors import DomainError
 from service.vocabulary import MEASURES, SCORINGS
 
@@ -338,11 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # the options' defaults come from the settings
         return args.func(args)
     except (CliError, DomainError) as exc:  # anything else is a bug: its traceback is shown
         print(f"uga: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:  # a setting in the environment is invalid
+        print(f"uga: error: {settings_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("uga: interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.options import SegmentationDefaults
@@ -85,7 +85,20 @@ class Settings(BaseSettings, SegmentationDefaults):
     )
     runner_metrics_host: str = Field("127.0.0.1", description="runner: bind address of its /metrics")
     runner_metrics_port: int = Field(9464, ge=0, le=65535, description="runner: port of its /metrics (0 = none)")
+    database_url: str | None = Field(
+        None, description="PostgreSQL store of a scaled-out deployment (unset: SQLite in UGA_DATA_DIR)"
+    )
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: str | None) -> str | None:
+        if value:  # never fall back to SQLite where the operator asked for a shared database
+            raise ValueError(
+                "this version stores in SQLite only; PostgreSQL (k8s/overlays/scale-out) is not supported yet: "
+                "unset it and run the one-pod topology (k8s/overlays/cpu)"
+            )
+        return value
 
     @field_validator("sites")
     @classmethod
@@ -102,6 +115,13 @@ class Settings(BaseSettings, SegmentationDefaults):
     def site_names(self) -> tuple[str, ...]:
         """The configured sites a job may name (empty: none, the ``site`` field is refused)."""
         return tuple(n for n in self.sites.split(",") if n)
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line naming the environment variable at fault: ``UGA_PORT: Input should be ...``."""
+    first = exc.errors()[0]
+    where = "_".join(str(p) for p in first["loc"]).upper()
+    return f"{'UGA_' + where if where else 'settings'}: {first['msg']}"
 
 
 @lru_cache

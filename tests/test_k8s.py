@@ -1,9 +1,11 @@
-"""Offline checks of the Kubernetes manifests in k8s/ (kustomize base + cpu/gpu overlays).
+"""Offline checks of the Kubernetes manifests in k8s/: the overlays (cpu, gpu, scale-out), each alone
+and with every optional component (monitoring, alerts, network-policy, ingress, keda).
 
-Renders each overlay with `kubectl kustomize` (no cluster needed), validates every document whose
-kind has a bundled schema with kubernetes-validate in strict mode (unknown fields rejected), checks
-CRD-based documents (ServiceMonitor) structurally, and asserts the wiring people rely on: probes,
-GPU vs CPU, secret/config/volume mounts, selectors, the runner singleton and the QC dashboard.
+Renders with `kubectl kustomize` (no cluster needed), validates every document of a kind the
+validator has a schema for with kubernetes-validate in strict mode (unknown fields rejected); the
+CRD kinds (PodMonitor, PrometheusRule, ScaledObject) have no bundled schema and are checked
+structurally. Then the wiring people rely on: the safe default topology, restricted containers,
+probes, mounts, the image tags `make image` builds, GPU vs CPU, and what each component points at.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import posixpath
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,14 +27,19 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse rendered ma
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "scale-out")
+COMPONENTS = ("monitoring", "alerts", "network-policy", "ingress", "keda")
 KUBECTL = shutil.which("kubectl")
 # Oldest supported cluster (preStop `sleep` needs 1.30) and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", None)
 # Kinds served by CRDs: kubernetes-validate has no schema for them; checked structurally below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
 NAMESPACE = "uga"
-SERVE_LABELS = {"app.kubernetes.io/name": "uga-serve", "app.kubernetes.io/component": "server"}
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 CONFIG = {
     "UGA_DATA_DIR": "/data",
     "UGA_SLIDE_ROOT": "/slides",
@@ -41,6 +50,7 @@ CONFIG = {
     "UGA_MAX_BODY_MB": "64",
     "UGA_FINETUNE_MIN_CORRECTIONS": "5",
     "UGA_AUTH_TOKENS_FILE": "/etc/uga/tokens",
+    "UGA_STORE_METRICS": "runner",
 }
 DASHBOARD_METRICS = {
     "uga_tiles_processed_total",
@@ -77,20 +87,29 @@ pytestmark = pytest.mark.skipif(
 # ---------------------------------------------------------------- rendering and lookup helpers
 
 
-_RENDERED: dict[str, list[dict]] = {}
+_RENDERED: dict[tuple[str, bool], list[dict]] = {}
 
 
-def render(overlay: str) -> list[dict]:
-    if overlay not in _RENDERED:
-        proc = subprocess.run(
-            [KUBECTL, "kustomize", str(K8S / "overlays" / overlay)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+def render(overlay: str, components: bool = False, tmp: Path | None = None) -> list[dict]:
+    """The overlay rendered, alone or with every optional component (keda only with scale-out)."""
+    key = (overlay, components)
+    if key not in _RENDERED:
+        target = K8S / "overlays" / overlay
+        if components:
+            target = ROOT / "build" / "k8s-test" / overlay
+            target.mkdir(parents=True, exist_ok=True)
+            used = [c for c in COMPONENTS if c != "keda" or overlay == "scale-out"]
+            kustomization = {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / overlay, target)],
+                "components": [os.path.relpath(K8S / "components" / c, target) for c in used],
+            }
+            (target / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        proc = subprocess.run([KUBECTL, "kustomize", str(target)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
-        _RENDERED[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    return copy.deepcopy(_RENDERED[overlay])
+        _RENDERED[key] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return copy.deepcopy(_RENDERED[key])
 
 
 @pytest.fixture(params=OVERLAYS)
@@ -111,16 +130,23 @@ def one(docs: list[dict], kind: str, name: str, *, generated: bool = False) -> d
     return found[0]
 
 
-def container(dep: dict) -> dict:
-    cs = dep["spec"]["template"]["spec"]["containers"]
-    assert len(cs) == 1, "one container per pod expected"
-    return cs[0]
+def pods(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] == "Deployment"]
 
 
-def effective_env(docs: list[dict], dep: dict) -> dict[str, str]:
-    """Env a container really sees: envFrom ConfigMaps, then env entries (which win)."""
-    c = container(dep)
-    env: dict[str, str] = {}
+def containers(docs: list[dict]) -> list[tuple[dict, dict]]:
+    """(deployment, container) for every container of every Deployment."""
+    return [(d, c) for d in pods(docs) for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+def named(docs: list[dict], container_name: str) -> tuple[dict, dict]:
+    [found] = [(d, c) for d, c in containers(docs) if c["name"] == container_name]
+    return found
+
+
+def effective_env(docs: list[dict], c: dict) -> dict[str, str | None]:
+    """Env a container really sees: envFrom ConfigMaps, then env entries (which win; None = valueFrom)."""
+    env: dict[str, str | None] = {}
     for src in c.get("envFrom", []):
         cm = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == src["configMapRef"]["name"]]
         assert len(cm) == 1, f"envFrom references missing ConfigMap {src['configMapRef']['name']}"
@@ -130,11 +156,10 @@ def effective_env(docs: list[dict], dep: dict) -> dict[str, str]:
     return env
 
 
-def mount_for(dep: dict, path: str) -> tuple[dict, dict]:
-    """(volumeMount, volume) mounted exactly at `path`."""
-    c = container(dep)
+def mount_for(dep: dict, c: dict, path: str) -> tuple[dict, dict]:
+    """(volumeMount, volume) mounted exactly at `path` in container `c`."""
     mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == path]
-    assert len(mounts) == 1, f"{dep['metadata']['name']}: nothing (or several) mounted at {path}"
+    assert len(mounts) == 1, f"{c['name']}: nothing (or several) mounted at {path}"
     vols = [v for v in dep["spec"]["template"]["spec"].get("volumes", []) if v["name"] == mounts[0]["name"]]
     assert len(vols) == 1
     return mounts[0], vols[0]
@@ -145,280 +170,246 @@ def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
-def gpu_requested(obj) -> bool:
-    return "nvidia.com/gpu" in json.dumps(obj)
+def port_names(docs: list[dict]) -> set[str]:
+    return {p["name"] for _, c in containers(docs) for p in c.get("ports", [])}
 
 
 # ---------------------------------------------------------------- schema validation
 
 
-def test_renders_expected_objects_in_namespace(docs):
-    kinds = sorted((d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"])) for d in docs)
-    assert kinds == sorted(
-        [
-            ("Namespace", "uga"),
-            ("ConfigMap", "uga-config"),
-            ("ConfigMap", "uga-grafana-dashboard"),
-            ("Secret", "uga-auth"),
-            ("PersistentVolumeClaim", "uga-data"),
-            ("PersistentVolumeClaim", "uga-slides"),
-            ("Deployment", "uga-serve"),
-            ("Deployment", "uga-runner"),
-            ("Service", "uga-serve"),
-            ("HorizontalPodAutoscaler", "uga-serve"),
-            ("PodDisruptionBudget", "uga-serve"),
-            ("ServiceMonitor", "uga-serve"),
-            ("PodMonitor", "uga-runner"),
-        ]
-    )
-    for d in docs:
-        if d["kind"] != "Namespace":
-            assert d["metadata"].get("namespace") == NAMESPACE, d["metadata"]["name"]
-        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "uga"
-
-
-def test_strict_schema_validation(docs):
-    kv = pytest.importorskip(
-        "kubernetes_validate", reason="pip package kubernetes-validate is needed for schema checks"
-    )
+@pytest.mark.parametrize("with_components", [False, True], ids=["alone", "components"])
+def test_strict_schema_validation(overlay, with_components):
+    kv = pytest.importorskip("kubernetes_validate", reason="pip package kubernetes-validate is needed")
+    docs = render(overlay, with_components)
     versions = [v or kv.latest_version() for v in K8S_VERSIONS]
-    checked = 0
+    crds = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
     for d in docs:
-        if (d["apiVersion"], d["kind"]) in CRD_KINDS:
-            continue  # structural checks in test_servicemonitor
+        if d in crds:
+            continue  # structural checks in the component tests
         for version in versions:
             try:
                 kv.validate(d, version, strict=True)
             except kv.ValidationError as e:
-                where = f"{d['kind']}/{d['metadata']['name']}"
-                pytest.fail(f"{where} invalid for k8s {version}: {e.message} at {list(e.path)}")
+                pytest.fail(
+                    f"{d['kind']}/{d['metadata']['name']} invalid for k8s {version}: {e.message} at {list(e.path)}"
+                )
             except kv.SchemaNotFoundError:
                 pytest.fail(f"no schema for {d['apiVersion']} {d['kind']}: add it to CRD_KINDS with structural checks")
-        checked += 1
-    assert checked == len(docs) - len([d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS])
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == NAMESPACE, d["metadata"]["name"]
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "uga"
     # Negative control: strict mode really rejects an unknown field.
-    bad = copy.deepcopy(one(docs, "Deployment", "uga-serve"))
-    container(bad)["readinesProbe"] = {"httpGet": {"path": "/readyz", "port": "http"}}
+    bad = copy.deepcopy(pods(docs)[0])
+    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
     with pytest.raises(kv.ValidationError):
         kv.validate(bad, versions[-1], strict=True)
 
 
-def test_servicemonitor(docs):
-    sm = one(docs, "ServiceMonitor", "uga-serve")
-    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(sm) == {"apiVersion", "kind", "metadata", "spec"}
-    assert set(sm["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
-    ep = sm["spec"]["endpoints"]
-    assert len(ep) == 1
-    assert ep[0]["port"] == "http"
-    assert ep[0]["path"] == "/metrics"
-    assert ep[0]["interval"] == "30s"
-    assert set(ep[0]) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}
+# ---------------------------------------------------------------- topology
+
+
+def test_the_default_is_one_pod_with_serving_and_runner_on_one_rwo_volume():
+    for overlay in ("cpu", "gpu"):
+        docs = render(overlay, components=True)
+        [dep] = pods(docs)
+        assert dep["spec"]["replicas"] == 1
+        assert dep["spec"]["strategy"] == {"type": "Recreate"}  # the old pod is gone before the new starts
+        assert sorted(c["name"] for c in dep["spec"]["template"]["spec"]["containers"]) == ["uga-runner", "uga-serve"]
+        assert one(docs, "PersistentVolumeClaim", "uga-data")["spec"]["accessModes"] == ["ReadWriteOnce"]
+        kinds = {d["kind"] for d in docs}
+        assert not kinds & {"HorizontalPodAutoscaler", "PodDisruptionBudget", "ScaledObject"}, kinds
+        for _, c in containers(docs):
+            assert "UGA_DATABASE_URL" not in effective_env(docs, c)  # SQLite, in this one pod only
+
+
+def test_scale_out_shares_postgresql_never_sqlite():
+    docs = render("scale-out", components=True)
+    serve, runner = one(docs, "Deployment", "uga-serve"), one(docs, "Deployment", "uga-runner")
+    assert [c["name"] for c in serve["spec"]["template"]["spec"]["containers"]] == ["uga-serve"]
+    assert "replicas" not in serve["spec"], "KEDA (or the HPA) owns the replica count"
+    assert serve["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert runner["spec"]["replicas"] == 1 and runner["spec"]["strategy"] == {"type": "Recreate"}
+    for _, c in containers(docs):
+        [url] = [e for e in c["env"] if e["name"] == "UGA_DATABASE_URL"]
+        assert url["valueFrom"]["secretKeyRef"] == {"name": "uga-database", "key": "url"}
+    assert one(docs, "PersistentVolumeClaim", "uga-data")["spec"]["accessModes"] == ["ReadWriteMany"]
+    pdb = one(docs, "PodDisruptionBudget", "uga-serve")
+    assert selects(pdb["spec"]["selector"], serve["spec"]["template"]["metadata"]["labels"])
+    assert not selects(pdb["spec"]["selector"], runner["spec"]["template"]["metadata"]["labels"])
+    hpa = one(render("scale-out"), "HorizontalPodAutoscaler", "uga-serve")  # without KEDA
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "uga-serve"}
+
+
+def test_the_service_routes_to_serving_pods_only(docs):
     svc = one(docs, "Service", "uga-serve")
-    assert selects(sm["spec"]["selector"], svc["metadata"]["labels"]), "ServiceMonitor does not select the Service"
-    assert "http" in [p["name"] for p in svc["spec"]["ports"]]
+    assert svc["spec"]["type"] == "ClusterIP"
+    [port] = svc["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("http", 3000, "http")
+    routed = [
+        d
+        for d in pods(docs)
+        if selects({"matchLabels": svc["spec"]["selector"]}, d["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert [d["metadata"]["name"] for d in routed] == ["uga-serve"]
+    for d in pods(docs):
+        assert selects(d["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
 
 
-# ---------------------------------------------------------------- serving pod
+# ---------------------------------------------------------------- containers
 
 
-def test_serve_container_contract(docs):
-    dep = one(docs, "Deployment", "uga-serve")
-    pod = dep["spec"]["template"]["spec"]
-    c = container(dep)
-    assert c["image"] == "uga-serve:0.1.0"
-    assert c["command"] == ["python", "-m", "service.cli", "serve", "--host", "0.0.0.0", "--port", "3000"]
-    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 3000)]
-    assert pod["terminationGracePeriodSeconds"] == 60
-    # Security: restricted Pod Security Standard + read-only root with a writable /tmp.
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    sc = c["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True
-    assert sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert "add" not in sc["capabilities"]
-    _, tmp = mount_for(dep, "/tmp")
-    assert "emptyDir" in tmp
-    env = effective_env(docs, dep)
-    _, prom = mount_for(dep, env["PROMETHEUS_MULTIPROC_DIR"])
-    assert "emptyDir" in prom
-    res = c["resources"]
-    assert res["requests"]["cpu"] == "2" and res["requests"]["memory"] == "4Gi"
-    assert res["limits"]["cpu"] == "4" and res["limits"]["memory"] == "8Gi"
+def test_every_container_is_restricted_and_writes_only_to_its_volumes(docs):
+    for dep, c in containers(docs):
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1034
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert "emptyDir" in mount_for(dep, c, "/tmp")[1]
+        env = effective_env(docs, c)
+        assert "PROMETHEUS_MULTIPROC_DIR" not in env  # BentoML ignores it; its home is /tmp/bentoml (image)
+        writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+        assert writable == {"/tmp", env["UGA_DATA_DIR"]}, writable
+        assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
+        assert c["command"][:3] == ["python", "-m", "service.cli"]
 
 
-def test_probes_hit_health_endpoints_on_http_port(docs):
-    c = container(one(docs, "Deployment", "uga-serve"))
-    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    if "startupProbe" in c:
-        assert c["startupProbe"]["httpGet"]["path"] in ("/livez", "/readyz")
-        assert c["startupProbe"]["httpGet"]["port"] == "http"
+def test_serving_probes_and_runner_liveness(docs):
+    _, serve = named(docs, "uga-serve")
+    assert serve["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert serve["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert serve["startupProbe"]["httpGet"]["port"] == "http"
+    _, runner = named(docs, "uga-runner")
+    assert runner["command"] == ["python", "-m", "service.cli", "runner"]
+    assert runner["livenessProbe"]["exec"]["command"] == ["python", "-m", "service.cli", "runner", "--check"]
+    assert "readinessProbe" not in runner
+    [port] = runner["ports"]
+    env = effective_env(docs, runner)
+    assert (port["name"], port["containerPort"]) == ("metrics", int(env["UGA_RUNNER_METRICS_PORT"]))
+    assert env["UGA_RUNNER_METRICS_HOST"] == "0.0.0.0"
 
 
 def test_config_values(docs, overlay):
-    for name in ("uga-serve", "uga-runner"):
-        env = effective_env(docs, one(docs, "Deployment", name))
+    for _, c in containers(docs):
+        env = effective_env(docs, c)
         for k, v in CONFIG.items():
-            assert env[k] == v, f"{name}: {k}={env.get(k)!r}, expected {v!r}"
-    serve_env = effective_env(docs, one(docs, "Deployment", "uga-serve"))
-    assert serve_env["UGA_PROVIDERS"] == {"cpu": "cpu", "gpu": "cuda"}[overlay]
+            assert env[k] == v, f"{c['name']}: {k}={env.get(k)!r}, expected {v!r}"
+    expected = {"cpu": "cpu", "gpu": "cuda", "scale-out": "cpu"}[overlay]
+    assert effective_env(docs, named(docs, "uga-serve")[1])["UGA_PROVIDERS"] == expected
+    assert effective_env(docs, named(docs, "uga-runner")[1])["UGA_PROVIDERS"] == "cpu"  # never asks for CUDA
+
+
+def test_images_are_the_tags_make_image_builds(docs, overlay):
+    images = {c["name"]: c["image"] for _, c in containers(docs)}
+    serve = "uga-serve-gpu" if overlay == "gpu" else "uga-serve"
+    assert images == {"uga-serve": f"{serve}:{VERSION}", "uga-runner": f"uga-runner:{VERSION}"}
+    build = (ROOT / "image" / "build.sh").read_text()
+    for name in ("uga-serve", "uga-runner", "uga-serve-gpu"):
+        assert f"localhost/{name}:$VERSION" in build
 
 
 def test_gpu_only_in_gpu_overlay():
-    cpu, gpu = render("cpu"), render("gpu")
-    assert not gpu_requested(cpu), "cpu overlay must not mention nvidia.com/gpu anywhere"
-    assert effective_env(cpu, one(cpu, "Deployment", "uga-serve"))["UGA_PROVIDERS"] == "cpu"
-
-    serve = one(gpu, "Deployment", "uga-serve")
-    assert str(container(serve)["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-    assert effective_env(gpu, serve)["UGA_PROVIDERS"] == "cuda"
-    pod = serve["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(render("cpu")) + json.dumps(render("scale-out"))
+    gpu = render("gpu")
+    dep, serve = named(gpu, "uga-serve")
+    assert str(serve["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    pod = dep["spec"]["template"]["spec"]
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert pod.get("nodeSelector") or pod.get("affinity", {}).get("nodeAffinity")
-    # The runner gets no GPU, so it must not ask ONNX Runtime for CUDA.
-    runner = one(gpu, "Deployment", "uga-runner")
-    assert not gpu_requested(runner["spec"]["template"]["spec"]["containers"])
-    assert effective_env(gpu, runner)["UGA_PROVIDERS"] == "cpu"
+    assert "nvidia.com/gpu" not in json.dumps(named(gpu, "uga-runner")[1])
 
 
-# ---------------------------------------------------------------- secret and volumes
-
-
-@pytest.mark.parametrize("name", ["uga-serve", "uga-runner"])
-def test_secret_mounted_where_tokens_file_points(docs, name):
-    dep = one(docs, "Deployment", name)
+def test_secret_mounted_where_tokens_file_points(docs):
     secret = one(docs, "Secret", "uga-auth", generated=True)
-    tokens_file = effective_env(docs, dep)["UGA_AUTH_TOKENS_FILE"]
-    mount, vol = mount_for(dep, posixpath.dirname(tokens_file))
-    assert mount.get("readOnly") is True
-    assert "subPath" not in mount, "subPath mounts never see secret rotation"
-    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
-    key = posixpath.basename(tokens_file)
+    for dep, c in containers(docs):
+        tokens_file = effective_env(docs, c)["UGA_AUTH_TOKENS_FILE"]
+        mount, vol = mount_for(dep, c, posixpath.dirname(tokens_file))
+        assert mount.get("readOnly") is True
+        assert "subPath" not in mount, "subPath mounts never see secret rotation"
+        assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+        key = posixpath.basename(tokens_file)
     assert set(secret["data"]) == {key}
-    lines = base64.b64decode(secret["data"][key]).decode().splitlines()
-    roles = {}
-    for line in lines:
-        role, token = line.split()
-        roles[role] = token
-        assert "REPLACE-ME" in token, "shipped tokens must be obvious placeholders"
+    roles = dict(line.split() for line in base64.b64decode(secret["data"][key]).decode().splitlines())
     assert set(roles) == {"viewer", "annotator", "admin"}
+    assert all("REPLACE-ME" in token for token in roles.values()), "shipped tokens must be obvious placeholders"
 
 
-@pytest.mark.parametrize("name", ["uga-serve", "uga-runner"])
-def test_data_and_slide_volumes(docs, name):
-    dep = one(docs, "Deployment", name)
-    env = effective_env(docs, dep)
-    mount, vol = mount_for(dep, env["UGA_DATA_DIR"])
-    assert not mount.get("readOnly")
-    assert vol["persistentVolumeClaim"]["claimName"] == "uga-data"
-    mount, vol = mount_for(dep, env["UGA_SLIDE_ROOT"])
-    assert mount["readOnly"] is True
-    assert vol["persistentVolumeClaim"]["claimName"] == "uga-slides"
-
-    data = one(docs, "PersistentVolumeClaim", "uga-data")
-    assert data["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert data["spec"]["resources"]["requests"]["storage"] == "50Gi"
+def test_data_and_slide_volumes(docs):
+    for dep, c in containers(docs):
+        env = effective_env(docs, c)
+        mount, vol = mount_for(dep, c, env["UGA_DATA_DIR"])
+        assert not mount.get("readOnly") and vol["persistentVolumeClaim"]["claimName"] == "uga-data"
+        mount, vol = mount_for(dep, c, env["UGA_SLIDE_ROOT"])
+        assert mount["readOnly"] is True and vol["persistentVolumeClaim"]["claimName"] == "uga-slides"
     assert one(docs, "PersistentVolumeClaim", "uga-slides")["spec"]["accessModes"] == ["ReadOnlyMany"]
 
 
-# ---------------------------------------------------------------- runner, scaling, selectors
+# ---------------------------------------------------------------- optional components
 
 
-def test_runner_metrics_are_scraped_by_a_podmonitor_and_only_the_runner_exports_store_metrics(docs):
-    pm = one(docs, "PodMonitor", "uga-runner")
+def test_podmonitor_scrapes_both_metrics_ports_of_every_uga_pod(overlay):
+    docs = render(overlay, components=True)
+    pm = one(docs, "PodMonitor", "uga-serve")
     assert set(pm["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
-    [ep] = pm["spec"]["podMetricsEndpoints"]
-    assert (ep["port"], ep["path"]) == ("metrics", "/metrics")
-    dep = one(docs, "Deployment", "uga-runner")
-    assert selects(pm["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
-    serve_pods = one(docs, "Deployment", "uga-serve")["spec"]["template"]["metadata"]["labels"]
-    assert not selects(pm["spec"]["selector"], serve_pods)
-    c = container(dep)
-    [port] = c["ports"]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert (port["name"], port["containerPort"]) == ("metrics", int(env["UGA_RUNNER_METRICS_PORT"]))
-    assert env["UGA_RUNNER_METRICS_HOST"] == "0.0.0.0"
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("uga-config"))
-    assert config["data"]["UGA_STORE_METRICS"] == "runner"  # one exporter: sums across serve pods stay right
+    endpoints = {(e["port"], e["path"]) for e in pm["spec"]["podMetricsEndpoints"]}
+    assert endpoints == {("http", "/metrics"), ("metrics", "/metrics")}
+    assert {p for p, _ in endpoints} <= port_names(docs)
+    assert all(selects(pm["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"]) for d in pods(docs))
 
 
-def test_runner_is_a_singleton_without_http(docs):
-    dep = one(docs, "Deployment", "uga-runner")
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
-    c = container(dep)
-    assert c["command"] == ["python", "-m", "service.cli", "runner"]
-    assert c["livenessProbe"]["exec"]["command"] == ["python", "-m", "service.cli", "runner", "--check"]
-    assert c["livenessProbe"]["periodSeconds"] >= 60
-    assert [p["name"] for p in c["ports"]] == ["metrics"] and "readinessProbe" not in c
-    assert "httpGet" not in json.dumps(c)
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert "emptyDir" in mount_for(dep, "/tmp")[1]
-    assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
-    # No HPA may scale it and no Service may route to it.
-    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
-    assert all(h["spec"]["scaleTargetRef"]["name"] != "uga-runner" for h in hpas)
-    runner_labels = dep["spec"]["template"]["metadata"]["labels"]
-    for d in docs:
-        if d["kind"] == "Service":
-            assert not all(runner_labels.get(k) == v for k, v in d["spec"]["selector"].items())
-        if d["kind"] == "PodDisruptionBudget":
-            assert not selects(d["spec"]["selector"], runner_labels)
+def test_alerts_component_is_a_prometheusrule():
+    rule = one(render("cpu", components=True), "PrometheusRule", "uga-serve")
+    assert set(rule["spec"]) == {"groups"}
+    assert all(r["alert"] and r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
 
 
-def test_hpa_targets_serve_deployment(docs):
-    hpa = one(docs, "HorizontalPodAutoscaler", "uga-serve")
-    assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "uga-serve"}
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
-    [metric] = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
-    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
-    dep = one(docs, "Deployment", "uga-serve")
-    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
-    assert container(dep)["resources"]["requests"]["cpu"], "CPU utilisation needs a CPU request"
-
-
-def test_selectors_match_serve_pods_only(docs):
-    dep = one(docs, "Deployment", "uga-serve")
-    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert all(pod_labels[k] == v for k, v in SERVE_LABELS.items())
-    assert selects(dep["spec"]["selector"], pod_labels)
-
-    pdb = one(docs, "PodDisruptionBudget", "uga-serve")
-    assert pdb["spec"]["minAvailable"] == 1
-    assert selects(pdb["spec"]["selector"], pod_labels)
-
-    svc = one(docs, "Service", "uga-serve")
-    assert svc["spec"]["type"] == "ClusterIP"
-    sel = svc["spec"]["selector"]
-    assert sel and all(pod_labels.get(k) == v for k, v in sel.items())
-    [port] = svc["spec"]["ports"]
-    assert (port["name"], port["port"], port["targetPort"]) == ("http", 3000, "http")
-
-    # Nothing else in the namespace carries the serve pods' labels.
-    others = [
-        d["metadata"]["name"]
-        for d in docs
-        if d["kind"] == "Deployment"
-        and d is not dep
-        and all(d["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())
+def test_network_policy_denies_by_default_and_names_real_ports(overlay):
+    docs = render(overlay, components=True)
+    policy = one(docs, "NetworkPolicy", "uga-serve")
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert all(selects(policy["spec"]["podSelector"], d["spec"]["template"]["metadata"]["labels"]) for d in pods(docs))
+    ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ingress_ports == port_names(docs) | {"http"}
+    sources = [
+        s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for r in policy["spec"]["ingress"]
+        for s in r["from"]
     ]
-    assert not others
+    assert sorted(sources) == ["ingress-nginx", "monitoring"]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 5432, 443} <= egress_ports
+
+
+def test_ingress_terminates_tls_and_matches_the_service_limits():
+    docs = render("cpu", components=True)
+    ingress = one(docs, "Ingress", "uga-serve")
+    [tls] = ingress["spec"]["tls"]
+    assert tls["secretName"] and tls["hosts"] == [ingress["spec"]["rules"][0]["host"]]
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{CONFIG['UGA_MAX_BODY_MB']}m"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 300  # the BentoML traffic timeout
+    backends = {p["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
+    assert backends == {"uga-serve"}
+    assert all("/metrics" not in p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"])
+
+
+def test_keda_scales_serving_on_queued_jobs_instead_of_the_hpa():
+    docs = render("scale-out", components=True)
+    scaled = one(docs, "ScaledObject", "uga-serve")
+    assert scaled["spec"]["scaleTargetRef"] == {"name": "uga-serve"}
+    assert scaled["spec"]["minReplicaCount"] >= 1
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and "uga_jobs" in trigger["metadata"]["query"]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"], "KEDA makes its own HPA"
 
 
 # ---------------------------------------------------------------- Grafana dashboard
 
 
 def _targets(dashboard: dict):
-    def walk(panels):
-        for p in panels:
-            yield p
-            yield from walk(p.get("panels", []))
-
-    for p in walk(dashboard["panels"]):
+    for p in dashboard["panels"]:
         if p["type"] == "row":
             assert not p.get("targets")
             continue
@@ -427,26 +418,18 @@ def _targets(dashboard: dict):
             yield p, t
 
 
-def test_dashboard_source_file_parses():
-    dash = json.loads((K8S / "base" / "grafana-dashboard.json").read_text())
-    ids = [p["id"] for p in dash["panels"]]
-    assert len(ids) == len(set(ids))
-    assert dash["uid"] and dash["title"]
-
-
 def test_dashboard_configmap_and_metrics(docs):
     cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
     assert len(cms) == 1
     [(fname, text)] = cms[0]["data"].items()
     assert fname.endswith(".json")
     dash = json.loads(text)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) and dash["uid"] and dash["title"]
     seen: set[str] = set()
     for panel, target in _targets(dash):
         metrics = set(METRIC_RE.findall(target["expr"]))
         assert metrics, f"panel {panel['title']!r}: target {target['expr']!r} uses no uga_/bentoml_ metric"
         seen |= metrics
-    for var in dash.get("templating", {}).get("list", []):
-        if var["type"] == "query":
-            seen |= set(METRIC_RE.findall(json.dumps(var["query"])))
     missing = DASHBOARD_METRICS - seen
     assert not missing, f"dashboard lacks panels for {sorted(missing)}"

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Build the UGA Serve OCI images offline with podman (no Docker daemon, no registry):
+#   1. a Debian bookworm base made with mmdebstrap (python3, venv, CA certificates, C++ runtime),
+#   2. every Python dependency as a wheel, downloaded on the host (pip wheel, from the package index),
+#   3. images installed from those wheels with --network=none (image/Containerfile).
+#
+#   image/build.sh            serve + runner        (localhost/uga-serve:VERSION, localhost/uga-runner:VERSION)
+#   image/build.sh gpu        the GPU serving image (localhost/uga-serve-gpu:VERSION; needs onnxruntime-gpu)
+#
+# VERSION is pyproject.toml's version: the one source of truth, also the tag k8s/base references.
+# Output under build/image/ (ignored by git): base.tar, wheels/, containers.conf, sizes.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=$ROOT/build/image
+PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+MODEL_VERSION=$("$PY" -c 'import json; print(json.load(open("models/baseline/card.json"))["version"])')
+REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+[ -z "$(git status --porcelain 2>/dev/null)" ] || REVISION="$REVISION-dirty"
+# Reproducible base: package versions from the archive as of the commit's time.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+BASE=localhost/uga-base:bookworm
+VARIANTS=${*:-serve runner}
+
+fail() { echo "image: error: $*" >&2; exit 2; }
+for tool in podman mmdebstrap; do
+  command -v "$tool" >/dev/null || fail "$tool not found: apt-get install podman buildah mmdebstrap runc"
+done
+mkdir -p "$OUT"
+# Host quirks (../ENVIRONMENT): crun refuses hybrid cgroups, root cannot raise rlimits.
+cat > "$OUT/containers.conf" <<'EOF'
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+EOF
+export CONTAINERS_CONF=$OUT/containers.conf
+started=$(date +%s)
+step() { echo "image: [$(( $(date +%s) - started ))s] $*" >&2; }
+
+if ! podman image exists "$BASE"; then
+  step "base: mmdebstrap bookworm (minbase)"
+  mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates,libstdc++6,libgomp1 \
+    --aptopt='Acquire::Retries "3"' bookworm "$OUT/base.tar" \
+    || fail "could not make the Debian base with mmdebstrap (is the Debian mirror reachable?)"
+  podman import --quiet "$OUT/base.tar" "$BASE" >/dev/null
+  rm -f "$OUT/base.tar"
+fi
+# Can this machine run containers at all (runtime, cgroups, port publishing)?
+probe=$(podman run --rm -p 127.0.0.1::9 "$BASE" true 2>&1) \
+  || fail "podman cannot run containers on this machine: $(echo "$probe" | tail -1)"
+
+extras_for() {
+  case "$1" in
+    serve) echo "cpu,serve" ;;
+    runner) echo "cpu,train" ;;
+    gpu) echo "gpu,serve" ;;
+    *) fail "unknown variant $1 (serve, runner, gpu)" ;;
+  esac
+}
+image_for() {
+  case "$1" in
+    serve) echo "localhost/uga-serve:$VERSION" ;;
+    runner) echo "localhost/uga-runner:$VERSION" ;;
+    gpu) echo "localhost/uga-serve-gpu:$VERSION" ;;
+  esac
+}
+
+# One wheel directory for all variants (the build context); this project as a wheel too.
+rm -rf "$OUT/context" && mkdir -p "$OUT/context/wheels"
+for variant in $VARIANTS; do
+  step "wheels for $variant ($(extras_for "$variant"))"
+  "$PY" -m pip wheel --quiet --disable-pip-version-check -w "$OUT/wheels" ".[$(extras_for "$variant")]" \
+    > "$OUT/pip.log" 2>&1 \
+    || { tail -5 "$OUT/pip.log" >&2; fail "could not get the wheels for $variant (is the package index reachable?)"; }
+done
+cp -l "$OUT/wheels/"*.whl "$OUT/context/wheels/" 2>/dev/null || cp "$OUT/wheels/"*.whl "$OUT/context/wheels/"
+
+: > "$OUT/sizes.txt"
+for variant in $VARIANTS; do
+  image=$(image_for "$variant")
+  step "build $image"
+  podman build --quiet --no-cache --network=none --pull=never -f image/Containerfile \
+    --build-arg BASE="$BASE" --build-arg EXTRAS="$(extras_for "$variant")" --build-arg ROLE="$variant" \
+    --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" --build-arg MODEL_VERSION="$MODEL_VERSION" \
+    -t "$image" "$OUT/context" >/dev/null
+  size=$(podman image inspect "$image" --format '{{.Size}}')
+  echo "$image $size" >> "$OUT/sizes.txt"
+done
+rm -rf "$OUT/context"
+step "done"
+awk '{printf "%-40s %6.0f MB\n", $1, $2 / 1e6}' "$OUT/sizes.txt"
