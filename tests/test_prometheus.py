@@ -168,7 +168,8 @@ def loop(deployment):
     """A job (site-a), two corrections, a fine-tune the runner promotes, every worker swapped."""
     server, prometheus = deployment["server"], deployment["prometheus"]
     with server.client("annotator") as c:
-        r = c.post("/v1/jobs", json={"slide": "ood.tif", "site": "site-a", "options": {"patch_um": 256, "queue_size": 3}})
+        request = {"slide": "ood.tif", "site": "site-a", "options": {"patch_um": 256, "queue_size": 3}}
+        r = c.post("/v1/jobs", json=request)
         assert r.status_code == 202, r.text
         job = wait_job(c, r.json()["id"])
         assert job["state"] == "succeeded", job
@@ -191,11 +192,13 @@ def loop(deployment):
         run = wait_for(gated_run, timeout=600, interval=1, what="a finished fine-tune run")
         assert run["state"] == "promoted", run
         new = run["candidate"]
+
         # every worker serves the new version, as Prometheus sees it (per process, not the pointer)
+        def served() -> list[str]:
+            return [s["metric"]["version"] for s in prometheus.query("uga_model_served == 1")]
+
         wait_for(
-            lambda: {(s["metric"]["pid"], s["metric"]["version"]) for s in prometheus.query("uga_model_served == 1")}
-            and {s["metric"]["version"] for s in prometheus.query("uga_model_served == 1")} == {new}
-            and len(prometheus.query("uga_model_served == 1")) == 2,
+            lambda: served() == [new, new],
             timeout=60,
             interval=0.5,
             what="both workers serving the promoted version in Prometheus",
