@@ -297,7 +297,8 @@ def cmd_runner(args: argparse.Namespace) -> int:
     try:
         from service.loop import runner
     except ImportError as exc:  # the serving install has no torch
-        raise CliError(f"the runner needs the training extra ({exc.name} missing): pip install -e '.[cpu,train]'") from exc
+        extra = "pip install -e '.[cpu,train]' (or make runner)"
+        raise CliError(f"the runner needs the training extra ({exc.name} missing): {extra}") from exc
 
     s = get_settings()
     if args.check:
