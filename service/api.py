@@ -33,7 +33,7 @@ def preflight() -> Settings:
     try:
         settings = get_settings()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.data_dir)
+        store = Store.open(settings)
         try:
             Authenticator.from_settings(settings, store.tokens)
         finally:

@@ -141,7 +141,7 @@ def _legacy_tokens_file(path: Path) -> bool:
     return False
 
 
-def ensure_tokens(data_dir: Path) -> Path | None:
+def ensure_tokens(data_dir: Path, database_url: str | None = None) -> Path | None:
     """First-run convenience: named users admin, annotator and viewer (each with that role) in the store,
     their tokens in a 0600 ``data/tokens`` created with O_EXCL and never overwritten.
 
@@ -154,7 +154,7 @@ def ensure_tokens(data_dir: Path) -> Path | None:
     if path.exists():
         return path if _legacy_tokens_file(path) else None
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(data_dir)
+    store = Store(data_dir, database_url)
     issued: list[str] = []
     try:
         if store.tokens.count(active_only=False):
@@ -191,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     slide_root.mkdir(parents=True, exist_ok=True)
     env.update(UGA_DATA_DIR=str(data_dir), UGA_SLIDE_ROOT=str(slide_root), UGA_WORKERS=str(args.workers))
     if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled or s.oidc_issuer):
-        legacy = ensure_tokens(data_dir)
+        legacy = ensure_tokens(data_dir, s.database_url)
         if legacy is not None:
             env["UGA_AUTH_TOKENS_FILE"] = str(legacy)
             print(
@@ -212,11 +212,12 @@ def _token_store(create: bool):
     """The store of UGA_DATA_DIR; without ``create``, a missing store is an error, not a new empty one."""
     from service.store import Store
 
-    data_dir = get_settings().data_dir
-    if not create and not (data_dir / "uga.sqlite").exists():
+    settings = get_settings()
+    data_dir = settings.data_dir
+    if not create and not settings.database_url and not (data_dir / "uga.sqlite").exists():
         raise CliError(f"no store in {data_dir}: set UGA_DATA_DIR to the service's data directory")
     data_dir.mkdir(parents=True, exist_ok=True)
-    return Store(data_dir)
+    return Store.open(settings)
 
 
 def _operator() -> str:

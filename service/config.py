@@ -88,8 +88,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     runner_metrics_host: str = Field("127.0.0.1", description="runner: bind address of its /metrics")
     runner_metrics_port: int = Field(9464, ge=0, le=65535, description="runner: port of its /metrics (0 = none)")
     database_url: str | None = Field(
-        None, description="PostgreSQL store of a scaled-out deployment (unset: SQLite in UGA_DATA_DIR)"
+        None, description="postgresql://... : the store shared by several replicas (unset: SQLite in UGA_DATA_DIR)"
     )
+    database_pool_size: int = Field(8, ge=1, le=100, description="PostgreSQL connections per process (a pool)")
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
 
     @model_validator(mode="after")
@@ -101,12 +102,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     @field_validator("database_url")
     @classmethod
     def _check_database(cls, value: str | None) -> str | None:
-        if value:  # never fall back to SQLite where the operator asked for a shared database
-            raise ValueError(
-                "this version stores in SQLite only; PostgreSQL (k8s/overlays/scale-out) is not supported yet: "
-                "unset it and run the one-pod topology (k8s/overlays/cpu)"
-            )
-        return value
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (leave it unset for SQLite in UGA_DATA_DIR)")
+        return value or None
 
     @field_validator("sites")
     @classmethod

@@ -51,3 +51,24 @@ def baseline():
     from service.inference.ensemble import load_ensemble
 
     return load_ensemble(REPO / "models" / "baseline", threads=2)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (skipped, saying why, where none can run)."""
+    from tests.postgres import PostgresServer
+
+    why = PostgresServer.available()
+    if why:
+        pytest.skip(why)
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str | None:
+    """Each backend in turn: None (SQLite in the data directory) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()

@@ -27,16 +27,24 @@ def registry(tmp_path):
     return reg
 
 
-def _register_copy(reg: Registry, version: str, *, corrupt: bool = False) -> str:
+def _register_copy(reg: Registry, version: str, *, corrupt: bool = False, truncate: bool = False) -> str:
     d = reg.models_dir / version
     shutil.copytree(BASELINE, d)
     card = {**read_card(BASELINE), "version": version, "parent": reg.store.models.current()}
     (d / "card.json").write_text(json.dumps(card))
+    onnx = d / "ensemble.onnx"
     if corrupt:
-        (d / "ensemble.onnx").write_bytes(b"definitely not onnx")
+        onnx.write_bytes(b"definitely not onnx")
+    if truncate:  # another host's copy not fully written yet, as this host sees the shared volume
+        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
     reg.store.models.register(
         ModelVersion(
-            version=version, parent=card["parent"], sha256="x" * 64, path=str(d), status="promoted", created_at=0.0
+            version=version,
+            parent=card["parent"],
+            sha256=card["sha256"],
+            path=str(d),
+            status="promoted",
+            created_at=0.0,
         )
     )
     return version
@@ -129,3 +137,14 @@ def test_gate_passes_an_equal_model_and_rejects_a_worse_one_with_reasons(baselin
     assert any("worse on held-out corrections" in r for r in bad["reasons"])
     few = gate(baseline, baseline, bank, ([], []), margin=0.0, min_heldout=2)
     assert few.passed and few["heldout_dice"] is None and "fewer than 2" in few["heldout_note"]
+
+
+def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(registry):
+    holder = ModelHolder(registry, threads=1)
+    served = holder.load().version
+    partial = _register_copy(registry, "partial", truncate=True)
+    registry.store.models.move_pointer(partial, action="promote", actor="t")
+    assert holder.sync() is False and holder.current().version == served
+    record = registry.store.models.get(partial)
+    assert record.status == "failed" and "registry recorded" in record.reason
+    assert registry.store.models.current() == served  # moved back

@@ -32,7 +32,7 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings, *, start_worker: bool = True) -> Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.data_dir)
+        store = Store.open(settings)
         try:  # named users' tokens live in the store, so auth is built after it
             auth = Authenticator.from_settings(settings, store.tokens)
         except BaseException:

@@ -3,6 +3,7 @@ directory (ensemble.onnx + card.json). Never torch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,15 @@ class Predictor(Protocol):
 class Ensemble:
     """One ONNX Runtime session holding every ensemble member in one graph."""
 
-    def __init__(self, onnx_path: Path, version: str, *, providers: list[str] | None = None, threads: int = 0):
+    def __init__(
+        self,
+        onnx_path: Path,
+        version: str,
+        *,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        model_bytes: bytes | None = None,
+    ):
         self.path, self.version = Path(onnx_path), version
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
@@ -43,7 +52,10 @@ class Ensemble:
         # no busy-waiting between ops: the reader and stitcher threads need the cores too
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = providers or default_providers()
-        self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+        if "CUDAExecutionProvider" in wanted:
+            preload_cuda()
+        source = model_bytes if model_bytes is not None else str(self.path)  # bytes: exactly what was verified
+        self.session = ort.InferenceSession(source, opts, providers=wanted)
         missing = [p for p in wanted if p not in self.session.get_providers()]
         if missing:
             log.warning("ONNX Runtime is not using %s (running on %s)", ", ".join(missing), self.providers)
@@ -61,6 +73,12 @@ class Ensemble:
 
     def warm_up(self, tile: int = 256) -> None:
         self.predict(np.full((1, tile, tile, 3), 230, np.uint8))
+
+
+def preload_cuda() -> None:
+    """Load the CUDA/cuDNN libraries the onnxruntime-gpu wheels bring (no-op on the CPU build)."""
+    if "CUDAExecutionProvider" in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def default_providers() -> list[str]:
@@ -88,14 +106,29 @@ def read_card(model_dir: Path) -> dict:
         raise ModelError(f"model card {path} is not valid JSON: {exc}") from None
 
 
-def load_ensemble(model_dir: Path, *, providers: str = "auto", threads: int = 0) -> Ensemble:
-    """Open the version's fused ONNX ensemble, named by its card's version."""
+def load_ensemble(
+    model_dir: Path, *, providers: str = "auto", threads: int = 0, expect_sha256: str | None = None
+) -> Ensemble:
+    """Open the version's fused ONNX ensemble, named by its card's version.
+
+    With ``expect_sha256`` (the registry's record) the file is read whole, hashed, and the session is
+    made from those very bytes: a model another host has not finished writing is never served.
+    """
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     onnx_path = model_dir / "ensemble.onnx"
     if not onnx_path.exists():
         raise ModelError(f"no ensemble.onnx in {model_dir}")
-    return Ensemble(onnx_path, card["version"], providers=PROVIDERS.get(providers), threads=threads)
+    data = None
+    if expect_sha256 is not None:
+        data = onnx_path.read_bytes()
+        got = hashlib.sha256(data).hexdigest()
+        if got != expect_sha256:
+            raise ModelError(
+                f"{onnx_path} has sha256 {got[:12]}..., the registry recorded {expect_sha256[:12]}...: "
+                "incomplete or changed on this host's view of the volume; not served"
+            )
+    return Ensemble(onnx_path, card["version"], providers=PROVIDERS.get(providers), threads=threads, model_bytes=data)
 
 
 def check_outputs_finite(ensemble: Ensemble, tile: int = 128) -> None:

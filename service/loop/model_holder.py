@@ -36,7 +36,14 @@ class ModelHolder:
         self.on_swap = on_swap
 
     def _load(self, version: str) -> Ensemble:
-        ens = load_ensemble(self.registry.path(version), providers=self.providers, threads=self.threads)
+        """Read the version whole, check it against the registry's hash, warm it up (then it may serve)."""
+        record = self.registry.versions.get(version)
+        ens = load_ensemble(
+            self.registry.path(version),
+            providers=self.providers,
+            threads=self.threads,
+            expect_sha256=record.sha256 if record else None,
+        )
         check_outputs_finite(ens)
         return ens
 

@@ -31,7 +31,7 @@ log = logging.getLogger("uga.runner")
 class Runner:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store(settings.data_dir)
+        self.store = Store.open(settings)
         self.registry = Registry(self.store, settings.data_dir, settings.baseline_dir)
         self._stop = threading.Event()
         self.metrics = CollectorRegistry(auto_describe=False)
@@ -144,7 +144,7 @@ class Runner:
 def check(settings: Settings, stale_s: float = 600.0) -> tuple[bool, str]:
     """Liveness for Kubernetes: the store opens and a running run has a recent heartbeat."""
     try:
-        store = Store(settings.data_dir)
+        store = Store.open(settings)
         running = [r for r in store.runs.list(5) if r.state == "running"]
     except Exception as exc:  # noqa: BLE001
         return False, f"store unavailable: {exc}"

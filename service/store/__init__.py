@@ -1,4 +1,5 @@
-"""Durable metadata: one SQLite database (WAL, one transaction per change) and the blob directories.
+"""Durable metadata: one database (SQLite in the data directory, or PostgreSQL for several hosts; one
+transaction per change) and the blob directories.
 
 ``Store`` groups one repository per resource over the shared transaction helper:
 ``store.jobs``, ``store.queue``, ``store.corrections``, ``store.models``, ``store.runs``, ``store.tokens``.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.store.corrections import CorrectionRepository
-from service.store.db import Database, StoreError
+from service.store.db import StoreError, open_database
 from service.store.jobs import JobRepository
 from service.store.models import ModelRepository
 from service.store.queue import QueueRepository
@@ -21,13 +22,13 @@ __all__ = ["ApiToken", "Correction", "FinetuneRun", "Job", "ModelVersion", "Queu
 
 
 class Store:
-    """``<data_dir>/uga.sqlite`` plus ``<data_dir>/jobs/<id>/`` artifact directories."""
+    """The database (``<data_dir>/uga.sqlite``, or ``database_url``) plus ``<data_dir>/jobs/<id>/``."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, database_url: str | None = None, pool_size: int = 8):
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(self.data_dir / "uga.sqlite")
+        self.db = open_database(self.data_dir, database_url, pool_size)
         self.db_path = self.db.path
         self.jobs = JobRepository(self.db)
         self.queue = QueueRepository(self.db)
@@ -35,6 +36,11 @@ class Store:
         self.models = ModelRepository(self.db)
         self.runs = RunRepository(self.db)
         self.tokens = TokenRepository(self.db)
+
+    @classmethod
+    def open(cls, settings) -> Store:
+        """The store the settings name: UGA_DATA_DIR, and UGA_DATABASE_URL when set."""
+        return cls(settings.data_dir, settings.database_url, settings.database_pool_size)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

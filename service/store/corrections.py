@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import astuple, fields
 
@@ -48,8 +47,8 @@ class CorrectionRepository:
     def seen(self, roles: tuple[str, ...] = ("train", "holdout")) -> set[str]:
         """Ids of corrections some registered version used in ``roles`` (trained on / held out)."""
         seen: set[str] = set()
-        for r in self.db.conn().execute("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
-            used = json.loads(r[0])
+        for r in self.db.all("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
+            used = r["corrections"]
             for role in roles:
                 seen.update(used.get(role, []))
         return seen

@@ -193,7 +193,7 @@ def _adds_existing_column(db: sqlite3.Connection, statement: str) -> bool:
     return bool(m) and any(row[1] == m[2] for row in db.execute(f"PRAGMA table_info({m[1]})"))
 
 
-def _statements(script: str) -> list[str]:
+def statements(script: str) -> list[str]:
     """The SQL statements of a script, one by one (DDL runs inside the caller's transaction)."""
     out, current = [], ""
     for line in script.splitlines(keepends=True):
@@ -221,6 +221,9 @@ def decode(row: sqlite3.Row | None) -> dict | None:
 
 class Database:
     """Thread-safe access (one connection per thread) to ``<data_dir>/uga.sqlite``."""
+
+    dialect = "sqlite"
+    skip_locked = ""  # SQLite has one writer at a time: a claimed row is never contended
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -278,7 +281,7 @@ class Database:
                 if version == SCHEMA_VERSION:
                     return  # another process migrated it while this one waited for the lock
                 upgrades = [sql for v, sql in UPGRADES.items() if 0 < version < v]
-                for statement in _statements(SCHEMA + "".join(upgrades)):
+                for statement in statements(SCHEMA + "".join(upgrades)):
                     if not _adds_existing_column(db, statement):  # a rebuild may already have added it
                         db.execute(statement)
                 if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
@@ -307,6 +310,17 @@ class Database:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def open_database(data_dir: Path, url: str | None = None, pool_size: int = 8):
+    """SQLite in ``data_dir`` (``url`` unset), or the PostgreSQL database at ``url``."""
+    if not url:
+        return Database(Path(data_dir) / "uga.sqlite")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise StoreError("UGA_DATABASE_URL must be a postgresql:// URL (unset: SQLite in UGA_DATA_DIR)")
+    from service.store.postgres import PostgresDatabase
+
+    return PostgresDatabase(url, pool_size=pool_size, data_dir=Path(data_dir))
 
 
 def audit(db: sqlite3.Connection, actor: str | None, action: str, target: str, details: Any = None) -> None:

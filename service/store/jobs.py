@@ -104,8 +104,9 @@ class JobRepository:
             row = db.execute(
                 "UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = ?,"
                 " attempts = attempts + 1, progress_done = 0"
-                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1)"
-                " RETURNING id",
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1"
+                + self.db.skip_locked
+                + ") RETURNING id",
                 (worker, now, now),
             ).fetchone()
         return self.get(row["id"]) if row else None
@@ -201,7 +202,8 @@ class JobRepository:
         """Give a running job back to the queue (clean shutdown of its worker)."""
         with self.db.transaction() as db:
             db.execute(
-                "UPDATE jobs SET state = 'queued', worker = NULL, attempts = MAX(0, attempts - 1)"
+                "UPDATE jobs SET state = 'queued', worker = NULL,"
+                " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
                 " WHERE id = ? AND worker = ? AND state = 'running'",
                 (job_id, worker),
             )

@@ -17,8 +17,8 @@ class ModelRepository:
     def register(self, v: ModelVersion, actor: str | None = None) -> None:
         with self.db.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO model_versions (version, parent, sha256, path, status, reason, metrics,"
-                " corrections, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO model_versions (version, parent, sha256, path, status, reason, metrics,"
+                " corrections, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
                 (
                     v.version,
                     v.parent,

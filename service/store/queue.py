@@ -24,9 +24,8 @@ SET_STATUS = (
 
 
 def _item(row: dict, status: str | None) -> QueueItem:
-    return QueueItem.from_row(
-        {**json.loads(row["item"]), "slide": row["slide"], "job_id": row["job_id"], "status": status or "pending"}
-    )
+    item = row["item"] if isinstance(row["item"], dict) else json.loads(row["item"])
+    return QueueItem.from_row({**item, "slide": row["slide"], "job_id": row["job_id"], "status": status or "pending"})
 
 
 class QueueRepository:
@@ -45,19 +44,15 @@ class QueueRepository:
             args.append(measure)
         q += " ORDER BY qi.score DESC, qi.slide, qi.rank LIMIT ?"
         args.append(k)
-        return [_item(r, None) for r in self.db.conn().execute(q, args).fetchall()]
+        return [_item(r, None) for r in self.db.all(q, args)]
 
     def item(self, item_id: str) -> QueueItem | None:
         """The most recent stored version of a queue item, with its slide, job and status."""
-        r = (
-            self.db.conn()
-            .execute(
-                "SELECT qi.item, qi.slide, qi.job_id, s.status FROM queue_items qi JOIN jobs j ON j.id = qi.job_id"
-                " LEFT JOIN item_status s ON s.slide = qi.slide AND s.item_id = qi.id"
-                " WHERE qi.id = ? ORDER BY j.finished_at DESC LIMIT 1",
-                (item_id,),
-            )
-            .fetchone()
+        r = self.db.one(
+            "SELECT qi.item, qi.slide, qi.job_id, s.status FROM queue_items qi JOIN jobs j ON j.id = qi.job_id"
+            " LEFT JOIN item_status s ON s.slide = qi.slide AND s.item_id = qi.id"
+            " WHERE qi.id = ? ORDER BY j.finished_at DESC LIMIT 1",
+            (item_id,),
         )
         return None if r is None else _item(r, r["status"])
 

@@ -1,0 +1,176 @@
+"""The store's contract, run on both backends: SQLite in the data directory and a real PostgreSQL.
+
+Several ``Store`` objects on one database stand for several processes or hosts (each has its own
+connections): jobs are claimed exactly once, a dead worker's job is requeued and finished by
+another, the model pointer is a compare-and-set, corrections are idempotent by content hash, a
+failed change writes nothing, and the schema is created once by processes starting together.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.store import Correction, Store
+from service.store.records import ModelVersion
+from service.vocabulary import PROMOTE_ACTIONS
+
+
+@pytest.fixture
+def stores(tmp_path, database_url):
+    """Open ``n`` stores ("replicas") on one database; all closed at the end."""
+    opened: list[Store] = []
+
+    def open_stores(n: int = 1) -> list[Store]:
+        new = [Store(tmp_path / "data", database_url) for _ in range(n)]
+        opened.extend(new)
+        return new
+
+    yield open_stores
+    for store in opened:
+        store.close()
+
+
+def submit(store: Store, i: int, slide: str = "a.tif"):
+    return store.jobs.submit(
+        slide=slide,
+        options={"patch_um": 256},
+        resolved={"mpp": 1.0},
+        model_version="v1",
+        dedup_key=f"key-{i}",
+        actor="annotator",
+    )
+
+
+def test_identical_submissions_are_one_job_and_limits_hold(stores):
+    [store] = stores()
+    job, created = submit(store, 1)
+    again, created_again = submit(store, 1)
+    assert created and not created_again and again.id == job.id
+    assert store.jobs.get(job.id).options == {"patch_um": 256}
+
+
+def test_concurrent_workers_on_several_replicas_claim_every_job_exactly_once(stores):
+    replicas = stores(4)
+    for i in range(40):
+        submit(replicas[0], i)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def work(replica: Store, name: str) -> None:
+        while (job := replica.jobs.claim(name)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: work(replicas[k % 4], f"w{k}"), range(8)))
+    assert len(claimed) == 40 and len(set(claimed)) == 40, Counter(claimed).most_common(3)
+    assert replicas[1].jobs.counts()["running"] == 40
+
+
+def test_a_dead_workers_job_is_requeued_and_finished_by_another_replica(stores):
+    a, b = stores(2)
+    job, _ = submit(a, 1)
+    assert a.jobs.claim("host-a").id == job.id
+    time.sleep(0.05)  # host-a dies: no heartbeat from now on
+    assert b.jobs.recover_stale(stale_after_s=0.01) == [job.id]
+    taken = b.jobs.claim("host-b")
+    assert taken.id == job.id and taken.attempts == 2
+    assert a.jobs.heartbeat(job.id, "host-a") is None  # no longer host-a's: it stops
+    box = {"x": 0, "y": 0, "width": 64, "height": 64}
+    queue = [
+        {"id": "q1", "rank": 1, "score": 0.9, "measure": "uga", "scoring": "mean", "bbox_level0": box, "bbox_um": box}
+        | {"mean_uncertainty": 0.9, "mean_probability": 0.4, "tissue_fraction": 1.0, "model_version": "v1"}
+    ]
+    assert b.jobs.finish(job.id, "host-b", {"model_version": "v1", "tiles": 3}, queue)
+    done = a.jobs.get(job.id)
+    assert done.state == "succeeded" and done.summary == {"model_version": "v1", "tiles": 3}
+    assert [i.id for i in a.queue.pending("a.tif", 5)] == ["q1"]
+    assert a.queue.set_status("a.tif", "q1", "corrected", "annotator")
+    assert a.queue.status_counts()["corrected"] == 1 and a.queue.pending("a.tif", 5) == []
+
+
+def test_the_model_pointer_is_a_compare_and_set_across_replicas(stores):
+    a, b, c = stores(3)
+    for version in ("v1", "v2", "v3"):
+        a.models.register(ModelVersion(version, "sha-" + version, f"models/{version}", "promoted", time.time()))
+    assert a.models.move_pointer("v1", action="baseline", actor=None)
+    # two replicas race to move it from v1: exactly one wins
+    with ThreadPoolExecutor(2) as pool:
+        won = list(pool.map(lambda args: args[0].models.move_pointer(args[1], action="promote", actor="x", expect="v1"),
+                            [(b, "v2"), (c, "v3")]))  # fmt: skip
+    assert sorted(won) == [False, True]
+    winner = "v2" if won[0] else "v3"
+    assert a.models.current() == winner
+    assert [h["version"] for h in a.models.pointer_history()] == [winner, "v1"]
+    assert a.models.count_actions(PROMOTE_ACTIONS) == 1
+
+
+def test_corrections_are_idempotent_by_content_hash_and_audited(stores):
+    a, b = stores(2)
+    record = Correction("c" * 64, "a.tif", 0, 0, 64, 64, 1.0, "annotator", 0.25, 0, time.time(), model_dice=0.5)
+    assert a.corrections.add(record, "annotator") is True
+    assert b.corrections.add(record, "annotator") is False
+    assert a.corrections.count() == 1 and b.corrections.get(record.id) == record
+    assert [e["action"] for e in a.audit_log()].count("correction.ingest") == 1
+
+
+def test_a_failed_change_writes_nothing(stores):
+    [store] = stores()
+    with pytest.raises(RuntimeError), store.db.transaction() as db:
+        db.execute("INSERT INTO audit (at, actor, action, target) VALUES (?, ?, ?, ?)", (1.0, "x", "probe", "t"))
+        raise RuntimeError("boom")
+    assert store.db.scalar("SELECT COUNT(*) FROM audit WHERE action = 'probe'") == 0
+
+
+def test_fine_tune_runs_and_tokens(stores):
+    a, b = stores(2)
+    run, created = a.runs.request("admin", "alice")
+    same, created_again = b.runs.request("threshold", "runner")
+    assert created and not created_again and same.id == run.id
+    b.runs.start(run.id, "v1", {"train": ["c1"], "holdout": []}, total=10)
+    b.runs.progress(run.id, 4)
+    b.runs.end(run.id, "promoted", candidate="v2", metrics={"passed": True, "duration_s": 1.5}, reason=None)
+    ended = a.runs.get(run.id)
+    assert ended.state == "promoted" and ended.metrics["duration_s"] == 1.5 and ended.corrections["train"] == ["c1"]
+    assert a.runs.counts()["promoted"] == 1
+    token, secret = a.tokens.issue("alice", "annotator")
+    assert b.tokens.verify(secret).name == "alice"
+    b.tokens.revoke("alice")
+    assert a.tokens.verify(secret) is None
+
+
+def test_timestamps_keep_full_precision(stores):
+    [store] = stores()
+    job, _ = submit(store, 1)
+    assert store.jobs.get(job.id).created_at == job.created_at  # 8-byte floats, not 4-byte REAL
+    assert abs(job.created_at - time.time()) < 60
+
+
+def _open(data_dir, url, ready) -> None:
+    ready.wait()
+    Store(data_dir, url).close()
+
+
+def test_processes_opening_a_new_store_together_create_its_schema_once(tmp_path, database_url):
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    procs = [ctx.Process(target=_open, args=(tmp_path / "data", database_url, ready)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    ready.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 6
+    store = Store(tmp_path / "data", database_url)
+    try:
+        if database_url:
+            assert store.db.scalar("SELECT COUNT(*) FROM uga_schema") == 1
+        assert store.jobs.counts()["queued"] == 0
+    finally:
+        store.close()
