@@ -278,6 +278,29 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    """Copy the SQLite store of UGA_DATA_DIR into an empty PostgreSQL database."""
+    from service.store import StoreError
+    from service.store.copy import copy_store
+
+    try:
+        copied = copy_store(get_settings().data_dir, args.to)
+    except StoreError as exc:
+        raise CliError(str(exc)) from exc
+    for table, n in copied.items():
+        print(f"{table}\t{n}")
+    print(f"uga: copied {sum(copied.values())} rows; now set UGA_DATABASE_URL", file=sys.stderr)
+    return 0
+
+
+def _add_store_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="the metadata store: copy the embedded SQLite store into PostgreSQL")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    q = ssub.add_parser("copy", help="copy UGA_DATA_DIR's SQLite store into an empty PostgreSQL database")
+    q.add_argument("--to", required=True, metavar="postgresql://...", help="the target database's URL")
+    q.set_defaults(func=cmd_store_copy)
+
+
 def _add_tokens_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokens", help="named users' API tokens: add, list, revoke (in UGA_DATA_DIR's store)")
     tsub = p.add_subparsers(dest="tokens_command", required=True)
@@ -341,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="liveness check for Kubernetes (exit 0 = healthy)")
     p.set_defaults(func=cmd_runner)
     _add_tokens_command(sub)
+    _add_store_command(sub)
     return parser
 
 

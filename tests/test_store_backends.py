@@ -174,3 +174,30 @@ def test_processes_opening_a_new_store_together_create_its_schema_once(tmp_path,
         assert store.jobs.counts()["queued"] == 0
     finally:
         store.close()
+
+
+def test_an_embedded_store_is_copied_into_postgresql_with_one_command(tmp_path, postgres, monkeypatch, capsys):
+    from service.cli import main
+
+    sqlite = Store(tmp_path / "data")
+    job, _ = submit(sqlite, 1)
+    sqlite.models.register(ModelVersion("v1", "sha", "models/v1", "baseline", time.time()))
+    sqlite.models.move_pointer("v1", action="init", actor="system")
+    sqlite.tokens.issue("alice", "admin")
+    before = sqlite.audit_log()
+    sqlite.close()
+    url = postgres.new_database()
+    monkeypatch.setenv("UGA_DATA_DIR", str(tmp_path / "data"))
+    assert main(["store", "copy", "--to", url]) == 0
+    assert "jobs\t1" in capsys.readouterr().out
+    copied = Store(tmp_path / "data", url)
+    try:
+        assert copied.jobs.get(job.id) == job and copied.models.current() == "v1"
+        assert [(e["id"], e["action"]) for e in copied.audit_log()] == [(e["id"], e["action"]) for e in before]
+        assert copied.tokens.list()[0].name == "alice"
+        copied.tokens.issue("bob", "viewer")  # new rows take ids after the copied ones
+        assert copied.audit_log()[0]["id"] == before[0]["id"] + 1
+        assert main(["store", "copy", "--to", url]) == 2  # never into a database that has data
+        assert "not empty" in capsys.readouterr().err
+    finally:
+        copied.close()
