@@ -43,11 +43,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, slide_root: Path, **env: str):
+    def __init__(self, data_dir: Path, slide_root: Path, name: str = "", **env: str):
         self.data_dir, self.slide_root, self.extra_env = data_dir, slide_root, env
+        self.name = name or data_dir.name  # replicas sharing one data directory need their own names
         self.proc: subprocess.Popen | None = None
         self.port = 0
-        self.log = data_dir.parent / f"server-{data_dir.name}.log"
+        self.log = data_dir.parent / f"server-{self.name}.log"
 
     @property
     def url(self) -> str:
@@ -65,7 +66,7 @@ class Server:
             "UGA_JOB_STALE_S": "3",
             # BentoML keeps the multiprocess metrics under its home and clears them when a server
             # starts: one home per server, so servers of concurrent test runs never wipe each other's.
-            "BENTOML_HOME": str(self.data_dir.parent / f"bentoml-home-{self.data_dir.name}"),
+            "BENTOML_HOME": str(self.data_dir.parent / f"bentoml-home-{self.name}"),
             **self.extra_env,
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -95,6 +96,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.proc = None
+
+    def pids(self) -> set[int]:
+        """The main process and its workers (a job's ``worker`` is ``host-pid`` of one of them)."""
+        if not self.proc:
+            return set()
+        main = psutil.Process(self.proc.pid)
+        return {main.pid} | {p.pid for p in main.children(recursive=True)}
 
     def kill(self) -> None:
         """Crash: SIGKILL the main process and every worker (they run in their own sessions)."""

@@ -28,7 +28,8 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse rendered ma
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu", "scale-out")
-COMPONENTS = ("monitoring", "alerts", "network-policy", "ingress", "keda")
+COMPONENTS = ("monitoring", "alerts", "network-policy", "ingress", "keda", "cloudnative-pg")
+SCALE_OUT_ONLY = ("keda", "cloudnative-pg")
 KUBECTL = shutil.which("kubectl")
 # Oldest supported cluster (preStop `sleep` needs 1.30) and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", None)
@@ -37,6 +38,7 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
+    ("postgresql.cnpg.io/v1", "Cluster"),
 }
 NAMESPACE = "uga"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -98,7 +100,7 @@ def render(overlay: str, components: bool = False, tmp: Path | None = None) -> l
         if components:
             target = ROOT / "build" / "k8s-test" / overlay
             target.mkdir(parents=True, exist_ok=True)
-            used = [c for c in COMPONENTS if c != "keda" or overlay == "scale-out"]
+            used = [c for c in COMPONENTS if c not in SCALE_OUT_ONLY or overlay == "scale-out"]
             kustomization = {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
@@ -230,9 +232,14 @@ def test_scale_out_shares_postgresql_never_sqlite():
     assert "replicas" not in serve["spec"], "KEDA (or the HPA) owns the replica count"
     assert serve["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert runner["spec"]["replicas"] == 1 and runner["spec"]["strategy"] == {"type": "Recreate"}
-    for _, c in containers(docs):
+    for _, c in containers(render("scale-out")):
         [url] = [e for e in c["env"] if e["name"] == "UGA_DATABASE_URL"]
         assert url["valueFrom"]["secretKeyRef"] == {"name": "uga-database", "key": "url"}
+    cluster = one(docs, "Cluster", "uga-db")  # with components/cloudnative-pg: its app Secret instead
+    assert cluster["spec"]["instances"] >= 2
+    for _, c in containers(docs):
+        [url] = [e for e in c["env"] if e["name"] == "UGA_DATABASE_URL"]
+        assert url["valueFrom"]["secretKeyRef"] == {"name": "uga-db-app", "key": "uri"}
     assert one(docs, "PersistentVolumeClaim", "uga-data")["spec"]["accessModes"] == ["ReadWriteMany"]
     pdb = one(docs, "PodDisruptionBudget", "uga-serve")
     assert selects(pdb["spec"]["selector"], serve["spec"]["template"]["metadata"]["labels"])
