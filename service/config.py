@@ -91,6 +91,9 @@ class Settings(BaseSettings, SegmentationDefaults):
         None, description="postgresql://... : the store shared by several replicas (unset: SQLite in UGA_DATA_DIR)"
     )
     database_pool_size: int = Field(8, ge=1, le=100, description="PostgreSQL connections per process (a pool)")
+    database_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="longest wait for a database connection; then requests get 503"
+    )
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
 
     @model_validator(mode="after")

@@ -201,3 +201,22 @@ def test_an_embedded_store_is_copied_into_postgresql_with_one_command(tmp_path, 
         assert "not empty" in capsys.readouterr().err
     finally:
         copied.close()
+
+
+def test_a_lost_database_is_unavailable_not_a_bug(tmp_path, postgres):
+    from service.errors import Unavailable
+    from tests.postgres import PostgresServer
+
+    private = PostgresServer().start()  # one this test may stop
+    store = Store(tmp_path / "data", private.new_database(), timeout_s=2)
+    try:
+        assert store.writable() and store.jobs.counts()["queued"] == 0
+        private.stop()
+        assert store.writable() is False  # /readyz: this replica takes no traffic
+        with pytest.raises(Unavailable) as caught:
+            store.jobs.counts()
+        assert caught.value.code == "store_unavailable"
+        with pytest.raises(Unavailable):
+            submit(store, 1)
+    finally:
+        store.close()

@@ -24,11 +24,11 @@ __all__ = ["ApiToken", "Correction", "FinetuneRun", "Job", "ModelVersion", "Queu
 class Store:
     """The database (``<data_dir>/uga.sqlite``, or ``database_url``) plus ``<data_dir>/jobs/<id>/``."""
 
-    def __init__(self, data_dir: Path, database_url: str | None = None, pool_size: int = 8):
+    def __init__(self, data_dir: Path, database_url: str | None = None, pool_size: int = 8, timeout_s: float = 10.0):
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.db = open_database(self.data_dir, database_url, pool_size)
+        self.db = open_database(self.data_dir, database_url, pool_size, timeout_s)
         self.db_path = self.db.path
         self.jobs = JobRepository(self.db)
         self.queue = QueueRepository(self.db)
@@ -40,7 +40,7 @@ class Store:
     @classmethod
     def open(cls, settings) -> Store:
         """The store the settings name: UGA_DATA_DIR, and UGA_DATABASE_URL when set."""
-        return cls(settings.data_dir, settings.database_url, settings.database_pool_size)
+        return cls(settings.data_dir, settings.database_url, settings.database_pool_size, settings.database_timeout_s)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

@@ -312,7 +312,7 @@ class Database:
             self._local.conn = None
 
 
-def open_database(data_dir: Path, url: str | None = None, pool_size: int = 8):
+def open_database(data_dir: Path, url: str | None = None, pool_size: int = 8, timeout_s: float = 10.0):
     """SQLite in ``data_dir`` (``url`` unset), or the PostgreSQL database at ``url``."""
     if not url:
         return Database(Path(data_dir) / "uga.sqlite")
@@ -320,7 +320,7 @@ def open_database(data_dir: Path, url: str | None = None, pool_size: int = 8):
         raise StoreError("UGA_DATABASE_URL must be a postgresql:// URL (unset: SQLite in UGA_DATA_DIR)")
     from service.store.postgres import PostgresDatabase
 
-    return PostgresDatabase(url, pool_size=pool_size, data_dir=Path(data_dir))
+    return PostgresDatabase(url, pool_size=pool_size, data_dir=Path(data_dir), timeout_s=timeout_s)
 
 
 def audit(db: sqlite3.Connection, actor: str | None, action: str, target: str, details: Any = None) -> None:

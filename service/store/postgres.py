@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from service.errors import Unavailable
 from service.store.db import SCHEMA, SCHEMA_VERSION, StoreError, decode, statements
 
 WRITE_LOCK = 0x5547_4101  # "UGA" + 1: held by every change
@@ -82,7 +83,7 @@ class PostgresDatabase:
     dialect = "postgresql"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str, pool_size: int = 8, data_dir: Path | None = None):
+    def __init__(self, url: str, pool_size: int = 8, data_dir: Path | None = None, timeout_s: float = 10.0):
         try:
             import psycopg
             from psycopg_pool import ConnectionPool
@@ -90,7 +91,10 @@ class PostgresDatabase:
             raise StoreError(f"UGA_DATABASE_URL needs psycopg and psycopg-pool ({exc.name} missing)") from exc
         self.url, self.data_dir = url, data_dir
         self.path = Path(url.split("@")[-1])  # for messages only: never the password
+        from psycopg_pool import PoolTimeout
+
         self._errors = (psycopg.Error, OSError)
+        self._unreachable = (psycopg.OperationalError, PoolTimeout)
         self._local = threading.local()
         try:
             self.pool = ConnectionPool(
@@ -99,13 +103,23 @@ class PostgresDatabase:
                 max_size=pool_size,
                 kwargs={"autocommit": True, "row_factory": _row_factory},
                 open=True,
-                timeout=30,
+                timeout=timeout_s,  # longest wait for a connection: then the store is unavailable
                 name="uga",
             )
-            self.pool.wait(timeout=30)
+            self.pool.wait(timeout=max(timeout_s, 10.0))
         except Exception as exc:  # noqa: BLE001 - one line for the operator, whatever the driver raised
             raise StoreError(f"cannot connect to the database {self.path}: {str(exc).splitlines()[0]}") from exc
         self._migrate()
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """A lost or unreachable database is the service being unavailable (503), not a bug (500)."""
+        try:
+            yield
+        except self._unreachable as exc:
+            raise Unavailable(
+                "store_unavailable", f"the database is unreachable ({str(exc).splitlines()[0][:200]}); retry shortly"
+            ) from exc
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -113,7 +127,7 @@ class PostgresDatabase:
         if current is not None:  # inside a change: read what it wrote
             yield current
             return
-        with self.pool.connection() as conn:
+        with self._reachable(), self.pool.connection() as conn:
             yield conn
 
     @contextmanager
@@ -121,7 +135,7 @@ class PostgresDatabase:
         """One atomic change under the store's write lock (ROLLBACK on any error)."""
         if getattr(self._local, "conn", None) is not None:
             raise StoreError("a store change cannot start inside another")
-        with self.pool.connection() as conn:
+        with self._reachable(), self.pool.connection() as conn:
             self._local.conn = conn
             try:
                 with conn.transaction():
