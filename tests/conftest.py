@@ -66,9 +66,10 @@ def postgres():
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
 def database_url(request) -> str | None:
-    """Each backend in turn: None (SQLite in the data directory) or a fresh PostgreSQL database."""
+    """Each backend in turn: None (SQLite in the data directory) or a fresh PostgreSQL database
+    (a server process: in the e2e tier, not in `make test-fast`)."""
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("postgres").new_database()

@@ -176,6 +176,7 @@ def test_processes_opening_a_new_store_together_create_its_schema_once(tmp_path,
         store.close()
 
 
+@pytest.mark.e2e
 def test_an_embedded_store_is_copied_into_postgresql_with_one_command(tmp_path, postgres, monkeypatch, capsys):
     from service.cli import main
 
@@ -203,6 +204,7 @@ def test_an_embedded_store_is_copied_into_postgresql_with_one_command(tmp_path, 
         copied.close()
 
 
+@pytest.mark.e2e
 def test_a_lost_database_is_unavailable_not_a_bug(tmp_path, postgres):
     from service.errors import Unavailable
     from tests.postgres import PostgresServer
