@@ -93,7 +93,6 @@ class PostgresDatabase:
         self.path = Path(url.split("@")[-1])  # for messages only: never the password
         from psycopg_pool import PoolTimeout
 
-        self._errors = (psycopg.Error, OSError)
         self._unreachable = (psycopg.OperationalError, PoolTimeout)
         self._local = threading.local()
         try:
@@ -183,7 +182,7 @@ class PostgresDatabase:
                 conn.execute("SET LOCAL lock_timeout = '1s'")
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             return True
-        except (*self._errors, Exception):  # noqa: BLE001 - a pool timeout is not ready either
+        except Exception:  # noqa: BLE001 - whatever the driver or the pool raised: not ready
             return False
 
     def close(self) -> None:
