@@ -201,3 +201,42 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached in {timeout}s")
+
+
+def mask_png(mask) -> bytes:
+    """A uint8 mask (0/255) as PNG bytes, the body of a correction."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def correct_disagreeing(client, items: list[dict]) -> None:
+    """For each queue item, post the model's own mask inverted: the clinician disagrees everywhere."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for item in items:
+        predicted = np.asarray(Image.open(io.BytesIO(client.get(item["links"]["mask"]).content)))
+        r = client.post(
+            f"/v1/queue/items/{item['id']}/correction",
+            content=mask_png(np.where(predicted > 0, 0, 255)),
+            headers={"content-type": "image/png"},
+        )
+        assert r.status_code == 201, r.text
+
+
+def finished_run(client, timeout: float = 600) -> dict:
+    """The first fine-tune run that ended (promoted, rejected or failed)."""
+
+    def ended():
+        runs = client.get("/v1/finetune/runs").json()["runs"]
+        return next((r for r in runs if r["state"] in ("promoted", "rejected", "failed")), None)
+
+    return wait_for(ended, timeout=timeout, interval=1, what="a finished fine-tune run")

@@ -9,7 +9,6 @@ a job, corrections, the runner container fine-tunes and promotes, the serving co
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -18,12 +17,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from tests.server import REPO, TOKENS, free_port, wait_for, wait_job
+from tests.server import REPO, TOKENS, correct_disagreeing, finished_run, free_port, wait_for, wait_job
 
 pytestmark = pytest.mark.e2e
 TOOLS = ("podman", "mmdebstrap", "kubectl")
@@ -83,12 +80,6 @@ def container_env(c: dict, config: dict[str, str]) -> dict[str, str]:
         else:
             raise AssertionError(f"no local equivalent for {e}")
     return env
-
-
-def png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Pod:
@@ -203,21 +194,9 @@ def test_the_pod_segments_ingests_fine_tunes_promotes_and_swaps(pod):
         assert job["state"] == "succeeded", job
         items = c.get("/v1/queue", params={"slide": "ood.tif", "k": 5}).json()["items"]
         assert len(items) == 5
-        for item in items:
-            predicted = np.asarray(Image.open(io.BytesIO(c.get(item["links"]["mask"]).content)))
-            r = c.post(
-                f"/v1/queue/items/{item['id']}/correction",
-                content=png(np.where(predicted > 0, 0, 255)),
-                headers={"content-type": "image/png"},
-            )
-            assert r.status_code == 201, r.text
+        correct_disagreeing(c, items)
     with pod.client("admin") as c:
-
-        def finished_run():
-            runs = c.get("/v1/finetune/runs").json()["runs"]
-            return next((r for r in runs if r["state"] in ("promoted", "rejected", "failed")), None)
-
-        run = wait_for(finished_run, timeout=600, interval=2, what="the runner container's fine-tune")
+        run = finished_run(c)
         assert run["state"] in ("promoted", "rejected"), (run, pod.logs())
         if run["state"] == "rejected":  # the gate judged these corrections; promote to see the swap
             assert c.post(f"/v1/models/{run['candidate']}/promote").status_code == 200

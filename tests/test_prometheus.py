@@ -9,7 +9,6 @@ evaluated through Prometheus's HTTP API, and its counters are compared with the 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -19,13 +18,11 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from service.store import Store
-from tests.server import REPO, RunnerProcess, Server, free_port, wait_for, wait_job
+from tests.server import REPO, RunnerProcess, Server, correct_disagreeing, finished_run, free_port, wait_for, wait_job
 
 pytestmark = pytest.mark.e2e
 PROMETHEUS = shutil.which("prometheus")
@@ -105,12 +102,6 @@ class Prometheus:
                 self.proc.kill()
 
 
-def png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def dashboard_targets() -> list[tuple[str, str, str]]:
     """(panel title, expression with Grafana's variables filled in, legend) of every panel target."""
     found = []
@@ -174,22 +165,10 @@ def loop(deployment):
         job = wait_job(c, r.json()["id"])
         assert job["state"] == "succeeded", job
         items = c.get("/v1/queue", params={"slide": "ood.tif", "k": 2}).json()["items"]
-        for item in items:
-            predicted = np.asarray(Image.open(io.BytesIO(c.get(item["links"]["mask"]).content)))
-            r = c.post(
-                f"/v1/queue/items/{item['id']}/correction",
-                content=png(255 - predicted),  # the clinician disagrees everywhere
-                headers={"content-type": "image/png"},
-            )
-            assert r.status_code == 201, r.text
+        correct_disagreeing(c, items)
         assert c.get("/v1/jobs/no-such-job").status_code == 404  # an error for the errors panel
     with server.client("admin") as c:
-
-        def gated_run():
-            runs = c.get("/v1/finetune/runs").json()["runs"]
-            return next((r for r in runs if r["state"] in ("promoted", "rejected", "failed")), None)
-
-        run = wait_for(gated_run, timeout=600, interval=1, what="a finished fine-tune run")
+        run = finished_run(c)
         assert run["state"] == "promoted", run
         new = run["candidate"]
 

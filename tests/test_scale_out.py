@@ -9,17 +9,14 @@ through the swap sees no failed request.
 
 from __future__ import annotations
 
-import io
 import shutil
 import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.server import RunnerProcess, Server, wait_for, wait_job
+from tests.server import RunnerProcess, Server, correct_disagreeing, finished_run, wait_for, wait_job
 
 pytestmark = pytest.mark.e2e
 ENV = {
@@ -34,12 +31,6 @@ ENV = {
     "UGA_MODEL_POLL_S": "0.5",
 }
 SLIDES = 6
-
-
-def png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +130,7 @@ def test_corrections_through_a_promote_and_both_replicas_swap_without_a_failed_r
         items = c.get("/v1/queue", params={"k": 5}).json()["items"]
         assert len(items) == 5
         baseline = items[0]["model_version"]
-        for item in items:
-            predicted = np.asarray(Image.open(io.BytesIO(c.get(item["links"]["mask"]).content)))
-            r = c.post(
-                f"/v1/queue/items/{item['id']}/correction",
-                content=png(np.where(predicted > 0, 0, 255)),
-                headers={"content-type": "image/png"},
-            )
-            assert r.status_code == 201, r.text
+        correct_disagreeing(c, items)
     failures, answered, stop = [], [0], threading.Event()
 
     def traffic(replica: Server) -> None:  # a bounded load generator: 2 clients per replica
@@ -167,12 +151,7 @@ def test_corrections_through_a_promote_and_both_replicas_swap_without_a_failed_r
     cluster["runner"] = RunnerProcess(a).start()
     try:
         with a.client("admin") as c:
-
-            def promoted():
-                runs = c.get("/v1/finetune/runs").json()["runs"]
-                return next((r for r in runs if r["state"] in ("promoted", "rejected", "failed")), None)
-
-            run = wait_for(promoted, timeout=600, interval=1, what="the runner's fine-tune")
+            run = finished_run(c)
             assert run["state"] == "promoted", run
         new = run["candidate"]
         started = time.monotonic()
