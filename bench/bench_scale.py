@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_scale.py [--jobs 8] [--ops 300]
 
 1. Store operations, in process, one after another: the latency of a job's claim (submit + claim +
-   finish) and of a correction's ingest, on SQLite (the embedded default) and on a real PostgreSQL
-   server on loopback (Debian's package, started here in a temp dir).
+   finish) and of a correction's ingest, on SQLite (the embedded default, synchronous=FULL) and on a
+   real PostgreSQL server on loopback (Debian's package, started here in a temp dir, fsync on).
 2. Real `uga serve` replicas on that PostgreSQL (one worker each, shared artifact root): jobs per
    minute for a batch of small slides submitted through the replicas in turn, and p95 latency of
    API reads (GET /v1/jobs, /v1/queue, /v1/models/current) from a steady client meanwhile.
@@ -122,7 +122,7 @@ def main() -> int:
         print(f"bench_scale: {why}", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="uga-bench-scale-"))
-    pg = PostgresServer().start()
+    pg = PostgresServer(durable=True).start()  # fsync on, like SQLite's synchronous=FULL
     try:
         rows = {}
         for name, url in (("SQLite", None), ("PostgreSQL", pg.new_database())):

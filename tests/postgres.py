@@ -21,7 +21,9 @@ def _bin(name: str) -> str | None:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """``durable``: fsync on, as in production (benchmarks); tests run without it."""
+        self.durable = durable
         self.initdb, self.pg_ctl = _bin("initdb"), _bin("pg_ctl")
         self.root = Path(tempfile.mkdtemp(prefix="uga-pg-"))
         self.port = free_port()
@@ -50,7 +52,9 @@ class PostgresServer:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self._run(self.initdb, "-D", str(data), "-A", "trust", "-U", "uga", "--no-sync", "-E", "UTF8")
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off"
         self._run(self.pg_ctl, "-D", str(data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
         return self
 
