@@ -6,6 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -94,6 +95,15 @@ class Settings(BaseSettings, SegmentationDefaults):
     database_timeout_s: float = Field(
         10.0, gt=0, le=300, description="longest wait for a database connection; then requests get 503"
     )
+    callbacks: str = Field("", description="'NAME=URL,...' a job may name in `callback` (told when it ends); '' = none")
+    callback_secret: str | None = Field(
+        None, description="HMAC-SHA256 key signing callback bodies (>= 32 characters); needed with UGA_CALLBACKS"
+    )
+    callback_max_attempts: int = Field(8, ge=1, le=100, description="sends of one callback before it is failed")
+    callback_timeout_s: float = Field(10.0, gt=0, le=120, description="timeout of one callback POST")
+    callback_backoff_s: float = Field(
+        5.0, gt=0, le=3600, description="wait before a callback's first retry; doubles each time, at most 1 h"
+    )
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
 
     @model_validator(mode="after")
@@ -119,6 +129,30 @@ class Settings(BaseSettings, SegmentationDefaults):
         if len(names) > MAX_SITES:
             raise ValueError(f"at most {MAX_SITES} sites, got {len(names)}")
         return ",".join(dict.fromkeys(names))
+
+    @field_validator("callbacks")
+    @classmethod
+    def _check_callbacks(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            name, _, url = entry.partition("=")
+            if not SITE_NAME.fullmatch(name.strip()):
+                raise ValueError(f"callback names are 1-32 of a-z 0-9 . _ - (NAME=URL), not {name.strip()!r}")
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"callback {name.strip()}: {url.strip()!r} is not an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _callbacks_are_signed(self) -> Settings:
+        if self.callbacks.strip() and len(self.callback_secret or "") < 32:
+            raise ValueError("UGA_CALLBACKS needs UGA_CALLBACK_SECRET (at least 32 characters) to sign the events")
+        return self
+
+    @property
+    def callback_targets(self) -> dict[str, str]:
+        """Configured callbacks by name (never a URL from a request: no server-side request forgery)."""
+        pairs = (e.partition("=") for e in self.callbacks.split(",") if e.strip())
+        return {name.strip(): url.strip() for name, _, url in pairs}
 
     @property
     def site_names(self) -> tuple[str, ...]:

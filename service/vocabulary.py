@@ -38,6 +38,12 @@ GATED_RUN_STATES: tuple[str, ...] = ("promoted", "rejected")  # the candidate re
 ModelStatus = Literal["baseline", "promoted", "rejected", "failed", "candidate"]
 MODEL_STATUSES: tuple[str, ...] = get_args(ModelStatus)
 
+# Callback deliveries (the outbox): pending (due at next_at), sending (leased by one process),
+# delivered, failed (gave up after UGA_CALLBACK_MAX_ATTEMPTS; an admin may retry).
+DeliveryState = Literal["pending", "sending", "delivered", "failed"]
+DELIVERY_STATES: tuple[str, ...] = get_args(DeliveryState)
+FINAL_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")  # each sends job.<state>
+
 # Pointer moves: which count as promotions and which as rollbacks (metrics, history).
 PointerAction = Literal["init", "promote", "manual-promote", "rollback", "auto-rollback"]
 PROMOTE_ACTIONS: tuple[str, ...] = ("promote", "manual-promote")

@@ -17,11 +17,14 @@ from service.store.db import SCHEMA, SCHEMA_VERSION
 def _version_2_store(data_dir) -> None:
     """A data directory as the previous release left it (schema 2: jobs without resolved options)."""
     data_dir.mkdir(parents=True)
-    schema_2 = re.sub(r"\n    (resolved|cancel_requested|error_code) [^\n]*", "", SCHEMA).replace(", 'cancelled'", "")
+    schema_2 = re.sub(r"\n    (resolved|cancel_requested|error_code|site|callback) [^\n]*", "", SCHEMA)
+    schema_2 = schema_2.replace(", 'cancelled'", "")
+    schema_2 = re.sub(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", "", schema_2, flags=re.S)
+    schema_2 = re.sub(r"CREATE INDEX IF NOT EXISTS deliveries[^\n]*", "", schema_2)
     schema_2 = re.sub(r",\n    model_dice [^\n]*", "", schema_2)
     schema_2 = re.sub(r"CREATE TABLE IF NOT EXISTS api_tokens \(.*?\n\);", "", schema_2, flags=re.S)
     schema_2 = re.sub(r"CREATE INDEX IF NOT EXISTS api_tokens[^\n]*", "", schema_2)
-    assert not re.search("resolved|cancel|api_tokens|model_dice|error_code", schema_2)
+    assert not re.search("resolved|cancel|api_tokens|model_dice|error_code|site|callback|deliveries", schema_2)
     db = sqlite3.connect(data_dir / "uga.sqlite")
     db.executescript(schema_2 + "PRAGMA user_version=2;")
     db.execute(

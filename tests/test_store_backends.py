@@ -222,3 +222,37 @@ def test_a_lost_database_is_unavailable_not_a_bug(tmp_path, postgres):
             submit(store, 1)
     finally:
         store.close()
+
+
+def test_a_callback_event_commits_with_the_jobs_end_and_is_leased_to_one_sender(stores):
+    replicas = stores(4)
+    job, _ = replicas[0].jobs.submit(
+        slide="a.tif", options={}, resolved={}, model_version="v1", dedup_key="k", actor="x", callback="lis"
+    )
+    replicas[0].jobs.claim("w")
+    assert replicas[0].deliveries.for_job(job.id) == []  # nothing before the job ends
+    replicas[0].jobs.fail(job.id, "w", "boom", "internal_error")
+    [event] = replicas[1].deliveries.for_job(job.id)
+    assert event.event == "job.failed" and event.state == "pending"
+    with ThreadPoolExecutor(4) as pool:
+        leased = [d for d in pool.map(lambda s: s.deliveries.claim(30.0), replicas) if d is not None]
+    assert [d.id for d in leased] == [event.id] and leased[0].attempts == 1
+
+
+@pytest.mark.e2e
+def test_a_schema_8_postgresql_store_is_upgraded_in_place(tmp_path, postgres):
+    url = postgres.new_database()
+    Store(tmp_path / "data", url).close()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:  # as the previous release left it
+        conn.execute("DROP TABLE deliveries")
+        conn.execute("ALTER TABLE jobs DROP COLUMN callback")
+        conn.execute("UPDATE uga_schema SET version = 8")
+    store = Store(tmp_path / "data", url)
+    try:
+        job, _ = submit(store, 1)
+        assert store.jobs.get(job.id).callback is None and store.deliveries.list() == []
+        assert store.db.scalar("SELECT version FROM uga_schema") == 9
+    finally:
+        store.close()

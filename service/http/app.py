@@ -10,7 +10,7 @@ from service.errors import NotFound
 from service.http.deps import AuthFirst
 from service.http.errors import BodyLimit, ErrorBoundary, install_handlers
 from service.http.request_metrics import RequestMetrics
-from service.http.routers import corrections, finetune, health, jobs, models, queue
+from service.http.routers import corrections, deliveries, finetune, health, jobs, models, queue
 from service.http.schemas import COMMON_ERRORS
 
 
@@ -21,7 +21,15 @@ def create_app(max_body_bytes: int, body_timeout_s: float = 30.0, body_total_s: 
         description="Uncertainty-guided annotation for whole-slide segmentation",
         responses=COMMON_ERRORS,
     )
-    routers = (jobs.router, queue.router, corrections.router, finetune.router, models.router, health.router)
+    routers = (
+        jobs.router,
+        deliveries.router,
+        queue.router,
+        corrections.router,
+        finetune.router,
+        models.router,
+        health.router,
+    )
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(AuthFirst, api=app, routes=routes)  # innermost: decides before any route reads a body
     app.add_middleware(BodyLimit, limit=max_body_bytes, timeout_s=body_timeout_s, total_s=body_total_s)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from service.config import Settings
 from service.http import metrics
 from service.http.auth import Authenticator
+from service.loop.callbacks import CallbackSender
 from service.loop.corrections import sweep_orphans
 from service.loop.model_holder import ModelHolder
 from service.loop.registry import Registry
@@ -28,6 +29,7 @@ class Runtime:
     auth: Authenticator
     models: ModelHolder
     worker: JobWorker
+    callbacks: CallbackSender | None = None
 
     @classmethod
     def create(cls, settings: Settings, *, start_worker: bool = True) -> Runtime:
@@ -64,7 +66,10 @@ class Runtime:
         )
         if start_worker:
             worker.start()
-        return cls(settings, store, registry, auth, models, worker)
+        callbacks = CallbackSender(store, settings) if settings.callback_targets else None
+        if callbacks and start_worker:
+            callbacks.start()
+        return cls(settings, store, registry, auth, models, worker, callbacks)
 
     def health(self) -> dict:
         """What readiness depends on: a loaded model, a store that takes a write, UGA_MIN_FREE_MB free."""
@@ -92,3 +97,5 @@ class Runtime:
     def close(self) -> None:
         self.models.stop()
         self.worker.stop()
+        if self.callbacks:
+            self.callbacks.stop()

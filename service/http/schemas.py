@@ -64,6 +64,9 @@ class JobSubmit(BaseModel):
     site: str | None = Field(
         None, max_length=64, description="hospital, scanner or stain batch, one of the configured UGA_SITES (metrics)"
     )
+    callback: str | None = Field(
+        None, max_length=64, description="a configured callback (UGA_CALLBACKS) POSTed a signed event when the job ends"
+    )
 
 
 class Progress(BaseModel):
@@ -80,6 +83,7 @@ class JobView(BaseModel):
     options: dict
     model_version: str
     site: str | None = None
+    callback: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -166,6 +170,7 @@ def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
         options=job.options,
         model_version=job.model_version,
         site=job.site,
+        callback=job.callback,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -203,3 +208,43 @@ def model_view(v: ModelVersion, current: str | None, served: str | None = None) 
 
 def run_view(run: FinetuneRun) -> dict:
     return {**as_dict(run), "progress": progress(run.progress_done, run.progress_total)}
+
+
+class DeliveryView(BaseModel):
+    """One callback event and how sending it went (the payload is what was signed and sent)."""
+
+    id: str
+    job_id: str
+    target: str
+    event: str
+    state: str
+    attempts: int
+    next_at: float | None = Field(None, description="pending: when the next attempt is due")
+    last_status: int | None = Field(None, description="the receiver's last HTTP status; null: no answer")
+    last_error: str | None = None
+    created_at: float
+    delivered_at: float | None = None
+    payload: dict
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[DeliveryView]
+
+
+def delivery_view(d) -> DeliveryView:
+    import json
+
+    return DeliveryView(
+        id=d.id,
+        job_id=d.job_id,
+        target=d.target,
+        event=d.event,
+        state=d.state,
+        attempts=d.attempts,
+        next_at=d.next_at if d.state == "pending" else None,
+        last_status=d.last_status,
+        last_error=d.last_error,
+        created_at=d.created_at,
+        delivered_at=d.delivered_at,
+        payload=json.loads(d.payload),
+    )

@@ -44,6 +44,7 @@ def submit_segmentation(
     actor: str | None,
     from_client: bool = True,
     site: str | None = None,
+    callback: str | None = None,
 ) -> tuple[Job, bool]:
     """Queue a segmentation of ``slide`` (relative to the slide root) with the requested options on top
     of the settings. Returns (job, created): an identical earlier job is returned instead of a new one.
@@ -53,6 +54,7 @@ def submit_segmentation(
     given, must be one of UGA_SITES (it labels the per-slide metrics; it is not part of the job's key).
     """
     check_site(settings, site)
+    check_callback(settings, callback)
     path = resolve_slide_path(settings.slide_root, slide)
     options = SegmentationOptions.resolve(settings, requested)
     if from_client:
@@ -67,6 +69,17 @@ def submit_segmentation(
         actor=actor,
         limits=(settings.max_active_jobs, settings.max_active_jobs_per_caller) if from_client else None,
         site=site,
+        callback=callback,
+    )
+
+
+def check_callback(settings: Settings, callback: str | None) -> None:
+    """A named callback must be configured (UGA_CALLBACKS): the service never calls a URL from a request."""
+    if callback is None or callback in settings.callback_targets:
+        return
+    names = ", ".join(settings.callback_targets) or "none configured (UGA_CALLBACKS)"
+    raise InvalidInput(
+        "unknown_callback", f"unknown callback {callback[:40]!r}: use one of {names}", {"callbacks": names}
     )
 
 

@@ -48,6 +48,12 @@ class StoreCollector:
         for reason, n in self.store.jobs.failure_counts().items():
             failures.add_metric([reason], n)
         yield failures
+        deliveries = GaugeMetricFamily(
+            "uga_callback_deliveries", "Callback events in the outbox by state", labels=["state"]
+        )
+        for state, n in self.store.deliveries.counts().items():
+            deliveries.add_metric([state], n)
+        yield deliveries
 
     def _queue(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(

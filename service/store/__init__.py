@@ -11,14 +11,25 @@ from pathlib import Path
 
 from service.store.corrections import CorrectionRepository
 from service.store.db import StoreError, open_database
+from service.store.deliveries import DeliveryRepository
 from service.store.jobs import JobRepository
 from service.store.models import ModelRepository
 from service.store.queue import QueueRepository
-from service.store.records import ApiToken, Correction, FinetuneRun, Job, ModelVersion, QueueItem
+from service.store.records import ApiToken, Correction, Delivery, FinetuneRun, Job, ModelVersion, QueueItem
 from service.store.runs import RunRepository
 from service.store.tokens import TokenRepository
 
-__all__ = ["ApiToken", "Correction", "FinetuneRun", "Job", "ModelVersion", "QueueItem", "Store", "StoreError"]
+__all__ = [
+    "ApiToken",
+    "Correction",
+    "Delivery",
+    "FinetuneRun",
+    "Job",
+    "ModelVersion",
+    "QueueItem",
+    "Store",
+    "StoreError",
+]
 
 
 class Store:
@@ -36,6 +47,7 @@ class Store:
         self.models = ModelRepository(self.db)
         self.runs = RunRepository(self.db)
         self.tokens = TokenRepository(self.db)
+        self.deliveries = DeliveryRepository(self.db)
 
     @classmethod
     def open(cls, settings) -> Store:

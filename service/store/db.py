@@ -17,9 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.vocabulary import HANDLED_ITEM_STATUSES, JOB_STATES, MODEL_STATUSES, ROLES, RUN_STATES, sql_in
+from service.vocabulary import (
+    DELIVERY_STATES,
+    HANDLED_ITEM_STATUSES,
+    JOB_STATES,
+    MODEL_STATUSES,
+    ROLES,
+    RUN_STATES,
+    sql_in,
+)
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def jobs_table(name: str) -> str:
@@ -34,6 +42,7 @@ def jobs_table(name: str) -> str:
     cancel_requested INTEGER NOT NULL DEFAULT 0,  -- a running job stops at its next tiles
     error_code TEXT,                    -- a failure's stable reason (a domain error code, job_timeout, ...)
     site TEXT,                          -- a configured site (UGA_SITES) the submitter named, for metrics
+    callback TEXT,                      -- a configured callback (UGA_CALLBACKS) told when the job ends
     progress_done INTEGER NOT NULL DEFAULT 0,
     progress_total INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -144,6 +153,23 @@ CREATE TABLE IF NOT EXISTS api_tokens (  -- named users' tokens (uga tokens add/
     last_used_at REAL                    -- updated at most every few minutes
 );
 CREATE INDEX IF NOT EXISTS api_tokens_by_name ON api_tokens (name);
+CREATE TABLE IF NOT EXISTS deliveries (  -- the callback outbox: written with the job's end, sent after; since 9
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    target TEXT NOT NULL,                -- the configured callback's name (its URL lives in the settings)
+    event TEXT NOT NULL,                 -- job.succeeded, job.failed, job.cancelled
+    payload TEXT NOT NULL,               -- the JSON body, fixed when the event happened
+    state TEXT NOT NULL CHECK (state IN {sql_in(DELIVERY_STATES)}),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,               -- pending: when it is due
+    lease_until REAL,                    -- sending: until when one process has it
+    last_status INTEGER,                 -- the receiver's last HTTP status (NULL: no answer)
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id);
 """
 # Changes to existing tables, by the schema version that introduced them; applied to older stores
 # after SCHEMA (whose IF NOT EXISTS creates tables that are new). A new store gets SCHEMA alone.
@@ -169,6 +195,7 @@ UPGRADES = {
     6: "ALTER TABLE corrections ADD COLUMN model_dice REAL;\n",
     7: "ALTER TABLE jobs ADD COLUMN error_code TEXT;\n",
     8: "ALTER TABLE jobs ADD COLUMN site TEXT;\n",
+    9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\n",  # and the deliveries table (SCHEMA creates it)
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

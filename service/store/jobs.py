@@ -8,6 +8,7 @@ import uuid
 
 from service.errors import Conflict, TooBusy
 from service.store.db import Database, audit
+from service.store.deliveries import enqueue_job_event
 from service.store.records import Job
 from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, RETRYABLE_JOB_STATES, WORKER_FAILURE_CODES, sql_in
 
@@ -27,6 +28,7 @@ class JobRepository:
         actor: str | None,
         limits: tuple[int, int] | None = None,
         site: str | None = None,
+        callback: str | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
@@ -44,7 +46,7 @@ class JobRepository:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, dedup_key, slide, options, resolved, model_version, state, submitted_by,"
-                " created_at, site) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                " created_at, site, callback) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (
                     job_id,
                     dedup_key,
@@ -55,6 +57,7 @@ class JobRepository:
                     actor,
                     time.time(),
                     site,
+                    callback,
                 ),
             )
             audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})
@@ -144,6 +147,8 @@ class JobRepository:
             if not changed:  # it finished between the caller's look and this transaction
                 state = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()["state"]
                 raise Conflict("job_finished", f"job is {state}; only queued or running jobs can be cancelled")
+            if db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()["state"] == "cancelled":
+                enqueue_job_event(db, job_id)
             audit(db, actor, "job.cancel", job_id)
         return self.get(job_id)
 
@@ -155,6 +160,8 @@ class JobRepository:
                 " WHERE id = ? AND worker = ? AND state = 'running'",
                 (time.time(), job_id, worker),
             )
+            if cur.rowcount == 1:
+                enqueue_job_event(db, job_id)
             return cur.rowcount == 1
 
     def finish(self, job_id: str, worker: str, summary: dict, queue: list[dict]) -> bool:
@@ -174,16 +181,19 @@ class JobRepository:
                 "INSERT INTO queue_items (id, job_id, slide, rank, score, measure, item) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(q["id"], job_id, slide, q["rank"], q["score"], q["measure"], json.dumps(q)) for q in queue],
             )
+            enqueue_job_event(db, job_id)
             return True
 
     def fail(self, job_id: str, worker: str | None, error: str, code: str = "internal_error") -> None:
         """Record a failure: the message for people, ``code`` for dashboards (a bounded set)."""
         with self.db.transaction() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE jobs SET state = 'failed', error = ?, error_code = ?, finished_at = ? WHERE id = ?"
                 " AND state = 'running'" + (" AND worker = ?" if worker else ""),
                 (error, code, time.time(), job_id, *([worker] if worker else [])),
             )
+            if cur.rowcount == 1:
+                enqueue_job_event(db, job_id)
 
     def failure_counts(self) -> dict[str, int]:
         """Failed jobs by reason code (the worker's own codes always present, at 0 before any failure)."""
@@ -231,6 +241,8 @@ class JobRepository:
                     )
                 else:
                     db.execute("UPDATE jobs SET state = 'queued', worker = NULL WHERE id = ?", (r["id"],))
+                if r["cancel_requested"] or r["attempts"] >= max_attempts:
+                    enqueue_job_event(db, r["id"])
                 audit(db, "system", "job.recover", r["id"], {"attempts": r["attempts"]})
             return [r["id"] for r in rows]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from service.vocabulary import ItemStatus, JobState, ModelStatus, RunState
+from service.vocabulary import DeliveryState, ItemStatus, JobState, ModelStatus, RunState
 
 
 def _from(cls, row: dict | None):
@@ -38,6 +38,7 @@ class Job:
     finished_at: float | None = None
     heartbeat_at: float | None = None
     site: str | None = None  # one of UGA_SITES, or None
+    callback: str | None = None  # one of UGA_CALLBACKS, told when the job ends
 
     from_row = classmethod(_from)
 
@@ -145,3 +146,24 @@ class ApiToken:
 def as_dict(record: Any) -> dict:
     """A record as a plain dict (JSON responses)."""
     return {f.name: getattr(record, f.name) for f in fields(record)}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One callback event in the outbox and how sending it went."""
+
+    id: str
+    job_id: str
+    target: str
+    event: str
+    payload: str  # the exact JSON body that is signed and sent
+    state: DeliveryState
+    created_at: float
+    next_at: float
+    attempts: int = 0
+    lease_until: float | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None
+
+    from_row = classmethod(_from)

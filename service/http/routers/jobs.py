@@ -31,6 +31,7 @@ def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Re
         model_version=rt.models.current().version,
         actor=who.name,
         site=body.site,
+        callback=body.callback,
     )
     response.headers["Location"] = f"{base}/jobs/{job.id}"
     if not created:
