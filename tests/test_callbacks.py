@@ -134,68 +134,81 @@ def test_an_unknown_callback_is_refused_and_nothing_is_queued(tmp_path, slides, 
         svc.close()
 
 
+def cancelled_job(svc: InProcessService, callback: str | None = "lis") -> str:
+    """A job that ends at once: submitted and cancelled while queued (this service runs no worker)."""
+    with svc.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/a.tif", "callback": callback})
+        assert r.status_code == 202, r.text
+        assert c.post(f"/v1/jobs/{r.json()['id']}/cancel").json()["state"] == "cancelled"
+        return r.json()["id"]
+
+
+def idle(root, slides, url: str, **settings) -> InProcessService:
+    """The service without its job worker and sender threads: the test sends by hand (deterministic)."""
+    return service(root, slides, url, start_worker=False, **settings)
+
+
 def test_an_event_for_a_receiver_that_was_down_is_delivered_after_a_restart(tmp_path, slides):
     port = free_port()  # nothing listens yet
     url = f"http://127.0.0.1:{port}/uga-events"
-    svc = service(tmp_path, slides, url, callback_backoff_s=1.0)
+    svc = idle(tmp_path, slides, url, callback_backoff_s=0.05)
     try:
-        job = submit(svc)
-        wait_for(lambda: deliveries(svc, job["id"])[0]["attempts"] >= 1, timeout=30, what="a first attempt")
+        job_id = cancelled_job(svc)
+        assert svc.runtime.callbacks.send_one()  # connection refused: stays pending
+        [d] = deliveries(svc, job_id)
+        assert d["state"] == "pending" and d["attempts"] == 1 and d["last_status"] is None
+        assert "ConnectError" in d["last_error"]
     finally:
         svc.close()  # the service stops with the event undelivered
-    pending = deliveries_of(tmp_path, slides, url, job["id"])
-    assert pending["state"] in ("pending", "sending") and pending["last_status"] is None
     receiver = Receiver(port)
-    svc = service(tmp_path, slides, url, callback_backoff_s=1.0)
+    svc = idle(tmp_path, slides, url, callback_backoff_s=0.05)
     try:
-        wait_for(lambda: deliveries(svc, job["id"])[0]["state"] == "delivered", timeout=30, what="delivery")
+        time.sleep(0.1)
+        assert svc.runtime.callbacks.send_one()
+        [d] = deliveries(svc, job_id)
+        assert d["state"] == "delivered" and d["attempts"] == 2
     finally:
         svc.close()
         receiver.close()
     [got] = receiver.received
-    assert json.loads(got["body"])["job"]["id"] == job["id"] and verify(SECRET, got["headers"], got["body"])
-
-
-def deliveries_of(root, slides, url, job_id) -> dict:
-    svc = service(root, slides, url, start_worker=False)
-    try:
-        [d] = deliveries(svc, job_id)
-        return d
-    finally:
-        svc.close()
+    assert json.loads(got["body"])["event"] == "job.cancelled" and verify(SECRET, got["headers"], got["body"])
 
 
 def test_a_callback_that_keeps_failing_ends_failed_and_an_admin_retries_it(tmp_path, slides, receiver):
     receiver.plan = [503, 503, 503]
-    svc = service(tmp_path, slides, receiver.url, callback_max_attempts=2, callback_backoff_s=0.2)
+    svc = idle(tmp_path, slides, receiver.url, callback_max_attempts=2, callback_backoff_s=0.05)
+    sender = svc.runtime.callbacks
     try:
-        job = submit(svc)
-        [d] = wait_for(
-            lambda: [d for d in deliveries(svc, job["id"]) if d["state"] == "failed"] or None,
-            timeout=30,
-            what="the callback given up",
-        )
-        assert d["attempts"] == 2 and d["last_status"] == 503 and "HTTP 503" in d["last_error"]
+        job_id = cancelled_job(svc)
+        assert sender.send_one()
+        assert not sender.send_one()  # not due yet: the backoff holds it back
+        time.sleep(0.1)
+        assert sender.send_one()
+        [d] = deliveries(svc, job_id)
+        assert d["state"] == "failed" and d["attempts"] == 2 and d["last_status"] == 503
+        assert "HTTP 503" in d["last_error"]
         with svc.client("admin") as c:
-            assert [x["id"] for x in c.get("/v1/deliveries", params={"state": "failed"}).json()["deliveries"]] == [
-                d["id"]
-            ]
+            failed = c.get("/v1/deliveries", params={"state": "failed"}).json()["deliveries"]
+            assert [x["id"] for x in failed] == [d["id"]]
             again = c.post(f"/v1/deliveries/{d['id']}/retry")
             assert again.status_code == 200 and again.json()["state"] == "pending"
             assert c.post(f"/v1/deliveries/{d['id']}/retry").status_code == 409  # only failed ones
         with svc.client("annotator") as c:
             assert c.post(f"/v1/deliveries/{d['id']}/retry").status_code == 403
-        wait_for(lambda: deliveries(svc, job["id"])[0]["state"] == "delivered", timeout=30, what="the retry")
+        assert sender.send_one() and sender.send_one() is False  # 503 (pending again), not yet due
+        time.sleep(0.1)
+        assert sender.send_one()
+        assert deliveries(svc, job_id)[0]["state"] == "delivered"
     finally:
         svc.close()
     assert len(receiver.received) == 4  # 503, 503, then the admin's retry: 503, 200
 
 
 def test_a_job_without_a_callback_sends_nothing(tmp_path, slides, receiver):
-    svc = service(tmp_path, slides, receiver.url)
+    svc = idle(tmp_path, slides, receiver.url)
     try:
-        job = submit(svc, callback=None)
-        assert job["state"] == "succeeded" and deliveries(svc, job["id"]) == []
+        job_id = cancelled_job(svc, callback=None)
+        assert deliveries(svc, job_id) == [] and svc.runtime.callbacks.send_one() is False
     finally:
         svc.close()
     assert receiver.received == []
