@@ -109,6 +109,7 @@ def _run(
             "slide_mpp_source": slide.mpp_source,
             "slide_vendor": slide.vendor,
             "slide_dimensions": list(slide.dimensions),
+            "source_identifiers": slide.identifiers,  # a DICOM series: Study/Series UIDs, accession number
             "pyramid_level_read": choose_level(slide.handle.level_downsamples, slide.mpp, opt.mpp),
             "analysis_shape": [result.grid.height, result.grid.width],
             "threshold": opt.threshold,

@@ -22,7 +22,7 @@ from service.loop.corrections import (
 )
 from service.loop.review import get_item, item_job, model_mask
 from service.store import Correction, Job, Store
-from service.wsi.slide import open_slide, resolve_slide_path
+from service.wsi.slide import canonical_slide, open_slide, resolve_slide_path
 
 log = logging.getLogger("uga.corrections")
 MEDIA_TYPES = ("image/png", "application/geo+json", "application/json")
@@ -56,8 +56,8 @@ def ingest_correction(
     The record carries how far the proposing model's mask was from the correction (Dice on the
     region), the QC signal of whether fine-tuning helps where clinicians disagree."""
     check_media_type(media_type)
-    path = resolve_slide_path(settings.slide_root, slide)
-    slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide file
+    path = canonical_slide(resolve_slide_path(settings.slide_root, slide))
+    slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide (DICOM: its folder)
     with open_slide(path) as handle:
         check_region(region, handle.dimensions, handle.mpp, settings.max_correction_px)
         shape = region.mask_shape(handle.mpp)

@@ -16,18 +16,18 @@ from service.inference.tiling import TileGrid
 from service.options import SegmentationOptions
 from service.store import Job, Store
 from service.vocabulary import ACTIVE_JOB_STATES, ARTIFACTS, JOB_STATES
-from service.wsi.slide import analysis_shape, open_slide, resolve_slide_path
+from service.wsi.slide import analysis_shape, canonical_slide, open_slide, resolve_slide_path, slide_fingerprint
 
 log = logging.getLogger("uga.jobs")
 
 
 def job_identity(slide_file: Path, slide: str, options: SegmentationOptions, model_version: str) -> str:
-    """Same slide file (name, size, mtime), same resolved options and same model version = same job."""
-    stat = slide_file.stat()
+    """Same slide (a file by name, size and mtime; a DICOM series by its SeriesInstanceUID), same resolved
+    options and same model version = same job."""
+    fingerprint = slide_fingerprint(slide_file)
     src = {
-        "slide": slide,
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "slide": slide if "series_instance_uid" not in fingerprint else None,
+        **fingerprint,
         "options": options.key(),
         "model_version": model_version,
     }
@@ -55,7 +55,7 @@ def submit_segmentation(
     """
     check_site(settings, site)
     check_callback(settings, callback)
-    path = resolve_slide_path(settings.slide_root, slide)
+    path = canonical_slide(resolve_slide_path(settings.slide_root, slide))  # a DICOM series: its folder
     options = SegmentationOptions.resolve(settings, requested)
     if from_client:
         check_work(settings, path, options)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from service.config import Settings
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, DomainError, NotFound
 from service.store import Job, QueueItem, Store
 from service.vocabulary import ARTIFACTS
-from service.wsi.slide import open_slide, resolve_slide_path
+from service.wsi.slide import canonical_slide, open_slide, resolve_slide_path
 
 
 def get_item(store: Store, item_id: str) -> QueueItem:
@@ -18,8 +18,22 @@ def get_item(store: Store, item_id: str) -> QueueItem:
     return item
 
 
-def pending_queue(store: Store, slide: str | None, k: int, measure: str | None) -> list[QueueItem]:
+def slide_name(settings: Settings, slide: str) -> str:
+    """The name a slide's jobs and queue use: a DICOM series is named by its folder, whichever of its
+    instances is given. A name that no longer resolves (the slide moved) is kept as given."""
+    try:
+        path = canonical_slide(resolve_slide_path(settings.slide_root, slide))
+    except DomainError:
+        return slide
+    return path.relative_to(settings.slide_root.resolve()).as_posix()
+
+
+def pending_queue(
+    store: Store, slide: str | None, k: int, measure: str | None, settings: Settings | None = None
+) -> list[QueueItem]:
     """Pending patches, best first: of one segmented slide, or pooled across slides."""
+    if slide is not None and settings is not None:
+        slide = slide_name(settings, slide)
     if slide is not None and store.jobs.latest_for_slide(slide) is None:
         raise NotFound("slide_not_segmented", f"no finished segmentation of {slide!r}; submit a job first")
     return store.queue.pending(slide, k, measure)

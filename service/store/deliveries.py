@@ -35,6 +35,7 @@ def job_event(job: dict) -> dict:
             "error": job.get("error"),
             "error_code": job.get("error_code"),
             "finished_at": job.get("finished_at"),
+            "source_identifiers": summary.get("source_identifiers") or {},
             "summary": {k: summary[k] for k in SUMMARY_FIELDS if k in summary},
             "links": {"job": f"/v1/jobs/{job['id']}", "queue": f"/v1/queue?slide={job['slide']}"},
         },

@@ -1,4 +1,5 @@
-"""Slide access through OpenSlide: path checks, µm/px, pyramid level choice, regions at a target µm/px."""
+"""Slide access through OpenSlide (DICOM series through wsidicom, service.wsi.dicom): path checks, a
+slide's identity, µm/px, pyramid level choice, regions at a target µm/px."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import openslide
 from PIL import Image
 
 from service.errors import DomainError, InvalidInput, NotFound, Unprocessable
+from service.wsi.dicom import DicomHandle, DicomSeriesError, find_series, is_dicom
 
 MPP_RANGE = (0.05, 100.0)  # plausible level-0 µm/px, from metadata or a caller
 GLASS_RGB = (255, 255, 255)
@@ -71,9 +73,14 @@ class Slide:
     """An open slide with trusted level-0 µm/px."""
 
     path: Path
-    handle: openslide.OpenSlide
+    handle: openslide.OpenSlide | DicomHandle
     mpp: float  # level-0 µm/px
     mpp_source: str  # "metadata" or "caller"
+
+    @property
+    def identifiers(self) -> dict[str, str]:
+        """The source's DICOM identifiers (Study/Series UIDs, accession number), empty for other formats."""
+        return dict(self.handle.series.identifiers) if isinstance(self.handle, DicomHandle) else {}
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -111,8 +118,10 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
     path = Path(path)
     if not path.exists():
         raise SlideNotFound(f"slide not found: {path.name}")
+    if is_dicom(path):
+        return _open_dicom(path, slide_mpp)
     if path.is_dir():
-        raise SlideError(f"{path.name} is a directory; give the slide file itself (for DICOM, any .dcm of the series)")
+        raise SlideError(f"{path.name} is a directory without DICOM instances; give the slide file itself")
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -126,6 +135,42 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
     except SlideError:
         handle.close()
         raise
+
+
+def _open_dicom(path: Path, slide_mpp: float | None) -> Slide:
+    """A DICOM series (its folder, or any of its instances) through wsidicom; the Slide's path is the folder."""
+    try:
+        series = find_series(path)
+        handle = DicomHandle(series)
+    except DicomSeriesError as exc:
+        raise SlideError(f"{path.name}: {exc}") from None
+    try:
+        return Slide(series.folder, handle, *_level0_mpp(series.folder.name, handle.properties, slide_mpp))
+    except SlideError:
+        handle.close()
+        raise
+
+
+def canonical_slide(path: Path) -> Path:
+    """The path that names this slide: a DICOM series by its folder, whichever instance was given."""
+    if path.is_file() and is_dicom(path):
+        try:
+            return find_series(path).folder
+        except DicomSeriesError as exc:
+            raise SlideError(f"{path.name}: {exc}") from None
+    return path
+
+
+def slide_fingerprint(path: Path) -> dict:
+    """What makes two submissions the same slide: a DICOM series' SeriesInstanceUID (however it is
+    named), otherwise the file's size and modification time."""
+    if is_dicom(path):
+        try:
+            return {"series_instance_uid": find_series(path).uid}
+        except DicomSeriesError as exc:
+            raise SlideError(f"{path.name}: {exc}") from None
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _level0_mpp(name: str, props, slide_mpp: float | None) -> tuple[float, str]:

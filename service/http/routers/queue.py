@@ -32,7 +32,7 @@ def get_queue(
     measure: str | None = None,
 ) -> QueueView:
     """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted."""
-    items = pending_queue(rt.store, slide, k, measure)
+    items = pending_queue(rt.store, slide, k, measure, rt.settings)
     return QueueView(slide=slide, items=[item_view(i, base) for i in items])
 
 

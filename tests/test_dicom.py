@@ -1,0 +1,86 @@
+"""A DICOM whole-slide series is one slide: read through wsidicom (concatenated instances included,
+which OpenSlide refuses), named by its folder whichever instance is given, identified by its
+SeriesInstanceUID, and segmented like any slide with its DICOM identifiers in the outputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import openslide
+import pytest
+
+from service.wsi.slide import RegionReader, SlideError, open_slide
+from tests.dicom import ACCESSION, DICOMIZER, dicomize
+from tests.inprocess import InProcessService
+from tests.server import wait_job
+
+pytestmark = pytest.mark.skipif(DICOMIZER is None, reason="OrthancWSIDicomizer not installed (apt install orthanc-wsi)")
+MPP = 0.5  # the generated slides' level-0 µm/px
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory, source_slide):
+    root = tmp_path_factory.mktemp("dicom")
+    slides = root / "slides"
+    return {
+        "root": slides,
+        "one": dicomize(source_slide, slides / "case-1" / "series-one", mpp=MPP, concatenated=False),
+        "concatenated": dicomize(source_slide, slides / "case-1" / "series-cat", mpp=MPP, concatenated=True),
+    }
+
+
+@pytest.mark.parametrize("layout", ["one", "concatenated"])
+def test_a_series_reads_like_its_source_tiff_by_folder_or_by_any_instance(series, source_slide, layout):
+    folder = series[layout]
+    instances = sorted(folder.glob("*.dcm"))
+    with open_slide(source_slide) as tiff:
+        reference = RegionReader(tiff, 2.0).read(100, 120, 200, 180).astype(float)
+    for path in (folder, instances[0], instances[-1]):
+        with open_slide(path) as slide:
+            assert slide.path == folder and slide.dimensions == (2048, 2048)
+            assert slide.mpp == pytest.approx(MPP) and slide.mpp_source == "metadata"
+            assert slide.identifiers["AccessionNumber"] == ACCESSION and slide.identifiers["SeriesInstanceUID"]
+            region = RegionReader(slide, 2.0).read(100, 120, 200, 180).astype(float)
+            assert np.abs(region - reference).mean() < 4  # the same pixels, through JPEG once more
+
+
+def test_openslide_refuses_a_concatenated_series_and_wsidicom_reads_it(series):
+    first = sorted(series["concatenated"].glob("*.dcm"))[0]
+    with pytest.raises(openslide.OpenSlideError):
+        openslide.OpenSlide(str(first))
+    with open_slide(first) as slide:
+        assert len(slide.handle.level_downsamples) >= 3
+
+
+def test_a_folder_with_two_series_is_refused_with_a_reason(series, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(series["one"], mixed)
+    for i, f in enumerate(sorted(series["concatenated"].glob("*.dcm"))):
+        shutil.copy(f, mixed / f"other-{i}.dcm")
+    with pytest.raises(SlideError, match="2 DICOM series"):
+        open_slide(mixed)
+
+
+def test_a_series_is_one_job_however_it_is_named_and_its_outputs_carry_its_identifiers(series, tmp_path):
+    svc = InProcessService(tmp_path / "data", series["root"])
+    try:
+        with svc.client("annotator") as c:
+            options = {"patch_um": 512, "queue_size": 2}
+            r = c.post("/v1/jobs", json={"slide": "case-1/series-one", "options": options})
+            assert r.status_code == 202, r.text
+            job = wait_job(c, r.json()["id"])
+            instance = sorted(series["one"].glob("*.dcm"))[1].name
+            again = c.post("/v1/jobs", json={"slide": f"case-1/series-one/{instance}", "options": options})
+            assert again.status_code == 200 and again.json()["id"] == job["id"]  # the same series: the same job
+            assert job["state"] == "succeeded", job["error"]
+            assert job["slide"] == "case-1/series-one"
+            ids = job["summary"]["source_identifiers"]
+            assert ids["AccessionNumber"] == ACCESSION and ids["SeriesInstanceUID"] and ids["StudyInstanceUID"]
+            by_instance = c.get("/v1/queue", params={"slide": f"case-1/series-one/{instance}", "k": 5}).json()
+            by_folder = c.get("/v1/queue", params={"slide": "case-1/series-one", "k": 5}).json()
+            assert by_instance["items"] == by_folder["items"] and len(by_folder["items"]) == 2  # one queue
+            pooled = c.get("/v1/queue", params={"k": 50}).json()["items"]
+            assert {i["slide"] for i in pooled} == {"case-1/series-one"}
+    finally:
+        svc.close()
