@@ -63,6 +63,7 @@ ARTIFACTS: dict[str, str] = {
     "geojson": "annotations.geojson",
     "queue": "queue.json",
     "summary": "summary.json",
+    "fhir_report": "report.fhir.json",  # written by the service's worker, not by `uga segment`
 }
 
 

@@ -34,3 +34,18 @@ def dicomize(slide: Path, out: Path, *, mpp: float, concatenated: bool) -> Path:
     ]  # fmt: skip
     subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
     return out
+
+
+def check_fhir_report(report: dict, job: dict) -> None:
+    """Valid FHIR R4 (the R4B model of fhir.resources), and the numbers are the job's."""
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    parsed = DiagnosticReport.model_validate(report)
+    assert parsed.status == "preliminary" and len(parsed.result) == 5
+    observations = {o.id: o for o in parsed.contained}
+    assert {r.reference.lstrip("#") for r in parsed.result} == set(observations)
+    summary = job["summary"]
+    assert float(observations["tumour-area"].valueQuantity.value) == summary["tumour_area_mm2"]
+    assert float(observations["tumour-fraction"].valueQuantity.value) == summary["tumour_fraction_of_tissue"]
+    assert observations["model-version"].valueString == job["model_version"]
+    assert observations["review-queue"].valueString.startswith("/v1/queue?slide=")

@@ -11,7 +11,7 @@ import openslide
 import pytest
 
 from service.wsi.slide import RegionReader, SlideError, open_slide
-from tests.dicom import ACCESSION, DICOMIZER, dicomize
+from tests.dicom import ACCESSION, DICOMIZER, check_fhir_report, dicomize
 from tests.inprocess import InProcessService
 from tests.server import wait_job
 
@@ -82,5 +82,10 @@ def test_a_series_is_one_job_however_it_is_named_and_its_outputs_carry_its_ident
             assert by_instance["items"] == by_folder["items"] and len(by_folder["items"]) == 2  # one queue
             pooled = c.get("/v1/queue", params={"k": 50}).json()["items"]
             assert {i["slide"] for i in pooled} == {"case-1/series-one"}
+            report = c.get(job["artifacts"]["fhir_report"]).json()
     finally:
         svc.close()
+    check_fhir_report(report, job)
+    values = {i.get("id"): i["value"] for i in report["identifier"]}
+    assert values["SeriesInstanceUID"] == f"urn:oid:{ids['SeriesInstanceUID']}"
+    assert ACCESSION in [i["value"] for i in report["identifier"]]

@@ -371,3 +371,12 @@ def test_each_correction_records_how_far_the_model_was_from_it(env, finished):
     assert f'uga_correction_agreement_dice_count{{model_version="{version}"}}' in text
     corrected = re.search(r'^uga_queue_items\{status="corrected"\} (\S+)$', text, re.M)
     assert corrected and float(corrected[1]) >= 1
+
+
+def test_a_finished_job_has_a_valid_fhir_diagnostic_report(env, finished):
+    from tests.dicom import check_fhir_report
+
+    with env.client("viewer") as c:
+        report = c.get(finished["artifacts"]["fhir_report"]).json()
+    check_fhir_report(report, finished)
+    assert report["identifier"] == [{"system": "urn:uga-serve:job", "value": finished["id"]}]  # no DICOM source

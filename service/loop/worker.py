@@ -16,10 +16,13 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import DomainError, Unavailable
+from service.fsutil import atomic_write_json
 from service.inference.pipeline import run_segmentation
+from service.integrations.fhir import diagnostic_report
 from service.loop.model_holder import ModelHolder
 from service.options import SegmentationOptions
 from service.store import Job, Store
+from service.vocabulary import ARTIFACTS
 from service.wsi.slide import resolve_slide_path
 
 log = logging.getLogger("uga.jobs")
@@ -167,6 +170,8 @@ class JobWorker:
                 exclude=self.store.queue.handled(job.slide),
             )
             queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
+            report = diagnostic_report(job.id, job.slide, summary, f"/v1/queue?slide={job.slide}", time.time())
+            atomic_write_json(Path(out) / ARTIFACTS["fhir_report"], report)
             if jobs.finish(job.id, self.name, summary, queue):
                 if self.on_success:
                     self.on_success(job, summary)

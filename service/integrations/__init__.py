@@ -1,0 +1,1 @@
+"""Talking to the hospital: FHIR reports (and, later, DICOM SEG and DICOMweb)."""
