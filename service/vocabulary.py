@@ -64,6 +64,7 @@ ARTIFACTS: dict[str, str] = {
     "queue": "queue.json",
     "summary": "summary.json",
     "fhir_report": "report.fhir.json",  # written by the service's worker, not by `uga segment`
+    "dicom_seg": "segmentation.dcm",  # the worker, for a DICOM source only
 }
 
 

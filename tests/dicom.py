@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from pydicom.uid import generate_uid
+
 DICOMIZER = shutil.which("OrthancWSIDicomizer")
 ACCESSION = "ACC-2026-0042"
 
@@ -18,6 +20,7 @@ def dicomize(slide: Path, out: Path, *, mpp: float, concatenated: bool) -> Path:
     sample = subprocess.run([DICOMIZER, "--sample-dataset"], capture_output=True, text=True, check=True).stdout
     dataset = json.loads(sample[sample.index("{") :])
     dataset["AccessionNumber"] = ACCESSION
+    dataset["FrameOfReferenceUID"] = generate_uid()  # a tiled SEG refers to it (Orthanc leaves it out)
     (out.parent / f"{out.name}-dataset.json").write_text(json.dumps(dataset))
     from PIL import Image
 

@@ -83,9 +83,36 @@ def test_a_series_is_one_job_however_it_is_named_and_its_outputs_carry_its_ident
             pooled = c.get("/v1/queue", params={"k": 50}).json()["items"]
             assert {i["slide"] for i in pooled} == {"case-1/series-one"}
             report = c.get(job["artifacts"]["fhir_report"]).json()
+            seg = c.get(job["artifacts"]["dicom_seg"])
+            assert seg.headers["content-type"] == "application/dicom"
+            mask_tif = c.get(job["artifacts"]["mask"]).content
     finally:
         svc.close()
+    check_seg(tmp_path, seg.content, mask_tif, ids)
     check_fhir_report(report, job)
     values = {i.get("id"): i["value"] for i in report["identifier"]}
     assert values["SeriesInstanceUID"] == f"urn:oid:{ids['SeriesInstanceUID']}"
     assert ACCESSION in [i["value"] for i in report["identifier"]]
+
+
+def check_seg(tmp_path, seg_bytes: bytes, mask_tif: bytes, ids: dict) -> None:
+    """The SEG reads back (highdicom) as the job's mask, refers to the source series, and validates."""
+    import subprocess
+
+    import pydicom
+
+    from service.integrations.dicom_seg import seg_mask
+
+    (tmp_path / "seg.dcm").write_bytes(seg_bytes)
+    (tmp_path / "mask.tif").write_bytes(mask_tif)
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert ds.Modality == "SEG" and ds.StudyInstanceUID == ids["StudyInstanceUID"]
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ids["SeriesInstanceUID"]
+    mask = seg_mask(tmp_path / "seg.dcm")
+    with open_slide(tmp_path / "mask.tif") as job_mask:  # the job ran at 1 µm/px: the SEG level is 1 µm/px
+        expected = RegionReader(job_mask, 1.0).read(0, 0, *mask.shape)[..., 0] > 127
+    assert mask.shape == (1024, 1024) and (mask == expected).mean() > 0.999 and mask.any()
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(tmp_path / "seg.dcm")], capture_output=True, text=True)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors

@@ -161,7 +161,8 @@ def progress(done: int, total: int) -> dict:
 def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
     artifacts = {}
     if job.state == "succeeded":
-        artifacts = {name: f"{base}/jobs/{job.id}/artifacts/{name}" for name in ARTIFACTS}
+        made = {*(job.summary or {}).get("artifacts", {}), "summary"}  # what this job wrote (SEG: DICOM only)
+        artifacts = {name: f"{base}/jobs/{job.id}/artifacts/{name}" for name in ARTIFACTS if name in made}
     return JobView(
         id=job.id,
         slide=job.slide,

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import DomainError, Unavailable
-from service.fsutil import atomic_write_json
+from service.fsutil import atomic_write_json, commit_file
 from service.inference.pipeline import run_segmentation
+from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
 from service.loop.model_holder import ModelHolder
 from service.options import SegmentationOptions
 from service.store import Job, Store
 from service.vocabulary import ARTIFACTS
+from service.wsi.dicom import find_series, is_dicom
 from service.wsi.slide import resolve_slide_path
 
 log = logging.getLogger("uga.jobs")
@@ -170,8 +172,7 @@ class JobWorker:
                 exclude=self.store.queue.handled(job.slide),
             )
             queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
-            report = diagnostic_report(job.id, job.slide, summary, f"/v1/queue?slide={job.slide}", time.time())
-            atomic_write_json(Path(out) / ARTIFACTS["fhir_report"], report)
+            write_hospital_outputs(job, slide, Path(out), summary)
             if jobs.finish(job.id, self.name, summary, queue):
                 if self.on_success:
                     self.on_success(job, summary)
@@ -203,3 +204,30 @@ class JobWorker:
 
     def _fail(self, job: Job, error: str, code: str = "internal_error") -> None:
         self.store.jobs.fail(job.id, self.name, error, code)
+
+
+def write_hospital_outputs(job: Job, slide: Path, out: Path, summary: dict) -> None:
+    """The FHIR report, and for a DICOM source its SEG; each added to the summary's artifacts.
+
+    A SEG the source cannot carry (no Frame of Reference, no usable level) is skipped with its reason
+    in the summary: the segmentation itself stands."""
+    report = diagnostic_report(job.id, job.slide, summary, f"/v1/queue?slide={job.slide}", time.time())
+    atomic_write_json(out / ARTIFACTS["fhir_report"], report)
+    summary["artifacts"]["fhir_report"] = ARTIFACTS["fhir_report"]
+    if not is_dicom(slide):
+        atomic_write_json(out / ARTIFACTS["summary"], summary)
+        return
+    try:
+        seg = tumour_segmentation(
+            find_series(slide), out / ARTIFACTS["mask"], summary["mpp"], summary["model_version"], job.id
+        )
+    except SegUnavailable as exc:
+        log.warning("job %s: %s", job.id, exc.message)
+        summary["dicom_seg_skipped"] = exc.message
+        atomic_write_json(out / ARTIFACTS["summary"], summary)
+        return
+    tmp = out / (ARTIFACTS["dicom_seg"] + ".part")
+    seg.save_as(tmp)
+    commit_file(tmp, out / ARTIFACTS["dicom_seg"])
+    summary["artifacts"]["dicom_seg"] = ARTIFACTS["dicom_seg"]
+    atomic_write_json(out / ARTIFACTS["summary"], summary)  # the file says what the job wrote, as the store

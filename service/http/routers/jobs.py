@@ -12,7 +12,13 @@ from service.http.schemas import JobList, JobSubmit, JobView, errors, job_view
 from service.loop.jobs import artifact_path, cancel_job, get_job, list_jobs, submit_segmentation
 
 router = APIRouter(tags=["jobs"])
-MEDIA = {".tif": "image/tiff", ".png": "image/png", ".geojson": "application/geo+json", ".json": "application/json"}
+MEDIA = {
+    ".tif": "image/tiff",
+    ".png": "image/png",
+    ".geojson": "application/geo+json",
+    ".json": "application/json",
+    ".dcm": "application/dicom",
+}
 
 
 @router.post(
