@@ -104,6 +104,15 @@ class Settings(BaseSettings, SegmentationDefaults):
     callback_backoff_s: float = Field(
         5.0, gt=0, le=3600, description="wait before a callback's first retry; doubles each time, at most 1 h"
     )
+    pacs: str = Field(
+        "", description="'NAME=URL,...' DICOMweb PACS a job may read from (credentials as URL userinfo); '' = none"
+    )
+    dicomweb_cache_mb: float = Field(20000.0, gt=0, description="local cache of series fetched from a PACS, MiB")
+    dicomweb_cache_idle_s: float = Field(
+        3600.0, ge=0, description="a cached series used more recently than this is never evicted"
+    )
+    dicomweb_timeout_s: float = Field(60.0, gt=0, le=3600, description="timeout of one DICOMweb request")
+    dicomweb_retries: int = Field(2, ge=0, le=10, description="retries of a DICOMweb request (connection, 5xx)")
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
 
     @model_validator(mode="after")
@@ -147,6 +156,23 @@ class Settings(BaseSettings, SegmentationDefaults):
         if self.callbacks.strip() and len(self.callback_secret or "") < 32:
             raise ValueError("UGA_CALLBACKS needs UGA_CALLBACK_SECRET (at least 32 characters) to sign the events")
         return self
+
+    @field_validator("pacs")
+    @classmethod
+    def _check_pacs(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            name, _, url = entry.partition("=")
+            parts = urlsplit(url.strip())
+            if not SITE_NAME.fullmatch(name.strip()) or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"PACS entries are NAME=http(s)://host/dicomweb-root, not {entry.split('@')[-1]!r}")
+        return value
+
+    @property
+    def pacs_endpoints(self):
+        """Configured DICOMweb PACS by name (never a URL from a request)."""
+        from service.integrations.dicomweb import parse_endpoints
+
+        return parse_endpoints(self.pacs)
 
     @property
     def callback_targets(self) -> dict[str, str]:

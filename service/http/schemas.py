@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.options import SegmentationRequest
 from service.store import FinetuneRun, Job, ModelVersion, QueueItem
@@ -56,10 +56,27 @@ CORRECTION_BODY = {
 }
 
 
+class DicomwebSource(BaseModel):
+    """A series on a configured PACS (UGA_PACS), by its UIDs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pacs: str = Field(min_length=1, max_length=32, description="the PACS' name in UGA_PACS")
+    study: str = Field(min_length=1, max_length=64, description="StudyInstanceUID")
+    series: str = Field(min_length=1, max_length=64, description="SeriesInstanceUID")
+    store_seg: bool = Field(False, description="store the job's DICOM SEG back to this PACS (STOW-RS)")
+
+
 class JobSubmit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    slide: str = Field(min_length=1, max_length=1024, description="path relative to the server's slide root")
+    slide: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="path relative to the server's slide root (a file, or a DICOM series' folder or instance)",
+    )
+    dicomweb: DicomwebSource | None = Field(None, description="instead of `slide`: a series on a configured PACS")
     options: SegmentationRequest = Field(default_factory=SegmentationRequest)
     site: str | None = Field(
         None, max_length=64, description="hospital, scanner or stain batch, one of the configured UGA_SITES (metrics)"
@@ -67,6 +84,12 @@ class JobSubmit(BaseModel):
     callback: str | None = Field(
         None, max_length=64, description="a configured callback (UGA_CALLBACKS) POSTed a signed event when the job ends"
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JobSubmit:
+        if (self.slide is None) == (self.dicomweb is None):
+            raise ValueError("give exactly one of `slide` (a path) and `dicomweb` (a PACS series)")
+        return self
 
 
 class Progress(BaseModel):

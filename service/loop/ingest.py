@@ -21,8 +21,9 @@ from service.loop.corrections import (
     write_correction_files,
 )
 from service.loop.review import get_item, item_job, model_mask
+from service.loop.slides import locate_slide, parse_dicomweb
 from service.store import Correction, Job, Store
-from service.wsi.slide import canonical_slide, open_slide, resolve_slide_path
+from service.wsi.slide import open_slide
 
 log = logging.getLogger("uga.corrections")
 MEDIA_TYPES = ("image/png", "application/geo+json", "application/json")
@@ -56,8 +57,9 @@ def ingest_correction(
     The record carries how far the proposing model's mask was from the correction (Dice on the
     region), the QC signal of whether fine-tuning helps where clinicians disagree."""
     check_media_type(media_type)
-    path = canonical_slide(resolve_slide_path(settings.slide_root, slide))
-    slide = path.relative_to(settings.slide_root.resolve()).as_posix()  # one name per slide (DICOM: its folder)
+    path = locate_slide(settings, slide)
+    if not parse_dicomweb(slide):  # one name per slide (a DICOM series: its folder)
+        slide = path.relative_to(settings.slide_root.resolve()).as_posix()
     with open_slide(path) as handle:
         check_region(region, handle.dimensions, handle.mpp, settings.max_correction_px)
         shape = region.mask_shape(handle.mpp)

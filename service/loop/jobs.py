@@ -13,6 +13,7 @@ from typing import Any
 from service.config import Settings
 from service.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound, Unprocessable
 from service.inference.tiling import TileGrid
+from service.loop.slides import parse_dicomweb
 from service.options import SegmentationOptions
 from service.store import Job, Store
 from service.vocabulary import ACTIVE_JOB_STATES, ARTIFACTS, JOB_STATES
@@ -45,9 +46,12 @@ def submit_segmentation(
     from_client: bool = True,
     site: str | None = None,
     callback: str | None = None,
+    stow: str | None = None,
 ) -> tuple[Job, bool]:
-    """Queue a segmentation of ``slide`` (relative to the slide root) with the requested options on top
-    of the settings. Returns (job, created): an identical earlier job is returned instead of a new one.
+    """Queue a segmentation of ``slide`` (relative to the slide root, or a ``dicomweb/...`` name) with the
+    requested options on top of the settings. Returns (job, created): an identical earlier job is
+    returned instead of a new one. A DICOMweb series is fetched by the worker (its work limits are
+    checked there); ``stow`` names the PACS its DICOM SEG goes back to.
 
     A client's submission is checked against the work limits first (the slide must open, its tiles,
     the review patch size, the active jobs); the system's own rescoring is not limited. ``site``, if
@@ -55,22 +59,35 @@ def submit_segmentation(
     """
     check_site(settings, site)
     check_callback(settings, callback)
-    path = canonical_slide(resolve_slide_path(settings.slide_root, slide))  # a DICOM series: its folder
     options = SegmentationOptions.resolve(settings, requested)
-    if from_client:
-        check_work(settings, path, options)
-    rel = path.relative_to(settings.slide_root.resolve()).as_posix()
+    remote = parse_dicomweb(slide)
+    if remote is not None:
+        rel = slide
+        key = remote_identity(remote[2], options, model_version)
+    else:
+        path = canonical_slide(resolve_slide_path(settings.slide_root, slide))  # a DICOM series: its folder
+        if from_client:
+            check_work(settings, path, options)
+        rel = path.relative_to(settings.slide_root.resolve()).as_posix()
+        key = job_identity(path, rel, options, model_version)
     return store.jobs.submit(
         slide=rel,
         options=dict(requested),
         resolved=options.model_dump(),
         model_version=model_version,
-        dedup_key=job_identity(path, rel, options, model_version),
+        dedup_key=key,
         actor=actor,
         limits=(settings.max_active_jobs, settings.max_active_jobs_per_caller) if from_client else None,
         site=site,
         callback=callback,
+        stow=stow,
     )
+
+
+def remote_identity(series_uid: str, options: SegmentationOptions, model_version: str) -> str:
+    """A DICOMweb series is the same slide as that series anywhere: its SeriesInstanceUID."""
+    src = {"slide": None, "series_instance_uid": series_uid, "options": options.key(), "model_version": model_version}
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()
 
 
 def check_callback(settings: Settings, callback: str | None) -> None:

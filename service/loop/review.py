@@ -6,6 +6,7 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import Conflict, DomainError, NotFound
+from service.loop.slides import locate_slide, parse_dicomweb
 from service.store import Job, QueueItem, Store
 from service.vocabulary import ARTIFACTS
 from service.wsi.slide import canonical_slide, open_slide, resolve_slide_path
@@ -21,6 +22,8 @@ def get_item(store: Store, item_id: str) -> QueueItem:
 def slide_name(settings: Settings, slide: str) -> str:
     """The name a slide's jobs and queue use: a DICOM series is named by its folder, whichever of its
     instances is given. A name that no longer resolves (the slide moved) is kept as given."""
+    if parse_dicomweb(slide):
+        return slide
     try:
         path = canonical_slide(resolve_slide_path(settings.slide_root, slide))
     except DomainError:
@@ -49,7 +52,7 @@ def item_image(store: Store, settings: Settings, item_id: str) -> np.ndarray:
     item = get_item(store, item_id)
     job = item_job(store, item)
     b = item.bbox_level0
-    path = resolve_slide_path(settings.slide_root, item.slide)
+    path = locate_slide(settings, item.slide)
     with open_slide(path, job.options.get("slide_mpp")) as slide:
         return slide.read_box(b["x"], b["y"], b["width"], b["height"], job.summary["mpp"])
 

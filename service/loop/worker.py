@@ -20,12 +20,13 @@ from service.fsutil import atomic_write_json, commit_file
 from service.inference.pipeline import run_segmentation
 from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
+from service.loop.jobs import check_work
 from service.loop.model_holder import ModelHolder
+from service.loop.slides import locate_slide, pacs_client, parse_dicomweb
 from service.options import SegmentationOptions
 from service.store import Job, Store
 from service.vocabulary import ARTIFACTS
 from service.wsi.dicom import find_series, is_dicom
-from service.wsi.slide import resolve_slide_path
 
 log = logging.getLogger("uga.jobs")
 HEARTBEAT_S = 2.0
@@ -159,7 +160,9 @@ class JobWorker:
         beater.start()
         try:
             self.models.sync()  # a job claimed right after a pointer move runs on the new version
-            slide = resolve_slide_path(self.settings.slide_root, job.slide)
+            slide = locate_slide(self.settings, job.slide)  # a DICOMweb series: fetched into the cache
+            if parse_dicomweb(job.slide):
+                check_work(self.settings, slide, self.options(job))  # limits of a series known only now
             out = self.store.job_dir(job.id)
             ensemble = self.models.current()  # pinned: the whole job runs on this version
             summary = run_segmentation(
@@ -172,7 +175,7 @@ class JobWorker:
                 exclude=self.store.queue.handled(job.slide),
             )
             queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
-            write_hospital_outputs(job, slide, Path(out), summary)
+            write_hospital_outputs(job, slide, Path(out), summary, self.settings)
             if jobs.finish(job.id, self.name, summary, queue):
                 if self.on_success:
                     self.on_success(job, summary)
@@ -206,8 +209,9 @@ class JobWorker:
         self.store.jobs.fail(job.id, self.name, error, code)
 
 
-def write_hospital_outputs(job: Job, slide: Path, out: Path, summary: dict) -> None:
-    """The FHIR report, and for a DICOM source its SEG; each added to the summary's artifacts.
+def write_hospital_outputs(job: Job, slide: Path, out: Path, summary: dict, settings: Settings) -> None:
+    """The FHIR report, and for a DICOM source its SEG (stored to the PACS when the job asks); each
+    added to the summary's artifacts.
 
     A SEG the source cannot carry (no Frame of Reference, no usable level) is skipped with its reason
     in the summary: the segmentation itself stands."""
@@ -230,4 +234,7 @@ def write_hospital_outputs(job: Job, slide: Path, out: Path, summary: dict) -> N
     seg.save_as(tmp)
     commit_file(tmp, out / ARTIFACTS["dicom_seg"])
     summary["artifacts"]["dicom_seg"] = ARTIFACTS["dicom_seg"]
+    if job.stow:  # the job asked: STOW-RS to its PACS (a failure fails the job with the PACS's reason)
+        pacs_client(settings, job.stow).store(seg)
+        summary["stored_to"] = {"pacs": job.stow, "series_instance_uid": str(seg.SeriesInstanceUID)}
     atomic_write_json(out / ARTIFACTS["summary"], summary)  # the file says what the job wrote, as the store

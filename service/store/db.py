@@ -43,6 +43,7 @@ def jobs_table(name: str) -> str:
     error_code TEXT,                    -- a failure's stable reason (a domain error code, job_timeout, ...)
     site TEXT,                          -- a configured site (UGA_SITES) the submitter named, for metrics
     callback TEXT,                      -- a configured callback (UGA_CALLBACKS) told when the job ends
+    stow TEXT,                          -- a configured PACS (UGA_PACS) the job's DICOM SEG is stored to
     progress_done INTEGER NOT NULL DEFAULT 0,
     progress_total INTEGER NOT NULL DEFAULT 0,
     error TEXT,
@@ -195,7 +196,7 @@ UPGRADES = {
     6: "ALTER TABLE corrections ADD COLUMN model_dice REAL;\n",
     7: "ALTER TABLE jobs ADD COLUMN error_code TEXT;\n",
     8: "ALTER TABLE jobs ADD COLUMN site TEXT;\n",
-    9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\n",  # and the deliveries table (SCHEMA creates it)
+    9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\nALTER TABLE jobs ADD COLUMN stow TEXT;\n",  # + deliveries
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

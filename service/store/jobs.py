@@ -29,6 +29,7 @@ class JobRepository:
         limits: tuple[int, int] | None = None,
         site: str | None = None,
         callback: str | None = None,
+        stow: str | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
@@ -46,7 +47,7 @@ class JobRepository:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, dedup_key, slide, options, resolved, model_version, state, submitted_by,"
-                " created_at, site, callback) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                " created_at, site, callback, stow) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     dedup_key,
@@ -58,6 +59,7 @@ class JobRepository:
                     time.time(),
                     site,
                     callback,
+                    stow,
                 ),
             )
             audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})

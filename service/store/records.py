@@ -39,6 +39,7 @@ class Job:
     heartbeat_at: float | None = None
     site: str | None = None  # one of UGA_SITES, or None
     callback: str | None = None  # one of UGA_CALLBACKS, told when the job ends
+    stow: str | None = None  # one of UGA_PACS: the job's DICOM SEG is stored there (STOW-RS)
 
     from_row = classmethod(_from)
 

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.schemas import JobList, JobSubmit, JobView, errors, job_view
 from service.loop.jobs import artifact_path, cancel_job, get_job, list_jobs, submit_segmentation
+from service.loop.slides import check_dicomweb_source
 
 router = APIRouter(tags=["jobs"])
 MEDIA = {
@@ -28,16 +29,22 @@ MEDIA = {
     responses={200: {"model": JobView, "description": "an identical job exists (deduplicated)"}, **errors(429)},
 )
 def submit_job(body: JobSubmit, rt: Rt, base: Base, who: Annotator, response: Response) -> JobView:
-    """Submit a slide (path relative to the slide root) for asynchronous segmentation."""
+    """Submit a slide (a path relative to the slide root, or a series on a PACS) for segmentation."""
+    slide, stow = body.slide, None
+    if body.dicomweb is not None:
+        source = body.dicomweb
+        slide = check_dicomweb_source(rt.settings, source.pacs, source.study, source.series)
+        stow = source.pacs if source.store_seg else None
     job, created = submit_segmentation(
         rt.store,
         rt.settings,
-        body.slide,
+        slide,
         body.options.model_dump(),
         model_version=rt.models.current().version,
         actor=who.name,
         site=body.site,
         callback=body.callback,
+        stow=stow,
     )
     response.headers["Location"] = f"{base}/jobs/{job.id}"
     if not created:

@@ -1,0 +1,175 @@
+"""DICOMweb: a series from a configured PACS into a bounded local cache (QIDO-RS, WADO-RS), and a
+result back to it (STOW-RS). Through dicomweb-client; only PACS named in the settings are called.
+
+Cache: ``<data_dir>/dicomweb/<pacs>/<study>/<series>/``, written as ``.part`` and renamed when
+complete. Before a fetch, series not used for UGA_DICOMWEB_CACHE_IDLE_S are evicted, oldest first,
+until the cache is under UGA_DICOMWEB_CACHE_MB. Errors carry a reason code a job fails with:
+pacs_unreachable, pacs_unauthorized, pacs_not_found, pacs_timeout, pacs_error. Each request is
+retried at most UGA_DICOMWEB_RETRIES times (connection errors and 5xx only), with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from service.errors import InvalidInput, Unprocessable
+
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+COMPLETE = ".complete"
+T = TypeVar("T")
+
+
+class PacsError(Unprocessable):
+    """The PACS could not give (or take) what a job needs; ``code`` is the reason."""
+
+
+@dataclass(frozen=True)
+class PacsEndpoint:
+    name: str
+    url: str  # without credentials
+    auth: tuple[str, str] | None = None
+
+
+def parse_endpoints(setting: str) -> dict[str, PacsEndpoint]:
+    """``NAME=URL,...`` (credentials as URL userinfo: https://user:password@host/dicom-web)."""
+    endpoints = {}
+    for entry in (e.strip() for e in setting.split(",") if e.strip()):
+        name, _, url = entry.partition("=")
+        parts = urlsplit(url.strip())
+        auth = (parts.username or "", parts.password or "") if parts.username else None
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else ""
+        endpoints[name.strip()] = PacsEndpoint(name.strip(), urlunsplit(parts._replace(netloc=netloc)), auth)
+    return endpoints
+
+
+def check_uid(kind: str, value: str) -> str:
+    if not (0 < len(value) <= 64 and UID.fullmatch(value)):
+        raise InvalidInput(
+            "invalid_uid", f"{kind} must be a DICOM UID (digits and dots, at most 64), not {value[:70]!r}"
+        )
+    return value
+
+
+class Pacs:
+    """One configured PACS over DICOMweb."""
+
+    def __init__(self, endpoint: PacsEndpoint, *, timeout_s: float, retries: int):
+        import requests
+        from dicomweb_client import DICOMwebClient
+
+        session = requests.Session()
+        if endpoint.auth:
+            session.auth = endpoint.auth
+        self.endpoint, self.timeout_s, self.retries = endpoint, timeout_s, retries
+        self.session = session
+        self.client = DICOMwebClient(url=endpoint.url, session=session)
+        self.client.set_http_retry_params(retry=False)
+        session.request = _with_timeout(session.request, timeout_s)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        import requests
+
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except requests.HTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else 0
+                if status in (401, 403):
+                    raise PacsError("pacs_unauthorized", f"{self.endpoint.name} refused {what} ({status})") from None
+                if status == 404:
+                    raise PacsError("pacs_not_found", f"{self.endpoint.name} has no {what}") from None
+                if status < 500 or attempt == self.retries:
+                    raise PacsError("pacs_error", f"{self.endpoint.name}: {what} failed ({status})") from None
+            except requests.Timeout:
+                if attempt == self.retries:
+                    raise PacsError("pacs_timeout", f"{self.endpoint.name}: {what} timed out") from None
+            except requests.ConnectionError:
+                if attempt == self.retries:
+                    raise PacsError("pacs_unreachable", f"{self.endpoint.name} is unreachable ({what})") from None
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def instances(self, study: str, series: str) -> list[str]:
+        """SOP Instance UIDs of the series (QIDO-RS)."""
+        found = self._call(
+            f"series {series}",
+            lambda: self.client.search_for_instances(study_instance_uid=study, series_instance_uid=series),
+        )
+        uids = [i["00080018"]["Value"][0] for i in found if "00080018" in i]
+        if not uids:
+            raise PacsError("pacs_not_found", f"{self.endpoint.name} has no instances of series {series}")
+        return uids
+
+    def fetch_series(self, study: str, series: str, folder: Path) -> Path:
+        """Every instance of the series into ``folder`` (written whole, fsynced, then renamed)."""
+        part = folder.with_name(f"{folder.name}.part-{uuid.uuid4().hex[:8]}")
+        part.mkdir(parents=True)
+        try:
+            for sop in self.instances(study, series):
+                dataset = self._call(
+                    f"instance {sop}",
+                    lambda sop=sop: self.client.retrieve_instance(
+                        study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop
+                    ),
+                )
+                path = part / f"{sop}.dcm"
+                dataset.save_as(path, enforce_file_format=True)
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+            (part / COMPLETE).write_text(f"{study}/{series}\n")
+            if folder.exists():  # another process fetched it meanwhile
+                shutil.rmtree(part)
+            else:
+                part.rename(folder)
+        except BaseException:
+            shutil.rmtree(part, ignore_errors=True)
+            raise
+        return folder
+
+    def store(self, dataset) -> None:
+        """STOW-RS one instance (a result) to this PACS."""
+        self._call("storing the result", lambda: self.client.store_instances([dataset]))
+
+
+def _with_timeout(request, timeout_s: float):
+    def call(method, url, **kwargs):
+        kwargs.setdefault("timeout", timeout_s)
+        return request(method, url, **kwargs)
+
+    return call
+
+
+def cached_series(cache: Path, pacs: str, study: str, series: str) -> Path:
+    return cache / pacs / study / series
+
+
+def evict(cache: Path, max_bytes: int, idle_s: float) -> list[Path]:
+    """Remove complete series not used for ``idle_s``, least recently used first, while over ``max_bytes``."""
+    series = [p.parent for p in cache.glob(f"*/*/*/{COMPLETE}")]
+    sizes = {s: sum(f.stat().st_size for f in s.iterdir()) for s in series}
+    total, removed = sum(sizes.values()), []
+    for s in sorted(series, key=lambda s: (s / COMPLETE).stat().st_mtime):
+        if total <= max_bytes:
+            break
+        if time.time() - (s / COMPLETE).stat().st_mtime < idle_s:
+            continue  # in use: a job or a review read it recently
+        shutil.rmtree(s, ignore_errors=True)
+        total -= sizes[s]
+        removed.append(s)
+    return removed
+
+
+def touch(series_folder: Path) -> None:
+    """Mark a cached series as used now (eviction spares it for UGA_DICOMWEB_CACHE_IDLE_S)."""
+    os.utime(series_folder / COMPLETE)

@@ -1,0 +1,57 @@
+"""Where a slide's pixels are: a path under the slide root, or a DICOMweb series in the local cache.
+
+A slide is named ``rel/path`` (a file, or a DICOM series' folder) or ``dicomweb/<pacs>/<study>/<series>``
+(fetched from a configured PACS on first use, then read like a local series).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import InvalidInput
+from service.integrations.dicomweb import COMPLETE, Pacs, cached_series, check_uid, evict, touch
+from service.wsi.slide import canonical_slide, resolve_slide_path
+
+DICOMWEB = "dicomweb"
+
+
+def dicomweb_name(pacs: str, study: str, series: str) -> str:
+    return f"{DICOMWEB}/{pacs}/{study}/{series}"
+
+
+def parse_dicomweb(name: str) -> tuple[str, str, str] | None:
+    """(pacs, study, series) of a DICOMweb slide name, None for a path under the slide root."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != DICOMWEB:
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def pacs_client(settings: Settings, name: str) -> Pacs:
+    endpoint = settings.pacs_endpoints.get(name)
+    if endpoint is None:
+        configured = ", ".join(settings.pacs_endpoints) or "none configured (UGA_PACS)"
+        raise InvalidInput("unknown_pacs", f"unknown PACS {name[:40]!r}: use one of {configured}")
+    return Pacs(endpoint, timeout_s=settings.dicomweb_timeout_s, retries=settings.dicomweb_retries)
+
+
+def check_dicomweb_source(settings: Settings, pacs: str, study: str, series: str) -> str:
+    """The slide name of a DICOMweb series, after checking the PACS is configured and the UIDs are UIDs."""
+    pacs_client(settings, pacs)
+    return dicomweb_name(pacs, check_uid("study", study), check_uid("series", series))
+
+
+def locate_slide(settings: Settings, name: str) -> Path:
+    """The local path of slide ``name``; a DICOMweb series is fetched into the cache first."""
+    source = parse_dicomweb(name)
+    if source is None:
+        return canonical_slide(resolve_slide_path(settings.slide_root, name))
+    pacs, study, series = source
+    cache = settings.data_dir / DICOMWEB
+    folder = cached_series(cache, pacs, study, series)
+    if (folder / COMPLETE).exists():
+        touch(folder)
+        return folder
+    evict(cache, int(settings.dicomweb_cache_mb * 2**20), settings.dicomweb_cache_idle_s)
+    return pacs_client(settings, pacs).fetch_series(study, series, folder)

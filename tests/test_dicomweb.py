@@ -1,0 +1,151 @@
+"""DICOMweb against a real PACS: Orthanc (Debian's, with its DICOMweb plugin and basic auth) on
+loopback. Generated slides are dicomized (one instance per level, and concatenated), stored with
+STOW-RS, segmented by their UIDs, and the DICOM SEG is stored back and read from Orthanc. PACS
+errors (unknown series, wrong password, PACS down) fail the job with a reason code."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pydicom
+import pytest
+
+from service.integrations.dicomweb import COMPLETE, evict
+from tests.dicom import ACCESSION, DICOMIZER, dicomize
+from tests.inprocess import InProcessService
+from tests.orthanc import PASSWORD, USER, OrthancServer
+from tests.server import free_port, wait_job
+
+MPP = 0.5
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, source_slide):
+    why = OrthancServer.available() or (None if DICOMIZER else "OrthancWSIDicomizer not installed (orthanc-wsi)")
+    if why:
+        pytest.skip(why)
+    from dicomweb_client import DICOMwebClient
+
+    root = tmp_path_factory.mktemp("pacs")
+    orthanc = OrthancServer().start()
+    client = DICOMwebClient(url=orthanc.dicomweb)
+    client._session.auth = (USER, PASSWORD)
+    series = {}
+    for layout, concatenated in (("one", False), ("concatenated", True)):
+        folder = dicomize(source_slide, root / layout, mpp=MPP, concatenated=concatenated)
+        datasets = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
+        client.store_instances(datasets)  # STOW-RS, as a scanner would
+        series[layout] = (str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID))
+    yield {"orthanc": orthanc, "client": client, "series": series, "root": root}
+    orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(pacs, tmp_path_factory):
+    base = pacs["orthanc"].dicomweb.split("://")[1]
+    endpoints = ",".join(
+        [
+            f"main=http://{USER}:{PASSWORD}@{base}",
+            f"wrongpass=http://{USER}:not-the-password@{base}",
+            f"down=http://127.0.0.1:{free_port()}/dicom-web",
+        ]
+    )
+    root = tmp_path_factory.mktemp("svc")
+    (root / "slides").mkdir()
+    svc = InProcessService(root / "data", root / "slides", pacs=endpoints, dicomweb_retries=1, dicomweb_timeout_s=10)
+    yield svc
+    svc.close()
+
+
+def submit(svc, pacs_name: str, study: str, series: str, patch_um: int = 512, **extra) -> dict:
+    with svc.client("annotator") as c:
+        body = {
+            "dicomweb": {"pacs": pacs_name, "study": study, "series": series, **extra},
+            "options": {"patch_um": patch_um},
+        }
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code in (200, 202), r.text
+        return wait_job(c, r.json()["id"])
+
+
+@pytest.mark.e2e
+def test_a_concatenated_series_is_segmented_by_uid_and_its_seg_is_stored_back(pacs, service):
+    study, series = pacs["series"]["concatenated"]
+    job = submit(service, "main", study, series, store_seg=True)
+    assert job["state"] == "succeeded", job["error"]
+    assert job["slide"] == f"dicomweb/main/{study}/{series}"
+    ids = job["summary"]["source_identifiers"]
+    assert ids["SeriesInstanceUID"] == series and ids["AccessionNumber"] == ACCESSION
+    stored = job["summary"]["stored_to"]
+    assert stored["pacs"] == "main"
+    found = pacs["client"].search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})
+    assert [s["0020000E"]["Value"][0] for s in found] == [stored["series_instance_uid"]]
+    [seg] = pacs["client"].retrieve_series(study, stored["series_instance_uid"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    cached = service.settings.data_dir / "dicomweb" / "main" / study / series
+    assert (cached / COMPLETE).exists() and len(list(cached.glob("*.dcm"))) >= 5
+    again = submit(service, "main", study, series, store_seg=True)
+    assert again["id"] == job["id"]  # the same series: the same job
+
+
+@pytest.mark.e2e
+def test_a_series_from_the_pacs_can_be_reviewed_and_corrected(pacs, service):
+    study, series = pacs["series"]["one"]
+    job = submit(service, "main", study, series)
+    assert job["state"] == "succeeded", job["error"]
+    with service.client("annotator") as c:
+        items = c.get("/v1/queue", params={"slide": job["slide"], "k": 2}).json()["items"]
+        assert items
+        image = c.get(items[0]["links"]["image"])
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("pacs_name", "which", "code"),
+    [
+        ("main", "missing", "pacs_not_found"),
+        ("wrongpass", "one", "pacs_unauthorized"),
+        ("down", "one", "pacs_unreachable"),
+    ],
+)
+def test_pacs_errors_fail_the_job_with_a_reason(pacs, service, pacs_name, which, code):
+    study, series = pacs["series"]["one"] if which == "one" else ("1.2.3", "1.2.3.4")
+    job = submit(service, pacs_name, study, series, patch_um=256)  # not the succeeded job of that series
+    assert job["state"] == "failed"
+    from service.store import Store
+
+    store = Store(service.settings.data_dir)
+    try:
+        assert store.jobs.failure_counts()[code] >= 1
+    finally:
+        store.close()
+    assert pacs_name in job["error"]
+
+
+@pytest.mark.e2e
+def test_a_pacs_or_uid_not_allowed_is_refused_at_submission(pacs, service):
+    with service.client("annotator") as c:
+        for source, code in (
+            ({"pacs": "elsewhere", "study": "1.2", "series": "1.2.3"}, "unknown_pacs"),
+            ({"pacs": "main", "study": "1.2", "series": "1.2.3/../x"}, "invalid_uid"),
+        ):
+            r = c.post("/v1/jobs", json={"dicomweb": source})
+            assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+        both = c.post("/v1/jobs", json={"slide": "a.tif", "dicomweb": {"pacs": "main", "study": "1", "series": "2"}})
+        assert both.status_code == 422
+
+
+def test_the_cache_evicts_the_least_recently_used_idle_series_first(tmp_path):
+    for i, name in enumerate(("old", "mid", "new")):
+        folder = tmp_path / "pacs" / "1.2" / name
+        folder.mkdir(parents=True)
+        (folder / "a.dcm").write_bytes(b"x" * 1000)
+        (folder / COMPLETE).write_text("")
+        t = time.time() - 3600 + i * 600
+        os.utime(folder / COMPLETE, (t, t))
+    removed = evict(tmp_path, max_bytes=1500, idle_s=60)
+    assert [p.name for p in removed] == ["old", "mid"]  # down to 1000 bytes, oldest first
+    assert (tmp_path / "pacs" / "1.2" / "new").exists()
+    assert evict(tmp_path, max_bytes=0, idle_s=7200) == []  # everything recently used: nothing goes
