@@ -83,6 +83,10 @@ def test_a_series_is_one_job_however_it_is_named_and_its_outputs_carry_its_ident
             pooled = c.get("/v1/queue", params={"k": 50}).json()["items"]
             assert {i["slide"] for i in pooled} == {"case-1/series-one"}
             report = c.get(job["artifacts"]["fhir_report"]).json()
+            features = c.get(job["artifacts"]["geojson"]).json()["features"]
+            assert all(f["properties"]["source_identifiers"] == ids for f in features)
+            queue = c.get(job["artifacts"]["queue"]).json()
+            assert queue and all(item["source_identifiers"] == ids for item in queue)
             seg = c.get(job["artifacts"]["dicom_seg"])
             assert seg.headers["content-type"] == "application/dicom"
             mask_tif = c.get(job["artifacts"]["mask"]).content

@@ -51,8 +51,9 @@ def tumour_polygons(mask_preview: np.ndarray, to_level0: float) -> list[list[lis
     return rings
 
 
-def geojson(rings: list, queue: list[dict], model_version: str) -> dict:
-    """QuPath-importable FeatureCollection: tumour outlines and review patches (scores as measurements)."""
+def geojson(rings: list, queue: list[dict], model_version: str, source: dict | None = None) -> dict:
+    """QuPath-importable FeatureCollection: tumour outlines and review patches (scores as measurements).
+    ``source``: a DICOM slide's identifiers (UIDs, accession number), on every feature."""
     features = [
         {
             "type": "Feature",
@@ -62,6 +63,7 @@ def geojson(rings: list, queue: list[dict], model_version: str) -> dict:
                 "name": "Tumour (predicted)",
                 "classification": {"name": "Tumor", "color": [200, 0, 0]},
                 "model_version": model_version,
+                **({"source_identifiers": source} if source else {}),
             },
         }
         for ring in rings
@@ -81,6 +83,7 @@ def geojson(rings: list, queue: list[dict], model_version: str) -> dict:
                     "name": f"Review #{item['rank']}",
                     "classification": {"name": "Review", "color": [0, 160, 255]},
                     "queue_item_id": item["id"],
+                    **({"source_identifiers": source} if source else {}),
                     "measurements": {
                         "rank": item["rank"],
                         "score": item["score"],

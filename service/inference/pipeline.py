@@ -137,7 +137,9 @@ def _run(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         rings = outputs.tumour_polygons(analysis.previews["mask"], level0_per_px)
-        features = outputs.geojson(rings, queue, ensemble.version)
+        if slide.identifiers:  # a DICOM source: every output names it
+            queue = [{**item, "source_identifiers": slide.identifiers} for item in queue]
+        features = outputs.geojson(rings, queue, ensemble.version, slide.identifiers)
         overlay = outputs.overlay_png(
             thumb,
             preview,
