@@ -1,5 +1,7 @@
 """DICOM whole-slide series for tests, made from a generated TIFF by Orthanc's WSI dicomizer (Debian
-`orthanc-wsi`): one instance per level, or concatenated (a level split over several instances)."""
+`orthanc-wsi`) in three layouts: "one" (one instance per level, --max-size 0: what OpenSlide reads),
+"default" (the dicomizer's defaults: concatenation UIDs, which OpenSlide refuses) and "split" (a level
+split over several concatenated instances, at most 1 MB each)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ DICOMIZER = shutil.which("OrthancWSIDicomizer")
 ACCESSION = "ACC-2026-0042"
 
 
-def dicomize(slide: Path, out: Path, *, mpp: float, concatenated: bool) -> Path:
-    """``out`` filled with the series of ``slide``. Concatenated: at most 1 MB per instance."""
+MAX_SIZE = {"one": ["--max-size", "0"], "default": [], "split": ["--max-size", "1"]}
+
+
+def dicomize(slide: Path, out: Path, *, mpp: float, layout: str) -> Path:
+    """``out`` filled with the series of ``slide`` in ``layout`` (one, default, split)."""
     out.mkdir(parents=True)
     sample = subprocess.run([DICOMIZER, "--sample-dataset"], capture_output=True, text=True, check=True).stdout
     dataset = json.loads(sample[sample.index("{") :])
@@ -31,7 +36,7 @@ def dicomize(slide: Path, out: Path, *, mpp: float, concatenated: bool) -> Path:
         DICOMIZER,
         "--dataset", str(out.parent / f"{out.name}-dataset.json"),
         "--imaged-width", f"{width_mm}", "--imaged-height", f"{height_mm}",
-        "--max-size", "1" if concatenated else "0",
+        *MAX_SIZE[layout],
         "--folder", str(out),
         str(slide),
     ]  # fmt: skip

@@ -23,14 +23,12 @@ MPP = 0.5  # the generated slides' level-0 µm/px
 def series(tmp_path_factory, source_slide):
     root = tmp_path_factory.mktemp("dicom")
     slides = root / "slides"
-    return {
-        "root": slides,
-        "one": dicomize(source_slide, slides / "case-1" / "series-one", mpp=MPP, concatenated=False),
-        "concatenated": dicomize(source_slide, slides / "case-1" / "series-cat", mpp=MPP, concatenated=True),
-    }
+    made = {layout: dicomize(source_slide, slides / "case-1" / f"series-{layout}", mpp=MPP, layout=layout)
+            for layout in ("one", "default", "split")}  # fmt: skip
+    return {"root": slides, **made}
 
 
-@pytest.mark.parametrize("layout", ["one", "concatenated"])
+@pytest.mark.parametrize("layout", ["one", "default", "split"])
 def test_a_series_reads_like_its_source_tiff_by_folder_or_by_any_instance(series, source_slide, layout):
     folder = series[layout]
     instances = sorted(folder.glob("*.dcm"))
@@ -45,18 +43,21 @@ def test_a_series_reads_like_its_source_tiff_by_folder_or_by_any_instance(series
             assert np.abs(region - reference).mean() < 4  # the same pixels, through JPEG once more
 
 
-def test_openslide_refuses_a_concatenated_series_and_wsidicom_reads_it(series):
-    first = sorted(series["concatenated"].glob("*.dcm"))[0]
+@pytest.mark.parametrize("layout", ["default", "split"])
+def test_openslide_refuses_the_dicomizers_concatenated_output_and_wsidicom_reads_it(series, layout):
+    first = sorted(series[layout].glob("*.dcm"))[0]
     with pytest.raises(openslide.OpenSlideError):
         openslide.OpenSlide(str(first))
     with open_slide(first) as slide:
         assert len(slide.handle.level_downsamples) >= 3
+    if layout == "split":  # level 0 over several instances
+        assert len(list(series[layout].glob("*.dcm"))) > len(slide.handle.level_downsamples)
 
 
 def test_a_folder_with_two_series_is_refused_with_a_reason(series, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(series["one"], mixed)
-    for i, f in enumerate(sorted(series["concatenated"].glob("*.dcm"))):
+    for i, f in enumerate(sorted(series["default"].glob("*.dcm"))):
         shutil.copy(f, mixed / f"other-{i}.dcm")
     with pytest.raises(SlideError, match="2 DICOM series"):
         open_slide(mixed)
