@@ -77,11 +77,15 @@ class DeliveryRepository:
     def claim(self, lease_s: float) -> Delivery | None:
         """Lease the most overdue delivery (pending and due, or sending with an expired lease)."""
         now = time.time()
+        due = "(state = 'pending' AND next_at <= ?) OR (state = 'sending' AND lease_until < ?)"
+        if self.db.scalar(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1", (now, now)) is None:
+            return None  # the common case, every second in every process: a read, not a write lock
         with self.db.transaction() as db:
             row = db.execute(
                 "UPDATE deliveries SET state = 'sending', lease_until = ?, attempts = attempts + 1"
-                " WHERE id = (SELECT id FROM deliveries WHERE (state = 'pending' AND next_at <= ?)"
-                " OR (state = 'sending' AND lease_until < ?) ORDER BY next_at LIMIT 1" + self.db.skip_locked + ")"
+                f" WHERE id = (SELECT id FROM deliveries WHERE {due} ORDER BY next_at LIMIT 1"
+                + self.db.skip_locked
+                + ")"
                 " RETURNING id",
                 (now + lease_s, now, now),
             ).fetchone()
