@@ -1,0 +1,55 @@
+"""The shortcut gate of the benchmark (bench/PROTOCOL.md): can five global block features alone tell
+tumour from normal? If a logistic regression on them separates the classes much better than
+chance, a network can learn that shortcut instead of morphology, and it fails out of domain for the
+wrong reason. Pure numpy: features, a class-balanced sample, k-fold logistic regression.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FEATURES = ("mean_r", "mean_g", "mean_b", "hf_energy", "grey_std")
+GATE_ACCURACY = 0.60  # at most this (chance is 0.5) for the benchmark to pass
+
+
+def block_features(rgb: np.ndarray) -> np.ndarray:
+    """(5,) features of one RGB uint8 block: mean R, G, B, high-frequency energy, grey std."""
+    x = rgb.astype(np.float32) / 255.0
+    grey = x.mean(axis=2)
+    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    means = x.reshape(-1, 3).mean(axis=0)
+    return np.array([*means, float(np.mean(lap**2)), float(grey.std())], dtype=np.float64)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 500, lr: float = 0.5, l2: float = 1e-3) -> np.ndarray:
+    """Weights (with bias last) of an L2-regularised logistic regression by gradient descent."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(xb.shape[1])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(xb @ w)))
+        w -= lr * (xb.T @ (p - y) / len(y) + l2 * np.r_[w[:-1], 0.0])
+    return w
+
+
+def cv_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) accuracy of the logistic regression over ``folds`` folds (features standardised
+    on each training fold)."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    scores = []
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test)
+        mu, sd = x[train].mean(0), x[train].std(0) + 1e-12
+        w = fit_logistic((x[train] - mu) / sd, y[train])
+        xt = np.hstack([(x[test] - mu) / sd, np.ones((len(test), 1))])
+        scores.append(float(np.mean(((xt @ w) > 0) == (y[test] > 0.5))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def balanced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """As many blocks of each class (the smaller class's count), drawn at random."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y > 0.5), np.flatnonzero(y <= 0.5)
+    n = min(len(pos), len(neg))
+    keep = np.r_[rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]
+    return x[keep], y[keep]
