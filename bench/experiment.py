@@ -52,6 +52,7 @@ from service.inference.ensemble import (  # noqa: E402
 )
 from service.inference.evaluation import overlap_with_truth, read_truth  # noqa: E402
 from service.inference.queue import Candidate, CellStats, cell_sums, score_candidates, select_non_overlapping  # noqa: E402
+from service.inference.selection import random_scores  # noqa: E402
 from service.inference.uncertainty import from_uint8  # noqa: E402
 from service.options import SegmentationOptions  # noqa: E402
 from service.vocabulary import MEASURES  # noqa: E402
@@ -194,13 +195,6 @@ def per_centre_select(cands: dict[str, list[Candidate]], centres: dict[str, str]
             if len(picked) < top and rank < len(by_centre[centre]):
                 picked.append(by_centre[centre][rank])
     return picked
-
-
-def with_scores(cands: list[Candidate], scores: np.ndarray) -> list[Candidate]:
-    return [
-        Candidate(c.row, c.col, float(s), c.mean_uncertainty, c.mean_probability, c.tissue_fraction)
-        for c, s in zip(cands, scores, strict=True)
-    ]
 
 
 # ----------------------------------------------------------------------------- slides
@@ -366,8 +360,8 @@ def select(
     for i, p in enumerate(pool):
         measure = "uga" if strategy == "random" else strategy
         c = score_candidates(p.stats[measure], k, scoring="mean", min_tissue=min_tissue)
-        if strategy == "random":
-            c = with_scores(c, np.random.default_rng([seed, 7919, i]).random(len(c)))
+        if strategy == "random":  # the service's random strategy's draws, pooled across slides here
+            c = random_scores(c, np.random.default_rng([seed, 7919, i]))
         cands[p.ref.key] = c
     if selection == "per-centre":
         return per_centre_select(cands, centres, k, top)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from service.config import get_settings, settings_error
 from service.errors import DomainError
-from service.vocabulary import MEASURES, SCORINGS
+from service.vocabulary import MEASURES, SCORINGS, SELECTIONS
 
 EXIT_USAGE = 2
 COMMANDS_GROUP = "uga.commands"
@@ -50,6 +50,9 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-um", type=_positive, default=s.patch_um, help=f"patch side µm (default {s.patch_um:g})")
     p.add_argument("--uncertainty", choices=MEASURES, default=s.uncertainty)
     p.add_argument("--scoring", choices=SCORINGS, default=s.scoring, help="patch score")
+    p.add_argument(
+        "--selection", choices=SELECTIONS, default=s.selection, help="how the review queue picks its patches"
+    )
     p.add_argument("--model", type=Path, default=s.baseline_dir, help="model version directory")
     p.add_argument("--tile", type=int, default=s.tile)
     p.add_argument("--batch", type=int, default=s.batch)
@@ -76,6 +79,7 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
             "batch": args.batch,
             "uncertainty": args.uncertainty,
             "scoring": args.scoring,
+            "selection": args.selection,
             "queue_size": args.queue,
             "patch_um": args.patch_um,
         },

@@ -16,10 +16,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from service.errors import InvalidInput
-from service.vocabulary import Measure, Scoring
+from service.vocabulary import Measure, Scoring, Selection
 
 # Options a client may choose per job (HTTP and CLI); the rest are deployment settings only.
-REQUEST_FIELDS = ("mpp", "slide_mpp", "uncertainty", "scoring", "queue_size", "patch_um")
+REQUEST_FIELDS = ("mpp", "slide_mpp", "uncertainty", "scoring", "selection", "queue_size", "patch_um")
 # A client's per-job choice is bounded tighter than what a deployment may set (ge, le).
 REQUEST_BOUNDS = {"mpp": (0.25, 16), "queue_size": (1, 200), "patch_um": (64, 8192)}
 
@@ -34,6 +34,9 @@ class SegmentationDefaults(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1, description="tumour threshold on the mean probability")
     uncertainty: Measure = Field("uga", description="uncertainty measure that ranks the review queue")
     scoring: Scoring = Field("mean", description="patch score: mean over tissue, or the paper's")
+    selection: Selection = Field(
+        "uncertainty", description="how the queue picks patches: uncertainty (top-k), class_balanced, random"
+    )
     queue_size: int = Field(10, ge=1, le=1000, description="patches in the ranked review queue per slide")
     patch_um: float = Field(1024.0, gt=0, description="review patch side in µm (the paper: 1024)")
     min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a review patch")

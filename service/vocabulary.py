@@ -14,6 +14,10 @@ MEASURES: tuple[str, ...] = get_args(Measure)
 Scoring = Literal["mean", "paper"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
 
+# How the review queue picks its patches (service.inference.selection, shared with the experiment).
+Selection = Literal["uncertainty", "class_balanced", "random"]
+SELECTIONS: tuple[str, ...] = get_args(Selection)
+
 # Stitched per-pixel maps, in channel order: the mean probability, then every measure.
 MapName = Literal["probability", "entropy", "mutual_information", "uga"]
 MAP_NAMES: tuple[str, ...] = get_args(MapName)

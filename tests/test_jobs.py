@@ -21,6 +21,7 @@ OTHER_VALUE = {
     "threshold": 0.4,
     "uncertainty": "entropy",
     "scoring": "paper",
+    "selection": "class_balanced",
     "queue_size": 3,
     "patch_um": 512.0,
     "min_tissue": 0.3,

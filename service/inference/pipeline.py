@@ -89,6 +89,7 @@ def _run(
             model_version=ensemble.version,
             exclude=exclude,
             level0_size=slide.dimensions,
+            selection=opt.selection,
         )
         rasters = {"mask": analysis.mask, **result.maps}
         tiffs = outputs.start_map_tiffs(out_dir, rasters, opt.mpp, pool)
@@ -128,6 +129,7 @@ def _run(
             "queue": {
                 "measure": opt.uncertainty,
                 "scoring": opt.scoring,
+                "selection": opt.selection,
                 "size": len(queue),
                 "requested": opt.queue_size,
                 "patch_um": opt.patch_um,

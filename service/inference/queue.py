@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.inference.selection import Candidate, select, select_non_overlapping  # noqa: F401 (re-exported)
 from service.vocabulary import SCORINGS
 
 PAPER_FRACTION = 0.8  # the paper: pixels above 0.8 x max count 100 each
@@ -42,16 +43,6 @@ def _window_sums(grid: np.ndarray, k: int) -> np.ndarray:
     return ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k]
 
 
-@dataclass
-class Candidate:
-    row: int  # in cells
-    col: int
-    score: float
-    mean_uncertainty: float
-    mean_probability: float
-    tissue_fraction: float
-
-
 def score_candidates(stats: CellStats, k: int, *, scoring: str = "mean", min_tissue: float = 0.5) -> list[Candidate]:
     """Every k x k-cell patch with at least ``min_tissue`` tissue, scored."""
     if scoring not in SCORINGS:
@@ -75,17 +66,6 @@ def score_candidates(stats: CellStats, k: int, *, scoring: str = "mean", min_tis
     ]
 
 
-def select_non_overlapping(candidates: list[Candidate], k: int, top: int) -> list[Candidate]:
-    """Greedy: best score first, skipping any patch that overlaps one already chosen."""
-    chosen: list[Candidate] = []
-    for cand in sorted(candidates, key=lambda c: (-c.score, c.row, c.col)):
-        if all(abs(cand.row - o.row) >= k or abs(cand.col - o.col) >= k for o in chosen):
-            chosen.append(cand)
-            if len(chosen) == top:
-                break
-    return chosen
-
-
 def item_id(slide_key: str, x: int, y: int, size: int) -> str:
     """Stable id of a patch region (level-0 pixels), independent of model version and rank."""
     return hashlib.sha256(f"{slide_key}|{x}|{y}|{size}".encode()).hexdigest()[:16]
@@ -105,8 +85,10 @@ def build_queue(
     model_version: str,
     exclude: set[str] | frozenset[str] = frozenset(),
     level0_size: tuple[int, int] | None = None,
+    selection: str = "uncertainty",
 ) -> list[dict]:
-    """Top non-overlapping patches as queue items (bbox in level-0 px and in µm), best first.
+    """Non-overlapping patches chosen by ``selection`` (service.inference.selection) as queue items
+    (bbox in level-0 px and in µm), in that strategy's order. Random draws are seeded by the slide.
 
     With ``level0_size`` (width, height), a patch that would reach past the slide is never proposed:
     every item can be corrected exactly as proposed.
@@ -126,7 +108,8 @@ def build_queue(
         cands = [c for c in cands if all(v + size0 <= lim for v, lim in zip(level0_xy(c), (w0, h0), strict=True))]
     if exclude:
         cands = [c for c in cands if item_id(slide_key, *level0_xy(c), size0) not in exclude]
-    for rank, c in enumerate(select_non_overlapping(cands, k, top), start=1):
+    rng = np.random.default_rng(int(hashlib.sha256(slide_key.encode()).hexdigest()[:8], 16))
+    for rank, c in enumerate(select(selection, cands, k, top, rng), start=1):
         x0, y0 = level0_xy(c)
         items.append(
             {
@@ -142,6 +125,7 @@ def build_queue(
                 "score": round(c.score, 6),
                 "measure": measure,
                 "scoring": scoring,
+                "selection": selection,
                 "mean_uncertainty": round(c.mean_uncertainty, 6),
                 "mean_probability": round(c.mean_probability, 6),
                 "tissue_fraction": round(c.tissue_fraction, 4),
