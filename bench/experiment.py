@@ -95,6 +95,7 @@ class Config:
     eval_slide_seed: int = 20240777
     quick: bool = False
     selection: str = "pooled"  # pooled: one ranking over all centres; per-centre: round-robin quotas
+    real: str | None = None  # a folder of real slides with masks (discover_slides) instead of built ones
 
     @classmethod
     def quick_config(cls) -> Config:
@@ -210,8 +211,32 @@ class SlideRef:
     meta: dict
 
 
+def discover_slides(root: Path) -> list[SlideRef]:
+    """Real slides with masks: ``root/<centre>/<pool|eval>/<name>.<ext>`` beside ``<name>.mask.tif``
+    (a 0/255 mask with the slide's size and µm/px). Pool slides are selected from; eval slides never."""
+    refs = []
+    for centre_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for role in ("pool", "eval"):
+            for path in sorted((centre_dir / role).glob("*")):
+                if path.name.endswith(".mask.tif") or not path.is_file() or path.suffix == ".json":
+                    continue
+                mask = path.with_name(path.name[: -len(path.suffix)] + ".mask.tif")
+                if not mask.exists():
+                    raise SystemExit(f"experiment: {path} has no mask {mask.name} beside it")
+                with open_slide(path) as slide:
+                    meta = {"size": list(slide.dimensions), "mpp": slide.mpp, "seed": None}
+                refs.append(SlideRef(f"{centre_dir.name}-{role}-{path.stem}", centre_dir.name, role, path, mask, meta))
+    for role in ("pool", "eval"):
+        if not any(r.role == role for r in refs):
+            raise SystemExit(f"experiment: no {role} slides under {root}/<centre>/{role}/")
+    return refs
+
+
 def ensure_slides(cfg: Config, root: Path) -> list[SlideRef]:
-    """Build (once, cached) pool and evaluation slides for every centre; distinct seeds per role."""
+    """Build (once, cached) pool and evaluation slides for every centre; distinct seeds per role.
+    With ``cfg.real``, the real slides found there instead."""
+    if cfg.real:
+        return discover_slides(Path(cfg.real))
     sources = None
     refs = []
     plan = [("pool", cfg.pool_per_centre, cfg.pool_size, cfg.slide_seed)]
@@ -585,8 +610,8 @@ def _run(cfg: Config, out: Path, slide_root: Path, work: Path, t_start: float) -
                 "size_level0": r.meta["size"],
                 "mpp": r.meta["mpp"],
                 "seed": r.meta["seed"],
-                "tissue_fraction": round(r.meta["tissue_fraction"], 4),
-                "tumour_fraction": round(r.meta["tumour_fraction"], 4),
+                "tissue_fraction": _round(r.meta.get("tissue_fraction")),
+                "tumour_fraction": _round(r.meta.get("tumour_fraction")),
             }
             for r in refs
         ],
@@ -637,6 +662,10 @@ def summarise(runs: list[dict], cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------- outputs
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def markdown(res: dict) -> str:
@@ -795,6 +824,12 @@ def main(argv: list[str] | None = None) -> int:
         help="slide cache (default $UGA_CACHE_DIR/experiment-slides or ~/.cache/uga-serve/...)",
     )
     ap.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="a folder of real slides with masks, DIR/<centre>/<pool|eval>/<name>.<ext> + <name>.mask.tif",
+    )
+    ap.add_argument(
         "--selection",
         choices=["pooled", "per-centre"],
         default="pooled",
@@ -807,6 +842,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.seeds = args.seeds
     if args.centres:
         cfg.centres = args.centres
+    if args.real:
+        cfg.real = str(args.real)
+        cfg.centres = sorted(p.name for p in args.real.iterdir() if p.is_dir())
     cfg.threads = args.threads
     slide_root = args.slides or cache_dir() / "experiment-slides"
     res = run(cfg, args.out, slide_root)

@@ -119,3 +119,25 @@ def test_per_centre_selection_takes_turns_between_centres(repo_on_path):
 
     picked = per_centre_select({"a1": cands(0.9, 0.8, 0.7), "b1": cands(0.3, 0.2)}, {"a1": "A", "b1": "B"}, 2, 4)
     assert [(p.centre, p.score) for p in picked] == [("A", 0.9), ("B", 0.3), ("A", 0.8), ("B", 0.2)]
+
+
+@pytest.mark.e2e
+def test_the_experiment_runs_unchanged_on_a_folder_of_slides_with_masks(tmp_path, source_slide, ood_slide):
+    """The layout of real data (e.g. Camelyon mounted locally): DIR/<centre>/<pool|eval>/ with masks."""
+    import shutil
+
+    real = tmp_path / "real"
+    for centre, slide in (("hospital-a", source_slide), ("hospital-b", ood_slide)):
+        for role in ("pool", "eval"):
+            (real / centre / role).mkdir(parents=True)
+            shutil.copy(slide, real / centre / role / "case.tif")
+            shutil.copy(slide.with_name(slide.stem + ".mask.tif"), real / centre / role / "case.mask.tif")
+    out = tmp_path / "exp"
+    cmd = [sys.executable, str(REPO / "bench" / "experiment.py"), "--quick", "--real", str(real), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["centres"] == ["hospital-a", "hospital-b"] and res["config"]["real"] == str(real)
+    assert {s["centre"] for s in res["slides"]} == {"hospital-a", "hospital-b"}
+    assert all(s["seed"] is None and s["mpp"] == 0.5 for s in res["slides"])
+    assert set(res["baseline"]["per_centre"]) == {"hospital-a", "hospital-b"}
