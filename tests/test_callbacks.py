@@ -212,3 +212,19 @@ def test_a_job_without_a_callback_sends_nothing(tmp_path, slides, receiver):
     finally:
         svc.close()
     assert receiver.received == []
+
+
+def test_asking_for_a_callback_is_a_new_job_not_the_earlier_one_without(tmp_path, slides, receiver):
+    svc = idle(tmp_path, slides, receiver.url)
+    try:
+        with svc.client("annotator") as c:
+            body = {"slide": "cases/a.tif", "options": {"patch_um": 512}}
+            first = c.post("/v1/jobs", json=body).json()
+            again = c.post("/v1/jobs", json=body)
+            told = c.post("/v1/jobs", json={**body, "callback": "lis"})
+            told_again = c.post("/v1/jobs", json={**body, "callback": "lis"})
+        assert again.status_code == 200 and again.json()["id"] == first["id"]  # identical: deduplicated
+        assert told.status_code == 202 and told.json()["id"] != first["id"] and told.json()["callback"] == "lis"
+        assert told_again.json()["id"] == told.json()["id"]
+    finally:
+        svc.close()

@@ -149,3 +149,35 @@ def test_the_cache_evicts_the_least_recently_used_idle_series_first(tmp_path):
     assert [p.name for p in removed] == ["old", "mid"]  # down to 1000 bytes, oldest first
     assert (tmp_path / "pacs" / "1.2" / "new").exists()
     assert evict(tmp_path, max_bytes=0, idle_s=7200) == []  # everything recently used: nothing goes
+
+
+def test_a_dicomweb_name_given_as_slide_is_checked_like_the_dicomweb_field(tmp_path):
+    """No way around the checks: a `dicomweb/...` slide name must name a configured PACS and real UIDs
+    (no path steps, no query), for jobs, reviews and corrections alike; nothing is fetched or queued."""
+    (tmp_path / "slides").mkdir()
+    svc = InProcessService(
+        tmp_path / "data",
+        tmp_path / "slides",
+        pacs=f"main=http://127.0.0.1:{free_port()}/dicom-web",
+        start_worker=False,
+    )
+    try:
+        with svc.client("annotator") as c:
+            for slide, code in (
+                ("dicomweb/main/../..", "invalid_uid"),
+                ("dicomweb/main/1.2/1.2.3?x=1", "invalid_uid"),
+                ("dicomweb/other/1.2/1.2.3", "unknown_pacs"),
+            ):
+                r = c.post("/v1/jobs", json={"slide": slide})
+                assert r.status_code == 400 and r.json()["error"]["code"] == code, (slide, r.text)
+                r = c.post(
+                    "/v1/corrections",
+                    params={"slide": slide, "x": 0, "y": 0, "width": 64, "height": 64},
+                    content=b"\x89PNG",
+                    headers={"content-type": "image/png"},
+                )
+                assert r.status_code == 400, (slide, r.text)
+        assert svc.runtime.store.jobs.counts()["queued"] == 0
+        assert not (svc.settings.data_dir / "dicomweb").exists()
+    finally:
+        svc.close()

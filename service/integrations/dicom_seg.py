@@ -40,8 +40,8 @@ def source_levels(series: DicomSeries) -> list[SourceLevel]:
     levels: dict[tuple[int, int], SourceLevel] = {}
     for path in series.files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if "VOLUME" not in (ds.get("ImageType") or []) and "TotalPixelMatrixColumns" not in ds:
-            continue  # labels, overviews, thumbnails
+        if "VOLUME" not in (ds.get("ImageType") or []) or "TotalPixelMatrixColumns" not in ds:
+            continue  # labels, overviews, thumbnails: not pyramid levels
         try:
             spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
         except (AttributeError, IndexError):

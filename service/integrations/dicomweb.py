@@ -10,6 +10,7 @@ retried at most UGA_DICOMWEB_RETRIES times (connection errors and 5xx only), wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from service.errors import InvalidInput, Unprocessable
 
@@ -45,8 +46,9 @@ def parse_endpoints(setting: str) -> dict[str, PacsEndpoint]:
     for entry in (e.strip() for e in setting.split(",") if e.strip()):
         name, _, url = entry.partition("=")
         parts = urlsplit(url.strip())
-        auth = (parts.username or "", parts.password or "") if parts.username else None
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else ""
+        auth = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username else None
+        host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname  # IPv6
+        netloc = host + (f":{parts.port}" if parts.port else "") if host else ""
         endpoints[name.strip()] = PacsEndpoint(name.strip(), urlunsplit(parts._replace(netloc=netloc)), auth)
     return endpoints
 
@@ -74,6 +76,12 @@ class Pacs:
         self.client = DICOMwebClient(url=endpoint.url, session=session)
         self.client.set_http_retry_params(retry=False)
         session.request = _with_timeout(session.request, timeout_s)
+
+    def __enter__(self) -> Pacs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.close()
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         import requests
@@ -104,7 +112,9 @@ class Pacs:
         """SOP Instance UIDs of the series (QIDO-RS)."""
         found = self._call(
             f"series {series}",
-            lambda: self.client.search_for_instances(study_instance_uid=study, series_instance_uid=series),
+            lambda: self.client.search_for_instances(
+                study_instance_uid=study, series_instance_uid=series, get_remaining=True
+            ),
         )
         uids = [i["00080018"]["Value"][0] for i in found if "00080018" in i]
         if not uids:
@@ -128,10 +138,12 @@ class Pacs:
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
             (part / COMPLETE).write_text(f"{study}/{series}\n")
-            if folder.exists():  # another process fetched it meanwhile
-                shutil.rmtree(part)
-            else:
+            try:
                 part.rename(folder)
+            except OSError:  # another process fetched it meanwhile: keep theirs
+                if not (folder / COMPLETE).exists():
+                    raise
+                shutil.rmtree(part, ignore_errors=True)
         except BaseException:
             shutil.rmtree(part, ignore_errors=True)
             raise
@@ -155,18 +167,34 @@ def cached_series(cache: Path, pacs: str, study: str, series: str) -> Path:
 
 
 def evict(cache: Path, max_bytes: int, idle_s: float) -> list[Path]:
-    """Remove complete series not used for ``idle_s``, least recently used first, while over ``max_bytes``."""
-    series = [p.parent for p in cache.glob(f"*/*/*/{COMPLETE}")]
-    sizes = {s: sum(f.stat().st_size for f in s.iterdir()) for s in series}
-    total, removed = sum(sizes.values()), []
-    for s in sorted(series, key=lambda s: (s / COMPLETE).stat().st_mtime):
+    """Remove complete series not used for ``idle_s``, least recently used first, while over ``max_bytes``;
+    and fetches abandoned by a killed process (``.part-*`` untouched for ``idle_s``). A series is renamed
+    away before it is deleted, so no reader ever sees half of one; a race with another evicting process
+    is harmless."""
+    now = time.time()
+    for part in cache.glob("*/*/*.part-*"):
+        with contextlib.suppress(OSError):
+            if now - part.stat().st_mtime > idle_s:
+                shutil.rmtree(part, ignore_errors=True)
+    used: dict[Path, tuple[float, int]] = {}
+    for marker in cache.glob(f"*/*/*/{COMPLETE}"):
+        with contextlib.suppress(OSError):
+            series = marker.parent
+            used[series] = (marker.stat().st_mtime, sum(f.stat().st_size for f in series.iterdir()))
+    total, removed = sum(size for _, size in used.values()), []
+    for series, (mtime, size) in sorted(used.items(), key=lambda item: item[1][0]):
         if total <= max_bytes:
             break
-        if time.time() - (s / COMPLETE).stat().st_mtime < idle_s:
+        if now - mtime < idle_s:
             continue  # in use: a job or a review read it recently
-        shutil.rmtree(s, ignore_errors=True)
-        total -= sizes[s]
-        removed.append(s)
+        doomed = series.with_name(f"{series.name}.evict-{uuid.uuid4().hex[:8]}")
+        try:
+            series.rename(doomed)
+        except OSError:
+            continue  # another process evicted it first
+        shutil.rmtree(doomed, ignore_errors=True)
+        total -= size
+        removed.append(series)
     return removed
 
 

@@ -89,7 +89,7 @@ class CallbackSender:
             self._failed(delivery, None, f"{type(exc).__name__}: {exc}")
             return True
         if 200 <= response.status_code < 300:
-            self.store.deliveries.delivered(delivery.id, response.status_code)
+            self.store.deliveries.delivered(delivery, response.status_code)
             log.info("callback %s %s delivered to %s", delivery.event, delivery.id, delivery.target)
         else:
             self._failed(delivery, response.status_code, f"HTTP {response.status_code}: {response.text[:200]}")
@@ -97,7 +97,7 @@ class CallbackSender:
 
     def _failed(self, delivery: Delivery, status: int | None, error: str) -> None:
         state = self.store.deliveries.attempt_failed(
-            delivery.id,
+            delivery,
             status,
             error,
             max_attempts=self.settings.callback_max_attempts,

@@ -13,7 +13,7 @@ from typing import Any
 from service.config import Settings
 from service.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound, Unprocessable
 from service.inference.tiling import TileGrid
-from service.loop.slides import parse_dicomweb
+from service.loop.slides import check_dicomweb_source, parse_dicomweb
 from service.options import SegmentationOptions
 from service.store import Job, Store
 from service.vocabulary import ACTIVE_JOB_STATES, ARTIFACTS, JOB_STATES
@@ -62,7 +62,7 @@ def submit_segmentation(
     options = SegmentationOptions.resolve(settings, requested)
     remote = parse_dicomweb(slide)
     if remote is not None:
-        rel = slide
+        rel = check_dicomweb_source(settings, *remote)  # also when named in `slide`: a configured PACS, UIDs
         key = remote_identity(remote[2], options, model_version)
     else:
         path = canonical_slide(resolve_slide_path(settings.slide_root, slide))  # a DICOM series: its folder
@@ -70,6 +70,8 @@ def submit_segmentation(
             check_work(settings, path, options)
         rel = path.relative_to(settings.slide_root.resolve()).as_posix()
         key = job_identity(path, rel, options, model_version)
+    if callback or stow:  # what the caller asks to be told or stored is part of the job
+        key = hashlib.sha256(json.dumps([key, callback, stow]).encode()).hexdigest()
     return store.jobs.submit(
         slide=rel,
         options=dict(requested),

@@ -28,17 +28,23 @@ def parse_dicomweb(name: str) -> tuple[str, str, str] | None:
     return parts[1], parts[2], parts[3]
 
 
-def pacs_client(settings: Settings, name: str) -> Pacs:
-    endpoint = settings.pacs_endpoints.get(name)
-    if endpoint is None:
+def endpoint(settings: Settings, name: str):
+    """The configured PACS called ``name`` (never a URL from a request)."""
+    found = settings.pacs_endpoints.get(name)
+    if found is None:
         configured = ", ".join(settings.pacs_endpoints) or "none configured (UGA_PACS)"
         raise InvalidInput("unknown_pacs", f"unknown PACS {name[:40]!r}: use one of {configured}")
-    return Pacs(endpoint, timeout_s=settings.dicomweb_timeout_s, retries=settings.dicomweb_retries)
+    return found
+
+
+def pacs_client(settings: Settings, name: str) -> Pacs:
+    """A client of the configured PACS ``name`` (close it: ``with pacs_client(...) as pacs``)."""
+    return Pacs(endpoint(settings, name), timeout_s=settings.dicomweb_timeout_s, retries=settings.dicomweb_retries)
 
 
 def check_dicomweb_source(settings: Settings, pacs: str, study: str, series: str) -> str:
     """The slide name of a DICOMweb series, after checking the PACS is configured and the UIDs are UIDs."""
-    pacs_client(settings, pacs)
+    endpoint(settings, pacs)
     return dicomweb_name(pacs, check_uid("study", study), check_uid("series", series))
 
 
@@ -47,6 +53,7 @@ def locate_slide(settings: Settings, name: str) -> Path:
     source = parse_dicomweb(name)
     if source is None:
         return canonical_slide(resolve_slide_path(settings.slide_root, name))
+    check_dicomweb_source(settings, *source)  # a configured PACS and real UIDs before any path is built
     pacs, study, series = source
     cache = settings.data_dir / DICOMWEB
     folder = cached_series(cache, pacs, study, series)
@@ -54,4 +61,5 @@ def locate_slide(settings: Settings, name: str) -> Path:
         touch(folder)
         return folder
     evict(cache, int(settings.dicomweb_cache_mb * 2**20), settings.dicomweb_cache_idle_s)
-    return pacs_client(settings, pacs).fetch_series(study, series, folder)
+    with pacs_client(settings, pacs) as client:
+        return client.fetch_series(study, series, folder)

@@ -175,7 +175,7 @@ class JobWorker:
                 exclude=self.store.queue.handled(job.slide),
             )
             queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
-            write_hospital_outputs(job, slide, Path(out), summary, self.settings)
+            write_hospital_outputs(job, slide, Path(out), summary, self.settings, lambda: self._still_mine(job))
             if jobs.finish(job.id, self.name, summary, queue):
                 if self.on_success:
                     self.on_success(job, summary)
@@ -208,8 +208,18 @@ class JobWorker:
     def _fail(self, job: Job, error: str, code: str = "internal_error") -> None:
         self.store.jobs.fail(job.id, self.name, error, code)
 
+    def _still_mine(self, job: Job) -> None:
+        """Raise unless the job is still this worker's and not cancelled (before an irreversible step)."""
+        answer = self.store.jobs.heartbeat(job.id, self.name)
+        if answer is None:
+            raise Lost()
+        if answer:
+            raise CancelRequested()
 
-def write_hospital_outputs(job: Job, slide: Path, out: Path, summary: dict, settings: Settings) -> None:
+
+def write_hospital_outputs(
+    job: Job, slide: Path, out: Path, summary: dict, settings: Settings, still_mine: Callable[[], None] | None = None
+) -> None:
     """The FHIR report, and for a DICOM source its SEG (stored to the PACS when the job asks); each
     added to the summary's artifacts.
 
@@ -235,6 +245,9 @@ def write_hospital_outputs(job: Job, slide: Path, out: Path, summary: dict, sett
     commit_file(tmp, out / ARTIFACTS["dicom_seg"])
     summary["artifacts"]["dicom_seg"] = ARTIFACTS["dicom_seg"]
     if job.stow:  # the job asked: STOW-RS to its PACS (a failure fails the job with the PACS's reason)
-        pacs_client(settings, job.stow).store(seg)
+        if still_mine is not None:
+            still_mine()  # never store the result of a job that was cancelled or taken over meanwhile
+        with pacs_client(settings, job.stow) as pacs:
+            pacs.store(seg)
         summary["stored_to"] = {"pacs": job.stow, "series_instance_uid": str(seg.SeriesInstanceUID)}
     atomic_write_json(out / ARTIFACTS["summary"], summary)  # the file says what the job wrote, as the store

@@ -7,6 +7,7 @@ stay in the data directory, which becomes the shared volume.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def copy_store(data_dir: Path, url: str) -> dict[str, int]:
         if filled:
             raise StoreError(f"{target.path} is not empty ({', '.join(filled)}): copy into a new database")
         copied: dict[str, int] = {}
+        source.conn().execute("BEGIN")  # one consistent snapshot of every table, even if the service runs
         with target.transaction() as db:
             for table in TABLES:
                 rows = source.conn().execute(f"SELECT * FROM {table}").fetchall()
@@ -45,5 +47,7 @@ def copy_store(data_dir: Path, url: str) -> dict[str, int]:
                 )
         return copied
     finally:
+        with contextlib.suppress(Exception):
+            source.conn().execute("ROLLBACK")
         source.close()
         target.close()

@@ -91,28 +91,29 @@ class DeliveryRepository:
             ).fetchone()
         return self.get(row["id"]) if row else None
 
-    def delivered(self, delivery_id: str, status: int) -> None:
+    def delivered(self, lease: Delivery, status: int) -> None:
+        """Record success, if this sender still holds the lease (``lease`` is what ``claim`` returned)."""
         with self.db.transaction() as db:
             db.execute(
                 "UPDATE deliveries SET state = 'delivered', delivered_at = ?, last_status = ?, last_error = NULL,"
-                " lease_until = NULL WHERE id = ? AND state = 'sending'",
-                (time.time(), status, delivery_id),
+                " lease_until = NULL WHERE id = ? AND state = 'sending' AND lease_until = ?",
+                (time.time(), status, lease.id, lease.lease_until),
             )
 
     def attempt_failed(
-        self, delivery_id: str, status: int | None, error: str, *, max_attempts: int, retry_in_s: float
+        self, lease: Delivery, status: int | None, error: str, *, max_attempts: int, retry_in_s: float
     ) -> str:
-        """Record a failed attempt: due again after ``retry_in_s``, or failed for good. Returns the state."""
+        """Record a failed attempt: due again after ``retry_in_s``, or failed for good. Returns the state.
+        A sender whose lease expired (another took the row over) changes nothing."""
+        state = "failed" if lease.attempts >= max_attempts else "pending"
         with self.db.transaction() as db:
-            row = db.execute("SELECT attempts FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
-            state = "failed" if row is None or row["attempts"] >= max_attempts else "pending"
-            db.execute(
+            cur = db.execute(
                 "UPDATE deliveries SET state = ?, next_at = ?, last_status = ?, last_error = ?, lease_until = NULL"
-                " WHERE id = ? AND state = 'sending'",
-                (state, time.time() + retry_in_s, status, error[:500], delivery_id),
+                " WHERE id = ? AND state = 'sending' AND lease_until = ?",
+                (state, time.time() + retry_in_s, status, error[:500], lease.id, lease.lease_until),
             )
-            if state == "failed":
-                audit(db, "system", "callback.failed", delivery_id, {"status": status, "error": error[:200]})
+            if cur.rowcount == 1 and state == "failed":
+                audit(db, "system", "callback.failed", lease.id, {"status": status, "error": error[:200]})
         return state
 
     def retry(self, delivery_id: str, actor: str | None) -> Delivery:

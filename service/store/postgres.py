@@ -48,6 +48,17 @@ def postgres_schema(schema: str) -> list[str]:
     return statements(ddl)
 
 
+def _describe(url: str) -> str:
+    """host:port/dbname of a connection URL, for messages (a password may sit in userinfo or the query)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL: say nothing of it
+        return "the configured database"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
 class _Row(dict):
     """A row by column name, or by position like ``sqlite3.Row``."""
 
@@ -93,7 +104,7 @@ class PostgresDatabase:
         except ImportError as exc:
             raise StoreError(f"UGA_DATABASE_URL needs psycopg and psycopg-pool ({exc.name} missing)") from exc
         self.url, self.data_dir = url, data_dir
-        self.path = Path(url.split("@")[-1])  # for messages only: never the password
+        self.path = Path(_describe(url))  # for messages only: host, port and database, never a password
         from psycopg_pool import PoolTimeout
 
         self._unreachable = (psycopg.OperationalError, PoolTimeout)
