@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.options import SegmentationRequest
-from service.store import FinetuneRun, Job, ModelVersion, QueueItem
+from service.store import Delivery, FinetuneRun, Job, ModelVersion, QueueItem
 from service.store.records import as_dict
 from service.vocabulary import ARTIFACTS, ItemStatus, JobState
 
@@ -255,20 +256,6 @@ class DeliveryList(BaseModel):
     deliveries: list[DeliveryView]
 
 
-def delivery_view(d) -> DeliveryView:
-    import json
-
-    return DeliveryView(
-        id=d.id,
-        job_id=d.job_id,
-        target=d.target,
-        event=d.event,
-        state=d.state,
-        attempts=d.attempts,
-        next_at=d.next_at if d.state == "pending" else None,
-        last_status=d.last_status,
-        last_error=d.last_error,
-        created_at=d.created_at,
-        delivered_at=d.delivered_at,
-        payload=json.loads(d.payload),
-    )
+def delivery_view(d: Delivery) -> DeliveryView:
+    next_at = d.next_at if d.state == "pending" else None
+    return DeliveryView(**{**as_dict(d), "next_at": next_at, "payload": json.loads(d.payload)})

@@ -21,7 +21,7 @@ from service.loop.corrections import (
     write_correction_files,
 )
 from service.loop.review import get_item, item_job, model_mask
-from service.loop.slides import locate_slide, parse_dicomweb
+from service.loop.slides import local_name, locate_slide, parse_dicomweb
 from service.store import Correction, Job, Store
 from service.wsi.slide import open_slide
 
@@ -59,7 +59,7 @@ def ingest_correction(
     check_media_type(media_type)
     path = locate_slide(settings, slide)
     if not parse_dicomweb(slide):  # one name per slide (a DICOM series: its folder)
-        slide = path.relative_to(settings.slide_root.resolve()).as_posix()
+        slide = local_name(settings, path)
     with open_slide(path) as handle:
         check_region(region, handle.dimensions, handle.mpp, settings.max_correction_px)
         shape = region.mask_shape(handle.mpp)

@@ -13,7 +13,7 @@ from typing import Any
 from service.config import Settings
 from service.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound, Unprocessable
 from service.inference.tiling import TileGrid
-from service.loop.slides import check_dicomweb_source, parse_dicomweb
+from service.loop.slides import check_dicomweb_source, local_name, parse_dicomweb
 from service.options import SegmentationOptions
 from service.store import Job, Store
 from service.vocabulary import ACTIVE_JOB_STATES, ARTIFACTS, JOB_STATES
@@ -68,7 +68,7 @@ def submit_segmentation(
         path = canonical_slide(resolve_slide_path(settings.slide_root, slide))  # a DICOM series: its folder
         if from_client:
             check_work(settings, path, options)
-        rel = path.relative_to(settings.slide_root.resolve()).as_posix()
+        rel = local_name(settings, path)
         key = job_identity(path, rel, options, model_version)
     if callback or stow:  # what the caller asks to be told or stored is part of the job
         key = hashlib.sha256(json.dumps([key, callback, stow]).encode()).hexdigest()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from service.config import Settings
-from service.errors import Conflict, DomainError, NotFound
-from service.loop.slides import locate_slide, parse_dicomweb
+from service.errors import Conflict, NotFound
+from service.loop.slides import locate_slide, slide_name
 from service.store import Job, QueueItem, Store
 from service.vocabulary import ARTIFACTS
-from service.wsi.slide import canonical_slide, open_slide, resolve_slide_path
+from service.wsi.slide import open_slide
 
 
 def get_item(store: Store, item_id: str) -> QueueItem:
@@ -17,18 +17,6 @@ def get_item(store: Store, item_id: str) -> QueueItem:
     if item is None:
         raise NotFound("queue_item_not_found", f"no queue item {item_id!r}")
     return item
-
-
-def slide_name(settings: Settings, slide: str) -> str:
-    """The name a slide's jobs and queue use: a DICOM series is named by its folder, whichever of its
-    instances is given. A name that no longer resolves (the slide moved) is kept as given."""
-    if parse_dicomweb(slide):
-        return slide
-    try:
-        path = canonical_slide(resolve_slide_path(settings.slide_root, slide))
-    except DomainError:
-        return slide
-    return path.relative_to(settings.slide_root.resolve()).as_posix()
 
 
 def pending_queue(

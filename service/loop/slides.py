@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.config import Settings
-from service.errors import InvalidInput
+from service.errors import DomainError, InvalidInput
 from service.integrations.dicomweb import COMPLETE, Pacs, cached_series, check_uid, evict, touch
 from service.wsi.slide import canonical_slide, resolve_slide_path
 
@@ -63,3 +63,19 @@ def locate_slide(settings: Settings, name: str) -> Path:
     evict(cache, int(settings.dicomweb_cache_mb * 2**20), settings.dicomweb_cache_idle_s)
     with pacs_client(settings, pacs) as client:
         return client.fetch_series(study, series, folder)
+
+
+def local_name(settings: Settings, path: Path) -> str:
+    """The name of a slide under the slide root: its path relative to the root (a DICOM series: its folder)."""
+    return path.relative_to(settings.slide_root.resolve()).as_posix()
+
+
+def slide_name(settings: Settings, slide: str) -> str:
+    """The name a slide's jobs and queue use: a DICOM series is named by its folder, whichever of its
+    instances is given. A name that no longer resolves (the slide moved) is kept as given."""
+    if parse_dicomweb(slide):
+        return slide
+    try:
+        return local_name(settings, canonical_slide(resolve_slide_path(settings.slide_root, slide)))
+    except DomainError:
+        return slide
