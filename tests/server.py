@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -37,9 +39,24 @@ def hostile_slide_root(root: Path, source_slide: Path) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range.
+
+    Ports the kernel hands out (outgoing connections, BentoML's ``bind(0)`` reservations) come from
+    the ephemeral range, so a port picked here cannot be taken by one of those before its server binds it.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32000")
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind a port another process took after it was chosen."""
 
 
 class Server:
@@ -54,7 +71,21 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90) -> Server:
+    def start(self, timeout: float = 90, attempts: int = 3) -> Server:
+        """Start and wait for /readyz; a port taken between choosing and binding it is retried.
+
+        Ports are picked free and bound a moment later (ours, and BentoML's circus control ports), so a
+        concurrent test process can take one in between: that start fails with EADDRINUSE and is retried.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> Server:
         self.port = free_port()
         env = {
             **os.environ,
@@ -72,12 +103,16 @@ class Server:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         bentoml = Path(sys.executable).with_name("bentoml")
         cmd = [str(bentoml), "serve", "service.api:UGAService", "--host", "127.0.0.1", "--port", str(self.port)]
+        log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                output = self.log.read_bytes()[log_start:].decode(errors="replace")
+                if "Address already in use" in output:
+                    raise PortTaken(output[-500:])
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return self
@@ -201,6 +236,20 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached in {timeout}s")
+
+
+def wait_every_worker_serves(base_url: str, version: str, workers: int, timeout: float = 60) -> list:
+    """Wait until each of ``workers`` serving processes reports ``version`` in its own ``uga_model_served``.
+
+    Asking ``/v1/models/current`` repeatedly proves nothing: keep-alive requests all land on one worker.
+    """
+
+    def served():
+        text = httpx.get(f"{base_url}/metrics", timeout=10).text
+        pairs = re.findall(r'^uga_model_served\{pid="(\d+)",version="([^"]+)"\} 1\.0$', text, flags=re.M)
+        return pairs if len({pid for pid, _ in pairs}) == workers and {v for _, v in pairs} == {version} else None
+
+    return wait_for(served, timeout, interval=0.25, what=f"{workers} workers serving {version}")
 
 
 def mask_png(mask) -> bytes:

@@ -20,7 +20,16 @@ import httpx
 import pytest
 import yaml
 
-from tests.server import REPO, TOKENS, correct_disagreeing, finished_run, free_port, wait_for, wait_job
+from tests.server import (
+    REPO,
+    TOKENS,
+    correct_disagreeing,
+    finished_run,
+    free_port,
+    wait_every_worker_serves,
+    wait_for,
+    wait_job,
+)
 
 pytestmark = pytest.mark.e2e
 TOOLS = ("podman", "mmdebstrap", "kubectl")
@@ -201,11 +210,6 @@ def test_the_pod_segments_ingests_fine_tunes_promotes_and_swaps(pod):
         if run["state"] == "rejected":  # the gate judged these corrections; promote to see the swap
             assert c.post(f"/v1/models/{run['candidate']}/promote").status_code == 200
         new = run["candidate"]
-        wait_for(
-            lambda: all(c.get("/v1/models/current").json()["served_by_this_worker"] == new for _ in range(8)),
-            timeout=30,
-            interval=0.5,
-            what="every serving worker on the new version",
-        )
+        wait_every_worker_serves(pod.url, new, workers=2)  # the base's UGA_WORKERS
     metrics = httpx.get(f"http://127.0.0.1:{pod.metrics_port}/metrics").text  # the runner's, in the same pod
     assert "uga_corrections_total 5.0" in metrics

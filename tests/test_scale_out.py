@@ -159,7 +159,7 @@ def test_corrections_through_a_promote_and_both_replicas_swap_without_a_failed_r
             with replica.client("viewer") as c:
                 wait_for(
                     lambda c=c: c.get("/v1/models/current").json()["served_by_this_worker"] == new,
-                    timeout=15,
+                    timeout=60,
                     interval=0.25,
                     what=f"{replica.name} serving {new}",
                 )
