@@ -114,6 +114,12 @@ class Settings(BaseSettings, SegmentationDefaults):
     dicomweb_timeout_s: float = Field(60.0, gt=0, le=3600, description="timeout of one DICOMweb request")
     dicomweb_retries: int = Field(2, ge=0, le=10, description="retries of a DICOMweb request (connection, 5xx)")
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
+    # the review page: deep-zoom tiles and overlay images, per serving process
+    tile_cache_mb: float = Field(128.0, ge=0, le=65536, description="encoded deep-zoom tiles kept in memory, MiB")
+    tile_open_slides: int = Field(16, ge=1, le=1024, description="slides kept open for deep-zoom tiles")
+    overlay_max_px: int = Field(
+        2048, ge=256, le=8192, description="longest side of a job's overlay images (outline, heat maps), pixels"
+    )
 
     @model_validator(mode="after")
     def _slide_root_in_data_dir(self) -> Settings:

@@ -10,7 +10,7 @@ from service.errors import NotFound
 from service.http.deps import AuthFirst
 from service.http.errors import BodyLimit, ErrorBoundary, install_handlers
 from service.http.request_metrics import RequestMetrics
-from service.http.routers import corrections, deliveries, finetune, health, jobs, models, queue
+from service.http.routers import corrections, deliveries, finetune, health, jobs, me, models, overlays, queue, slides
 from service.http.schemas import COMMON_ERRORS
 
 
@@ -23,12 +23,15 @@ def create_app(max_body_bytes: int, body_timeout_s: float = 30.0, body_total_s: 
     )
     routers = (
         jobs.router,
+        overlays.router,
+        slides.router,
         deliveries.router,
         queue.router,
         corrections.router,
         finetune.router,
         models.router,
         health.router,
+        me.router,
     )
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(AuthFirst, api=app, routes=routes)  # innermost: decides before any route reads a body

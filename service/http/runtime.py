@@ -1,4 +1,4 @@
-"""Wiring of one serving process: settings -> store, registry, auth, model holder, job worker, metrics."""
+"""Wiring of one serving process: settings -> store, registry, auth, model holder, job worker, tiles, metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from service.loop.model_holder import ModelHolder
 from service.loop.registry import Registry
 from service.loop.worker import JobWorker, sweep_scratch
 from service.store import Store
+from service.wsi.deepzoom import DeepZoomSlides
 
 log = logging.getLogger("uga")
 
@@ -29,6 +30,7 @@ class Runtime:
     auth: Authenticator
     models: ModelHolder
     worker: JobWorker
+    tiles: DeepZoomSlides  # deep-zoom tiles and overlay images of the review page (bounded caches)
     callbacks: CallbackSender | None = None
 
     @classmethod
@@ -69,7 +71,8 @@ class Runtime:
         callbacks = CallbackSender(store, settings) if settings.callback_targets else None
         if callbacks and start_worker:
             callbacks.start()
-        return cls(settings, store, registry, auth, models, worker, callbacks)
+        tiles = DeepZoomSlides(int(settings.tile_cache_mb * 2**20), settings.tile_open_slides)
+        return cls(settings, store, registry, auth, models, worker, tiles, callbacks)
 
     def health(self) -> dict:
         """What readiness depends on: a loaded model, a store that takes a write, UGA_MIN_FREE_MB free."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.config import Settings
-from service.errors import DomainError, InvalidInput
+from service.errors import DomainError, InvalidInput, NotFound
 from service.integrations.dicomweb import COMPLETE, Pacs, cached_series, check_uid, evict, touch
 from service.wsi.slide import canonical_slide, resolve_slide_path
 
@@ -63,6 +63,20 @@ def locate_slide(settings: Settings, name: str) -> Path:
     evict(cache, int(settings.dicomweb_cache_mb * 2**20), settings.dicomweb_cache_idle_s)
     with pacs_client(settings, pacs) as client:
         return client.fetch_series(study, series, folder)
+
+
+def cached_slide(settings: Settings, name: str) -> Path:
+    """The local path of slide ``name`` as ``locate_slide`` finds it, without fetching: a DICOMweb series
+    is read from the cache only (a job fetches it), so viewing never makes the service call a PACS."""
+    source = parse_dicomweb(name)
+    if source is None:
+        return locate_slide(settings, name)
+    check_dicomweb_source(settings, *source)
+    folder = cached_series(settings.data_dir / DICOMWEB, *source)
+    if not (folder / COMPLETE).exists():
+        raise NotFound("slide_not_cached", f"{name} is not in the local cache; a job on it fetches it")
+    touch(folder)
+    return folder
 
 
 def local_name(settings: Settings, path: Path) -> str:

@@ -2,8 +2,9 @@
 
 wsidicom reads what the DICOM standard allows and OpenSlide refuses (concatenated instances, sparse
 tiling). ``DicomHandle`` offers the subset of ``openslide.OpenSlide`` the slide code uses
-(dimensions, level_downsamples, properties, read_region in level-0 coordinates, close), so µm/px
-level choice and bounded reads are the same code for every format.
+(dimensions, level_dimensions, level_downsamples, properties, read_region in level-0 coordinates,
+get_best_level_for_downsample, close), so µm/px level choice, bounded reads and deep-zoom tiles
+(openslide.deepzoom) are the same code for every format.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class DicomHandle:
         base = self.wsi.levels[0]
         self.dimensions = (base.size.width, base.size.height)
         self.level_downsamples = tuple(base.size.width / level.size.width for level in self.wsi.levels)
+        self.level_dimensions = tuple((level.size.width, level.size.height) for level in self.wsi.levels)
+        self.level_count = len(self.level_dimensions)
         mpp = base.mpp
         self.properties = {
             openslide.PROPERTY_NAME_VENDOR: "dicom",
@@ -104,6 +107,11 @@ class DicomHandle:
             openslide.PROPERTY_NAME_MPP_Y: str(mpp.height) if mpp else "",
             **{f"dicom.{k}": v for k, v in series.identifiers.items()},
         }
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The level with the largest downsample not above ``downsample`` (as OpenSlide chooses)."""
+        fitting = [i for i, ds in enumerate(self.level_downsamples) if ds <= downsample * 1.0001]
+        return max(fitting, key=lambda i: self.level_downsamples[i]) if fitting else 0
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         """RGBA of ``size`` at level ``level`` whose top-left is ``location`` in level-0 pixels (as OpenSlide)."""

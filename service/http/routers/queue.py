@@ -11,6 +11,7 @@ from PIL import Image
 
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.schemas import QueueItemView, QueueView, errors, item_view
+from service.loop.overlays import item_uncertainty_png
 from service.loop.review import get_item, item_image, item_mask, pending_queue, skip_item
 
 router = APIRouter(tags=["queue"])
@@ -54,6 +55,13 @@ def queue_item_image(item_id: str, rt: Rt, _: Viewer):
 def queue_item_mask(item_id: str, rt: Rt, _: Viewer):
     """The model's predicted tumour mask for the patch (0/255, same size as image.png)."""
     return png_response(item_mask(rt.store, item_id))
+
+
+@router.get("/queue/items/{item_id}/uncertainty.png", responses=PNG)
+def queue_item_uncertainty(item_id: str, rt: Rt, _: Viewer, measure: str | None = None):
+    """The patch's uncertainty as a translucent heat map (RGBA, same size as image.png); default: the
+    measure that ranked it. Colours and their meaning: the job's overlay legends."""
+    return Response(item_uncertainty_png(rt.store, item_id, measure), media_type="image/png")
 
 
 @router.post("/queue/items/{item_id}/skip", response_model=QueueItemView, responses=errors(409))

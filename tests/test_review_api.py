@@ -1,0 +1,176 @@
+"""What the review page reads, in-process: deep-zoom tiles of a slide (OpenSlide's DeepZoomGenerator,
+a bounded cache), a finished job's overlays with legends, a patch's uncertainty inset, the caller's
+role; authorised like the rest of the API, slide paths checked as jobs check them, errors as JSON."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+from service.loop.heatmap import DISPLAY_MAX, heat_rgba, legend, outline_rgba
+from service.wsi.deepzoom import DeepZoomSlides, TileCache
+from tests.inprocess import InProcessService
+from tests.server import finished_patch_job, hostile_slide_root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, source_slide):
+    root = tmp_path_factory.mktemp("review")
+    slides = hostile_slide_root(root, source_slide)
+    _flat_slide(slides / "flat.tif", 4200)
+    service = InProcessService(root / "data", slides, tile_cache_mb=1)
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+    with env.client("annotator") as c:
+        job = finished_patch_job(c)
+    assert job["state"] == "succeeded", job
+    return job
+
+
+def _flat_slide(path, side: int) -> None:
+    """A single-level tiled TIFF (no pyramid) at 0.5 µm/px: its coarse deep-zoom levels read it whole."""
+    tile = np.full((256, 256, 3), 230, np.uint8)
+    n = ((side + 255) // 256) ** 2
+    tifffile.imwrite(
+        path,
+        (tile for _ in range(n)),
+        shape=(side, side, 3),
+        dtype=np.uint8,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="deflate",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+
+
+def _image(response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def test_tiles_are_the_slide_through_openslide_deep_zoom(env, finished, source_slide):
+    with env.client("viewer") as c:
+        info = c.get("/v1/slides/cases/a.tif/info").json()
+        assert (info["width"], info["height"], info["mpp"]) == (2048, 2048, 0.5)
+        assert info["job"] == finished["id"] and info["tile_size"] == 254 and info["overlap"] == 1
+        dzi = c.get(info["links"]["dzi"])
+        assert dzi.status_code == 200 and 'Width="2048"' in dzi.text and 'TileSize="254"' in dzi.text
+        top = info["levels"] - 1  # full resolution: tile (1, 1) starts at 254 - 1 overlap
+        r = c.get(f"{info['links']['tiles']}{top}/1_1.jpeg")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert r.headers["cache-control"].startswith("private")
+        tile = _image(r).astype(int)
+    with openslide.OpenSlide(str(source_slide)) as ref:
+        expected = np.asarray(ref.read_region((253, 253), 0, (256, 256)).convert("RGB")).astype(int)
+        elsewhere = np.asarray(ref.read_region((253 + 32, 253), 0, (256, 256)).convert("RGB")).astype(int)
+    assert tile.shape == (256, 256, 3)
+    error = np.abs(tile - expected).mean()
+    assert error < 6 and np.abs(tile - elsewhere).mean() > 3 * error  # that region, up to JPEG at quality 85
+
+
+def test_tile_requests_outside_the_pyramid_or_the_root_are_json_refusals(env, finished):
+    cases = [
+        ("viewer", "/v1/slides/cases/a.tif/slide_files/12/0_0.jpeg", 404, "tile_not_found"),
+        ("viewer", "/v1/slides/cases/a.tif/slide_files/11/9_0.jpeg", 404, "tile_not_found"),
+        ("viewer", "/v1/slides/escape.tif/slide_files/0/0_0.jpeg", 400, "invalid_slide_path"),
+        ("viewer", "/v1/slides/cases%2F..%2F..%2Fsecret.tif/info", 400, "invalid_slide_path"),
+        ("viewer", "/v1/slides/missing.tif/slide.dzi", 404, "slide_not_found"),
+        ("viewer", "/v1/slides/notes.svs/info", 422, "unusable_slide"),
+        ("viewer", "/v1/slides/dicomweb/main/1.2/1.3/info", 400, "unknown_pacs"),
+        (None, "/v1/slides/cases/a.tif/slide_files/0/0_0.jpeg", 401, "unauthenticated"),
+        (None, "/v1/jobs/x/overlays/uga.png", 401, "unauthenticated"),
+    ]
+    for role, url, status, code in cases:
+        with env.client(role) as c:
+            r = c.get(url)
+        assert r.status_code == status and r.json()["error"]["code"] == code, (url, r.status_code, r.text)
+
+
+def test_a_zoom_that_would_read_a_whole_unpyramided_slide_is_refused(env):
+    with env.client("viewer") as c:
+        info = c.get("/v1/slides/flat.tif/info").json()
+        assert info["width"] == 4200 and info["mpp"] == 0.5
+        r = c.get("/v1/slides/flat.tif/slide_files/0/0_0.jpeg")  # 1 px showing 4200² px read at once
+        assert r.status_code == 422 and r.json()["error"]["code"] == "tile_too_costly", r.text
+        assert c.get(f"/v1/slides/flat.tif/slide_files/{info['levels'] - 1}/3_3.jpeg").status_code == 200
+
+
+def test_tile_cache_holds_at_most_its_bytes_least_recently_used_out(source_slide):
+    cache = TileCache(max_bytes=100)
+    for i in range(5):
+        cache.put(("t", i), bytes(30))
+    assert cache.used == 90 and len(cache) == 3 and cache.get(("t", 0)) is None
+    cache.get(("t", 2))  # now the most recent: ("t", 3) goes first
+    cache.put(("t", 5), bytes(30))
+    assert cache.get(("t", 3)) is None and cache.get(("t", 2)) is not None
+    cache.put(("big",), bytes(101))  # over the whole budget: not kept, nothing evicted for it
+    assert cache.get(("big",)) is None and cache.used == 90
+
+    tiles = DeepZoomSlides(cache_bytes=200_000, max_open=1)
+    top = tiles.descriptor(source_slide).levels - 1
+    first = tiles.tile(source_slide, top, 0, 0)
+    assert tiles.tile(source_slide, top, 0, 0) == first and tiles.cache.hits == 1
+    for col in range(8):
+        tiles.tile(source_slide, top, col, 1)
+    assert tiles.cache.used <= 200_000
+
+
+def test_overlays_cover_the_slide_with_legends_in_words(env, finished):
+    with env.client("viewer") as c:
+        index = c.get(f"/v1/jobs/{finished['id']}/overlays").json()
+        assert index["extent_level0"] == [2048, 2048] and index["mpp"] == 1.0 and index["size"] == [1024, 1024]
+        names = [o["name"] for o in index["overlays"]]
+        assert names == ["outline", "uga", "entropy", "mutual_information"]
+        uga = next(o for o in index["overlays"] if o["name"] == "uga")["legend"]
+        assert uga["unit"] == "bits" and "agree" in uga["low"] and "look here" in uga["high"]
+        outline = _image(c.get(index["overlays"][0]["url"]))
+        mask = tifffile.imread(io.BytesIO(c.get(f"/v1/jobs/{finished['id']}/artifacts/mask").content))
+        heat = _image(c.get(f"/v1/jobs/{finished['id']}/overlays/uga.png"))
+        assert outline.shape == heat.shape == (1024, 1024, 4)
+        tumour = (mask[..., 0] if mask.ndim == 3 else mask) > 127  # the job's mask at 1 µm/px: the overlay's grid
+        assert tumour.any()
+        np.testing.assert_array_equal(outline[..., 3] > 0, outline_rgba(tumour)[..., 3] > 0)  # its boundary
+        r = c.get(f"/v1/jobs/{finished['id']}/overlays/probability.png")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "overlay_not_found"
+
+
+def test_a_patch_has_an_uncertainty_inset_the_size_of_its_image(env, finished):
+    with env.client("viewer") as c:
+        item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
+        image = _image(c.get(item["links"]["image"]))
+        inset = _image(c.get(f"/v1/queue/items/{item['id']}/uncertainty.png"))
+        assert inset.shape == image.shape[:2] + (4,)
+        assert inset[..., 3].any()  # the top patch is where the model is unsure
+        r = c.get(f"/v1/queue/items/{item['id']}/uncertainty.png", params={"measure": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "overlay_not_found"
+
+
+@pytest.mark.parametrize(
+    ("role", "correct", "admin"), [("viewer", False, False), ("annotator", True, False), ("admin", True, True)]
+)
+def test_the_page_learns_the_callers_role(env, role, correct, admin):
+    with env.client(role) as c:
+        me = c.get("/v1/me").json()
+    assert me["role"] == role and me["can_correct"] is correct and me["can_administer"] is admin
+
+
+def test_heat_map_and_outline_rendering():
+    values = np.array([[0.0, 0.5, 1.0, 2.0]])
+    rgba = heat_rgba(values, "entropy")
+    assert rgba[0, 0, 3] == 0 and rgba[0, 2, 3] == rgba[0, 3, 3] == 217  # sure: clear; at/above the top: opaque
+    assert list(rgba[0, 3, :3]) == [189, 0, 38]
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:8] = True
+    edge = outline_rgba(mask, width=1)[..., 3] > 0
+    assert edge.sum() == 20 and not edge[3:7, 3:7].any() and edge[2, 2:8].all()
+    for measure in DISPLAY_MAX:
+        assert legend(measure)["stops"][-1]["value"] == DISPLAY_MAX[measure]
