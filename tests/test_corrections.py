@@ -92,9 +92,34 @@ def test_geojson_in_level0_coordinates_as_qupath_exports():
     assert m[:100, :100].mean() > 0.95 and m[101:, 101:].sum() == 0
 
 
+def test_geojson_as_a_bare_array_of_features_as_qupath_exports_by_default():
+    square = [[1000, 2000], [1200, 2000], [1200, 2200], [1000, 2200], [1000, 2000]]
+    hole = [[1050, 2050], [1100, 2050], [1100, 2100], [1050, 2100], [1050, 2050]]
+    qupath = [  # "Export objects as GeoJSON" without "Export as FeatureCollection": one Feature per object
+        {
+            "type": "Feature",
+            "id": "6c1f2d4e-0000-4000-8000-000000000001",
+            "geometry": {"type": "Polygon", "coordinates": [square, hole]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "MultiPolygon", "coordinates": [[[[1300, 2000], [1400, 2000], [1400, 2100]]]]},
+            "properties": {"objectType": "annotation"},
+        },
+    ]
+    as_array = rasterize_geojson(json.dumps(qupath).encode(), (256, 256), origin=(1000, 2000), scale=0.5)
+    collection = json.dumps({"type": "FeatureCollection", "features": qupath}).encode()
+    np.testing.assert_array_equal(as_array, rasterize_geojson(collection, (256, 256), origin=(1000, 2000), scale=0.5))
+    assert as_array[10, 10] and not as_array[37, 37] and as_array[10, 190] and not as_array[200, 10]
+
+
 @pytest.mark.parametrize(
     ("payload", "code"),
     [
+        (b"[]", "invalid_geojson"),
+        (b"[1, 2]", "invalid_geojson"),
+        (b'[{"type": "Feature", "geometry": null}]', "invalid_geojson"),
         (b"", "empty_body"),
         (b"{not json", "malformed_json"),
         (json.dumps({"type": "Point", "coordinates": [1, 2]}).encode(), "invalid_geojson"),

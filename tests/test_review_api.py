@@ -5,6 +5,7 @@ role; authorised like the rest of the API, slide paths checked as jobs check the
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import openslide
@@ -174,3 +175,20 @@ def test_heat_map_and_outline_rendering():
     assert edge.sum() == 20 and not edge[3:7, 3:7].any() and edge[2, 2:8].all()
     for measure in DISPLAY_MAX:
         assert legend(measure)["stops"][-1]["value"] == DISPLAY_MAX[measure]
+
+
+def test_a_qupath_export_as_a_bare_array_of_features_is_a_correction(env, finished):
+    with env.client("viewer") as c:
+        item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][-1]
+    b = item["bbox_level0"]
+    square = [[b["x"] + dx, b["y"] + dy] for dx, dy in ((0, 0), (100, 0), (100, 100), (0, 100), (0, 0))]
+    body = json.dumps([{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]}, "properties": {}}])
+    with env.client("annotator") as c:
+        r = c.post(
+            f"/v1/queue/items/{item['id']}/correction?coords=level0",
+            content=body.encode(),
+            headers={"content-type": "application/geo+json"},
+        )
+    assert r.status_code == 201, r.text
+    side = b["width"] // 2  # the mask at 1 µm/px of a 0.5 µm/px slide
+    assert r.json()["tumour_fraction"] == pytest.approx(50 * 50 / side**2, abs=0.01)

@@ -45,13 +45,18 @@ def errors(*statuses: int) -> dict[int, dict]:
 
 # Every route can answer these (authentication, the body limit, the error boundary).
 COMMON_ERRORS = errors(400, 401, 403, 404, 413, 422, 500, 507)
+GEOJSON_SCHEMA = {
+    "description": "GeoJSON Polygon(s): a FeatureCollection, Feature or geometry, or a bare array of features "
+    "(QuPath's default export)",
+    "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}],
+}
 CORRECTION_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "application/geo+json": {"schema": {"type": "object", "description": "GeoJSON Polygon(s)"}},
-            "application/json": {"schema": {"type": "object", "description": "GeoJSON Polygon(s)"}},
+            "application/geo+json": {"schema": GEOJSON_SCHEMA},
+            "application/json": {"schema": GEOJSON_SCHEMA},
         },
     }
 }

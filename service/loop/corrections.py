@@ -117,9 +117,14 @@ def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _geometries(obj: object) -> list:
-    """The geometries of a GeoJSON object (FeatureCollection, Feature or bare geometry)."""
+    """The geometries of a GeoJSON object (FeatureCollection, Feature or bare geometry), or of a bare
+    array of features / geometries (what QuPath's "Export objects as GeoJSON" writes by default)."""
+    if isinstance(obj, list) and all(isinstance(item, dict) for item in obj):
+        return [geometry for item in obj for geometry in _geometries(item)]
     if not isinstance(obj, dict):
-        raise CorrectionError("invalid_geojson", "expected a GeoJSON object")
+        raise CorrectionError(
+            "invalid_geojson", "expected a GeoJSON object (FeatureCollection, Feature, geometry) or array of features"
+        )
     if obj.get("type") == "FeatureCollection":
         features = obj.get("features")
         if not isinstance(features, list):
@@ -128,6 +133,7 @@ def _geometries(obj: object) -> list:
     if obj.get("type") == "Feature":
         return [obj.get("geometry")]
     return [obj]
+
 
 
 def _polygons(geometry: object) -> list:
