@@ -12,13 +12,18 @@ FEATURES = ("mean_r", "mean_g", "mean_b", "hf_energy", "grey_std")
 GATE_ACCURACY = 0.60  # at most this (chance is 0.5) for the benchmark to pass
 
 
+def hf_energy(grey: np.ndarray) -> float:
+    """Mean squared discrete Laplacian of a grey image in [0, 1]: how much fine detail it has."""
+    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    return float(np.mean(lap**2))
+
+
 def block_features(rgb: np.ndarray) -> np.ndarray:
     """(5,) features of one RGB uint8 block: mean R, G, B, high-frequency energy, grey std."""
     x = rgb.astype(np.float32) / 255.0
     grey = x.mean(axis=2)
-    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
     means = x.reshape(-1, 3).mean(axis=0)
-    return np.array([*means, float(np.mean(lap**2)), float(grey.std())], dtype=np.float64)
+    return np.array([*means, hf_energy(grey), float(grey.std())], dtype=np.float64)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 500, lr: float = 0.5, l2: float = 1e-3) -> np.ndarray:

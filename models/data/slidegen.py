@@ -368,9 +368,6 @@ def build_slide(
         raise ValueError("tissue_fraction and tumour_fraction must be in (0, 1)")
     c = CENTRES[centre]
     width, height = int(size[0]), int(size[1])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mask_path, json_path = companion_paths(path)
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7E47]))
     y0c, x0c, y1c, x1c = NORMAL_CROP
@@ -378,17 +375,46 @@ def build_slide(
     tumours = [_orient(t.astype(np.float32), rng) for t in sources.tumour]
     design = _design(width, height, c, seed, mpp, tissue_fraction, tumour_fraction, len(tumours))
     painter = _Painter(width, height, design, normal, tumours)
+    return write_slide(
+        path,
+        (width, height),
+        mpp,
+        centre=centre,
+        seed=seed,
+        jpeg_quality=c.jpeg_quality,
+        description=f"UGA synthetic slide centre={centre} seed={seed} mpp={mpp}",
+        render=lambda rgb_r, mask_r: _render(painter, c, seed, rgb_r, mask_r, progress),
+    )
 
+
+def write_slide(
+    path: Path,
+    size: tuple[int, int],
+    mpp: float,
+    *,
+    centre: str,
+    seed: int,
+    jpeg_quality: int,
+    description: str,
+    render: Callable[[RasterFile, RasterFile], tuple[int, int]],
+) -> SlideMeta:
+    """Render level 0 into temporary rasters, write the slide and mask pyramids and ``<stem>.json``.
+
+    ``render(rgb_raster, mask_raster)`` fills both and returns (tissue pixels, tumour pixels).
+    """
+    width, height = size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path, json_path = companion_paths(path)
     with tempfile.TemporaryDirectory(prefix="slidegen-", dir=path.parent) as tmp:
         rgb_r = RasterFile(Path(tmp) / "rgb.raw", height, width, 3, create=True)
         mask_r = RasterFile(Path(tmp) / "mask.raw", height, width, 1, create=True)
         try:
-            n_tissue, n_tumour = _render(painter, c, seed, rgb_r, mask_r, progress)
-            desc = f"UGA synthetic slide centre={centre} seed={seed} mpp={mpp}"
+            n_tissue, n_tumour = render(rgb_r, mask_r)
             levels = write_pyramid_tiff(
-                path, rgb_r, mpp, compression="jpeg", jpeg_quality=c.jpeg_quality, description=desc
+                path, rgb_r, mpp, compression="jpeg", jpeg_quality=jpeg_quality, description=description
             )
-            write_pyramid_tiff(mask_path, mask_r, mpp, compression="deflate", description=desc + " mask")
+            write_pyramid_tiff(mask_path, mask_r, mpp, compression="deflate", description=description + " mask")
         finally:
             rgb_r.close()
             mask_r.close()
