@@ -1,5 +1,6 @@
-"""The BentoML service: the REST API (service/http/app.py) mounted at /v1, plus BentoML's own /livez,
-/readyz (ready only with a loaded model and a writable store) and /metrics (ours appended).
+"""The BentoML service: the REST API (service/http/app.py) mounted at /v1, the review page at /review
+(service/http/review_page.py), plus BentoML's own /livez, /readyz (ready only with a loaded model and
+a writable store) and /metrics (ours appended).
 
     bentoml serve service.api:UGAService --port 3000
 """
@@ -18,6 +19,7 @@ from service.errors import DomainError
 from service.http import connections, request_metrics
 from service.http.app import create_app
 from service.http.auth import AuthConfigError, Authenticator
+from service.http.review_page import create_review_app
 from service.http.runtime import Runtime
 from service.inference.ensemble import read_card
 from service.loop.store_metrics import store_metrics
@@ -71,6 +73,7 @@ log = logging.getLogger("uga")
     http={"port": settings.port},
 )
 @bentoml.asgi_app(app, path="/v1")
+@bentoml.asgi_app(create_review_app(), path="/review")
 class UGAService:
     def __init__(self) -> None:
         self.runtime = Runtime.create(get_settings())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import openslide
@@ -192,3 +193,22 @@ def test_a_qupath_export_as_a_bare_array_of_features_is_a_correction(env, finish
     assert r.status_code == 201, r.text
     side = b["width"] // 2  # the mask at 1 µm/px of a 0.5 µm/px slide
     assert r.json()["tumour_fraction"] == pytest.approx(50 * 50 / side**2, abs=0.01)
+
+
+def test_the_review_page_is_served_with_its_vendored_viewer_and_a_strict_policy():
+    from fastapi.testclient import TestClient
+
+    from service.http.review_page import create_review_app
+
+    with TestClient(create_review_app()) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["x-content-type-options"] == "nosniff"
+        scripts = re.findall(r'<script src="([^"]+)"', page.text)
+        assert scripts == ["vendor/openseadragon/openseadragon.min.js", "review.js"]  # no CDN
+        for src in scripts:
+            assert c.get(f"/{src}").status_code == 200
+        assert "openseadragon 5.0.1" in c.get("/vendor/openseadragon/openseadragon.min.js").text[:100]
+        assert c.get("/vendor/openseadragon/LICENSE.txt").status_code == 200
+        assert c.get("/..%2F..%2Fapi.py").status_code == 404

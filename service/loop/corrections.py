@@ -135,7 +135,6 @@ def _geometries(obj: object) -> list:
     return [obj]
 
 
-
 def _polygons(geometry: object) -> list:
     """Polygons of a GeoJSON geometry as lists of rings (outer first); refuse anything else."""
     kind = geometry.get("type") if isinstance(geometry, dict) else None

@@ -32,13 +32,14 @@ WORDS = {
 
 
 def heat_rgba(values: np.ndarray, measure: str) -> np.ndarray:
-    """(h, w, 4) uint8: ``values`` (bits) on the measure's display scale; alpha grows with the value."""
+    """(h, w, 4) uint8: ``values`` (bits) on the measure's display scale; alpha grows with the value
+    (clear where the model is sure, so the tissue stays visible)."""
     t = np.clip(np.nan_to_num(values.astype(np.float32)) / DISPLAY_MAX[measure], 0.0, 1.0)
     pos = t * (len(RAMP) - 1)
     lo = np.minimum(pos.astype(np.int32), len(RAMP) - 2)
     frac = (pos - lo)[..., None]
     rgb = RAMP[lo] * (1 - frac) + RAMP[lo + 1] * frac
-    alpha = np.clip(t * 1.6, 0.0, 1.0) * MAX_ALPHA * 255
+    alpha = np.clip(t * 1.6 - 0.1, 0.0, 1.0) * MAX_ALPHA * 255  # clear below 1/16 of the scale: no tint where sure
     return np.dstack([rgb, alpha]).round().astype(np.uint8)
 
 

@@ -1,0 +1,701 @@
+// UGA Review: the slide with its overlays, the review queue, and a patch editor. Plain JS, no build step.
+// Everything comes from the service's API (/v1) with the caller's bearer token (kept in sessionStorage).
+"use strict";
+
+(() => {
+  const API = new URL("../v1", location.href).pathname; // the page is at /review/, the API at /v1
+  const TOKEN_KEY = "uga.token";
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    token: sessionStorage.getItem(TOKEN_KEY),
+    me: null,
+    slide: null, // /slides/{slide}/info
+    overlays: null, // /jobs/{id}/overlays
+    layers: {}, // name -> OpenSeadragon TiledImage
+    blobs: new Map(), // url -> object URL (overlay images)
+    queue: [],
+    viewer: null,
+    item: null, // the open queue item
+  };
+
+  // ---- API ------------------------------------------------------------------------------------------
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  async function api(path, options = {}) {
+    const url = path.startsWith("/v1") ? path.replace(/^\/v1/, API) : API + path;
+    const headers = { Authorization: `Bearer ${state.token}`, ...(options.headers || {}) };
+    const response = await fetch(url, { ...options, headers });
+    if (!response.ok) {
+      let code = "http_error";
+      let message = `${response.status} ${response.statusText}`;
+      try {
+        const body = await response.json();
+        code = body.error.code;
+        message = body.error.message;
+      } catch (_) {
+        /* not JSON */
+      }
+      if (response.status === 401) signOut(message);
+      throw new ApiError(response.status, code, message);
+    }
+    return response;
+  }
+  const json = async (path, options) => (await api(path, options)).json();
+  const blob = async (path) => (await api(path)).blob();
+
+  async function objectUrl(path) {
+    if (!state.blobs.has(path)) state.blobs.set(path, URL.createObjectURL(await blob(path)));
+    return state.blobs.get(path);
+  }
+
+  function say(text, isError = false) {
+    const el = $("status");
+    el.textContent = text;
+    el.classList.toggle("error", isError);
+  }
+
+  const slidePath = (name) => name.split("/").map(encodeURIComponent).join("/");
+
+  // ---- sign-in --------------------------------------------------------------------------------------
+  function askToken(message = "") {
+    $("sign-in-error").textContent = message;
+    if (!$("sign-in").open) $("sign-in").showModal();
+    $("token").focus();
+  }
+
+  function signOut(message = "") {
+    sessionStorage.removeItem(TOKEN_KEY);
+    state.token = null;
+    state.me = null;
+    $("who").textContent = "";
+    $("sign-out").hidden = true;
+    askToken(message);
+  }
+
+  $("sign-in-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    state.token = $("token").value.trim();
+    try {
+      state.me = await json("/me");
+    } catch (err) {
+      askToken(err.message);
+      return;
+    }
+    sessionStorage.setItem(TOKEN_KEY, state.token);
+    $("token").value = "";
+    $("sign-in").close();
+    start();
+  });
+  $("sign-out").addEventListener("click", () => signOut());
+
+  async function start() {
+    $("who").textContent = `${state.me.name} · ${state.me.role}`;
+    $("sign-out").hidden = false;
+    document.body.dataset.role = state.me.role;
+    $("model-panel").hidden = !state.me.can_administer;
+    if (state.me.can_administer) refreshModelPanel();
+    const { slides } = await json("/slides");
+    const select = $("slide-select");
+    select.replaceChildren(...slides.map((s) => new Option(s.slide, s.slide)));
+    if (!slides.length) {
+      say("No segmented slides yet: submit a job first (POST /v1/jobs).");
+      return;
+    }
+    const wanted = new URLSearchParams(location.hash.slice(1)).get("slide");
+    select.value = slides.some((s) => s.slide === wanted) ? wanted : slides[0].slide;
+    await openSlide(select.value);
+  }
+
+  // ---- slide viewer ---------------------------------------------------------------------------------
+  $("slide-select").addEventListener("change", (e) => openSlide(e.target.value));
+
+  async function openSlide(name) {
+    closeEditor();
+    say(`Opening ${name} …`);
+    const info = await json(`/slides/${slidePath(name)}/info`);
+    state.slide = info;
+    state.layers = {};
+    history.replaceState(null, "", `#slide=${encodeURIComponent(info.slide)}`);
+    const tileSource = {
+      Image: {
+        xmlns: "http://schemas.microsoft.com/deepzoom/2008",
+        Url: info.links.tiles.replace(/^\/v1/, API),
+        Format: info.format,
+        Overlap: String(info.overlap),
+        TileSize: String(info.tile_size),
+        Size: { Width: String(info.width), Height: String(info.height) },
+      },
+    };
+    if (state.viewer) state.viewer.destroy();
+    state.viewer = OpenSeadragon({
+      element: $("viewer"),
+      tileSources: tileSource,
+      loadTilesWithAjax: true,
+      ajaxHeaders: { Authorization: `Bearer ${state.token}` },
+      showNavigationControl: false,
+      showNavigator: true,
+      navigatorPosition: "TOP_RIGHT",
+      gestureSettingsMouse: { clickToZoom: false },
+      maxZoomPixelRatio: 4,
+      visibilityRatio: 0.5,
+    });
+    state.viewer.addHandler("animation", drawScaleBar);
+    state.viewer.addHandler("open", () => {
+      drawScaleBar();
+      $("viewer").dataset.ready = "true";
+    });
+    $("viewer").dataset.ready = "false";
+    $("mpp-info").textContent = `${info.mpp.toFixed(3)} µm/px · ${info.width} × ${info.height} px`;
+    if (info.job) {
+      state.overlays = await json(`/jobs/${info.job}/overlays`);
+      fillMeasures();
+      await Promise.all([setLayer("outline"), setLayer("heat")]);
+    }
+    await loadQueue();
+    say(`${info.slide}${info.model_version ? ` · segmented by ${info.model_version}` : " · not segmented yet"}`);
+  }
+
+  function drawScaleBar() {
+    const viewer = state.viewer;
+    const image = viewer && viewer.world.getItemAt(0);
+    if (!image) return;
+    const screenPerImage = image.viewportToImageZoom(viewer.viewport.getZoom(true)); // screen px / image px
+    const umPerScreen = state.slide.mpp / screenPerImage;
+    const target = 120 * umPerScreen; // about 120 screen px
+    const magnitude = 10 ** Math.floor(Math.log10(target));
+    const nice = [1, 2, 5, 10].map((m) => m * magnitude).filter((v) => v <= target).pop() || magnitude;
+    $("scalebar-line").style.width = `${nice / umPerScreen}px`;
+    $("scalebar-text").textContent = nice >= 1000 ? `${nice / 1000} mm` : `${nice} µm`;
+  }
+
+  // ---- overlays -------------------------------------------------------------------------------------
+  function fillMeasures() {
+    const select = $("heat-measure");
+    const measures = state.overlays.overlays.filter((o) => o.legend);
+    const chosen = select.value || state.overlays.ranking_measure || measures[0].name;
+    select.replaceChildren(...measures.map((o) => new Option(labelOf(o.name), o.name)));
+    select.value = measures.some((o) => o.name === chosen) ? chosen : measures[0].name;
+  }
+
+  const labelOf = (name) =>
+    ({ uga: "UGA score (ranking)", entropy: "Entropy: undecided", mutual_information: "Models disagree (BALD)" })[
+      name
+    ] || name;
+
+  async function setLayer(kind) {
+    if (!state.overlays || !state.viewer) return;
+    const checkbox = $(kind === "outline" ? "layer-outline" : "layer-heat");
+    const slider = $(kind === "outline" ? "opacity-outline" : "opacity-heat");
+    const name = kind === "outline" ? "outline" : $("heat-measure").value;
+    const old = state.layers[kind];
+    if (old && (!checkbox.checked || old.uga_name !== name)) {
+      state.viewer.world.removeItem(old);
+      delete state.layers[kind];
+    }
+    if (kind === "heat") showLegend(checkbox.checked ? name : null);
+    if (!checkbox.checked) return markLayers();
+    if (state.layers[kind]) {
+      state.layers[kind].setOpacity(slider.value / 100);
+      return;
+    }
+    const overlay = state.overlays.overlays.find((o) => o.name === name);
+    const url = await objectUrl(overlay.url);
+    const width = state.overlays.extent_level0[0] / state.slide.width; // viewport units: the slide is 1 wide
+    await new Promise((resolve) =>
+      state.viewer.addTiledImage({
+        tileSource: { type: "image", url, buildPyramid: false },
+        x: 0,
+        y: 0,
+        width,
+        opacity: slider.value / 100,
+        loadTilesWithAjax: false,
+        success: (event) => {
+          event.item.uga_name = name;
+          state.layers[kind] = event.item;
+          markLayers();
+          resolve();
+        },
+        error: (event) => {
+          say(`overlay ${name}: ${event.message}`, true);
+          resolve();
+        },
+      }),
+    );
+  }
+
+  // The overlays shown, for people reading the DOM (and the browser test): "entropy,outline".
+  function markLayers() {
+    $("viewer").dataset.layers = Object.values(state.layers)
+      .map((item) => item.uga_name)
+      .sort()
+      .join(",");
+  }
+
+  function showLegend(name) {
+    $("legend").hidden = !name;
+    if (!name) return;
+    const legend = state.overlays.overlays.find((o) => o.name === name).legend;
+    const stops = legend.stops.map((s) => `rgba(${s.rgba[0]},${s.rgba[1]},${s.rgba[2]},${Math.max(s.rgba[3], 40) / 255}) ${s.at * 100}%`);
+    $("legend-bar").style.background = `linear-gradient(to right, ${stops.join(", ")})`;
+    $("legend-low").textContent = `${legend.low} (0)`;
+    $("legend-high").textContent = `${legend.high} (≥ ${legend.max} ${legend.unit})`;
+    $("legend-what").textContent = legend.what;
+  }
+
+  for (const id of ["layer-outline", "opacity-outline"]) $(id).addEventListener("input", () => setLayer("outline"));
+  for (const id of ["layer-heat", "opacity-heat", "heat-measure"]) $(id).addEventListener("input", () => setLayer("heat"));
+  $("layer-boxes").addEventListener("input", drawBoxes);
+
+  // ---- queue ----------------------------------------------------------------------------------------
+  $("queue-pooled").addEventListener("input", loadQueue);
+
+  async function loadQueue() {
+    const pooled = $("queue-pooled").checked;
+    const query = pooled ? "k=100" : `slide=${encodeURIComponent(state.slide.slide)}&k=100`;
+    try {
+      state.queue = state.slide.job || pooled ? (await json(`/queue?${query}`)).items : [];
+    } catch (err) {
+      state.queue = [];
+      say(err.message, true);
+    }
+    $("queue-count").textContent = `${state.queue.length} pending`;
+    $("queue").replaceChildren(
+      ...state.queue.map((item) => {
+        const li = document.createElement("li");
+        li.tabIndex = 0;
+        li.dataset.item = item.id;
+        const where = pooled ? ` · ${item.slide}` : "";
+        li.innerHTML = '<span class="rank"></span><span class="score"></span><span class="muted facts"></span>';
+        li.querySelector(".rank").textContent = item.rank;
+        li.querySelector(".score").textContent = `score ${item.score.toFixed(3)} (${item.measure})`;
+        li.querySelector(".facts").textContent =
+          `tumour p ${item.mean_probability.toFixed(2)} · tissue ${(item.tissue_fraction * 100).toFixed(0)} %${where}`;
+        li.addEventListener("click", () => openItem(item));
+        li.addEventListener("keydown", (e) => e.key === "Enter" && openItem(item));
+        return li;
+      }),
+    );
+    drawBoxes();
+  }
+
+  function drawBoxes() {
+    const viewer = state.viewer;
+    if (!viewer) return;
+    viewer.clearOverlays();
+    if (!$("layer-boxes").checked) return;
+    const width = state.slide.width;
+    for (const item of state.queue.filter((i) => i.slide === state.slide.slide)) {
+      const b = item.bbox_level0;
+      const el = document.createElement("div");
+      el.className = "queue-box";
+      el.dataset.item = item.id;
+      const label = document.createElement("span");
+      label.textContent = item.rank;
+      el.append(label);
+      el.addEventListener("click", () => openItem(item));
+      const rect = new OpenSeadragon.Rect(b.x / width, b.y / width, b.width / width, b.height / width);
+      viewer.addOverlay({ element: el, location: rect });
+    }
+  }
+
+  // ---- patch editor ---------------------------------------------------------------------------------
+  const ed = {
+    w: 0,
+    h: 0,
+    scale: 1,
+    mask: null, // Uint8Array (0/1), row-major, the patch's size
+    model: null, // the model's mask (0/1)
+    modelEdge: null,
+    modelPng: null, // the model's mask as the server sent it (what "model is correct" submits)
+    undo: [],
+    redo: [],
+    tool: "brush",
+    polygon: [], // [x, y] in patch pixels
+    drawing: false,
+    last: null,
+    busy: false,
+  };
+  const MAX_UNDO = 50;
+
+  async function openItem(item) {
+    if (item.slide !== state.slide.slide) {
+      $("slide-select").value = item.slide;
+      await openSlide(item.slide);
+    }
+    state.item = item;
+    for (const li of $("queue").children) li.classList.toggle("open", li.dataset.item === item.id);
+    $("editor").hidden = false;
+    $("editor").dataset.ready = "false";
+    $("editor-title").textContent = `Patch #${item.rank}`;
+    const facts = {
+      score: `${item.score.toFixed(3)} (${item.measure}, ${item.scoring})`,
+      "tumour p": item.mean_probability.toFixed(3),
+      tissue: `${(item.tissue_fraction * 100).toFixed(0)} %`,
+      size: `${item.bbox_um.width.toFixed(0)} × ${item.bbox_um.height.toFixed(0)} µm`,
+      model: item.model_version,
+    };
+    $("item-facts").replaceChildren(
+      ...Object.entries(facts).flatMap(([k, v]) => {
+        const dt = document.createElement("dt");
+        const dd = document.createElement("dd");
+        dt.textContent = k;
+        dd.textContent = v;
+        return [dt, dd];
+      }),
+    );
+    const canCorrect = state.me.can_correct;
+    $("tools").hidden = $("decide").hidden = !canCorrect;
+    $("read-only").hidden = canCorrect;
+    const [image, maskBlob, heatUrl] = await Promise.all([
+      loadImage(await blob(item.links.image)),
+      blob(item.links.mask),
+      objectUrl(`${item.links.self}/uncertainty.png`),
+    ]);
+    ed.modelPng = maskBlob;
+    const modelImage = await loadImage(maskBlob);
+    ed.w = image.width;
+    ed.h = image.height;
+    ed.model = grey(modelImage);
+    ed.modelEdge = edge(ed.model, ed.w, ed.h);
+    ed.mask = ed.model.slice();
+    ed.undo = [];
+    ed.redo = [];
+    ed.polygon = [];
+    layoutCanvases(image);
+    $("inset-image").src = image.src;
+    $("inset-heat").src = heatUrl;
+    const legend = state.overlays && state.overlays.overlays.find((o) => o.name === item.measure);
+    $("inset-words").textContent = legend ? legend.legend.high : "uncertain";
+    render();
+    $("editor").dataset.ready = "true";
+    $("editor").dataset.item = item.id;
+    $("mask-canvas").focus();
+  }
+
+  function closeEditor() {
+    $("editor").hidden = true;
+    state.item = null;
+    for (const li of $("queue").children) li.classList.remove("open");
+  }
+
+  function loadImage(data) {
+    return new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => resolve(img);
+      img.onerror = () => reject(new Error("image did not decode"));
+      img.src = URL.createObjectURL(data);
+    });
+  }
+
+  function grey(img) {
+    const c = document.createElement("canvas");
+    c.width = img.width;
+    c.height = img.height;
+    const ctx = c.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const rgba = ctx.getImageData(0, 0, c.width, c.height).data;
+    const out = new Uint8Array(c.width * c.height);
+    for (let i = 0; i < out.length; i++) out[i] = rgba[i * 4] > 127 ? 1 : 0;
+    return out;
+  }
+
+  function edge(mask, w, h) {
+    const out = new Uint8Array(w * h);
+    for (let y = 0; y < h; y++) {
+      for (let x = 0; x < w; x++) {
+        const i = y * w + x;
+        if (!mask[i]) continue;
+        const inner = x > 0 && x < w - 1 && y > 0 && y < h - 1 && mask[i - 1] && mask[i + 1] && mask[i - w] && mask[i + w];
+        out[i] = inner ? 0 : 1;
+      }
+    }
+    return out;
+  }
+
+  function layoutCanvases(image) {
+    const wrap = $("editor").getBoundingClientRect();
+    const room = Math.max(200, Math.min(wrap.width - 340, wrap.height - 40));
+    const fit = room / Math.max(ed.w, ed.h);
+    ed.scale = fit >= 1 ? Math.floor(fit) : fit; // whole pixels when enlarging: a crisp, exact grid
+    for (const id of ["patch-canvas", "mask-canvas"]) {
+      const c = $(id);
+      c.width = ed.w;
+      c.height = ed.h;
+      c.style.width = `${ed.w * ed.scale}px`;
+      c.style.height = `${ed.h * ed.scale}px`;
+    }
+    $("patch-canvas").getContext("2d").drawImage(image, 0, 0);
+  }
+
+  function render() {
+    if (!ed.mask) return;
+    const ctx = $("mask-canvas").getContext("2d");
+    const img = ctx.createImageData(ed.w, ed.h);
+    const px = img.data;
+    const showModel = $("show-model").checked;
+    for (let i = 0; i < ed.mask.length; i++) {
+      const o = i * 4;
+      if (showModel && ed.modelEdge[i]) {
+        px[o] = 0;
+        px[o + 1] = 200;
+        px[o + 2] = 70;
+        px[o + 3] = 255;
+      } else if (ed.mask[i]) {
+        px[o] = 30;
+        px[o + 1] = 110;
+        px[o + 2] = 255;
+        px[o + 3] = 95;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+    if (ed.polygon.length) {
+      ctx.strokeStyle = "#ffeb3b";
+      ctx.lineWidth = 1 / Math.max(ed.scale, 0.5);
+      ctx.beginPath();
+      ed.polygon.forEach(([x, y], k) => (k ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.stroke();
+    }
+    $("undo").disabled = !ed.undo.length;
+    $("redo").disabled = !ed.redo.length;
+  }
+  $("show-model").addEventListener("input", render);
+
+  function snapshot() {
+    ed.undo.push(ed.mask.slice());
+    if (ed.undo.length > MAX_UNDO) ed.undo.shift();
+    ed.redo = [];
+  }
+
+  function undo() {
+    if (!ed.undo.length) return;
+    ed.redo.push(ed.mask);
+    ed.mask = ed.undo.pop();
+    render();
+  }
+
+  function redo() {
+    if (!ed.redo.length) return;
+    ed.undo.push(ed.mask);
+    ed.mask = ed.redo.pop();
+    render();
+  }
+
+  function stamp(cx, cy, value) {
+    const r = Number($("brush-size").value) / 2;
+    const x0 = Math.max(0, Math.floor(cx - r));
+    const x1 = Math.min(ed.w - 1, Math.ceil(cx + r));
+    const y0 = Math.max(0, Math.floor(cy - r));
+    const y1 = Math.min(ed.h - 1, Math.ceil(cy + r));
+    for (let y = y0; y <= y1; y++) {
+      for (let x = x0; x <= x1; x++) {
+        const dx = x + 0.5 - cx;
+        const dy = y + 0.5 - cy;
+        if (dx * dx + dy * dy <= r * r) ed.mask[y * ed.w + x] = value;
+      }
+    }
+  }
+
+  function strokeTo(x, y) {
+    const value = ed.tool === "brush" ? 1 : 0;
+    const [lx, ly] = ed.last || [x, y];
+    const steps = Math.max(1, Math.ceil(Math.hypot(x - lx, y - ly) / 1.5));
+    for (let s = 1; s <= steps; s++) stamp(lx + ((x - lx) * s) / steps, ly + ((y - ly) * s) / steps, value);
+    ed.last = [x, y];
+    render();
+  }
+
+  // Fill a polygon (even-odd) at pixel centres: pixel (x, y) is in when (x + .5, y + .5) is.
+  function fillPolygon(points) {
+    for (let y = 0; y < ed.h; y++) {
+      const yc = y + 0.5;
+      const xs = [];
+      for (let k = 0; k < points.length; k++) {
+        const [ax, ay] = points[k];
+        const [bx, by] = points[(k + 1) % points.length];
+        if (ay <= yc !== by <= yc) xs.push(ax + ((yc - ay) * (bx - ax)) / (by - ay));
+      }
+      xs.sort((a, b) => a - b);
+      for (let k = 0; k + 1 < xs.length; k += 2) {
+        const from = Math.max(0, Math.ceil(xs[k] - 0.5));
+        const to = Math.min(ed.w - 1, Math.floor(xs[k + 1] - 0.5));
+        for (let x = from; x <= to; x++) ed.mask[y * ed.w + x] = 1;
+      }
+    }
+  }
+
+  function closePolygon() {
+    if (ed.polygon.length >= 3) {
+      snapshot();
+      fillPolygon(ed.polygon);
+    }
+    ed.polygon = [];
+    render();
+  }
+
+  function patchPoint(event) {
+    const rect = $("mask-canvas").getBoundingClientRect();
+    return [((event.clientX - rect.left) * ed.w) / rect.width, ((event.clientY - rect.top) * ed.h) / rect.height];
+  }
+
+  const canvas = $("mask-canvas");
+  canvas.addEventListener("pointerdown", (event) => {
+    if (!state.me || !state.me.can_correct || event.button !== 0) return;
+    const [x, y] = patchPoint(event);
+    if (ed.tool === "polygon") {
+      if (event.detail >= 2) return; // the double-click's second press: closed by dblclick
+      ed.polygon.push([x, y]);
+      render();
+      return;
+    }
+    canvas.setPointerCapture(event.pointerId);
+    snapshot();
+    ed.drawing = true;
+    ed.last = null;
+    strokeTo(x, y);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (ed.drawing) strokeTo(...patchPoint(event));
+  });
+  for (const kind of ["pointerup", "pointercancel"]) {
+    canvas.addEventListener(kind, () => {
+      ed.drawing = false;
+      ed.last = null;
+    });
+  }
+  canvas.addEventListener("dblclick", () => ed.tool === "polygon" && closePolygon());
+
+  function setTool(tool) {
+    if (ed.polygon.length && tool !== "polygon") ed.polygon = [];
+    ed.tool = tool;
+    for (const b of document.querySelectorAll("#tools [data-tool]")) b.classList.toggle("active", b.dataset.tool === tool);
+    render();
+  }
+  for (const b of document.querySelectorAll("#tools [data-tool]")) b.addEventListener("click", () => setTool(b.dataset.tool));
+  $("undo").addEventListener("click", undo);
+  $("redo").addEventListener("click", redo);
+  $("clear").addEventListener("click", () => {
+    snapshot();
+    ed.mask.fill(0);
+    render();
+  });
+
+  function maskPng() {
+    const c = document.createElement("canvas");
+    c.width = ed.w;
+    c.height = ed.h;
+    const ctx = c.getContext("2d");
+    const img = ctx.createImageData(ed.w, ed.h);
+    for (let i = 0; i < ed.mask.length; i++) {
+      const v = ed.mask[i] ? 255 : 0;
+      img.data.set([v, v, v, 255], i * 4);
+    }
+    ctx.putImageData(img, 0, 0);
+    return new Promise((resolve) => c.toBlob(resolve, "image/png"));
+  }
+
+  async function decide(action) {
+    if (ed.busy || !state.item || !state.me.can_correct) return;
+    ed.busy = true;
+    const item = state.item;
+    try {
+      if (action === "skip") {
+        await api(`/queue/items/${item.id}/skip`, { method: "POST" });
+        say(`Patch #${item.rank} skipped`);
+      } else {
+        const body = action === "accept" ? ed.modelPng : await maskPng();
+        const response = await api(`/queue/items/${item.id}/correction`, {
+          method: "POST",
+          headers: { "Content-Type": "image/png" },
+          body,
+        });
+        const record = await response.json();
+        const what = action === "accept" ? "model's mask confirmed" : "correction stored";
+        say(`Patch #${item.rank}: ${what}${record.duplicate ? " (already stored)" : ""} · ${record.id.slice(0, 8)}`);
+        $("editor").dataset.lastCorrection = record.id;
+      }
+      await nextItem(item);
+    } catch (err) {
+      say(`Patch #${item.rank}: ${err.message}`, true);
+    } finally {
+      ed.busy = false;
+    }
+  }
+  $("accept").addEventListener("click", () => decide("accept"));
+  $("skip").addEventListener("click", () => decide("skip"));
+  $("submit").addEventListener("click", () => decide("submit"));
+  $("close-editor").addEventListener("click", closeEditor);
+
+  async function nextItem(done) {
+    await loadQueue();
+    const next = state.queue.find((i) => i.id !== done.id);
+    if (next) await openItem(next);
+    else {
+      closeEditor();
+      say("Queue done: no pending patches left.");
+    }
+  }
+
+  document.addEventListener("keydown", (event) => {
+    if ($("editor").hidden || event.target.matches("input[type=password], select") || event.target.closest("#queue")) {
+      return;
+    }
+    const key = event.key.toLowerCase();
+    const ctrl = event.ctrlKey || event.metaKey;
+    const correcting = state.me && state.me.can_correct;
+    if (ctrl && key === "z") event.shiftKey ? redo() : undo();
+    else if (ctrl && key === "y") redo();
+    else if (ctrl) return;
+    else if (key === "escape") ed.polygon.length ? ((ed.polygon = []), render()) : closeEditor();
+    else if (!correcting) return;
+    else if (key === "enter") ed.polygon.length ? closePolygon() : decide("submit");
+    else if (key === "b") setTool("brush");
+    else if (key === "e") setTool("eraser");
+    else if (key === "p") setTool("polygon");
+    else if (key === "a") decide("accept");
+    else if (key === "s") decide("skip");
+    else if (key === "c") $("clear").click();
+    else if (key === "[" || key === "]") $("brush-size").stepUp(key === "]" ? 2 : -2);
+    else return;
+    event.preventDefault();
+  });
+
+  // ---- model panel (admins) -------------------------------------------------------------------------
+  async function refreshModelPanel() {
+    if (!state.me || !state.me.can_administer) return;
+    try {
+      const [current, { runs }] = await Promise.all([json("/models/current"), json("/finetune/runs")]);
+      $("model-serving").textContent = `${current.version} (${current.status})`;
+      $("runs").replaceChildren(
+        ...(runs.length ? runs.slice(0, 10) : [null]).map((run) => {
+          const li = document.createElement("li");
+          if (!run) li.textContent = "none yet";
+          else {
+            const p = run.progress.total ? ` ${Math.round(run.progress.fraction * 100)} %` : "";
+            li.textContent = `${run.state}${p}${run.candidate ? ` → ${run.candidate}` : ""}${run.reason ? `: ${run.reason}` : ""}`;
+          }
+          return li;
+        }),
+      );
+    } catch (err) {
+      $("model-serving").textContent = err.message;
+    }
+    setTimeout(refreshModelPanel, 10000);
+  }
+
+  // ---- boot -----------------------------------------------------------------------------------------
+  setTool("brush");
+  if (state.token) {
+    json("/me")
+      .then((me) => {
+        state.me = me;
+        return start();
+      })
+      .catch((err) => askToken(err.message));
+  } else askToken();
+})();
