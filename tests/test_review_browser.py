@@ -1,0 +1,185 @@
+"""The review page in a real browser: Debian's Chromium (headless, driven by Playwright; no browser
+download) against a real `uga serve` with a finished job. Sign in, see the slide's tiles, switch
+overlays, open the top patch, draw (a brush stroke undone, a polygon), submit, and read the stored
+mask back over the API; a viewer can look but not correct. Saves the README's screenshots to docs/."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.server import REPO, TOKENS, Server, finished_patch_job, hostile_slide_root
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = Path("/usr/bin/chromium")
+DOCS = REPO / "docs"
+POLYGON = [(40, 40), (200, 40), (200, 120), (40, 120)]  # patch pixels (the patch is 256 px at 1 µm/px)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, source_slide):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    root = tmp_path_factory.mktemp("review-browser")
+    srv = Server(root / "data", hostile_slide_root(root, source_slide)).start()
+    with srv.client("annotator") as c:
+        job = finished_patch_job(c)
+    assert job["state"] == "succeeded", job
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """A signed-in page, with what went wrong in it (script errors, refused tile requests)."""
+
+    def __init__(self, browser, server: Server, role: str):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 900})
+        self.problems: list[str] = []
+        self.tiles: list[int] = []
+        self.page.on("pageerror", lambda exc: self.problems.append(f"script error: {exc}"))
+        self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        self.page.on("response", self._response)
+        self.page.goto(f"{server.url}/review")
+        self.page.fill("#token", TOKENS[role])
+        self.page.click("#sign-in-button")
+        self.page.wait_for_selector("#viewer[data-ready=true]", timeout=30_000)
+
+    def _response(self, response) -> None:
+        if "/slide_files/" in response.url:
+            self.tiles.append(response.status)
+
+    def canvas_point(self, x: float, y: float) -> tuple[float, float]:
+        """The page position of patch pixel coordinate (x, y) on the editor's canvas."""
+        box = self.page.locator("#mask-canvas").bounding_box()
+        size = self.page.evaluate(
+            "() => [document.getElementById('mask-canvas').width, document.getElementById('mask-canvas').height]"
+        )
+        return box["x"] + x * box["width"] / size[0], box["y"] + y * box["height"] / size[1]
+
+
+def _png(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browser):
+    p = Page(browser, server, "annotator")
+    page = p.page
+    assert re.search(r"annotator:\w+ · annotator", page.inner_text("#who"))
+    page.wait_for_function("() => document.querySelectorAll('#queue li').length === 4")
+    page.wait_for_timeout(1000)  # the first tiles
+    assert p.tiles and set(p.tiles) == {200}, p.tiles  # every tile request carried the bearer token
+
+    # overlays: the outline is on by default; the uncertainty map is switched on, then to another measure
+    page.wait_for_selector("#viewer[data-layers='outline']")
+    page.check("#layer-heat")
+    page.wait_for_selector("#viewer[data-layers='outline,uga']")
+    assert "look here" in page.inner_text("#legend")
+    page.select_option("#heat-measure", "entropy")
+    page.wait_for_selector("#viewer[data-layers='entropy,outline']")
+    assert "coin flip" in page.inner_text("#legend")
+    page.uncheck("#layer-outline")
+    page.wait_for_selector("#viewer[data-layers='entropy']")
+    page.check("#layer-outline")
+    page.select_option("#heat-measure", "uga")
+    page.wait_for_selector("#viewer[data-layers='outline,uga']")
+    assert page.locator(".queue-box").count() == 4 and page.inner_text(".queue-box >> nth=0").strip() == "1"
+    page.wait_for_timeout(1500)
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "review-viewer.png"))
+
+    # the top patch: the model's mask to start from, the uncertainty inset
+    page.click("#queue li >> nth=0")
+    page.wait_for_selector("#editor[data-ready=true]")
+    item_id = page.get_attribute("#editor", "data-item")
+    with server.client("viewer") as c:
+        item = c.get(f"/v1/queue/items/{item_id}").json()
+        model = _png(c.get(item["links"]["mask"]).content) > 127
+    assert item["rank"] == 1 and model.shape == (256, 256)
+    assert page.is_visible("#inset-heat") and page.is_visible("#submit")
+
+    # a brush stroke, undone with Ctrl+Z; then a polygon closed with Enter
+    page.keyboard.press("b")
+    page.mouse.move(*p.canvas_point(100, 200))
+    page.mouse.down()
+    page.mouse.move(*p.canvas_point(160, 200), steps=8)
+    page.mouse.up()
+    assert page.is_enabled("#undo")
+    page.keyboard.press("Control+z")
+    page.keyboard.press("p")
+    for x, y in POLYGON:
+        page.mouse.click(*p.canvas_point(x, y))
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(DOCS / "review-editor.png"))
+    page.click("#submit")
+    page.wait_for_selector("#editor[data-last-correction]")
+    page.wait_for_function(f"() => document.getElementById('editor').dataset.item !== '{item_id}'")
+    correction_id = page.get_attribute("#editor", "data-last-correction")
+
+    # what the server stored is what was drawn: the model's mask plus the polygon (pixel centres inside)
+    with server.client("viewer") as c:
+        record = c.get(f"/v1/corrections/{correction_id}").json()
+        stored = _png(c.get(f"/v1/corrections/{correction_id}/mask.png").content) > 127
+    with server.client("annotator") as c:
+        me = c.get("/v1/me").json()["name"]
+    assert record["queue_item_id"] == item_id and record["annotator"] == me  # audited as the person
+    drawn = np.zeros_like(model)
+    drawn[40:120, 40:200] = True
+    expected = model | drawn
+    edge = np.zeros_like(model)  # one pixel either side of the polygon's edges: clicks land on whole screen px
+    edge[38:42, 38:202] = edge[118:122, 38:202] = edge[38:122, 38:42] = edge[38:122, 198:202] = True
+    assert not (stored != expected)[~edge].any()
+    assert stored[42:118, 42:198].all()
+    with server.client("viewer") as c:
+        pending = [i["id"] for i in c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]]
+    assert item_id not in pending and len(pending) == 3
+    assert not p.problems, p.problems
+    page.close()
+
+
+def test_a_viewer_can_look_but_not_correct(server, browser):
+    p = Page(browser, server, "viewer")
+    page = p.page
+    assert page.inner_text("#who").endswith("viewer") and not page.is_visible("#model-panel")
+    page.click("#queue li >> nth=0")
+    page.wait_for_selector("#editor[data-ready=true]")
+    assert page.is_visible("#read-only") and not page.is_visible("#submit") and not page.is_visible("#tools")
+    item_id = page.get_attribute("#editor", "data-item")
+    page.keyboard.press("Enter")  # no submit from the keyboard either
+    page.wait_for_timeout(300)
+    assert page.get_attribute("#editor", "data-last-correction") is None
+    assert not p.problems, p.problems
+    # and the server refuses it whatever the page does (the browser logs that 403)
+    status = page.evaluate(
+        """async (id) => (await fetch(`/v1/queue/items/${id}/correction`, {method: 'POST',
+             headers: {Authorization: `Bearer ${sessionStorage.getItem('uga.token')}`, 'Content-Type': 'image/png'},
+             body: new Uint8Array([137, 80, 78, 71])})).status""",
+        item_id,
+    )
+    assert status == 403
+    with server.client("viewer") as c:
+        assert not [x for x in c.get("/v1/corrections").json()["corrections"] if x["queue_item_id"] == item_id]
+    page.close()
+
+
+def test_an_admin_sees_the_model_panel(server, browser):
+    p = Page(browser, server, "admin")
+    page = p.page
+    page.wait_for_selector("#model-panel:not([hidden])")
+    page.wait_for_function("() => document.getElementById('model-serving').textContent.includes('baseline')")
+    assert "none yet" in page.inner_text("#runs")
+    page.close()
