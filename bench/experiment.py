@@ -50,7 +50,7 @@ from service.inference.ensemble import (  # noqa: E402
     load_ensemble,
     read_card,
 )
-from service.inference.evaluation import overlap_with_truth, read_truth  # noqa: E402
+from service.inference.evaluation import expected_calibration_error, overlap_with_truth, read_truth  # noqa: E402
 from service.inference.queue import Candidate, CellStats, cell_sums, score_candidates, select_non_overlapping  # noqa: E402
 from service.inference.selection import random_scores  # noqa: E402
 from service.inference.uncertainty import from_uint8  # noqa: E402
@@ -136,20 +136,6 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     ranks = np.empty(scores.size, np.float64)
     ranks[order] = midranks[inverse]
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def expected_calibration_error(prob: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
-    """ECE of the tumour probability: sum over equal-width bins of (share of pixels) x |mean p - tumour rate|."""
-    prob = np.asarray(prob, np.float64).ravel()
-    truth = np.asarray(truth, np.float64).ravel()
-    if prob.size == 0:
-        return 0.0
-    idx = np.clip((prob * bins).astype(np.int64), 0, bins - 1)
-    n = np.bincount(idx, minlength=bins)
-    sp = np.bincount(idx, weights=prob, minlength=bins)
-    st = np.bincount(idx, weights=truth, minlength=bins)
-    ok = n > 0
-    return float((np.abs(sp[ok] - st[ok])).sum() / prob.size)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -34,6 +34,20 @@ class Overlap:
         return 1.0 if denom == 0 else 2 * self.tp / denom
 
 
+def expected_calibration_error(prob: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
+    """ECE of the tumour probability: sum over equal-width bins of (share of pixels) x |mean p - tumour rate|."""
+    prob = np.asarray(prob, np.float64).ravel()
+    truth = np.asarray(truth, np.float64).ravel()
+    if prob.size == 0:
+        return 0.0
+    idx = np.clip((prob * bins).astype(np.int64), 0, bins - 1)
+    n = np.bincount(idx, minlength=bins)
+    sp = np.bincount(idx, weights=prob, minlength=bins)
+    st = np.bincount(idx, weights=truth, minlength=bins)
+    ok = n > 0
+    return float((np.abs(sp[ok] - st[ok])).sum() / prob.size)
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice coefficient of two binary arrays (1.0 when both are empty)."""
     o = Overlap()

@@ -1,0 +1,93 @@
+"""The baseline recipe's parts (bench/PROTOCOL.md): generic augmentation, diverse members, early
+stopping on a validation split, temperature scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.augment import STRENGTHS, augment_image
+from models.fit import (
+    bake_temperature,
+    fit_member,
+    fit_temperature,
+    member_logits,
+    member_training_set,
+    validation_loss,
+)
+from models.net import UNet
+
+
+def _patches(n: int = 12, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pink background with purple discs: the disc pixels are 'tumour'."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.empty((n, size, size), np.uint8)
+    for i in range(n):
+        cy, cx, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(4, 8))]
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        images[i] = np.where(disc[..., None], (120, 60, 150), (230, 150, 190))
+        masks[i] = disc
+    noise = rng.normal(0, 6, images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8), masks
+
+
+def test_augmentation_keeps_the_image_valid_and_strong_moves_it_further():
+    images, _ = _patches(16, 64)
+    change = {}
+    for name, strength in STRENGTHS.items():
+        rng = np.random.default_rng(1)
+        out = [augment_image(img, rng, strength) for img in images]
+        assert all(o.dtype == np.uint8 and o.shape == img.shape for o, img in zip(out, images, strict=True))
+        change[name] = np.mean([np.abs(o.astype(float) - img).mean() for o, img in zip(out, images, strict=True)])
+    assert 0 < change["light"] < change["strong"], change
+
+
+def test_augmentation_is_reproducible_from_the_seed():
+    img = _patches(1, 64)[0][0]
+    a = augment_image(img, np.random.default_rng(7), STRENGTHS["strong"])
+    b = augment_image(img, np.random.default_rng(7), STRENGTHS["strong"])
+    assert np.array_equal(a, b)
+
+
+def test_folds_leave_each_members_own_slides_out():
+    slides = np.repeat(np.arange(10), 4)
+    recipe = {"folds": 5, "seed": 0}
+    seen = set()
+    for m in range(5):
+        idx = member_training_set(recipe, m, len(slides), slides)
+        own = {s for s in range(10) if s % 5 == m}
+        assert own.isdisjoint(set(slides[idx].tolist())) and len(idx) == 32
+        seen |= set(slides[idx].tolist())
+    assert seen == set(range(10))
+    boot = member_training_set({"seed": 0}, 0, 40, None)  # no folds: a bootstrap of the same size
+    assert len(boot) == 40 and len(set(boot.tolist())) < 40
+    with pytest.raises(ValueError, match="records each patch's slide"):
+        member_training_set(recipe, 0, 40, None)
+
+
+def test_temperature_recovers_a_known_overconfidence():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, 200_000)
+    truth = rng.random(logits.size) < 1 / (1 + np.exp(-logits / 2.5))  # calibrated at T = 2.5
+    assert abs(fit_temperature(logits, truth) - 2.5) < 0.1
+
+
+def test_baking_the_temperature_divides_the_members_logits():
+    torch.manual_seed(0)
+    net = UNet(base=4, depth=2, groups=2).eval()
+    images, _ = _patches(2, 32)
+    before = member_logits(net, images)
+    bake_temperature(net, 2.0)
+    assert np.allclose(member_logits(net, images), before / 2.0, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_validated_weights():
+    images, masks = _patches(12, 32)
+    val = _patches(6, 32, seed=1)
+    net = UNet(base=4, depth=2, groups=2)
+    result = fit_member(net, images, masks, steps=6, batch=4, lr=5e-3, seed=0, validation=val, eval_every=2, crop=24)
+    assert result.best_step in (2, 4, 6)
+    assert result.val_loss == pytest.approx(validation_loss(net, *val), rel=1e-4)
