@@ -324,6 +324,7 @@
   const MAX_UNDO = 50;
 
   async function openItem(item) {
+    const opened = performance.now();
     if (item.slide !== state.slide.slide) {
       $("slide-select").value = item.slide;
       await openSlide(item.slide);
@@ -375,6 +376,7 @@
     render();
     $("editor").dataset.ready = "true";
     $("editor").dataset.item = item.id;
+    $("editor").dataset.openMs = String(Math.round(performance.now() - opened)); // to drawable (bench_review)
     $("mask-canvas").focus();
   }
 
