@@ -121,3 +121,23 @@ def check_seg(tmp_path, seg_bytes: bytes, mask_tif: bytes, ids: dict) -> None:
         out = subprocess.run(["dciodvfy", str(tmp_path / "seg.dcm")], capture_output=True, text=True)
         errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
         assert not errors, errors
+
+
+@pytest.mark.parametrize("layout", ["one", "default", "split"])
+def test_a_series_has_the_deep_zoom_tiles_of_its_source(series, source_slide, layout):
+    """The review page's viewer: OpenSlide's DeepZoomGenerator over the wsidicom handle, every level."""
+    import io
+
+    from PIL import Image
+
+    from service.wsi.deepzoom import DeepZoomSlides
+
+    tiles = DeepZoomSlides(cache_bytes=1 << 20, max_open=2)
+    dz = tiles.descriptor(series[layout])
+    assert (dz.width, dz.height, dz.levels) == (2048, 2048, tiles.descriptor(source_slide).levels)
+    for level, col, row in ((dz.levels - 1, 1, 1), (dz.levels - 3, 0, 0), (3, 0, 0)):
+        got, want = (
+            np.asarray(Image.open(io.BytesIO(tiles.tile(path, level, col, row)))).astype(float)
+            for path in (series[layout], source_slide)
+        )
+        assert got.shape == want.shape and np.abs(got - want).mean() < 6, (level, col, row)
