@@ -42,16 +42,21 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(c, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, 1, H, W), bottleneck features (B, C, H / 2**depth, W / 2**depth))."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
             if i < len(self.down) - 1:
                 skips.append(x)
                 x = self.pool(x)
+        bottleneck = x
         for up, dec in zip(self.up, self.dec, strict=True):
             x = up(x)
             x = dec(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+        return self.head(x), bottleneck
 
 
 def normalise(rgb01: torch.Tensor) -> torch.Tensor:
@@ -60,12 +65,31 @@ def normalise(rgb01: torch.Tensor) -> torch.Tensor:
 
 
 class FusedEnsemble(nn.Module):
-    """All members in one graph: uint8 NHWC RGB in, (B, M, H, W) member tumour probabilities out."""
+    """All members in one graph: uint8 NHWC RGB in, (B, M, H, W) member tumour probabilities out.
 
-    def __init__(self, members: list[UNet]):
+    With ``novelty`` (per member: the mean and precision of its bottleneck features on source
+    data, ``models.novelty``), a second output (B, 1, H / 2**depth, W / 2**depth) holds the squared
+    Mahalanobis distance of each cell's features from the source, per feature and averaged over
+    members: about 1 on data like the training data, large far from it.
+    """
+
+    def __init__(self, members: list[UNet], novelty: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.with_novelty = novelty is not None
+        if novelty is not None:
+            self.register_buffer("feature_mean", torch.stack([m for m, _ in novelty]).float())  # (M, C)
+            self.register_buffer("feature_precision", torch.stack([p for _, p in novelty]).float())  # (M, C, C)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor):
         x = normalise(image.permute(0, 3, 1, 2).float() / 255.0)
-        return torch.cat([torch.sigmoid(m(x)) for m in self.members], dim=1)
+        if not self.with_novelty:
+            return torch.cat([torch.sigmoid(m(x)) for m in self.members], dim=1)
+        probs, distances = [], []
+        for i, member in enumerate(self.members):
+            logits, features = member.forward_with_features(x)
+            probs.append(torch.sigmoid(logits))
+            centred = features - self.feature_mean[i][None, :, None, None]
+            whitened = torch.einsum("dc,bchw->bdhw", self.feature_precision[i], centred)
+            distances.append((whitened * centred).sum(dim=1, keepdim=True) / centred.shape[1])
+        return torch.cat(probs, dim=1), torch.stack(distances).mean(dim=0)

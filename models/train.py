@@ -28,6 +28,7 @@ from models.data.sources import cache_dir, ensure_sources
 from models.data.textures import texture_bank
 from models.export import export_ensemble
 from models.fit import fit_ensemble, load_members, member_logits
+from models.novelty import novelty_for
 from models.patches import sample_patches
 from service.fsutil import sha256_file
 from service.inference.engine import segment
@@ -67,6 +68,7 @@ class Recipe:
     eval_every: int = 100
     calibrate: bool = False
     crop: int = 0  # > 0: train on random crops of this side (cheaper steps on a CPU)
+    novelty: bool = False  # export the feature-space novelty output (models/novelty.py)
     train_seeds: list[int] = field(default_factory=list)
     holdout_seeds: list[int] = field(default_factory=list)
     val_seeds: list[int] = field(default_factory=list)
@@ -86,6 +88,7 @@ RECIPES: dict[str, Recipe] = {
         val_slides=2,
         calibrate=True,
         crop=128,
+        novelty=True,
     ),
 }
 
@@ -189,7 +192,10 @@ def finish(recipe: Recipe, out: Path, data_dir: Path, log: Callable[[str], None]
         else None
     )
     onnx_path = out / "ensemble.onnx"
-    export_ensemble(members, onnx_path)
+    stats, novelty = None, None
+    if recipe.novelty:
+        stats, novelty = novelty_for(members, load_bank(data_dir / "train-bank.npz")[0])
+    export_ensemble(members, onnx_path, novelty=stats)
     slides = _eval_slides(recipe, data_dir)
     write_holdout_bank(recipe, slides, out / "holdout.npz")
     work = data_dir / "eval"
@@ -220,6 +226,7 @@ def finish(recipe: Recipe, out: Path, data_dir: Path, log: Callable[[str], None]
         "recipe": ckpt["recipe"],
         "fit": {"device": ckpt.get("device"), "seconds": ckpt.get("fit_seconds"), "members": info},
         "calibration": calib,
+        "novelty": novelty,
         "metrics": {
             "dice_source_holdout": float(np.mean(dice_source)),
             "dice_source_holdout_per_slide": dice_source,

@@ -21,6 +21,8 @@ SELECTIONS: tuple[str, ...] = get_args(Selection)
 # Stitched per-pixel maps, in channel order: the mean probability, then every measure.
 MapName = Literal["probability", "entropy", "mutual_information", "uga"]
 MAP_NAMES: tuple[str, ...] = get_args(MapName)
+# Written only by a model whose graph computes it (models/novelty.py): feature-space distance from the source.
+NOVELTY = "novelty"
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
@@ -63,6 +65,7 @@ ARTIFACTS: dict[str, str] = {
     "entropy": "uncertainty-entropy.tif",
     "mutual_information": "uncertainty-mutual_information.tif",
     "uga": "uncertainty-uga.tif",
+    "novelty": "novelty.tif",
     "overlay": "overlay.png",
     "geojson": "annotations.geojson",
     "queue": "queue.json",

@@ -10,7 +10,7 @@ import numpy as np
 from service.inference.engine import SegmentResult
 from service.inference.queue import PAPER_FRACTION, CellStats, cell_sums
 from service.inference.uncertainty import from_uint8
-from service.vocabulary import MAP_NAMES
+from service.vocabulary import NOVELTY
 from service.wsi.raster import RasterFile
 
 QUEUE_CELL = 64  # analysis pixels per queue cell
@@ -45,11 +45,19 @@ class SlideAnalysis:
     tissue_px: int
     tumour_px: int
     mean_uncertainty: dict[str, float]  # per measure, over tissue pixels
+    novelty_share: float | None = None  # tissue share above the model's novelty threshold (novelty models)
 
 
-def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: float) -> SlideAnalysis:
-    """Read every map once in bands; write the mask raster; accumulate queue and summary statistics."""
+def analyse(
+    result: SegmentResult, workdir: Path, *, measure: str, threshold: float, novelty_threshold: float | None = None
+) -> SlideAnalysis:
+    """Read every map once in bands; write the mask raster; accumulate queue and summary statistics.
+
+    With a novelty map and its threshold, also the share of tissue beyond it."""
     maps = result.maps
+    names = tuple(maps)
+    novelty = NOVELTY in maps and novelty_threshold is not None
+    novel_px = 0
     h, w = maps["probability"].height, maps["probability"].width
     f = preview_factor(h, w)
     band = max(128, f)  # a multiple of QUEUE_CELL and of f (powers of two); small, so memory ~ width only
@@ -59,18 +67,20 @@ def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: fl
     grids: dict[str, list[np.ndarray]] = {k: [] for k in ("tissue", "unc", "prob", "above")}
     prev: dict[str, list[np.ndarray]] = {k: [] for k in ("probability", "mask", measure)}
     tissue_px = tumour_px = 0
-    sums = dict.fromkeys(MAP_NAMES, 0.0)
+    sums = dict.fromkeys(names, 0.0)
     for y0 in range(0, h, band):
         y1 = min(h, y0 + band)
         tissue = result.tissue.crop(y0, 0, y1 - y0, w, result.mpp)
-        bands = {name: maps[name].read_rows(y0, y1) for name in MAP_NAMES}
+        bands = {name: maps[name].read_rows(y0, y1) for name in names}
         m = np.where(bands["probability"] >= cut, 255, 0).astype(np.uint8)
         mask.write_block(y0, 0, m)
         t = tissue.astype(np.float32)
         tissue_px += int(tissue.sum())
         tumour_px += int(np.count_nonzero(m.astype(bool) & tissue))
-        for name in MAP_NAMES:
+        for name in names:
             sums[name] += float((from_uint8(bands[name], name) * t).sum())
+        if novelty:
+            novel_px += int(np.count_nonzero((from_uint8(bands[NOVELTY], NOVELTY) > novelty_threshold) & tissue))
         unc = from_uint8(bands[measure], measure) * t
         grids["tissue"].append(cell_sums(t, QUEUE_CELL))
         grids["unc"].append(cell_sums(unc, QUEUE_CELL))
@@ -87,5 +97,6 @@ def analyse(result: SegmentResult, workdir: Path, *, measure: str, threshold: fl
         above=np.concatenate(grids["above"]),
     )
     previews = {k: np.clip(np.rint(np.concatenate(v)), 0, 255).astype(np.uint8) for k, v in prev.items()}
-    means = {name: (sums[name] / tissue_px if tissue_px else 0.0) for name in MAP_NAMES if name != "probability"}
-    return SlideAnalysis(mask, cells, previews, f, tissue_px, tumour_px, means)
+    means = {name: (sums[name] / tissue_px if tissue_px else 0.0) for name in names if name != "probability"}
+    share = (novel_px / tissue_px if tissue_px else 0.0) if novelty else None
+    return SlideAnalysis(mask, cells, previews, f, tissue_px, tumour_px, means, share)

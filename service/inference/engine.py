@@ -22,7 +22,7 @@ from service.inference.stitch import Stitcher
 from service.inference.tiling import TileGrid
 from service.inference.uncertainty import all_measures, to_uint8
 from service.options import SegmentationOptions
-from service.vocabulary import MAP_NAMES
+from service.vocabulary import MAP_NAMES, NOVELTY
 from service.wsi.raster import RasterFile
 from service.wsi.slide import RegionReader, Slide, analysis_shape
 from service.wsi.tissue import TissueMask, tissue_mask
@@ -59,6 +59,12 @@ def _positions(grid: TileGrid) -> Iterator[tuple[int, int]]:
             yield r, c
 
 
+def cells_to_pixels(cells: np.ndarray, tile: int) -> np.ndarray:
+    """A (h, w) map of feature cells repeated up to the (tile, tile) pixels they cover."""
+    f = tile // cells.shape[0]
+    return np.repeat(np.repeat(cells.astype(np.float32), f, axis=0), f, axis=1)
+
+
 def segment(
     slide: Slide,
     ensemble: Predictor,
@@ -75,17 +81,19 @@ def segment(
     occupied = grid.occupied(tissue, opt.mpp)
     total = int(occupied.sum())
     workdir.mkdir(parents=True, exist_ok=True)
-    maps = {name: RasterFile(workdir / f"{name}.raw", height, width, create=True) for name in MAP_NAMES}
-    maxima = dict.fromkeys(MAP_NAMES, 0)
+    with_novelty = bool(getattr(ensemble, "novelty", False))
+    names = MAP_NAMES + ((NOVELTY,) if with_novelty else ())
+    maps = {name: RasterFile(workdir / f"{name}.raw", height, width, create=True) for name in names}
+    maxima = dict.fromkeys(names, 0)
     timings = {"tissue_s": time.perf_counter() - t_start, "read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0}
 
     def sink(y: int, x: int, values: np.ndarray) -> None:
-        for i, name in enumerate(MAP_NAMES):
+        for i, name in enumerate(names):
             q = to_uint8(values[i], name)
             maxima[name] = max(maxima[name], int(q.max()))
             maps[name].write_block(y, x, q)
 
-    stitcher = Stitcher(height, width, opt.tile, opt.overlap, len(MAP_NAMES), sink)
+    stitcher = Stitcher(height, width, opt.tile, opt.overlap, len(names), sink)
     reader = RegionReader(slide, opt.mpp)
     tiles_q: queue.Queue = queue.Queue(maxsize=2 * opt.batch + 2)
     results_q: queue.Queue = queue.Queue(maxsize=2)
@@ -114,13 +122,15 @@ def segment(
         done = 0
         try:
             while (item := results_q.get()) is not _END:
-                positions, probs = item
+                positions, (probs, novelty) = item
                 t0 = time.perf_counter()
                 k = 0
                 for r, c, present in positions:
                     if present:
                         m = all_measures(probs[k])
-                        stitcher.add(r, c, np.stack([m[n] for n in MAP_NAMES]))
+                        if with_novelty:
+                            m[NOVELTY] = cells_to_pixels(novelty[k, 0], opt.tile)
+                        stitcher.add(r, c, np.stack([m[n] for n in names]))
                         k += 1
                     else:
                         stitcher.add(r, c, None)
@@ -152,12 +162,13 @@ def segment(
                 if img is not None:
                     batch.append(img)
             if batch and (len(batch) == opt.batch or finished) or (finished and pending):
-                probs = None
+                outputs = (None, None)
                 if batch:
                     t0 = time.perf_counter()
-                    probs = ensemble.predict(np.stack(batch))
+                    tiles = np.stack(batch)
+                    outputs = ensemble.predict_with_novelty(tiles) if with_novelty else (ensemble.predict(tiles), None)
                     timings["infer_s"] += time.perf_counter() - t0
-                results_q.put((pending, probs))
+                results_q.put((pending, outputs))
                 pending, batch = [], []
             if errors:
                 break

@@ -61,6 +61,10 @@ class Ensemble:
             log.warning("ONNX Runtime is not using %s (running on %s)", ", ".join(missing), self.providers)
         self.input_name = self.session.get_inputs()[0].name
         self.members = int(self.session.get_outputs()[0].shape[1])
+        # a graph exported with feature statistics (models/novelty.py) has a second output
+        self.novelty = [o.name for o in self.session.get_outputs()][1:2] == ["novelty"]
+        self.novelty_threshold: float | None = None  # the source's high quantile, from the model card
+        self.novelty_flag_share: float | None = None  # tissue share beyond it that flags a slide
 
     @property
     def providers(self) -> list[str]:
@@ -69,7 +73,13 @@ class Ensemble:
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) RGB -> float32 (B, M, H, W) member tumour probabilities."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})[0]
+        return self.predict_with_novelty(tiles)[0]
+
+    def predict_with_novelty(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Member probabilities and, where the graph has it, the feature-space novelty
+        (B, 1, H / 8, W / 8): squared Mahalanobis distance per feature from the source, ~1 in domain."""
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})
+        return out[0], (out[1] if self.novelty else None)
 
     def warm_up(self, tile: int = 256) -> None:
         self.predict(np.full((1, tile, tile, 3), 230, np.uint8))
@@ -128,7 +138,18 @@ def load_ensemble(
                 f"{onnx_path} has sha256 {got[:12]}..., the registry recorded {expect_sha256[:12]}...: "
                 "incomplete or changed on this host's view of the volume; not served"
             )
-    return Ensemble(onnx_path, card["version"], providers=PROVIDERS.get(providers), threads=threads, model_bytes=data)
+    ensemble = Ensemble(
+        onnx_path, card["version"], providers=PROVIDERS.get(providers), threads=threads, model_bytes=data
+    )
+    if ensemble.novelty:
+        entry = card.get("novelty") or {}
+        threshold, share = entry.get("threshold"), entry.get("flag_share")
+        if not all(isinstance(v, int | float) and v > 0 for v in (threshold, share)):
+            raise ModelError(
+                f"{model_dir}: the graph computes novelty but card.json has no novelty.threshold and flag_share > 0"
+            )
+        ensemble.novelty_threshold, ensemble.novelty_flag_share = float(threshold), float(share)
+    return ensemble
 
 
 def check_outputs_finite(ensemble: Ensemble, tile: int = 128) -> None:

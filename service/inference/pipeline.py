@@ -17,6 +17,7 @@ from service.inference.engine import Progress, segment
 from service.inference.ensemble import Predictor
 from service.inference.queue import build_queue
 from service.options import SegmentationOptions
+from service.vocabulary import NOVELTY
 from service.wsi.slide import RegionReader, Slide, choose_level, open_slide
 
 
@@ -59,6 +60,18 @@ def run_segmentation(
         return _run(slide, out_dir, ensemble, opt, slide_key or Path(slide_path).name, progress, exclude)
 
 
+def novelty_summary(analysis, threshold: float, flag_share: float) -> dict:
+    """The slide's out-of-distribution verdict from its feature-space novelty map."""
+    share = analysis.novelty_share
+    return {
+        "mean": round(analysis.mean_uncertainty[NOVELTY], 4),
+        "threshold": threshold,
+        "share_beyond_threshold": round(share, 4),
+        "flag_share": flag_share,
+        "out_of_distribution": share > flag_share,
+    }
+
+
 def _run(
     slide: Slide,
     out_dir: Path,
@@ -75,7 +88,10 @@ def _run(
     try:
         result = segment(slide, ensemble, work, opt, progress=progress)
         t_seg = time.perf_counter()
-        analysis = analyse(result, work, measure=opt.uncertainty, threshold=opt.threshold)
+        novelty_threshold = getattr(ensemble, "novelty_threshold", None)
+        analysis = analyse(
+            result, work, measure=opt.uncertainty, threshold=opt.threshold, novelty_threshold=novelty_threshold
+        )
         queue = build_queue(
             analysis.cells,
             patch_px=opt.patch_px,
@@ -125,7 +141,7 @@ def _run(
             "tumour_fraction_of_tissue": round(analysis.tumour_px / analysis.tissue_px, 4)
             if analysis.tissue_px
             else 0.0,
-            "mean_uncertainty": {k: round(v, 6) for k, v in analysis.mean_uncertainty.items()},
+            "mean_uncertainty": {k: round(v, 6) for k, v in analysis.mean_uncertainty.items() if k != NOVELTY},
             "queue": {
                 "measure": opt.uncertainty,
                 "scoring": opt.scoring,
@@ -138,6 +154,8 @@ def _run(
             "artifacts": {**artifacts, **{k: outputs.ARTIFACTS[k] for k in ("overlay", "geojson", "queue")}},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        if analysis.novelty_share is not None:
+            summary["novelty"] = novelty_summary(analysis, novelty_threshold, ensemble.novelty_flag_share)
         rings = outputs.tumour_polygons(analysis.previews["mask"], level0_per_px)
         if slide.identifiers:  # a DICOM source: every output names it
             queue = [{**item, "source_identifiers": slide.identifiers} for item in queue]

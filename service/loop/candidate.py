@@ -61,19 +61,27 @@ def build_candidate(
 
     parent_dir = registry.path(parent)
     budget = finetune_budget(settings, seed)
+    replay = load_bank(settings.baseline_dir / "replay.npz")
     members, ckpt = finetune_members(
         parent_dir / "members.pt",
         pairs(settings.data_dir / "corrections", train),
-        load_bank(settings.baseline_dir / "replay.npz"),
+        replay,
         budget,
         progress=progress,
         device=device,
     )
+    parent_card = read_card(parent_dir)
+    stats = None
+    if parent_card.get("novelty"):  # the members' features moved: refit their source statistics on the replay
+        from models.novelty import novelty_for
+
+        stats, novelty = novelty_for(members, replay[0])
+        parent_card = {**parent_card, "novelty": novelty}
     staging = registry.stage()
-    sha = export_ensemble(members, staging / "ensemble.onnx")
+    sha = export_ensemble(members, staging / "ensemble.onnx", novelty=stats)
     save_members(members, ckpt["recipe"], staging / "members.pt", {"parent": parent})
     card = finetuned_card(
-        read_card(parent_dir),
+        parent_card,
         version=registry.version_name(sha),
         sha256=sha,
         parent=parent,

@@ -1,0 +1,93 @@
+"""Feature-space novelty (issue 14, uncertainty that sees what disagreement misses): fitted on source
+features, computed inside the ONNX graph, stitched into a map, summarised into a slide-level flag."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from models.export import export_ensemble
+from models.net import UNet
+from models.novelty import fit_gaussian, novelty_for, novelty_scores
+from service.inference.ensemble import ModelError, load_ensemble
+from service.inference.pipeline import run_segmentation
+from service.options import SegmentationOptions
+
+
+def _members(n: int = 2) -> list[UNet]:
+    torch.manual_seed(0)
+    return [UNet(base=4, depth=3, groups=2).eval() for _ in range(n)]
+
+
+def _tiles(n: int, seed: int = 0, colour=(200, 120, 180)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(colour, 25, (n, 64, 64, 3)), 0, 255).astype(np.uint8)
+
+
+def _model_dir(tmp_path, members, stats=None, novelty=None):
+    d = tmp_path / "model"
+    d.mkdir()
+    export_ensemble(members, d / "ensemble.onnx", novelty=stats)
+    card = {"version": "tiny-1", "input_mpp": 1.0, **({"novelty": novelty} if novelty else {})}
+    (d / "card.json").write_text(json.dumps(card))
+    return d
+
+
+def test_mahalanobis_of_gaussian_data_is_about_one_per_feature():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    x = rng.normal(size=(20000, 6)) @ a + 3.0
+    mean, precision = fit_gaussian(x, shrinkage=0.0)
+    centred = rng.normal(size=(5000, 6)) @ a + 3.0 - mean
+    assert abs(np.einsum("nc,dc,nd->n", centred, precision, centred).mean() / 6 - 1) < 0.05
+    far = centred + 10 * np.abs(a).sum(axis=0)
+    assert np.einsum("nc,dc,nd->n", far, precision, far).mean() / 6 > 10
+
+
+def test_the_onnx_graph_computes_the_reference_novelty_and_far_data_scores_higher(tmp_path):
+    members = _members()
+    source = _tiles(16)
+    stats, card = novelty_for(members, source)
+    ens = load_ensemble(_model_dir(tmp_path, members, stats, card))
+    assert ens.novelty and ens.novelty_threshold == card["threshold"] > 0
+    probs, novelty = ens.predict_with_novelty(source[:4])
+    assert probs.shape == (4, 2, 64, 64) and novelty.shape == (4, 1, 8, 8)
+    reference = novelty_scores(members, stats, source[:4]).reshape(4, 8, 8)
+    assert np.allclose(novelty[:, 0], reference, rtol=1e-3, atol=1e-3)
+    # untrained members normalise colour away (GroupNorm): what differs for them is structure
+    rng = np.random.default_rng(1)
+    blobs = [ndimage.gaussian_filter(rng.normal(128, 80, (64, 64, 3)), (4, 4, 0)) * 3 - 200 for _ in range(4)]
+    unlike = np.clip(np.stack(blobs), 0, 255).astype(np.uint8)
+    assert ens.predict_with_novelty(unlike)[1].mean() > 1.5 * novelty.mean()
+    assert np.array_equal(ens.predict(source[:4]), probs)
+
+
+def test_a_novelty_graph_needs_its_threshold_on_the_card(tmp_path):
+    members = _members()
+    stats, _ = novelty_for(members, _tiles(8))
+    with pytest.raises(ModelError, match="novelty.threshold"):
+        load_ensemble(_model_dir(tmp_path, members, stats, None))
+
+
+def test_a_slide_gets_a_novelty_map_and_a_verdict_only_from_a_novelty_model(tmp_path, source_slide):
+    members = _members()
+    stats, card = novelty_for(members, _tiles(16))
+    options = SegmentationOptions(queue_size=2)
+    with_novelty = run_segmentation(
+        source_slide, tmp_path / "out", load_ensemble(_model_dir(tmp_path, members, stats, card)), options
+    )
+    verdict = with_novelty["novelty"]
+    assert with_novelty["artifacts"]["novelty"] == "novelty.tif" and (tmp_path / "out" / "novelty.tif").exists()
+    assert 0 <= verdict["share_beyond_threshold"] <= 1 and verdict["threshold"] == card["threshold"]
+    assert verdict["out_of_distribution"] == (verdict["share_beyond_threshold"] > card["flag_share"])
+    assert "novelty" not in with_novelty["mean_uncertainty"]
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    export_ensemble(members, plain_dir / "ensemble.onnx")
+    (plain_dir / "card.json").write_text(json.dumps({"version": "tiny-0", "input_mpp": 1.0}))
+    plain = run_segmentation(source_slide, tmp_path / "out-plain", load_ensemble(plain_dir), options)
+    assert "novelty" not in plain and "novelty" not in plain["artifacts"]
