@@ -1,7 +1,7 @@
 """The shortcut gate of the benchmark (bench/PROTOCOL.md): can five global block features alone tell
 tumour from normal? If a logistic regression on them separates the classes much better than
 chance, a network can learn that shortcut instead of morphology, and it fails out of domain for the
-wrong reason. Pure numpy: features, a class-balanced sample, k-fold logistic regression.
+wrong reason. Pure numpy: features, a class-balanced sample, cross-validated logistic regression.
 """
 
 from __future__ import annotations
@@ -36,14 +36,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 500, lr: float = 0.5
     return w
 
 
-def cv_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> tuple[float, float]:
-    """(mean, std) accuracy of the logistic regression over ``folds`` folds (features standardised
-    on each training fold)."""
-    order = np.random.default_rng(seed).permutation(len(y))
+def cv_accuracy(
+    x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, groups: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(mean, std) accuracy of the logistic regression over ``folds`` random folds, or, with
+    ``groups``, leaving one group (slide) out at a time (features standardised on each training part).
+
+    Blocks of one slide share its layout and its shift field, so random folds let a classifier learn
+    that slide's chance associations and test on the same slide; leaving slides out measures a rule
+    that carries over to an unseen slide, which is what a network's shortcut would be.
+    """
+    if groups is not None:
+        tests = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    else:
+        order = np.random.default_rng(seed).permutation(len(y))
+        tests = [order[k::folds] for k in range(folds)]
     scores = []
-    for k in range(folds):
-        test = order[k::folds]
-        train = np.setdiff1d(order, test)
+    for test in tests:
+        train = np.setdiff1d(np.arange(len(y)), test)
         mu, sd = x[train].mean(0), x[train].std(0) + 1e-12
         w = fit_logistic((x[train] - mu) / sd, y[train])
         xt = np.hstack([(x[test] - mu) / sd, np.ones((len(test), 1))])
@@ -51,10 +61,21 @@ def cv_accuracy(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> 
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def balanced_index(y: np.ndarray, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
+    """Indices of as many blocks of each class as the smaller class has (within each group if given),
+    drawn at random."""
+    rng = np.random.default_rng(seed)
+    groups = np.zeros(len(y), np.int64) if groups is None else np.asarray(groups)
+    keep = []
+    for g in np.unique(groups):
+        pos = np.flatnonzero((y > 0.5) & (groups == g))
+        neg = np.flatnonzero((y <= 0.5) & (groups == g))
+        n = min(len(pos), len(neg))
+        keep += [rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
 def balanced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """As many blocks of each class (the smaller class's count), drawn at random."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y > 0.5), np.flatnonzero(y <= 0.5)
-    n = min(len(pos), len(neg))
-    keep = np.r_[rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]
+    keep = balanced_index(y, seed)
     return x[keep], y[keep]
