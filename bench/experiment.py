@@ -50,7 +50,12 @@ from service.inference.ensemble import (  # noqa: E402
     load_ensemble,
     read_card,
 )
-from service.inference.evaluation import expected_calibration_error, overlap_with_truth, read_truth  # noqa: E402
+from service.inference.evaluation import (  # noqa: E402
+    auroc,
+    expected_calibration_error,
+    overlap_with_truth,
+    read_truth,
+)
 from service.inference.queue import Candidate, CellStats, cell_sums, score_candidates, select_non_overlapping  # noqa: E402
 from service.inference.selection import random_scores  # noqa: E402
 from service.inference.uncertainty import from_uint8  # noqa: E402
@@ -119,23 +124,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Rank-based AUROC (Mann-Whitney U, midranks for ties) of ``scores`` for detecting ``labels``."""
-    scores = np.asarray(scores, np.float64).ravel()
-    labels = np.asarray(labels, bool).ravel()
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)  # 1-based rank of the last member of each tie group
-    midranks = ends - (counts - 1) / 2.0
-    ranks = np.empty(scores.size, np.float64)
-    ranks[order] = midranks[inverse]
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -7,25 +7,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from models.export import export_ensemble
-from models.net import UNet
 from models.novelty import fit_gaussian, novelty_for, novelty_scores
 from service.inference.ensemble import ModelError, load_ensemble
 from service.inference.pipeline import run_segmentation
 from service.options import SegmentationOptions
-
-
-def _members(n: int = 2) -> list[UNet]:
-    torch.manual_seed(0)
-    return [UNet(base=4, depth=3, groups=2).eval() for _ in range(n)]
-
-
-def _tiles(n: int, seed: int = 0, colour=(200, 120, 180)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.normal(colour, 25, (n, 64, 64, 3)), 0, 255).astype(np.uint8)
+from tests.tiny_model import noise_tiles, tiny_members, tiny_model_dir
 
 
 def _model_dir(tmp_path, members, stats=None, novelty=None):
@@ -49,8 +38,8 @@ def test_mahalanobis_of_gaussian_data_is_about_one_per_feature():
 
 
 def test_the_onnx_graph_computes_the_reference_novelty_and_far_data_scores_higher(tmp_path):
-    members = _members()
-    source = _tiles(16)
+    members = tiny_members()
+    source = noise_tiles(16)
     stats, card = novelty_for(members, source)
     ens = load_ensemble(_model_dir(tmp_path, members, stats, card))
     assert ens.novelty and ens.novelty_threshold == card["threshold"] > 0
@@ -67,15 +56,15 @@ def test_the_onnx_graph_computes_the_reference_novelty_and_far_data_scores_highe
 
 
 def test_a_novelty_graph_needs_its_threshold_on_the_card(tmp_path):
-    members = _members()
-    stats, _ = novelty_for(members, _tiles(8))
+    members = tiny_members()
+    stats, _ = novelty_for(members, noise_tiles(8))
     with pytest.raises(ModelError, match="novelty.threshold"):
         load_ensemble(_model_dir(tmp_path, members, stats, None))
 
 
 def test_a_slide_gets_a_novelty_map_and_a_verdict_only_from_a_novelty_model(tmp_path, source_slide):
-    members = _members()
-    stats, card = novelty_for(members, _tiles(16))
+    members = tiny_members()
+    stats, card = novelty_for(members, noise_tiles(16))
     options = SegmentationOptions(queue_size=2)
     with_novelty = run_segmentation(
         source_slide, tmp_path / "out", load_ensemble(_model_dir(tmp_path, members, stats, card)), options
@@ -85,9 +74,6 @@ def test_a_slide_gets_a_novelty_map_and_a_verdict_only_from_a_novelty_model(tmp_
     assert 0 <= verdict["share_beyond_threshold"] <= 1 and verdict["threshold"] == card["threshold"]
     assert verdict["out_of_distribution"] == (verdict["share_beyond_threshold"] > card["flag_share"])
     assert "novelty" not in with_novelty["mean_uncertainty"]
-    plain_dir = tmp_path / "plain"
-    plain_dir.mkdir()
-    export_ensemble(members, plain_dir / "ensemble.onnx")
-    (plain_dir / "card.json").write_text(json.dumps({"version": "tiny-0", "input_mpp": 1.0}))
+    plain_dir = tiny_model_dir(tmp_path, novelty=False, members=members, version="tiny-0")
     plain = run_segmentation(source_slide, tmp_path / "out-plain", load_ensemble(plain_dir), options)
     assert "novelty" not in plain and "novelty" not in plain["artifacts"]

@@ -34,6 +34,23 @@ class Overlap:
         return 1.0 if denom == 0 else 2 * self.tp / denom
 
 
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Rank-based AUROC (Mann-Whitney U, midranks for ties) of ``scores`` for detecting ``labels``."""
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels, bool).ravel()
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    midranks = ends - (counts - 1) / 2.0
+    ranks = np.empty(scores.size, np.float64)
+    ranks[order] = midranks[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def expected_calibration_error(prob: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
     """ECE of the tumour probability: sum over equal-width bins of (share of pixels) x |mean p - tumour rate|."""
     prob = np.asarray(prob, np.float64).ravel()

@@ -1,0 +1,253 @@
+"""The uncertainty gate of the pre-registered protocol (bench/PROTOCOL.md): before any selection run,
+does each measure find the model's errors, per centre, on slides never selected from?
+
+    .venv/bin/python bench/uncertainty_gate.py --model models/baseline-protocol [--slides 4] [--size 6144]
+    .venv/bin/python bench/uncertainty_gate.py --model DIR --quick      # pipeline check (small slides)
+
+Builds (once, cached) the protocol's evaluation slides of every local-shift centre
+(models/data/localshift.py; seeds from ``EVAL_SEED``, disjoint from training), runs the ensemble on
+every 256 µm tissue tile at 1 µm/px and reports, per centre and measure:
+
+- error-AUROC: how well the measure ranks the model's wrong pixels (p̄ ≥ 0.5 against the truth)
+  above its right ones, with a 95 % bootstrap CI over slides (tissue pixels sampled per slide);
+- Spearman: between a tile's mean score and its error (FP + FN share of its tissue);
+- the share of errors made confidently (every member at p > 0.9 or < 0.1);
+- measures: the paper's UGA score, entropy, BALD (mutual information), feature-space novelty, and the
+  region scores over predicted-negative areas (``neg_uga``, ``neg_novelty``: a tile's mean over its
+  pixels the model calls normal; aimed at confident misses).
+
+And the slide-level out-of-distribution flag: AUROC of each slide's share of tissue beyond the
+novelty threshold for ``nonhed`` (and every shifted centre) against ``source`` slides.
+Prints Markdown tables (stdout) and writes them with the raw numbers to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models.data.localshift import LOCAL_CENTRES, build_local_slide  # noqa: E402
+from models.data.slidegen import companion_paths, slide_seed  # noqa: E402
+from models.data.sources import cache_dir  # noqa: E402
+from models.data.textures import texture_bank  # noqa: E402
+from service.inference.engine import cells_to_pixels  # noqa: E402
+from service.inference.ensemble import load_ensemble  # noqa: E402
+from service.inference.evaluation import auroc  # noqa: E402
+from service.inference.uncertainty import all_measures  # noqa: E402
+from service.wsi.slide import RegionReader, open_slide  # noqa: E402
+from service.wsi.tissue import tissue_mask  # noqa: E402
+
+EVAL_SEED = 77_000  # the protocol's evaluation slides (training uses 1234+, the shortcut gate 4242)
+TILE, MPP = 256, 1.0
+PIXELS_PER_SLIDE = 4000  # tissue pixels sampled per slide for the pixel-level AUROC
+BOOTSTRAP = 2000
+CONFIDENT = 0.9
+TARGET_AUROC = 0.80
+TARGET_FLAG_AUROC = 0.90
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class SlideResult:
+    centre: str
+    pixels: dict[str, np.ndarray]  # measure -> sampled pixel scores; "error" -> bool
+    tiles: dict[str, list[float]] = field(default_factory=dict)  # measure -> tile scores; "error" -> share
+    errors: int = 0
+    confident_errors: int = 0
+    novelty_share: float | None = None
+
+
+def eval_slides(centre: str, n: int, size: int, out: Path) -> list[Path]:
+    """The protocol's evaluation slides of ``centre`` (built once into ``out``)."""
+    paths = []
+    for i in range(n):
+        path = out / f"{centre}-{size}-{i}.tif"
+        if not (path.exists() and companion_paths(path)[0].exists()):
+            seed = slide_seed(EVAL_SEED, centre, i)
+            build_local_slide(path, size=(size, size), centre=centre, seed=seed, bank=texture_bank())
+        paths.append(path)
+    return paths
+
+
+def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -> SlideResult:
+    """Every tissue tile of the slide through the ensemble; pixel samples and tile scores."""
+    with open_slide(path) as slide, open_slide(companion_paths(path)[0]) as mask:
+        tissue = tissue_mask(slide)
+        image, truth = RegionReader(slide, MPP), RegionReader(mask, MPP)
+        h, w = image.shape
+        names = ["uga", "entropy", "mutual_information"] + (["novelty"] if ensemble.novelty else [])
+        region = ["neg_uga"] + (["neg_novelty"] if ensemble.novelty else [])
+        pix: dict[str, list] = {k: [] for k in [*names, "error"]}
+        res = SlideResult(centre, {}, {k: [] for k in [*names, *region, "error"]})
+        novel_px = tissue_px = 0
+        for y in range(0, h - TILE + 1, TILE):
+            for x in range(0, w - TILE + 1, TILE):
+                on = tissue.crop(y, x, TILE, TILE, MPP)
+                if on.mean() < 0.5:
+                    continue
+                probs, novelty = ensemble.predict_with_novelty(image.read(y, x, TILE, TILE)[None])
+                m = all_measures(probs[0])
+                if novelty is not None:
+                    m["novelty"] = cells_to_pixels(novelty[0, 0], TILE)
+                    novel_px += int(np.count_nonzero((m["novelty"] > ensemble.novelty_threshold) & on))
+                tissue_px += int(on.sum())
+                pred = m["probability"] >= 0.5
+                wrong = (pred != (truth.read(y, x, TILE, TILE)[..., 0] > 127)) & on
+                confident = (probs[0].min(axis=0) > CONFIDENT) | (probs[0].max(axis=0) < 1 - CONFIDENT)
+                res.errors += int(wrong.sum())
+                res.confident_errors += int((wrong & confident).sum())
+                res.tiles["error"].append(float(wrong.sum() / on.sum()))
+                for k in names:
+                    res.tiles[k].append(float(m[k][on].mean()))
+                negative = on & ~pred
+                for k in region:
+                    src = m[k.removeprefix("neg_")]
+                    res.tiles[k].append(float(src[negative].mean()) if negative.any() else 0.0)
+                idx = np.flatnonzero(on.ravel())
+                take = rng.choice(idx, size=min(len(idx), 64), replace=False)
+                for k in names:
+                    pix[k].append(m[k].ravel()[take])
+                pix["error"].append(wrong.ravel()[take])
+        res.pixels = {k: np.concatenate(v) if v else np.zeros(0) for k, v in pix.items()}
+        if len(res.pixels["error"]) > PIXELS_PER_SLIDE:  # the same number of pixels from every slide
+            keep = rng.choice(len(res.pixels["error"]), PIXELS_PER_SLIDE, replace=False)
+            res.pixels = {k: v[keep] for k, v in res.pixels.items()}
+        res.novelty_share = novel_px / tissue_px if ensemble.novelty and tissue_px else None
+        return res
+
+
+def bootstrap_auroc(slides: list[SlideResult], measure: str, rng: np.random.Generator) -> tuple:
+    """AUROC of ``measure`` for the errors, pooled over slides, and a 95 % CI resampling slides."""
+    point = auroc(
+        np.concatenate([s.pixels[measure] for s in slides]), np.concatenate([s.pixels["error"] for s in slides])
+    )
+    values = []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(len(slides), size=len(slides))
+        a = auroc(
+            np.concatenate([slides[i].pixels[measure] for i in pick]),
+            np.concatenate([slides[i].pixels["error"] for i in pick]),
+        )
+        if a is not None:
+            values.append(a)
+    lo, hi = np.percentile(values, [2.5, 97.5]) if values else (float("nan"), float("nan"))
+    return point, float(lo), float(hi)
+
+
+def centre_table(by_centre: dict[str, list[SlideResult]], rng: np.random.Generator) -> tuple[list[dict], str]:
+    rows, lines = [], []
+    lines.append("| centre | covered | measure | error-AUROC [95 % CI] | Spearman (tiles) | target |")
+    lines.append("|---|---|---|---|---|---|")
+    for centre, slides in by_centre.items():
+        measures = [k for k in slides[0].tiles if k != "error"]
+        tile_err = np.concatenate([s.tiles["error"] for s in slides])
+        for k in measures:
+            if k in slides[0].pixels:
+                point, lo, hi = bootstrap_auroc(slides, k, rng)
+            else:
+                point, lo, hi = None, float("nan"), float("nan")
+            rho = spearmanr(np.concatenate([s.tiles[k] for s in slides]), tile_err).statistic
+            covered = LOCAL_CENTRES[centre].covered
+            verdict = (
+                ""
+                if point is None or centre == "source" or not covered
+                else ("meets" if lo >= TARGET_AUROC else ("misses" if hi < TARGET_AUROC else "undecided"))
+            )
+            rows.append({"centre": centre, "measure": k, "auroc": point, "ci": [lo, hi], "spearman": float(rho)})
+            auc = "–" if point is None else f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+            lines.append(f"| {centre} | {'yes' if covered else 'no'} | {k} | {auc} | {rho:.3f} | {verdict} |")
+    return rows, "\n".join(lines)
+
+
+def confident_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]:
+    lines = [
+        "| centre | error pixels (share of tissue tiles' pixels) | confident errors (every member > 0.9 or < 0.1) |"
+    ]
+    lines.append("|---|---|---|")
+    out = {}
+    for centre, slides in by_centre.items():
+        errors = sum(s.errors for s in slides)
+        confident = sum(s.confident_errors for s in slides)
+        share = confident / errors if errors else 0.0
+        out[centre] = {"errors": errors, "confident_share": share}
+        mean_err = np.mean(np.concatenate([s.tiles["error"] for s in slides]))
+        lines.append(f"| {centre} | {errors} ({mean_err:.3f}) | {share:.3f} |")
+    return out, "\n".join(lines)
+
+
+def flag_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]:
+    source = [s.novelty_share for s in by_centre.get("source", [])]
+    if not source or source[0] is None:
+        return {}, "(the model has no novelty output: no slide-level flag)"
+    lines = ["| centre | slides' share of tissue beyond the novelty threshold | AUROC against source | target |"]
+    lines.append("|---|---|---|---|")
+    out = {}
+    for centre, slides in by_centre.items():
+        shares = [s.novelty_share for s in slides]
+        a = (
+            None
+            if centre == "source"
+            else auroc(np.r_[shares, source], np.r_[np.ones(len(shares)), np.zeros(len(source))])
+        )
+        target = "" if centre != "nonhed" or a is None else ("meets" if a >= TARGET_FLAG_AUROC else "misses")
+        out[centre] = {"shares": shares, "auroc": a}
+        lines.append(
+            f"| {centre} | {', '.join(f'{v:.3f}' for v in shares)} | {'–' if a is None else f'{a:.3f}'} | {target} |"
+        )
+    return out, "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="a model directory (ensemble.onnx + card.json)")
+    ap.add_argument("--slides", type=int, default=4, help="evaluation slides per centre")
+    ap.add_argument("--size", type=int, default=6144, help="slide side, pixels at 0.5 µm/px")
+    ap.add_argument("--centres", nargs="*", default=list(LOCAL_CENTRES))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "uncertainty-gate")
+    ap.add_argument("--quick", action="store_true", help="2 small slides per centre, source and nonhed")
+    args = ap.parse_args()
+    if args.quick:
+        args.slides, args.size, args.centres = 2, 1536, ["source", "nonhed"]
+    t0 = time.time()
+    ensemble = load_ensemble(args.model, threads=0)
+    rng = np.random.default_rng(0)
+    slide_dir = cache_dir() / "protocol-eval"
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    by_centre: dict[str, list[SlideResult]] = {}
+    for centre in args.centres:
+        for path in eval_slides(centre, args.slides, args.size, slide_dir):
+            by_centre.setdefault(centre, []).append(analyse_slide(path, centre, ensemble, rng))
+            log(f"{path.name}: done ({time.time() - t0:.0f} s)")
+    rows, measures_md = centre_table(by_centre, rng)
+    confident, confident_md = confident_table(by_centre)
+    flags, flags_md = flag_table(by_centre)
+    header = (
+        f"model {ensemble.version}, {args.slides} evaluation slides per centre of {args.size}² px at 0.5 µm/px, "
+        f"tiles of {TILE} µm at {MPP} µm/px, {PIXELS_PER_SLIDE} pixels per slide, {BOOTSTRAP} bootstrap resamples"
+    )
+    text = "\n\n".join([header, measures_md, confident_md, flags_md, f"wall time {time.time() - t0:.0f} s"])
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "uncertainty-gate.md").write_text(text + "\n")
+    (args.out / "uncertainty-gate.json").write_text(
+        json.dumps({"model": ensemble.version, "measures": rows, "confident": confident, "flags": flags}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

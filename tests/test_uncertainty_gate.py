@@ -1,0 +1,56 @@
+"""bench/uncertainty_gate.py: the protocol's uncertainty gate computes what it claims."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from bench import uncertainty_gate as gate
+from tests.tiny_model import tiny_model_dir
+
+
+def _slide(centre: str, score: np.ndarray, error: np.ndarray, share: float | None = None) -> gate.SlideResult:
+    return gate.SlideResult(
+        centre,
+        {"uga": score, "error": error},
+        {"uga": list(score[:10]), "error": list(error[:10].astype(float))},
+        novelty_share=share,
+    )
+
+
+def test_a_measure_that_ranks_every_error_first_scores_one_and_a_blind_one_about_half():
+    rng = np.random.default_rng(0)
+    error = rng.random(2000) < 0.2
+    perfect = [_slide("stain", error + rng.random(2000) * 0.5, error) for _ in range(4)]
+    point, lo, hi = gate.bootstrap_auroc(perfect, "uga", rng)
+    assert point == lo == hi == 1.0
+    blind = [_slide("stain", rng.random(2000), error) for _ in range(4)]
+    point, lo, hi = gate.bootstrap_auroc(blind, "uga", rng)
+    assert abs(point - 0.5) < 0.05 and lo < 0.5 < hi
+
+
+def test_the_slide_flag_separates_centres_by_their_share_beyond_the_threshold():
+    z = np.zeros(10)
+    by_centre = {
+        "source": [_slide("source", z, z > 0, s) for s in (0.01, 0.02, 0.015)],
+        "nonhed": [_slide("nonhed", z, z > 0, s) for s in (0.4, 0.3, 0.005)],
+    }
+    flags, text = gate.flag_table(by_centre)
+    assert abs(flags["nonhed"]["auroc"] - 6 / 9) < 1e-9  # one nonhed slide below every source slide
+    assert "| nonhed | 0.400, 0.300, 0.005 | 0.667 | misses |" in text
+
+
+def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, capsys):
+    model = tiny_model_dir(tmp_path, novelty=True)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["uncertainty_gate", "--model", str(model), "--quick", "--out", str(out)])
+    assert gate.main() == 0
+    result = json.loads((out / "uncertainty-gate.json").read_text())
+    measures = {(r["centre"], r["measure"]) for r in result["measures"]}
+    expected = {"uga", "entropy", "mutual_information", "novelty", "neg_uga", "neg_novelty"}
+    assert measures == {(c, m) for c in ("source", "nonhed") for m in expected}
+    assert result["flags"]["nonhed"]["auroc"] is not None and len(result["flags"]["source"]["shares"]) == 2
+    printed = capsys.readouterr().out
+    assert printed.strip() == (out / "uncertainty-gate.md").read_text().strip() and "error-AUROC" in printed
