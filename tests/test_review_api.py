@@ -143,6 +143,8 @@ def test_overlays_cover_the_slide_with_legends_in_words(env, finished):
         np.testing.assert_array_equal(outline[..., 3] > 0, outline_rgba(tumour)[..., 3] > 0)  # its boundary
         r = c.get(f"/v1/jobs/{finished['id']}/overlays/probability.png")
         assert r.status_code == 404 and r.json()["error"]["code"] == "overlay_not_found"
+        assert index["novelty"] is None  # the shipped baseline has no novelty output: no map, no verdict
+        assert c.get(f"/v1/jobs/{finished['id']}/overlays/novelty.png").status_code == 404
 
 
 def test_a_patch_has_an_uncertainty_inset_the_size_of_its_image(env, finished):

@@ -41,6 +41,18 @@ SLIDE_TUMOUR_FRACTION = Histogram(
     ["model_version", "site"],
     buckets=TUMOUR_FRACTION_BUCKETS,
 )
+SLIDE_NOVELTY_SHARE = Histogram(
+    "uga_slide_novelty_share",
+    "Per-slide share of tissue unlike the training data (beyond the model's novelty threshold), by model "
+    "version and site (models with a novelty output only)",
+    ["model_version", "site"],
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0),
+)
+SLIDES_OUT_OF_DISTRIBUTION = Counter(
+    "uga_slides_out_of_distribution",
+    "Slides flagged out of distribution (novelty share above the model's flag share), by model version and site",
+    ["model_version", "site"],
+)
 SWAPS = Counter("uga_model_swaps_total", "Hot swaps of the served model (per serving process)")
 MODEL_SERVED = Gauge(
     "uga_model_served",
@@ -81,6 +93,9 @@ def observe_segmentation(job: Job, summary: dict) -> None:
         SLIDE_UNCERTAINTY.labels(summary["model_version"], measure, site).observe(value)
     if summary.get("tumour_fraction_of_tissue") is not None:
         SLIDE_TUMOUR_FRACTION.labels(summary["model_version"], site).observe(summary["tumour_fraction_of_tissue"])
+    if novelty := summary.get("novelty"):
+        SLIDE_NOVELTY_SHARE.labels(summary["model_version"], site).observe(novelty["share_beyond_threshold"])
+        SLIDES_OUT_OF_DISTRIBUTION.labels(summary["model_version"], site).inc(int(novelty["out_of_distribution"]))
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:

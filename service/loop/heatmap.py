@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# The scale each measure is drawn on (bits); values above are drawn as the top colour.
-DISPLAY_MAX = {"entropy": 1.0, "mutual_information": 0.5, "uga": 2.0}
+# The scale each map is drawn on (bits; novelty: its squared distance per feature, 1 = typical of the
+# training data); values above are drawn as the top colour.
+DISPLAY_MAX = {"entropy": 1.0, "mutual_information": 0.5, "uga": 2.0, "novelty": 8.0}
+UNITS = {"novelty": "x typical"}  # every other map is in bits
 # Low -> high: pale yellow, orange, red; transparent where the model is sure.
 RAMP = np.array([[255, 255, 178], [254, 204, 92], [253, 141, 60], [240, 59, 32], [189, 0, 38]], np.float32)
 MAX_ALPHA = 0.85
@@ -27,6 +29,11 @@ WORDS = {
         "the models agree (even if unsure)",
         "the models disagree with each other",
         "mutual information (BALD): disagreement between the models; high where they lack knowledge",
+    ),
+    "novelty": (
+        "looks like the tissue the model was trained on",
+        "unlike anything in training: the model may be confidently wrong here",
+        "out-of-distribution map: how far this tissue lies from the training data, even where the models agree",
     ),
 }
 
@@ -66,7 +73,7 @@ def legend(measure: str) -> dict:
         "what": what,
         "low": low,
         "high": high,
-        "unit": "bits",
+        "unit": UNITS.get(measure, "bits"),
         "max": top,
         "stops": [{"at": s, "value": round(s * top, 3), "rgba": c} for s, c in zip(stops, colours, strict=True)],
     }

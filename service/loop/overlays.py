@@ -16,11 +16,11 @@ from service.loop.heatmap import heat_rgba, legend, outline_rgba
 from service.loop.jobs import artifact_path, get_job
 from service.loop.review import get_item, item_job
 from service.store import Job, Store
-from service.vocabulary import MEASURES
+from service.vocabulary import MEASURES, NOVELTY
 from service.wsi.deepzoom import TileCache
 from service.wsi.slide import open_slide
 
-OVERLAYS = ("outline", *MEASURES)
+OVERLAYS = ("outline", *MEASURES, NOVELTY)  # novelty: only for jobs of a model that computes it
 
 
 def _check_name(name: str) -> None:
@@ -50,12 +50,14 @@ def overlay_index(store: Store, settings: Settings, job_id: str, base: str) -> d
     geometry = _geometry(store, job, settings.overlay_max_px)
     url = f"{base}/jobs/{job_id}/overlays"
     items = [{"name": "outline", "what": "predicted tumour outline", "url": f"{url}/outline.png"}]
-    items += [{"name": m, "what": legend(m)["what"], "legend": legend(m), "url": f"{url}/{m}.png"} for m in MEASURES]
+    heat = [*MEASURES, *([NOVELTY] if NOVELTY in job.summary.get("artifacts", {}) else [])]
+    items += [{"name": m, "what": legend(m)["what"], "legend": legend(m), "url": f"{url}/{m}.png"} for m in heat]
     return {
         "job": job_id,
         "slide": job.slide,
         "model_version": job.model_version,
         "ranking_measure": (job.resolved or {}).get("uncertainty"),
+        "novelty": job.summary.get(NOVELTY),  # the slide's out-of-distribution verdict, if the model gives one
         **geometry,
         "overlays": items,
     }

@@ -154,6 +154,7 @@
     $("mpp-info").textContent = `${info.mpp.toFixed(3)} µm/px · ${info.width} × ${info.height} px`;
     if (info.job) {
       state.overlays = await json(`/jobs/${info.job}/overlays`);
+      showNovelty();
       fillMeasures();
       await Promise.all([setLayer("outline"), setLayer("heat")]);
     }
@@ -184,9 +185,27 @@
   }
 
   const labelOf = (name) =>
-    ({ uga: "UGA score (ranking)", entropy: "Entropy: undecided", mutual_information: "Models disagree (BALD)" })[
-      name
-    ] || name;
+    ({
+      uga: "UGA score (ranking)",
+      entropy: "Entropy: undecided",
+      mutual_information: "Models disagree (BALD)",
+      novelty: "Unlike training (out of distribution)",
+    })[name] || name;
+
+  // The slide's out-of-distribution verdict (a model with a novelty map), or why there is none.
+  function showNovelty() {
+    const verdict = state.overlays.novelty;
+    const note = $("ood-note");
+    note.classList.toggle("alert", Boolean(verdict && verdict.out_of_distribution));
+    if (!verdict) {
+      note.textContent = "No out-of-distribution map: this model does not compute one.";
+      return;
+    }
+    const share = Math.round(verdict.share_beyond_threshold * 100);
+    note.textContent = verdict.out_of_distribution
+      ? `Out of distribution: ${share} % of the tissue is unlike the training data. Treat the model's answer with care.`
+      : `${share} % of the tissue is unlike the training data (flagged above ${Math.round(verdict.flag_share * 100)} %).`;
+  }
 
   async function setLayer(kind) {
     if (!state.overlays || !state.viewer) return;
