@@ -99,10 +99,11 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
                 on = tissue.crop(y, x, TILE, TILE, MPP)
                 if on.mean() < 0.5:
                     continue
-                probs, novelty = ensemble.predict_with_novelty(image.read(y, x, TILE, TILE)[None])
+                out = ensemble.predict_outputs(image.read(y, x, TILE, TILE)[None])
+                probs = out["member_probs"]
                 m = all_measures(probs[0])
-                if novelty is not None:
-                    m["novelty"] = cells_to_pixels(novelty[0, 0], TILE)
+                if ensemble.novelty:
+                    m["novelty"] = cells_to_pixels(out["novelty"][0, 0], TILE)
                     novel_px += int(np.count_nonzero((m["novelty"] > ensemble.novelty_threshold) & on))
                 tissue_px += int(on.sum())
                 pred = m["probability"] >= 0.5

@@ -12,12 +12,12 @@ from service.fsutil import sha256_file
 OPSET = 17
 
 
-def export_ensemble(members: list[UNet], path: Path, *, tile: int = 256, novelty=None) -> str:
-    """Write the fused ensemble to ``path`` (atomically) and return its sha256. With ``novelty``
-    (``models.novelty.fit_novelty``) the graph has a second output, ``novelty``."""
+def export_ensemble(members: list[UNet], path: Path, *, tile: int = 256, features=None) -> str:
+    """Write the fused ensemble to ``path`` (atomically) and return its sha256. With ``features``
+    (``models.novelty.FeatureStats``) the graph also outputs ``novelty`` and ``embedding``."""
     path = Path(path)
-    model = FusedEnsemble([m.cpu().eval() for m in members], novelty).eval()
-    outputs = ["member_probs"] + (["novelty"] if novelty is not None else [])
+    model = FusedEnsemble([m.cpu().eval() for m in members], features).eval()
+    outputs = ["member_probs"] + (["novelty", "embedding"] if features is not None else [])
     example = torch.zeros((1, tile, tile, 3), dtype=torch.uint8)
     tmp = path.with_name(path.name + ".part")
     with torch.no_grad():
@@ -30,7 +30,14 @@ def export_ensemble(members: list[UNet], path: Path, *, tile: int = 256, novelty
             dynamic_axes={
                 "image": {0: "batch", 1: "height", 2: "width"},
                 "member_probs": {0: "batch", 2: "height", 3: "width"},
-                **({"novelty": {0: "batch", 2: "cells_y", 3: "cells_x"}} if novelty is not None else {}),
+                **(
+                    {
+                        "novelty": {0: "batch", 2: "cells_y", 3: "cells_x"},
+                        "embedding": {0: "batch", 2: "cells_y", 3: "cells_x"},
+                    }
+                    if features is not None
+                    else {}
+                ),
             },
             opset_version=OPSET,
             dynamo=False,

@@ -67,29 +67,36 @@ def normalise(rgb01: torch.Tensor) -> torch.Tensor:
 class FusedEnsemble(nn.Module):
     """All members in one graph: uint8 NHWC RGB in, (B, M, H, W) member tumour probabilities out.
 
-    With ``novelty`` (per member: the mean and precision of its bottleneck features on source
-    data, ``models.novelty``), a second output (B, 1, H / 2**depth, W / 2**depth) holds the squared
-    Mahalanobis distance of each cell's features from the source, per feature and averaged over
-    members: about 1 on data like the training data, large far from it.
+    With ``features`` (``models.novelty.FeatureStats``, fitted on source data) two more outputs at
+    1 / 2**depth resolution: ``novelty`` (B, 1, h, w), the squared Mahalanobis distance of each
+    cell's bottleneck features from the source, per feature and averaged over members (about 1 on
+    data like the training data, large far from it), and ``embedding`` (B, E, h, w), the first
+    member's features on their whitened principal components (what diversity-aware selection compares).
     """
 
-    def __init__(self, members: list[UNet], novelty: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(self, members: list[UNet], features=None):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.with_novelty = novelty is not None
-        if novelty is not None:
-            self.register_buffer("feature_mean", torch.stack([m for m, _ in novelty]).float())  # (M, C)
-            self.register_buffer("feature_precision", torch.stack([p for _, p in novelty]).float())  # (M, C, C)
+        self.with_features = features is not None
+        if features is not None:
+            self.register_buffer("feature_mean", torch.stack([m for m, _ in features.gaussians]).float())  # (M, C)
+            self.register_buffer("feature_precision", torch.stack([p for _, p in features.gaussians]).float())
+            self.register_buffer("embed_mean", features.embed_mean.float())  # (C,)
+            self.register_buffer("embed_projection", features.embed_projection.float())  # (E, C)
 
     def forward(self, image: torch.Tensor):
         x = normalise(image.permute(0, 3, 1, 2).float() / 255.0)
-        if not self.with_novelty:
+        if not self.with_features:
             return torch.cat([torch.sigmoid(m(x)) for m in self.members], dim=1)
-        probs, distances = [], []
+        probs, distances, embedding = [], [], None
         for i, member in enumerate(self.members):
             logits, features = member.forward_with_features(x)
             probs.append(torch.sigmoid(logits))
             centred = features - self.feature_mean[i][None, :, None, None]
             whitened = torch.einsum("dc,bchw->bdhw", self.feature_precision[i], centred)
             distances.append((whitened * centred).sum(dim=1, keepdim=True) / centred.shape[1])
-        return torch.cat(probs, dim=1), torch.stack(distances).mean(dim=0)
+            if i == 0:
+                embedding = torch.einsum(
+                    "ec,bchw->behw", self.embed_projection, features - self.embed_mean[None, :, None, None]
+                )
+        return torch.cat(probs, dim=1), torch.stack(distances).mean(dim=0), embedding

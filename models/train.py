@@ -195,7 +195,7 @@ def finish(recipe: Recipe, out: Path, data_dir: Path, log: Callable[[str], None]
     stats, novelty = None, None
     if recipe.novelty:
         stats, novelty = novelty_for(members, load_bank(data_dir / "train-bank.npz")[0])
-    export_ensemble(members, onnx_path, novelty=stats)
+    export_ensemble(members, onnx_path, features=stats)
     slides = _eval_slides(recipe, data_dir)
     write_holdout_bank(recipe, slides, out / "holdout.npz")
     work = data_dir / "eval"

@@ -15,7 +15,7 @@ Scoring = Literal["mean", "paper"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
 
 # How the review queue picks its patches (service.inference.selection, shared with the experiment).
-Selection = Literal["uncertainty", "class_balanced", "random"]
+Selection = Literal["uncertainty", "class_balanced", "random", "uncertainty_diversity", "representative"]
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 
 # Stitched per-pixel maps, in channel order: the mean probability, then every measure.

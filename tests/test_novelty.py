@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from models.export import export_ensemble
-from models.novelty import fit_gaussian, novelty_for, novelty_scores
+from models.novelty import fit_gaussian, member_features, novelty_for, novelty_scores
 from service.inference.ensemble import ModelError, load_ensemble
 from service.inference.pipeline import run_segmentation
 from service.options import SegmentationOptions
@@ -20,7 +20,7 @@ from tests.tiny_model import noise_tiles, tiny_members
 def _model_dir(tmp_path, members, stats=None, novelty=None):
     d = tmp_path / "model"
     d.mkdir()
-    export_ensemble(members, d / "ensemble.onnx", novelty=stats)
+    export_ensemble(members, d / "ensemble.onnx", features=stats)
     card = {"version": "tiny-1", "input_mpp": 1.0, **({"novelty": novelty} if novelty else {})}
     (d / "card.json").write_text(json.dumps(card))
     return d
@@ -43,15 +43,20 @@ def test_the_onnx_graph_computes_the_reference_novelty_and_far_data_scores_highe
     stats, card = novelty_for(members, source)
     ens = load_ensemble(_model_dir(tmp_path, members, stats, card))
     assert ens.novelty and ens.novelty_threshold == card["threshold"] > 0
-    probs, novelty = ens.predict_with_novelty(source[:4])
-    assert probs.shape == (4, 2, 64, 64) and novelty.shape == (4, 1, 8, 8)
+    out = ens.predict_outputs(source[:4])
+    probs, novelty, embedding = out["member_probs"], out["novelty"], out["embedding"]
+    assert probs.shape == (4, 2, 64, 64) and novelty.shape == (4, 1, 8, 8) and embedding.shape == (4, 8, 8, 8)
     reference = novelty_scores(members, stats, source[:4]).reshape(4, 8, 8)
     assert np.allclose(novelty[:, 0], reference, rtol=1e-3, atol=1e-3)
+    # the embedding: the first member's features on whitened principal components (unit variance on source)
+    features = member_features(members[0], source[:4]) - stats.embed_mean.numpy()
+    expected = (features @ stats.embed_projection.numpy().T).reshape(4, 8, 8, 8).transpose(0, 3, 1, 2)
+    assert np.allclose(embedding, expected, atol=1e-3) and ens.embedding_dims == 8
     # untrained members normalise colour away (GroupNorm): what differs for them is structure
     rng = np.random.default_rng(1)
     blobs = [ndimage.gaussian_filter(rng.normal(128, 80, (64, 64, 3)), (4, 4, 0)) * 3 - 200 for _ in range(4)]
     unlike = np.clip(np.stack(blobs), 0, 255).astype(np.uint8)
-    assert ens.predict_with_novelty(unlike)[1].mean() > 1.5 * novelty.mean()
+    assert ens.predict_outputs(unlike)["novelty"].mean() > 1.5 * novelty.mean()
     assert np.array_equal(ens.predict(source[:4]), probs)
 
 
@@ -62,10 +67,10 @@ def test_a_novelty_graph_needs_its_threshold_on_the_card(tmp_path):
         load_ensemble(_model_dir(tmp_path, members, stats, None))
 
 
-def test_a_slide_gets_a_novelty_map_and_an_out_of_distribution_verdict(tmp_path, source_slide):
+def test_a_slide_gets_a_novelty_map_a_verdict_and_a_diverse_queue(tmp_path, source_slide):
     members = tiny_members()
     stats, card = novelty_for(members, noise_tiles(16))
-    options = SegmentationOptions(queue_size=2)
+    options = SegmentationOptions(queue_size=3, patch_um=128, selection="uncertainty_diversity")
     with_novelty = run_segmentation(
         source_slide, tmp_path / "out", load_ensemble(_model_dir(tmp_path, members, stats, card)), options
     )
@@ -73,4 +78,7 @@ def test_a_slide_gets_a_novelty_map_and_an_out_of_distribution_verdict(tmp_path,
     assert with_novelty["artifacts"]["novelty"] == "novelty.tif" and (tmp_path / "out" / "novelty.tif").exists()
     assert 0 <= verdict["share_beyond_threshold"] <= 1 and verdict["threshold"] == card["threshold"]
     assert verdict["out_of_distribution"] == (verdict["share_beyond_threshold"] > card["flag_share"])
-    assert "novelty" not in with_novelty["mean_uncertainty"]
+    assert set(with_novelty["mean_uncertainty"]) == {"uga", "entropy", "mutual_information"}
+    queue = json.loads((tmp_path / "out" / "queue.json").read_text())  # the embedding reached the queue
+    assert len(queue) == 3 and {i["selection"] for i in queue} == {"uncertainty_diversity"}
+    assert not [f for f in (tmp_path / "out").iterdir() if "embedding" in f.name]  # internal, never a file

@@ -30,7 +30,7 @@ def tiny_model_dir(root: Path, *, novelty: bool, version: str = "tiny-1", member
     stats, card_entry = novelty_for(members, noise_tiles(16)) if novelty else (None, None)
     d = Path(root) / version
     d.mkdir(parents=True)
-    export_ensemble(members, d / "ensemble.onnx", novelty=stats)
+    export_ensemble(members, d / "ensemble.onnx", features=stats)
     card = {"version": version, "input_mpp": 1.0, **({"novelty": card_entry} if card_entry else {})}
     (d / "card.json").write_text(json.dumps(card))
     return d

@@ -55,7 +55,8 @@ def analyse(
 
     With a novelty map and its threshold, also the share of tissue beyond it."""
     maps = result.maps
-    names = tuple(maps)
+    embedding = [name for name in maps if name.startswith("embedding_")]
+    names = tuple(name for name in maps if name not in embedding)
     novelty = NOVELTY in maps and novelty_threshold is not None
     novel_px = 0
     h, w = maps["probability"].height, maps["probability"].width
@@ -64,7 +65,7 @@ def analyse(
     mask = RasterFile(workdir / "mask.raw", h, w, create=True)
     cut = int(np.ceil(threshold * 255 - 1e-9))
     above_cut = PAPER_FRACTION * result.maxima.get(measure, 0)
-    grids: dict[str, list[np.ndarray]] = {k: [] for k in ("tissue", "unc", "prob", "above")}
+    grids: dict[str, list[np.ndarray]] = {k: [] for k in ("tissue", "unc", "prob", "above", *embedding)}
     prev: dict[str, list[np.ndarray]] = {k: [] for k in ("probability", "mask", measure)}
     tissue_px = tumour_px = 0
     sums = dict.fromkeys(names, 0.0)
@@ -86,6 +87,8 @@ def analyse(
         grids["unc"].append(cell_sums(unc, QUEUE_CELL))
         grids["prob"].append(cell_sums(from_uint8(bands["probability"], "probability") * t, QUEUE_CELL))
         grids["above"].append(cell_sums(((bands[measure] > above_cut) & tissue).astype(np.float32), QUEUE_CELL))
+        for name in embedding:
+            grids[name].append(cell_sums(from_uint8(maps[name].read_rows(y0, y1), name) * t, QUEUE_CELL))
         prev["probability"].append(block_mean(bands["probability"], f))
         prev["mask"].append(block_mean(m, f))
         prev[measure].append(block_mean(bands[measure], f))
@@ -95,6 +98,7 @@ def analyse(
         uncertainty=np.concatenate(grids["unc"]),
         probability=np.concatenate(grids["prob"]),
         above=np.concatenate(grids["above"]),
+        embedding=np.stack([np.concatenate(grids[name]) for name in embedding]) if embedding else None,
     )
     previews = {k: np.clip(np.rint(np.concatenate(v)), 0, 255).astype(np.uint8) for k, v in prev.items()}
     means = {name: (sums[name] / tissue_px if tissue_px else 0.0) for name in names if name != "probability"}

@@ -82,7 +82,8 @@ def segment(
     total = int(occupied.sum())
     workdir.mkdir(parents=True, exist_ok=True)
     with_novelty = bool(getattr(ensemble, "novelty", False))
-    names = MAP_NAMES + ((NOVELTY,) if with_novelty else ())
+    embedding = tuple(f"embedding_{i}" for i in range(getattr(ensemble, "embedding_dims", 0)))
+    names = MAP_NAMES + ((NOVELTY,) if with_novelty else ()) + embedding  # embedding_<i>: internal, never a file
     maps = {name: RasterFile(workdir / f"{name}.raw", height, width, create=True) for name in names}
     maxima = dict.fromkeys(names, 0)
     timings = {"tissue_s": time.perf_counter() - t_start, "read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0}
@@ -122,14 +123,16 @@ def segment(
         done = 0
         try:
             while (item := results_q.get()) is not _END:
-                positions, (probs, novelty) = item
+                positions, outputs = item
                 t0 = time.perf_counter()
                 k = 0
                 for r, c, present in positions:
                     if present:
-                        m = all_measures(probs[k])
+                        m = all_measures(outputs["member_probs"][k])
                         if with_novelty:
-                            m[NOVELTY] = cells_to_pixels(novelty[k, 0], opt.tile)
+                            m[NOVELTY] = cells_to_pixels(outputs[NOVELTY][k, 0], opt.tile)
+                        for i, name in enumerate(embedding):
+                            m[name] = cells_to_pixels(outputs["embedding"][k, i], opt.tile)
                         stitcher.add(r, c, np.stack([m[n] for n in names]))
                         k += 1
                     else:
@@ -162,11 +165,12 @@ def segment(
                 if img is not None:
                     batch.append(img)
             if batch and (len(batch) == opt.batch or finished) or (finished and pending):
-                outputs = (None, None)
+                outputs = {}
                 if batch:
                     t0 = time.perf_counter()
                     tiles = np.stack(batch)
-                    outputs = ensemble.predict_with_novelty(tiles) if with_novelty else (ensemble.predict(tiles), None)
+                    rich = with_novelty or embedding
+                    outputs = ensemble.predict_outputs(tiles) if rich else {"member_probs": ensemble.predict(tiles)}
                     timings["infer_s"] += time.perf_counter() - t0
                 results_q.put((pending, outputs))
                 pending, batch = [], []

@@ -61,8 +61,11 @@ class Ensemble:
             log.warning("ONNX Runtime is not using %s (running on %s)", ", ".join(missing), self.providers)
         self.input_name = self.session.get_inputs()[0].name
         self.members = int(self.session.get_outputs()[0].shape[1])
-        # a graph exported with feature statistics (models/novelty.py) has a second output
-        self.novelty = [o.name for o in self.session.get_outputs()][1:2] == ["novelty"]
+        # a graph exported with feature statistics (models/novelty.py) also outputs novelty and an embedding
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_names = list(outputs)
+        self.novelty = "novelty" in outputs
+        self.embedding_dims = int(outputs["embedding"].shape[1]) if "embedding" in outputs else 0
         self.novelty_threshold: float | None = None  # the source's high quantile, from the model card
         self.novelty_flag_share: float | None = None  # tissue share beyond it that flags a slide
 
@@ -73,13 +76,14 @@ class Ensemble:
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) RGB -> float32 (B, M, H, W) member tumour probabilities."""
-        return self.predict_with_novelty(tiles)[0]
+        return self.predict_outputs(tiles)["member_probs"]
 
-    def predict_with_novelty(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Member probabilities and, where the graph has it, the feature-space novelty
-        (B, 1, H / 8, W / 8): squared Mahalanobis distance per feature from the source, ~1 in domain."""
+    def predict_outputs(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph by name: ``member_probs`` and, where the graph has them,
+        ``novelty`` (B, 1, H / 8, W / 8; squared Mahalanobis distance per feature from the source,
+        about 1 in domain) and ``embedding`` (B, E, H / 8, W / 8)."""
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})
-        return out[0], (out[1] if self.novelty else None)
+        return dict(zip(self.output_names, out, strict=True))
 
     def warm_up(self, tile: int = 256) -> None:
         self.predict(np.full((1, tile, tile, 3), 230, np.uint8))

@@ -107,7 +107,7 @@ def _run(
             level0_size=slide.dimensions,
             selection=opt.selection,
         )
-        rasters = {"mask": analysis.mask, **result.maps}
+        rasters = {"mask": analysis.mask, **{k: v for k, v in result.maps.items() if k in outputs.ARTIFACTS}}
         tiffs = outputs.start_map_tiffs(out_dir, rasters, opt.mpp, pool)
         artifacts = {name: outputs.ARTIFACTS[name] for name in rasters}
         f = analysis.preview_f

@@ -26,6 +26,7 @@ class CellStats:
     uncertainty: np.ndarray  # sum of the ranking measure over tissue pixels
     probability: np.ndarray  # sum of mean probability over tissue pixels
     above: np.ndarray  # tissue pixels whose measure exceeds PAPER_FRACTION x slide max
+    embedding: np.ndarray | None = None  # (E, grid_h, grid_w) sums of the model's embedding over tissue
 
 
 def cell_sums(values: np.ndarray, cell: int) -> np.ndarray:
@@ -60,9 +61,22 @@ def score_candidates(stats: CellStats, k: int, *, scoring: str = "mean", min_tis
     mean_u, mean_p = unc / safe, prob / safe
     score = mean_u if scoring == "mean" else 100.0 * _window_sums(stats.above, k) + unc
     rows, cols = np.nonzero(ok)
+    embedding = (
+        np.stack([_window_sums(e, k)[rows, cols] for e in stats.embedding], axis=1) / safe[rows, cols][:, None]
+        if stats.embedding is not None
+        else None
+    )
     return [
-        Candidate(int(r), int(c), float(score[r, c]), float(mean_u[r, c]), float(mean_p[r, c]), float(frac[r, c]))
-        for r, c in zip(rows, cols, strict=True)
+        Candidate(
+            int(r),
+            int(c),
+            float(score[r, c]),
+            float(mean_u[r, c]),
+            float(mean_p[r, c]),
+            float(frac[r, c]),
+            tuple(float(v) for v in embedding[i]) if embedding is not None else None,
+        )
+        for i, (r, c) in enumerate(zip(rows, cols, strict=True))
     ]
 
 

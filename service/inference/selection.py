@@ -7,7 +7,14 @@ Each strategy returns up to ``top`` non-overlapping candidates (k x k cells), ra
 - ``class_balanced``: the same ranking within predicted tumour and predicted normal, taken
   alternately (a quota of half each, the rest from whichever class has more), so corrections do
   not all teach one direction;
-- ``random``: uniform at random (a draw from ``rng``; nested: a larger budget extends a smaller one).
+- ``random``: uniform at random (a draw from ``rng``; nested: a larger budget extends a smaller one);
+- ``uncertainty_diversity``: the 3 x ``top`` best-scored patches, then ``top`` of them spread over
+  the model's feature embedding by k-means++ seeding (the best-scored first), so the corrections are
+  not ``top`` views of one failure;
+- ``representative``: patches that stand for the slide's tissue: k-means on the embeddings of a
+  random non-overlapping cover, the patch nearest each centre (uncertainty plays no part).
+
+The last two need a model whose graph outputs an embedding (models/novelty.py).
 
 The experiment's ``oracle`` is ``uncertainty`` over scores that are the true error.
 """
@@ -19,6 +26,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from service.errors import Unprocessable
+
 
 @dataclass
 class Candidate:
@@ -28,6 +37,7 @@ class Candidate:
     mean_uncertainty: float
     mean_probability: float
     tissue_fraction: float
+    embedding: tuple[float, ...] | None = None  # the model's feature embedding, mean over the patch
 
 
 def select_non_overlapping(candidates: list[Candidate], k: int, top: int) -> list[Candidate]:
@@ -78,7 +88,70 @@ def _overlap(a: Candidate, b: Candidate, k: int) -> bool:
     return abs(a.row - b.row) < k and abs(a.col - b.col) < k
 
 
-STRATEGIES: dict[str, Strategy] = {"uncertainty": by_score, "class_balanced": class_balanced, "random": at_random}
+def _embeddings(cands: list[Candidate], strategy: str) -> np.ndarray:
+    """(n, E) standardised embeddings (ValueError when the model gives none)."""
+    if any(c.embedding is None for c in cands):
+        raise Unprocessable(
+            "selection_needs_embedding",
+            f"selection {strategy!r} needs a model whose graph outputs an embedding (trained with "
+            "'python -m models.train --recipe protocol'); the serving model has none: choose "
+            "'uncertainty', 'class_balanced' or 'random'",
+        )
+    x = np.array([c.embedding for c in cands], np.float64)
+    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-9)
+
+
+def kmeans_pp(points: np.ndarray, k: int, rng: np.random.Generator, first: int | None = None) -> list[int]:
+    """Indices of ``k`` seeds by k-means++ (each next one drawn with probability ∝ squared distance to
+    the nearest seed so far); ``first`` fixes the first seed, else it is drawn uniformly."""
+    n = len(points)
+    if n == 0 or k <= 0:
+        return []
+    chosen = [int(rng.integers(n)) if first is None else first]
+    nearest = ((points - points[chosen[0]]) ** 2).sum(axis=1)
+    while len(chosen) < min(k, n):
+        total = nearest.sum()
+        i = int(rng.choice(n, p=nearest / total)) if total > 0 else int(rng.integers(n))
+        if i in chosen:  # only possible when every remaining point coincides with a seed
+            i = next(j for j in range(n) if j not in chosen)
+        chosen.append(i)
+        nearest = np.minimum(nearest, ((points - points[i]) ** 2).sum(axis=1))
+    return chosen
+
+
+def uncertainty_diversity(cands: list[Candidate], k: int, top: int, rng: np.random.Generator) -> list[Candidate]:
+    pool = select_non_overlapping(cands, k, 3 * top)
+    if len(pool) <= top:
+        return pool
+    picked = kmeans_pp(_embeddings(pool, "uncertainty_diversity"), top, rng, first=0)
+    return sorted((pool[i] for i in picked), key=lambda c: -c.score)
+
+
+def representative(cands: list[Candidate], k: int, top: int, rng: np.random.Generator) -> list[Candidate]:
+    pool = select_non_overlapping(random_scores(cands, rng), k, 20 * top)
+    if len(pool) <= top:
+        return pool
+    x = _embeddings(pool, "representative")
+    centres = x[kmeans_pp(x, top, rng)]
+    for _ in range(10):  # Lloyd iterations
+        assign = ((x[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        centres = np.array([x[assign == j].mean(axis=0) if (assign == j).any() else centres[j] for j in range(top)])
+    distance = ((x[:, None, :] - centres[None]) ** 2).sum(axis=2)
+    picked: list[int] = []
+    for j in np.argsort(np.bincount(distance.argmin(axis=1), minlength=top))[::-1]:  # biggest clusters first
+        i = next((int(i) for i in np.argsort(distance[:, j]) if int(i) not in picked), None)
+        if i is not None:
+            picked.append(i)
+    return [pool[i] for i in picked[:top]]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "uncertainty": by_score,
+    "class_balanced": class_balanced,
+    "random": at_random,
+    "uncertainty_diversity": uncertainty_diversity,
+    "representative": representative,
+}
 
 
 def select(strategy: str, cands: list[Candidate], k: int, top: int, rng: np.random.Generator) -> list[Candidate]:

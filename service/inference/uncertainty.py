@@ -64,12 +64,22 @@ def all_measures(member_probs: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+EMBEDDING_RANGE = (-4.0, 4.0)  # embedding channels (whitened principal components), stored -4..4
+
+
+def storage_range(name: str) -> tuple[float, float]:
+    """(low, high) of a map's 8-bit storage scale: 0..STORAGE_MAX, or -4..4 for ``embedding_<i>``."""
+    return EMBEDDING_RANGE if name.startswith("embedding_") else (0.0, STORAGE_MAX[name])
+
+
 def to_uint8(values: np.ndarray, name: str) -> np.ndarray:
-    """Quantise a map for storage: 0..STORAGE_MAX[name] -> 0..255."""
-    scaled = np.asarray(values, dtype=np.float32) * (255.0 / STORAGE_MAX[name])
+    """Quantise a map for storage: low..high (``storage_range``) -> 0..255."""
+    low, high = storage_range(name)
+    scaled = (np.asarray(values, dtype=np.float32) - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def from_uint8(stored: np.ndarray, name: str) -> np.ndarray:
     """Inverse of :func:`to_uint8` (up to quantisation)."""
-    return np.asarray(stored, dtype=np.float32) * (STORAGE_MAX[name] / 255.0)
+    low, high = storage_range(name)
+    return np.asarray(stored, dtype=np.float32) * ((high - low) / 255.0) + low

@@ -78,7 +78,7 @@ def build_candidate(
         stats, novelty = novelty_for(members, replay[0])
         parent_card = {**parent_card, "novelty": novelty}
     staging = registry.stage()
-    sha = export_ensemble(members, staging / "ensemble.onnx", novelty=stats)
+    sha = export_ensemble(members, staging / "ensemble.onnx", features=stats)
     save_members(members, ckpt["recipe"], staging / "members.pt", {"parent": parent})
     card = finetuned_card(
         parent_card,
