@@ -6,8 +6,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # The fine-tune runner (service/loop) runs the training side in process; nothing else in service/ may.
-LOOP_MAY_IMPORT = ("models.finetune", "models.export", "models.bank", "models.net", "models.fit")
-TRAINING_CORE = ("stain", "fit", "finetune", "net", "export", "bank")
+LOOP_MAY_IMPORT = ("models.finetune", "models.export", "models.bank", "models.net", "models.fit", "models.novelty")
+TRAINING_CORE = ("stain", "fit", "finetune", "net", "export", "bank", "novelty", "augment")
 
 
 def under(name: str, *prefixes: str) -> bool:
