@@ -34,8 +34,10 @@ from models.data.slidegen import (
     _design,
     _orient,
     _Upsampler,
+    band_noise,
     reflect_index,
     smooth_field,
+    store_band,
     write_slide,
 )
 from models.data.textures import Texture
@@ -287,13 +289,9 @@ def _render(painter: _LocalPainter, c: LocalCentre, seed: int, mpp: float, rgb_r
         core = slice(y0 - a0, y1 - a0)
         rgb, tissue, tumour, strength = rgb[core], tissue[core], tumour[core], strength[core]
         if c.noise_std > 0:
-            nrng = np.random.default_rng(np.random.SeedSequence([seed, 0x0015E, bi]))
-            rgb = rgb + nrng.standard_normal(rgb.shape, dtype=np.float32) * (c.noise_std * strength)[..., None]
-        rgb = _jpeg_locally(rgb, c, strength)
-        rgb_r.write_block(y0, 0, np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
-        mask_r.write_block(y0, 0, tumour.astype(np.uint8) * 255)
-        n_tissue += int(np.count_nonzero(tissue))
-        n_tumour += int(np.count_nonzero(tumour))
+            rgb = rgb + band_noise(seed, bi, rgb.shape) * (c.noise_std * strength)[..., None]
+        counts = store_band(rgb_r, mask_r, y0, _jpeg_locally(rgb, c, strength), tissue, tumour)
+        n_tissue, n_tumour = n_tissue + counts[0], n_tumour + counts[1]
         if progress is not None:
             progress(y1, height)
     return n_tissue, n_tumour

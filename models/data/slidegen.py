@@ -332,15 +332,24 @@ def _render(painter: _Painter, c: Centre, seed: int, rgb_r: RasterFile, mask_r: 
         core = slice(y0 - a0, y1 - a0)
         rgb, tissue, tumour = rgb[core], tissue[core], tumour[core]
         if c.noise_std > 0:
-            nrng = np.random.default_rng(np.random.SeedSequence([seed, 0x0015E, bi]))
-            rgb = rgb + nrng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(c.noise_std)
-        rgb_r.write_block(y0, 0, np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
-        mask_r.write_block(y0, 0, tumour.astype(np.uint8) * 255)
-        n_tissue += int(np.count_nonzero(tissue))
-        n_tumour += int(np.count_nonzero(tumour))
+            rgb = rgb + band_noise(seed, bi, rgb.shape) * np.float32(c.noise_std)
+        counts = store_band(rgb_r, mask_r, y0, rgb, tissue, tumour)
+        n_tissue, n_tumour = n_tissue + counts[0], n_tumour + counts[1]
         if progress is not None:
             progress(y1, height)
     return n_tissue, n_tumour
+
+
+def band_noise(seed: int, band: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal sensor noise of one band, seeded by (slide seed, band index): reproducible."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 0x0015E, band])).standard_normal(shape, dtype=np.float32)
+
+
+def store_band(rgb_r, mask_r, y0: int, rgb: np.ndarray, tissue: np.ndarray, tumour: np.ndarray) -> tuple[int, int]:
+    """Write one finished band (RGB float 0-255 and its tumour mask); its (tissue, tumour) pixel counts."""
+    rgb_r.write_block(y0, 0, np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    mask_r.write_block(y0, 0, tumour.astype(np.uint8) * 255)
+    return int(np.count_nonzero(tissue)), int(np.count_nonzero(tumour))
 
 
 def build_slide(
