@@ -31,7 +31,9 @@ class FinetuneBudget:
 
 
 def crop_bank(images: list[np.ndarray], masks: list[np.ndarray], patch: int, per_image: int, seed: int):
-    """Random ``patch``-sized crops (with their masks) from variable-size correction images."""
+    """Random ``patch``-sized crops (with their masks) from variable-size correction images; where a
+    correction has tumour, half of its crops are centred on a tumour pixel (so the tumour a
+    pathologist drew is seen whole, not only cut at the crop's edge)."""
     rng = np.random.default_rng(seed)
     out_i, out_m = [], []
     for img, m in zip(images, masks, strict=True):
@@ -41,8 +43,14 @@ def crop_bank(images: list[np.ndarray], masks: list[np.ndarray], patch: int, per
             img = np.pad(img, pad + ((0, 0),), mode="reflect")
             m = np.pad(m, pad, mode="reflect")
             h, w = m.shape
-        for _ in range(per_image):
-            y, x = int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+        tumour = np.argwhere(m > 0)
+        for i in range(per_image):
+            if len(tumour) and i % 2 == 0:
+                cy, cx = tumour[rng.integers(len(tumour))]
+                y = int(np.clip(cy - patch // 2, 0, h - patch))
+                x = int(np.clip(cx - patch // 2, 0, w - patch))
+            else:
+                y, x = int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
             out_i.append(img[y : y + patch, x : x + patch])
             out_m.append(m[y : y + patch, x : x + patch])
     return np.stack(out_i), (np.stack(out_m) > 0).astype(np.uint8)

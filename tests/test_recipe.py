@@ -91,3 +91,15 @@ def test_early_stopping_keeps_the_best_validated_weights():
     result = fit_member(net, images, masks, steps=6, batch=4, lr=5e-3, seed=0, validation=val, eval_every=2, crop=24)
     assert result.best_step in (2, 4, 6)
     assert result.val_loss == pytest.approx(validation_loss(net, *val), rel=1e-4)
+
+
+def test_crops_of_a_correction_with_a_little_tumour_show_that_tumour():
+    from models.finetune import crop_bank
+
+    image = np.full((512, 512, 3), 200, np.uint8)
+    mask = np.zeros((512, 512), np.uint8)
+    mask[460:480, 20:40] = 1  # a small focus near a corner
+    crops, crop_masks = crop_bank([image], [mask], patch=128, per_image=32, seed=0)
+    with_tumour = int((crop_masks.reshape(32, -1).sum(axis=1) > 0).sum())
+    assert with_tumour >= 16  # half the crops are centred on it; random crops alone find it rarely
+    assert all(int(m.sum()) == 400 for m in crop_masks[0::2])  # and those show all of it, not a sliver
