@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_models.py --models models/baseline models/baseline-protocol [--rounds 3]
 
-Each round segments the bench slide (models/data/slidegen.py, centre "source", 8192² px at
-0.5 µm/px, cached) once with every model, in alternating order, through the serving pipeline
+Each round segments the engine benchmark's slide (bench/bench_engine.py: centre "source", 8192² px
+at 0.5 µm/px, 60 % tissue, cached) once with every model, in alternating order, through the serving pipeline
 (every artifact written). Prints per model the median wall time and tissue MP/s, and each model's
 throughput as a ratio to the first one: ratios from one run on one machine, so load affects them alike.
 """
@@ -20,18 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.data.slidegen import build_slide, companion_paths  # noqa: E402
-from models.data.sources import cache_dir, ensure_sources  # noqa: E402
+from bench.bench_engine import SlideSpec, ensure_slide  # noqa: E402
 from service.inference.ensemble import load_ensemble  # noqa: E402
 from service.inference.pipeline import run_segmentation  # noqa: E402
 from service.options import SegmentationOptions  # noqa: E402
-
-
-def bench_slide(size: int) -> Path:
-    path = cache_dir() / "bench-slides" / f"models-source-{size}.tif"
-    if not (path.exists() and companion_paths(path)[0].exists()):
-        build_slide(path, size=(size, size), centre="source", seed=4711, sources=ensure_sources())
-    return path
 
 
 def main() -> int:
@@ -42,7 +34,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=8192, help="slide side, pixels at 0.5 µm/px")
     args = ap.parse_args()
-    slide = bench_slide(args.size)
+    slide, _ = ensure_slide(SlideSpec(args.size, 0.6), [])  # bench_engine's bench slide, cached
     ensembles = [load_ensemble(m) for m in args.models]
     walls: dict[str, list[float]] = {e.version: [] for e in ensembles}
     tissue_mp = 0.0

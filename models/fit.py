@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from models.augment import STRENGTHS, Strength, augment_batch
 from models.bank import load_bank, load_bank_slides, save_bank
-from models.net import UNet, normalise
+from models.net import UNet, to_input
 
 
 def augment(
@@ -47,11 +47,6 @@ def augment(
     return images, np.ascontiguousarray(masks)
 
 
-def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    return normalise(x)
-
-
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE + soft Dice (tumour class)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -77,7 +72,7 @@ def validation_loss(model: UNet, images: np.ndarray, masks: np.ndarray, device: 
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            logits = model(_to_tensor(images[i : i + batch], dev))
+            logits = model(to_input(images[i : i + batch], dev))
             target = torch.from_numpy(masks[i : i + batch]).to(dev).float().unsqueeze(1)
             total += float(loss_fn(logits, target)) * len(logits)
     return total / max(1, len(images))
@@ -130,7 +125,7 @@ def fit_member(
             ridx = rng.integers(len(replay[0]), size=n_replay)
             ri, rm = augment(replay[0][ridx], replay[1][ridx], rng)
             bi, bm = np.concatenate([bi, ri]), np.concatenate([bm, rm])
-        logits = model(_to_tensor(bi, dev))
+        logits = model(to_input(bi, dev))
         loss = loss_fn(logits, torch.from_numpy(bm).to(dev).float().unsqueeze(1))
         opt.zero_grad()
         loss.backward()
@@ -158,7 +153,7 @@ def member_logits(model: UNet, images: np.ndarray, batch: int = 16) -> np.ndarra
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            out.append(model(_to_tensor(images[i : i + batch], torch.device("cpu")))[:, 0].numpy())
+            out.append(model(to_input(images[i : i + batch], torch.device("cpu")))[:, 0].numpy())
     return np.concatenate(out).astype(np.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,12 @@ class UNet(nn.Module):
 def normalise(rgb01: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [0,1] -> network input."""
     return (rgb01 - RGB_MEAN) / RGB_STD
+
+
+def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, H, W, 3) numpy RGB -> the network's (B, 3, H, W) input on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    return normalise(x)
 
 
 class FusedEnsemble(nn.Module):

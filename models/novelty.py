@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.net import UNet, normalise
+from models.net import UNet, to_input
 
 SHRINKAGE = 0.1  # covariance shrunk towards its mean variance: stable inverse with few source cells
 SOURCE_QUANTILE = 0.99  # the source's novelty quantile above which a cell counts as out of distribution
+FLAG_SHARE = 0.10  # a slide is flagged out of distribution when more of its tissue than this is beyond it
 EMBEDDING_DIMS = 8  # principal components of the first member's features: the queue's patch embedding
 
 
@@ -38,8 +39,7 @@ def member_features(member: UNet, images: np.ndarray, batch: int = 16) -> np.nda
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).permute(0, 3, 1, 2).float() / 255.0
-            _, features = member.forward_with_features(normalise(x))
+            _, features = member.forward_with_features(to_input(images[i : i + batch]))
             out.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).numpy())
     return np.concatenate(out).astype(np.float64)
 
@@ -82,9 +82,6 @@ def novelty_scores(members: list[UNet], stats: FeatureStats, images: np.ndarray)
         d2 = np.einsum("nc,dc,nd->n", centred, precision.numpy(), centred) / centred.shape[1]
         total = d2 if total is None else total + d2
     return total / len(members)
-
-
-FLAG_SHARE = 0.10  # a slide is flagged out of distribution when more of its tissue than this is beyond the threshold
 
 
 def novelty_for(members: list[UNet], source_images: np.ndarray) -> tuple[FeatureStats, dict]:

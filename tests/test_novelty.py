@@ -9,21 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.export import export_ensemble
 from models.novelty import fit_gaussian, member_features, novelty_for, novelty_scores
 from service.inference.ensemble import ModelError, load_ensemble
 from service.inference.pipeline import run_segmentation
 from service.options import SegmentationOptions
-from tests.tiny_model import noise_tiles, tiny_members
-
-
-def _model_dir(tmp_path, members, stats=None, novelty=None):
-    d = tmp_path / "model"
-    d.mkdir()
-    export_ensemble(members, d / "ensemble.onnx", features=stats)
-    card = {"version": "tiny-1", "input_mpp": 1.0, **({"novelty": novelty} if novelty else {})}
-    (d / "card.json").write_text(json.dumps(card))
-    return d
+from tests.tiny_model import noise_tiles, tiny_members, write_model_dir
 
 
 def test_mahalanobis_of_gaussian_data_is_about_one_per_feature():
@@ -41,7 +31,7 @@ def test_the_onnx_graph_computes_the_reference_novelty_and_far_data_scores_highe
     members = tiny_members()
     source = noise_tiles(16)
     stats, card = novelty_for(members, source)
-    ens = load_ensemble(_model_dir(tmp_path, members, stats, card))
+    ens = load_ensemble(write_model_dir(tmp_path, members, features=stats, novelty_card=card))
     assert ens.novelty and ens.novelty_threshold == card["threshold"] > 0
     out = ens.predict_outputs(source[:4])
     probs, novelty, embedding = out["member_probs"], out["novelty"], out["embedding"]
@@ -64,7 +54,7 @@ def test_a_novelty_graph_needs_its_threshold_on_the_card(tmp_path):
     members = tiny_members()
     stats, _ = novelty_for(members, noise_tiles(8))
     with pytest.raises(ModelError, match="novelty.threshold"):
-        load_ensemble(_model_dir(tmp_path, members, stats, None))
+        load_ensemble(write_model_dir(tmp_path, members, features=stats))
 
 
 def test_a_slide_gets_a_novelty_map_a_verdict_and_a_diverse_queue(tmp_path, source_slide):
@@ -72,7 +62,10 @@ def test_a_slide_gets_a_novelty_map_a_verdict_and_a_diverse_queue(tmp_path, sour
     stats, card = novelty_for(members, noise_tiles(16))
     options = SegmentationOptions(queue_size=3, patch_um=128, selection="uncertainty_diversity")
     with_novelty = run_segmentation(
-        source_slide, tmp_path / "out", load_ensemble(_model_dir(tmp_path, members, stats, card)), options
+        source_slide,
+        tmp_path / "out",
+        load_ensemble(write_model_dir(tmp_path, members, features=stats, novelty_card=card)),
+        options,
     )
     verdict = with_novelty["novelty"]
     assert with_novelty["artifacts"]["novelty"] == "novelty.tif" and (tmp_path / "out" / "novelty.tif").exists()

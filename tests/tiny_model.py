@@ -24,13 +24,19 @@ def noise_tiles(n: int, seed: int = 0, colour=(200, 120, 180), size: int = 64) -
     return np.clip(rng.normal(colour, 25, (n, size, size, 3)), 0, 255).astype(np.uint8)
 
 
-def tiny_model_dir(root: Path, *, novelty: bool, version: str = "tiny-1", members=None) -> Path:
-    """``root/<version>`` with ensemble.onnx and card.json; novelty fitted on noise tiles."""
-    members = members or tiny_members()
-    stats, card_entry = novelty_for(members, noise_tiles(16)) if novelty else (None, None)
+def write_model_dir(root: Path, members, *, features=None, novelty_card=None, version: str = "tiny-1") -> Path:
+    """``root/<version>`` with the members exported (with ``features``: novelty and embedding outputs)
+    and a card (with ``novelty_card`` as its ``novelty`` entry)."""
     d = Path(root) / version
     d.mkdir(parents=True)
-    export_ensemble(members, d / "ensemble.onnx", features=stats)
-    card = {"version": version, "input_mpp": 1.0, **({"novelty": card_entry} if card_entry else {})}
+    export_ensemble(members, d / "ensemble.onnx", features=features)
+    card = {"version": version, "input_mpp": 1.0, **({"novelty": novelty_card} if novelty_card else {})}
     (d / "card.json").write_text(json.dumps(card))
     return d
+
+
+def tiny_model_dir(root: Path, *, novelty: bool, version: str = "tiny-1", members=None) -> Path:
+    """A tiny model directory; with ``novelty``, statistics fitted on noise tiles."""
+    members = members or tiny_members()
+    stats, card_entry = novelty_for(members, noise_tiles(16)) if novelty else (None, None)
+    return write_model_dir(root, members, features=stats, novelty_card=card_entry, version=version)
