@@ -13,13 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.augment import STRENGTHS
 from models.fit import fit_member, load_members
 from models.net import UNet
 
 
 @dataclass
 class FinetuneBudget:
-    """Bounded work per run (every member gets ``steps`` optimiser steps)."""
+    """Bounded work per run (every member gets ``steps`` optimiser steps, or more with the area rule).
+
+    ``steps_per_mm2`` > 0 scales the steps with the corrected area (at least ``steps``, at most
+    ``max_steps``); ``holdout_every`` > 0 holds every n-th correction out and keeps each member's
+    weights that did best on them (early stopping); ``symmetric`` gives the replay the same
+    augmentation as the corrections (the parent's own strengths when its recipe names them), so
+    colour never tells corrections from replay."""
 
     steps: int = 40
     batch: int = 8
@@ -28,6 +35,28 @@ class FinetuneBudget:
     replay_share: float = 0.5
     threads: int = 1
     seed: int = 0
+    steps_per_mm2: float = 0.0
+    max_steps: int = 400
+    holdout_every: int = 0
+    symmetric: bool = False
+
+
+def planned_steps(budget: FinetuneBudget, masks: list[np.ndarray], mpp: float = 1.0) -> int:
+    """Steps per member: ``budget.steps``, or by corrected area when ``steps_per_mm2`` is set."""
+    if budget.steps_per_mm2 <= 0:
+        return budget.steps
+    area_mm2 = sum(m.size for m in masks) * (mpp / 1000) ** 2
+    return int(np.clip(round(budget.steps_per_mm2 * area_mm2), budget.steps, max(budget.steps, budget.max_steps)))
+
+
+def split_holdout(corrections: tuple[list, list], every: int) -> tuple[tuple[list, list], tuple[list, list] | None]:
+    """Every ``every``-th correction held out (none when ``every`` is 0 or there are fewer than ``every``)."""
+    images, masks = corrections
+    if every <= 0 or len(images) < every:
+        return corrections, None
+    keep = [i for i in range(len(images)) if i % every != every - 1]
+    held = [i for i in range(len(images)) if i % every == every - 1]
+    return ([images[i] for i in keep], [masks[i] for i in keep]), ([images[i] for i in held], [masks[i] for i in held])
 
 
 def crop_bank(images: list[np.ndarray], masks: list[np.ndarray], patch: int, per_image: int, seed: int):
@@ -73,26 +102,37 @@ def finetune_members(
     progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
 ) -> tuple[list[UNet], dict]:
-    """Continue every member of ``parent_weights`` on the corrections (stain-augmented) plus replay."""
+    """Continue every member of ``parent_weights`` on the corrections (augmented) plus replay."""
     torch.set_num_threads(max(1, budget.threads))
     members, ckpt = load_members(parent_weights)
-    images, masks = crop_bank(*corrections, budget.patch, per_image=32, seed=budget.seed)
+    train, held = split_holdout(corrections, budget.holdout_every)
+    steps = planned_steps(budget, train[1])
+    images, masks = crop_bank(*train, budget.patch, per_image=32, seed=budget.seed)
+    validation = None
+    if held is not None:
+        validation = crop_bank(*held, budget.patch, per_image=8, seed=budget.seed + 1)
     if replay is not None:
         replay = center_crop(replay[0], replay[1], budget.patch)
-    total = budget.steps * len(members)
+    strengths = ckpt.get("recipe", {}).get("augment") or []
+    total = steps * len(members)
     for i, member in enumerate(members):
+        strength = STRENGTHS[strengths[i % len(strengths)]] if strengths and budget.symmetric else None
         fit_member(
             member,
             images,
             masks,
-            steps=budget.steps,
+            steps=steps,
             batch=budget.batch,
             lr=budget.lr,
             seed=budget.seed + i,
             stain_augment=True,
+            strength=strength,
             replay=replay,
             replay_share=budget.replay_share,
-            progress=(lambda s, _t, _l, i=i: progress(i * budget.steps + s, total)) if progress else None,
+            replay_augment=budget.symmetric,
+            validation=validation,
+            eval_every=max(1, steps // 5),
+            progress=(lambda s, _t, _l, i=i: progress(i * steps + s, total)) if progress else None,
             device=device,
         )
     return members, ckpt

@@ -91,6 +91,7 @@ def fit_member(
     strength: Strength | None = None,
     replay: tuple[np.ndarray, np.ndarray] | None = None,
     replay_share: float = 0.0,
+    replay_augment: bool = False,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     eval_every: int = 100,
     crop: int = 0,
@@ -121,9 +122,12 @@ def fit_member(
             y, x = (int(v) for v in rng.integers(0, bi.shape[1] - crop + 1, size=2))
             bi, bm = bi[:, y : y + crop, x : x + crop], bm[:, y : y + crop, x : x + crop]
         bi, bm = augment(bi, bm, rng, stain=stain_augment, strength=strength)
-        if n_replay:  # source replay keeps its own colours: it anchors the source domain
+        if n_replay:  # replay keeps its own colours (it anchors the source) unless ``replay_augment``
             ridx = rng.integers(len(replay[0]), size=n_replay)
-            ri, rm = augment(replay[0][ridx], replay[1][ridx], rng)
+            if replay_augment:
+                ri, rm = augment(replay[0][ridx], replay[1][ridx], rng, stain=stain_augment, strength=strength)
+            else:
+                ri, rm = augment(replay[0][ridx], replay[1][ridx], rng)
             bi, bm = np.concatenate([bi, ri]), np.concatenate([bm, rm])
         logits = model(to_input(bi, dev))
         loss = loss_fn(logits, torch.from_numpy(bm).to(dev).float().unsqueeze(1))

@@ -75,6 +75,14 @@ class Settings(BaseSettings, SegmentationDefaults):
     finetune_patch: int = Field(128, ge=64, le=512, description="fine-tune crop side, pixels (multiple of 8)")
     finetune_lr: float = Field(3e-4, gt=0, description="fine-tune learning rate")
     finetune_replay_share: float = Field(0.5, ge=0, lt=1, description="share of each batch replayed from source")
+    finetune_steps_per_mm2: float = Field(
+        0.0, ge=0, description="steps per member per mm² of corrected area (0: always UGA_FINETUNE_STEPS)"
+    )
+    finetune_max_steps: int = Field(400, ge=1, description="cap on the area-scaled steps per member")
+    finetune_holdout_every: int = Field(
+        0, ge=0, description="hold every n-th correction out for early stopping (0: none)"
+    )
+    finetune_symmetric: bool = Field(False, description="augment the source replay as the corrections are")
     finetune_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="runner's torch device")
     finetune_threads: int = Field(1, ge=1, description="torch threads of the runner (leave cores to serving)")
     holdout_every: int = Field(

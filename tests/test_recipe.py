@@ -103,3 +103,60 @@ def test_crops_of_a_correction_with_a_little_tumour_show_that_tumour():
     with_tumour = int((crop_masks.reshape(32, -1).sum(axis=1) > 0).sum())
     assert with_tumour >= 16  # half the crops are centred on it; random crops alone find it rarely
     assert all(int(m.sum()) == 400 for m in crop_masks[0::2])  # and those show all of it, not a sliver
+
+
+def test_fine_tune_steps_grow_with_the_corrected_area_within_their_bounds():
+    from models.finetune import FinetuneBudget, planned_steps
+
+    patch = np.zeros((256, 256), np.uint8)  # 256 µm at 1 µm/px: 0.0655 mm²
+    fixed = FinetuneBudget(steps=40)
+    assert planned_steps(fixed, [patch] * 50) == 40
+    by_area = FinetuneBudget(steps=40, steps_per_mm2=60, max_steps=200)
+    assert planned_steps(by_area, [patch] * 2) == 40  # never below the fixed steps
+    assert planned_steps(by_area, [patch] * 25) == round(60 * 25 * 0.065536)
+    assert planned_steps(by_area, [patch] * 100) == 200  # capped
+
+
+def test_every_nth_correction_is_held_out_and_none_when_there_are_too_few():
+    from models.finetune import split_holdout
+
+    images, masks = list(range(10)), [f"m{i}" for i in range(10)]
+    (train_i, train_m), (held_i, held_m) = split_holdout((images, masks), 5)
+    assert held_i == [4, 9] and held_m == ["m4", "m9"]
+    assert train_i == [0, 1, 2, 3, 5, 6, 7, 8] and len(train_m) == 8
+    assert split_holdout((images[:4], masks[:4]), 5) == ((images[:4], masks[:4]), None)
+    assert split_holdout((images, masks), 0)[1] is None
+
+
+def test_symmetric_replay_is_augmented_like_the_corrections(monkeypatch):
+    """With ``replay_augment`` the replay goes through the member's own augmentation strength."""
+    import models.fit as fit
+
+    seen: list[str | None] = []
+    real = fit.augment
+
+    def spy(images, masks, rng, *, stain=False, strength=None):
+        seen.append(strength.name if strength else None)
+        return real(images, masks, rng, stain=stain, strength=strength)
+
+    monkeypatch.setattr(fit, "augment", spy)
+    images, masks = _patches(8, 32)
+    replay = _patches(8, 32, seed=2)
+    for replay_augment in (False, True):
+        seen.clear()
+        net = UNet(base=4, depth=2, groups=2)
+        fit.fit_member(
+            net,
+            images,
+            masks,
+            steps=2,
+            batch=4,
+            lr=1e-3,
+            seed=0,
+            strength=STRENGTHS["strong"],
+            replay=replay,
+            replay_share=0.5,
+            replay_augment=replay_augment,
+        )
+        assert seen[0::2] == ["strong", "strong"]  # the corrections' half of each batch
+        assert seen[1::2] == (["strong", "strong"] if replay_augment else [None, None])

@@ -1,0 +1,602 @@
+"""The pre-registered experiment (bench/PROTOCOL.md): does a selection strategy beat random selection
+on slides whose errors are local, for the same annotated area?
+
+    python bench/protocol_experiment.py --stage sanity     # the sanity gate: random and oracle, budget 10
+    python bench/protocol_experiment.py --stage compare    # every strategy at budgets 5, 10, 20 (256 µm)
+    python bench/protocol_experiment.py --real DIR         # the same on real slides with masks
+
+Every fine-tune is one line of ``runs.jsonl`` in ``--out``; a stopped run resumes where it stopped,
+and a run whose seed and chosen patches equal an earlier one's reuses it. ``results.md`` (the
+protocol's tables: paired Δ against random with two-level bootstrap CIs and the verdict, the sanity
+gate, negative transfer, the selection audit) and ``delta.png`` are rewritten after every run.
+Selection is the service's registry (service/inference/selection.py); fine-tuning is
+models/finetune.py with the protocol's recipe; Dice is the production engine's on whole slides.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/experiment.py: must precede torch
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.experiment import MPP, THRESHOLD, Patch, SlideRef, discover_slides, evaluate_slide, read_corrections  # noqa: E402
+from bench.uncertainty_gate import eval_slides  # noqa: E402
+from models.bank import load_bank  # noqa: E402
+from models.data.localshift import LOCAL_CENTRES, build_local_slide  # noqa: E402
+from models.data.slidegen import companion_paths, slide_seed  # noqa: E402
+from models.data.sources import cache_dir  # noqa: E402
+from models.data.textures import texture_bank  # noqa: E402
+from models.export import export_ensemble  # noqa: E402
+from models.finetune import FinetuneBudget, finetune_members  # noqa: E402
+from service.inference.analysis import QUEUE_CELL, analyse  # noqa: E402
+from service.inference.engine import segment  # noqa: E402
+from service.inference.ensemble import Ensemble, load_ensemble  # noqa: E402
+from service.inference.evaluation import read_truth  # noqa: E402
+from service.inference.queue import CellStats, cell_sums, score_candidates  # noqa: E402
+from service.inference.selection import Candidate, select  # noqa: E402
+from service.options import SegmentationOptions  # noqa: E402
+from service.wsi.slide import open_slide  # noqa: E402
+
+MODEL = REPO / "models" / "baseline-protocol"
+POOL_SEED = 78_000  # pool slides; evaluation slides are bench/uncertainty_gate.py's (77 000)
+SLIDE_SIDE = 6144  # evaluation slides, level-0 px at 0.5 µm/px (9.4 mm², about 5.7 mm² of tissue)
+POOL_SIDE = 4096  # pool slides (4.2 mm², about 2.5 mm² of tissue; 4 per centre hold 150 patches of 256 µm)
+MIN_TISSUE = 0.5
+BOOTSTRAP = 10_000
+# the protocol's names -> (registry strategy, ranking map)
+STRATEGIES = {
+    "uga_topk": ("uncertainty", "uga"),
+    "class_balanced": ("class_balanced", "uga"),
+    "uncertainty_diversity": ("uncertainty_diversity", "uga"),
+    "representative": ("representative", "uga"),
+    "random": ("random", "uga"),
+    "oracle": ("uncertainty", "error"),
+}
+# the fine-tune recipe registered in PROTOCOL.md: symmetric augmentation, tumour-centred crops
+# (always on), steps by corrected area, early stop on every 5th correction
+RECIPE = FinetuneBudget(steps=40, threads=2, steps_per_mm2=60.0, max_steps=200, holdout_every=5, symmetric=True)
+
+
+@dataclass
+class Stage:
+    strategies: list[str]
+    budgets: list[int]  # patches per centre
+    patch_um: int = 256
+    seeds: int = 5
+
+
+SANITY_BUDGET = 10
+STAGES = {
+    "sanity": Stage(["random", "oracle"], [SANITY_BUDGET]),
+    "compare": Stage(["uga_topk", "class_balanced", "uncertainty_diversity", "representative", "random"], [5, 10, 20]),
+}
+
+
+@dataclass
+class Config:
+    pool_per_centre: int = 4
+    eval_per_centre: int = 4
+    side: int = SLIDE_SIDE
+    pool_side: int = POOL_SIDE
+    centres: list[str] = field(default_factory=lambda: list(LOCAL_CENTRES))
+    quota_centres: list[str] = field(default_factory=lambda: [c for c in LOCAL_CENTRES if c != "source"])
+    recipe: FinetuneBudget = field(default_factory=lambda: replace(RECIPE))
+    bootstrap: int = BOOTSTRAP
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- slides
+
+
+def local_refs(cfg: Config) -> list[SlideRef]:
+    """The protocol's built slides: pool slides of the quota centres, evaluation slides of every centre."""
+    pool_dir, eval_dir = cache_dir() / "protocol-pool", cache_dir() / "protocol-eval"
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for centre in cfg.quota_centres:
+        for i in range(cfg.pool_per_centre):
+            path = pool_dir / f"{centre}-{cfg.pool_side}-{i}.tif"
+            if not (path.exists() and companion_paths(path)[0].exists()):
+                t0 = time.time()
+                seed = slide_seed(POOL_SEED, centre, i)
+                build_local_slide(
+                    path, size=(cfg.pool_side, cfg.pool_side), centre=centre, seed=seed, bank=texture_bank()
+                )
+                log(f"built pool slide {path.name} ({time.time() - t0:.0f} s)")
+            refs.append(SlideRef(f"{centre}-pool{i}", centre, "pool", path, companion_paths(path)[0], {}))
+    for centre in cfg.centres:
+        for i, path in enumerate(eval_slides(centre, cfg.eval_per_centre, cfg.side, eval_dir)):
+            refs.append(SlideRef(f"{centre}-eval{i}", centre, "eval", path, companion_paths(path)[0], {}))
+    return refs
+
+
+# ----------------------------------------------------------------------------- pool and selection
+
+
+@dataclass
+class PoolSlide:
+    ref: SlideRef
+    stats: dict[str, CellStats]  # "uga" (with the embedding) and "error" (the baseline's errors)
+    audit: dict[str, np.ndarray]  # per cell: tissue, tumour (truth), fp, fn pixel counts
+
+
+def analyse_pool(ens: Ensemble, refs: list[SlideRef], work: Path) -> list[PoolSlide]:
+    """Segment every pool slide with the baseline once: queue statistics, errors, audit counts."""
+    out = []
+    for ref in refs:
+        t0 = time.time()
+        wd = Path(tempfile.mkdtemp(prefix="pool-", dir=work))
+        with open_slide(ref.path) as slide:
+            res = segment(slide, ens, wd, SegmentationOptions(mpp=MPP, threshold=THRESHOLD))
+            uga = analyse(res, wd, measure="uga", threshold=THRESHOLD).cells
+            h, w = res.grid.height, res.grid.width
+            tissue = res.tissue.crop(0, 0, h, w, MPP)
+            pred = res.maps["probability"].read_rows(0, h) >= int(np.ceil(THRESHOLD * 255 - 1e-9))
+            truth = read_truth(ref.mask, MPP, 0, 0, h, w)
+            res.close()
+        shutil.rmtree(wd, ignore_errors=True)
+        audit = {
+            "tissue": uga.tissue,
+            "tumour": cell_sums((truth & tissue).astype(np.float32), QUEUE_CELL),
+            "fp": cell_sums((pred & ~truth & tissue).astype(np.float32), QUEUE_CELL),
+            "fn": cell_sums((~pred & truth & tissue).astype(np.float32), QUEUE_CELL),
+        }
+        error = CellStats(QUEUE_CELL, uga.tissue, audit["fp"] + audit["fn"], uga.probability, uga.above, uga.embedding)
+        out.append(PoolSlide(ref, {"uga": uga, "error": error}, audit))
+        rate = error.uncertainty.sum() / max(1, uga.tissue.sum())
+        log(f"pool {ref.key}: baseline error {rate:.3f} ({time.time() - t0:.0f} s)")
+    return out
+
+
+def centre_candidates(slides: list[PoolSlide], ranking: str, k: int) -> list[tuple[Candidate, PoolSlide, int]]:
+    """Candidates of a centre's pool slides on one plane: slide j's rows are offset so no patch of
+    one slide can overlap one of another (the registry's strategies work on one grid)."""
+    out, offset = [], 0
+    for p in slides:
+        for c in score_candidates(p.stats[ranking], k, scoring="mean", min_tissue=MIN_TISSUE):
+            out.append((replace(c, row=c.row + offset), p, offset))
+        offset += p.stats[ranking].tissue.shape[0] + k
+    return out
+
+
+def choose(pool: list[PoolSlide], strategy: str, budget: int, k: int, seed: int, centres: list[str]) -> list[Patch]:
+    """``budget`` patches per quota centre by the registry's ``strategy`` (a fixed draw per seed and centre)."""
+    name, ranking = STRATEGIES[strategy]
+    picked = []
+    for ci, centre in enumerate(centres):
+        placed = centre_candidates([p for p in pool if p.ref.centre == centre], ranking, k)
+        where = {(c.row, c.col): (p, off) for c, p, off in placed}
+        rng = np.random.default_rng([seed, ci, 7919])
+        for c in select(name, [c for c, _, _ in placed], k, budget, rng):
+            p, off = where[(c.row, c.col)]
+            picked.append(Patch(p.ref.key, centre, c.row - off, c.col, c.score))
+    return picked
+
+
+def audit_patch(p: Patch, pool: dict[str, PoolSlide], k: int) -> dict:
+    a = pool[p.slide].audit
+    window = {n: float(v[p.row : p.row + k, p.col : p.col + k].sum()) for n, v in a.items()}
+    tissue = max(1.0, window["tissue"])
+    return {
+        "slide": p.slide,
+        "centre": p.centre,
+        "y": p.yx[0],
+        "x": p.yx[1],
+        "tumour": round(window["tumour"] / tissue, 4),
+        "fp": round(window["fp"] / tissue, 4),
+        "fn": round(window["fn"] / tissue, 4),
+    }
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def evaluate_all(ens: Ensemble, refs: list[SlideRef], work: Path) -> dict[str, float]:
+    return {r.key: evaluate_slide(ens, r, work).dice for r in refs}
+
+
+def load_runs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_key(strategy: str, budget: int, patch_um: int, seed: int) -> str:
+    return f"{strategy}/{budget}/{patch_um}/{seed}"
+
+
+def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out: Path, work: Path) -> list[dict]:
+    """Every (strategy, budget, seed) of ``stage`` not yet in runs.jsonl; returns all runs so far."""
+    runs_path = out / "runs.jsonl"
+    runs = load_runs(runs_path)
+    recipe = asdict(cfg.recipe)
+    runs = [r for r in runs if r["recipe"] == recipe or r["strategy"] == "baseline"]
+    by_key = {r["key"]: r for r in runs}
+    eval_refs = [r for r in refs if r.role == "eval"]
+    baseline = load_ensemble(model, threads=cfg.recipe.threads)
+    if "baseline" in by_key and by_key["baseline"]["model"] != baseline.version:
+        raise SystemExit(
+            f"protocol_experiment: {runs_path} holds runs of {by_key['baseline']['model']}, not {baseline.version}; "
+            "give a fresh --out"
+        )
+    if "baseline" not in by_key:
+        t0 = time.time()
+        dice = evaluate_all(baseline, eval_refs, work)
+        rec = {"key": "baseline", "strategy": "baseline", "model": baseline.version, "dice": dice, "recipe": recipe}
+        rec["centres"] = {r.key: r.centre for r in eval_refs}
+        rec["eval_s"] = round(time.time() - t0, 1)
+        append(runs_path, rec)
+        runs.append(rec)
+        by_key["baseline"] = rec
+        log(f"baseline: mean Dice {np.mean(list(dice.values())):.3f} ({rec['eval_s']:.0f} s)")
+    pool = analyse_pool(baseline, [r for r in refs if r.role == "pool"], work)
+    pool_by_key = {p.ref.key: p for p in pool}
+    by_ref = {r.key: r for r in refs}
+    k = max(1, round(stage.patch_um / MPP / QUEUE_CELL))
+    replay = load_bank(model / "replay.npz")
+    todo = [(s, b, seed) for seed in range(stage.seeds) for b in stage.budgets for s in stage.strategies]
+    todo = [t for t in todo if run_key(t[0], t[1], stage.patch_um, t[2]) not in by_key]
+    log(f"{len(todo)} fine-tunes to run ({len(runs) - 1} already done)")
+    t_stage = time.time()
+    for n, (strategy, budget, seed) in enumerate(todo, 1):
+        patches = choose(pool, strategy, budget, k, seed, cfg.quota_centres)
+        chosen = sorted((p.slide, p.row, p.col) for p in patches)
+        rec = {
+            "key": run_key(strategy, budget, stage.patch_um, seed),
+            "strategy": strategy,
+            "budget": budget,
+            "patch_um": stage.patch_um,
+            "seed": seed,
+            "recipe": recipe,
+            "patches": [audit_patch(p, pool_by_key, k) for p in patches],
+        }
+        same = next((r for r in runs if r.get("seed") == seed and r.get("chosen") == chosen), None)
+        if same is not None:
+            rec.update(chosen=chosen, dice=same["dice"], finetune_s=0.0, eval_s=0.0, shared_with=same["key"])
+        else:
+            ordered = sorted(patches, key=lambda p: (p.slide, p.row, p.col))
+            pairs = read_corrections(ordered, by_ref, k * QUEUE_CELL)
+            t0 = time.time()
+            members, _ = finetune_members(model / "members.pt", pairs, replay, replace(cfg.recipe, seed=seed))
+            t_ft = time.time() - t0
+            mdir = Path(tempfile.mkdtemp(prefix="ft-", dir=work))
+            export_ensemble(members, mdir / "ensemble.onnx")
+            ens = Ensemble(mdir / "ensemble.onnx", f"ft-{rec['key']}", threads=cfg.recipe.threads)
+            t0 = time.time()
+            rec.update(chosen=chosen, dice=evaluate_all(ens, eval_refs, work), finetune_s=round(t_ft, 1))
+            rec["eval_s"] = round(time.time() - t0, 1)
+            del ens
+            shutil.rmtree(mdir, ignore_errors=True)
+        append(runs_path, rec)
+        runs.append(rec)
+        eta = (time.time() - t_stage) / n * (len(todo) - n) / 60
+        log(
+            f"[{n}/{len(todo)}] {rec['key']}: mean Dice {np.mean(list(rec['dice'].values())):.3f} "
+            f"(fine-tune {rec['finetune_s']:.0f} s, eval {rec['eval_s']:.0f} s); about {eta:.0f} min left"
+        )
+    return runs
+
+
+def append(path: Path, rec: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def paired_deltas(runs: list[dict], strategy: str, against: str, budget: int, patch_um: int, slides: list[str]):
+    """(seeds, slides) array of Dice(strategy) − Dice(against) on ``slides``, over the seeds both ran
+    (``against`` may be "baseline", one model for every seed). None when nothing pairs."""
+    mine = {r["seed"]: r["dice"] for r in runs if r.get("key") == run_key(strategy, budget, patch_um, r.get("seed"))}
+    if against == "baseline":
+        base = next((r["dice"] for r in runs if r["key"] == "baseline"), None)
+        theirs = dict.fromkeys(mine, base) if base else {}
+    else:
+        theirs = {
+            r["seed"]: r["dice"] for r in runs if r.get("key") == run_key(against, budget, patch_um, r.get("seed"))
+        }
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    return np.array([[mine[s][k] - theirs[s][k] for k in slides] for s in seeds])
+
+
+def bootstrap_mean(deltas: list[np.ndarray], n: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean Δ over centres (each weighted equally) with a 95 % two-level percentile bootstrap CI:
+    seeds resampled jointly (a seed's fine-tune touches every centre), then slides within each centre."""
+    rng = np.random.default_rng(seed)
+    n_seeds = deltas[0].shape[0]
+    seed_w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n) / n_seeds
+    means = np.zeros(n)
+    for d in deltas:
+        n_slides = d.shape[1]
+        slide_w = rng.multinomial(n_slides, np.full(n_slides, 1 / n_slides), size=n) / n_slides
+        means += np.einsum("bs,sn,bn->b", seed_w, d, slide_w)
+    means /= len(deltas)
+    point = float(np.mean([d.mean() for d in deltas]))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    return "beats random" if lo > 0 else "loses to random" if hi < 0 else "no evidence either way"
+
+
+def centre_slides(runs: list[dict]) -> dict[str, list[str]]:
+    base = next(r for r in runs if r["key"] == "baseline")
+    out: dict[str, list[str]] = {}
+    for key, centre in base["centres"].items():
+        out.setdefault(centre, []).append(key)
+    return out
+
+
+def mean_dice(runs: list[dict], strategy: str, budget: int, patch_um: int, slides: list[str]) -> float | None:
+    rs = [
+        r for r in runs if r.get("strategy") == strategy and r.get("budget") == budget and r.get("patch_um") == patch_um
+    ]
+    if strategy == "baseline":
+        rs = [r for r in runs if r["key"] == "baseline"]
+    return float(np.mean([[r["dice"][k] for k in slides] for r in rs])) if rs else None
+
+
+def sanity_gate(
+    runs: list[dict], budget: int = SANITY_BUDGET, patch_um: int = 256, floor: float = 0.05
+) -> tuple[bool, list[dict]]:
+    """PROTOCOL.md: oracle ≥ random ≥ baseline on every centre that got patches, and no centre (the
+    source's included) more than ``floor`` below the baseline."""
+    rows, ok = [], True
+    corrected = {p["centre"] for r in runs if r.get("strategy") == "random" for p in r["patches"]}
+    for centre, slides in centre_slides(runs).items():
+        d = {s: mean_dice(runs, s, budget, patch_um, slides) for s in ("baseline", "random", "oracle")}
+        if d["random"] is None or d["oracle"] is None:
+            return False, []
+        order = d["oracle"] >= d["random"] >= d["baseline"] if centre in corrected else True
+        drop = d["baseline"] - min(d["random"], d["oracle"]) <= floor
+        ok &= order and drop
+        rows.append(
+            {
+                "centre": centre,
+                "budget": budget,
+                **d,
+                "corrected": centre in corrected,
+                "order": order,
+                "within_floor": drop,
+            }
+        )
+    return ok, rows
+
+
+def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
+    """Δ against random per centre and pooled (covered centres; nonhed and source apart), per budget."""
+    slides = centre_slides(runs)
+    covered = [c for c in cfg.quota_centres if c in LOCAL_CENTRES and LOCAL_CENTRES[c].covered]
+    rows = []
+    for strategy in [s for s in stage.strategies if s != "random"] + ["random"]:
+        against = "baseline" if strategy == "random" else "random"
+        for budget in stage.budgets:
+            groups = {c: [c] for c in slides} | ({"pooled (covered)": covered} if covered else {})
+            for name, centres in groups.items():
+                deltas = [paired_deltas(runs, strategy, against, budget, stage.patch_um, slides[c]) for c in centres]
+                if any(d is None for d in deltas):
+                    continue
+                point, lo, hi = bootstrap_mean(deltas, cfg.bootstrap)
+                rows.append(
+                    {
+                        "strategy": strategy,
+                        "against": against,
+                        "budget": budget,
+                        "area_mm2": round(budget * (stage.patch_um / 1000) ** 2, 3),
+                        "centre": name,
+                        "seeds": int(deltas[0].shape[0]),
+                        "delta": point,
+                        "lo": lo,
+                        "hi": hi,
+                        "verdict": verdict(lo, hi) if against == "random" else _vs_baseline(lo, hi),
+                    }
+                )
+    return rows
+
+
+def _vs_baseline(lo: float, hi: float) -> str:
+    return "above baseline" if lo > 0 else "below baseline" if hi < 0 else "no evidence either way"
+
+
+def selection_audit(runs: list[dict], stage: Stage) -> list[dict]:
+    rows = []
+    for strategy in stage.strategies + (["oracle"] if "oracle" not in stage.strategies else []):
+        for budget in stage.budgets:
+            ps = [p for r in runs if r.get("strategy") == strategy and r.get("budget") == budget for p in r["patches"]]
+            if ps:
+                mix: dict[str, int] = {}
+                for p in ps:
+                    mix[p["centre"]] = mix.get(p["centre"], 0) + 1
+                rows.append(
+                    {
+                        "strategy": strategy,
+                        "budget": budget,
+                        "tumour": float(np.mean([p["tumour"] for p in ps])),
+                        "fp": float(np.mean([p["fp"] for p in ps])),
+                        "fn": float(np.mean([p["fn"] for p in ps])),
+                        "mix": mix,
+                    }
+                )
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Path, wall_s: float) -> str:
+    base = next(r for r in runs if r["key"] == "baseline")
+    done = [r for r in runs if r.get("strategy") in stage.strategies and r.get("budget") in stage.budgets]
+    lines = [
+        f"# Protocol experiment, stage `{stage_name}`",
+        "",
+        f"Model `{base['model']}`; quota centres {', '.join(cfg.quota_centres)}; {stage.patch_um} µm patches; "
+        f"{len(done)} fine-tunes of {len(stage.strategies) * len(stage.budgets) * stage.seeds} in this stage; "
+        f"recipe {json.dumps({k: v for k, v in asdict(cfg.recipe).items() if k != 'seed'})}; "
+        f"{cfg.bootstrap} bootstrap resamples; this invocation {wall_s / 60:.1f} min.",
+        "",
+    ]
+    ok, gate = sanity_gate(runs, budget=stage.budgets[0] if stage_name == "sanity" else SANITY_BUDGET)
+    if gate:
+        lines += [
+            f"## Sanity gate (budget {gate[0]['budget']}): oracle ≥ random ≥ baseline, none > 0.05 below baseline",
+            "",
+        ]
+        lines += ["| centre | baseline | random | oracle | order holds | within 0.05 |", "|---|---|---|---|---|---|"]
+        for g in gate:
+            order = ("yes" if g["order"] else "**no**") if g["corrected"] else "– (no patches)"
+            floor = "yes" if g["within_floor"] else "**no**"
+            lines.append(
+                f"| {g['centre']} | {g['baseline']:.3f} | {g['random']:.3f} | {g['oracle']:.3f} | {order} | {floor} |"
+            )
+        lines += ["", f"Sanity gate: **{'passes' if ok else 'fails'}**.", ""]
+    rows = comparisons(runs, cfg, stage)
+    if rows:
+        lines += ["## Paired Δ Dice (95 % two-level bootstrap CI over seeds and evaluation slides)", ""]
+        lines += [
+            "| strategy | against | budget (mm²) | centre | seeds | Δ [95 % CI] | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['strategy']} | {r['against']} | {r['budget']} ({r['area_mm2']}) | {r['centre']} "
+                f"| {r['seeds']} | {r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['verdict']} |"
+            )
+        lines.append("")
+    audit = selection_audit(runs, stage)
+    if audit:
+        lines += ["## Selection audit (share of the chosen patches' tissue; patches per centre over all seeds)", ""]
+        lines += [
+            "| strategy | budget | tumour | baseline FP | baseline FN | centre mix |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in audit:
+            mix = ", ".join(f"{c} {n}" for c, n in sorted(a["mix"].items()))
+            lines.append(
+                f"| {a['strategy']} | {a['budget']} | {a['tumour']:.3f} | {a['fp']:.3f} | {a['fn']:.3f} | {mix} |"
+            )
+        lines.append("")
+    ft = [r["finetune_s"] for r in done if r.get("finetune_s")]
+    ev = [r["eval_s"] for r in done if r.get("eval_s")]
+    if ft:
+        lines += [
+            f"Per fine-tune: {np.mean(ft):.0f} s training (5 members), {np.mean(ev):.0f} s evaluating "
+            f"{len(base['dice'])} slides.",
+            "",
+        ]
+    text = "\n".join(lines)
+    (out / f"results-{stage_name}.md").write_text(text)
+    (out / f"results-{stage_name}.json").write_text(
+        json.dumps({"sanity_gate": {"passes": ok, "rows": gate}, "comparisons": rows, "audit": audit}, indent=2)
+    )
+    if rows:
+        plot(rows, out / f"delta-{stage_name}.png")
+    return text
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = list(dict.fromkeys(r["centre"] for r in rows))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    fig, axes = plt.subplots(1, len(centres), figsize=(2.8 * len(centres), 3.2), sharey=True, squeeze=False)
+    for ax, centre in zip(axes[0], centres, strict=True):
+        for i, s in enumerate(strategies):
+            rs = [r for r in rows if r["centre"] == centre and r["strategy"] == s]
+            x = np.arange(len(rs)) + (i - len(strategies) / 2) * 0.12
+            y = np.array([r["delta"] for r in rs])
+            err = np.array([[r["delta"] - r["lo"] for r in rs], [r["hi"] - r["delta"] for r in rs]])
+            ax.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=2, label=f"{s} − {rs[0]['against']}" if rs else s)
+            ax.set_xticks(np.arange(len(rs)), [str(r["budget"]) for r in rs])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(centre, fontsize=9)
+        ax.set_xlabel("patches per centre")
+    axes[0][0].set_ylabel("Δ Dice (95 % CI)")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", choices=sorted(STAGES), default="sanity")
+    ap.add_argument("--model", type=Path, default=MODEL, help="model directory (members.pt, replay.npz, ensemble.onnx)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "protocol")
+    ap.add_argument(
+        "--real", type=Path, default=None, help="real slides: DIR/<centre>/<pool|eval>/<name> + <name>.mask.tif"
+    )
+    ap.add_argument("--seeds", type=int, default=None, help="seeds (the protocol: 5)")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny pipeline check: small slides, 2 seeds, budget 2, 2 steps"
+    )
+    args = ap.parse_args(argv)
+    cfg, stage = Config(), replace(STAGES[args.stage])
+    if args.quick:
+        cfg = Config(
+            pool_per_centre=1,
+            eval_per_centre=1,
+            side=1536,
+            pool_side=1536,
+            centres=["source", "blur", "nonhed"],
+            quota_centres=["blur", "nonhed"],
+            recipe=replace(RECIPE, steps=2, max_steps=2),
+            bootstrap=500,
+        )
+        stage = replace(stage, budgets=[2], seeds=2)
+        if args.stage == "sanity":
+            stage.strategies = ["random", "oracle", "uga_topk"]
+    if args.seeds:
+        stage.seeds = args.seeds
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "compare" and not args.quick:
+        ok, _ = sanity_gate(load_runs(args.out / "runs.jsonl"))
+        if not ok:
+            print("protocol_experiment: the sanity gate has not passed; run --stage sanity first (PROTOCOL.md)")
+            return 2
+    t0 = time.time()
+    work = Path(tempfile.mkdtemp(prefix="uga-protocol-"))
+    try:
+        if args.real:
+            refs = discover_slides(args.real)
+            cfg.centres = sorted({r.centre for r in refs})
+            cfg.quota_centres = sorted({r.centre for r in refs if r.role == "pool"})
+        else:
+            refs = local_refs(cfg)
+        runs = run_stage(cfg, stage, args.model, refs, args.out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report(runs, cfg, args.stage, stage, args.out, time.time() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
