@@ -38,9 +38,9 @@ test: setup                   ## the whole test suite (what CI runs)
 	$(BIN)/ruff check service models tests bench
 	$(BIN)/python -m pytest -q
 
-test-fast: setup              ## everything but the e2e tests (no server or runner processes), 2 processes, < 2 min
+test-fast: setup              ## everything but the e2e and slow tests (no server or runner processes), 2 processes, < 2 min
 	$(BIN)/ruff check service models tests bench
-	$(BIN)/python -m pytest -q -m "not e2e" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -m "not e2e and not slow" -n 2 --dist loadfile
 
 bench: setup                  ## engine benchmark (prints a table)
 	$(BIN)/python bench/bench_engine.py

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+DENSITY_FLOOR = 0.15  # OD norm below which a cell's colour direction counts less (glass, pale tissue)
+
 # Normalisation of uint8 RGB inside the graph, so serving feeds raw pixels (same for every channel).
 RGB_MEAN = 0.5
 RGB_STD = 0.25
@@ -75,9 +77,10 @@ class FusedEnsemble(nn.Module):
     """All members in one graph: uint8 NHWC RGB in, (B, M, H, W) member tumour probabilities out.
 
     With ``features`` (``models.novelty.FeatureStats``, fitted on source data) two more outputs at
-    1 / 2**depth resolution: ``novelty`` (B, 1, h, w), the squared Mahalanobis distance of each
-    cell's bottleneck features from the source, per feature and averaged over members (about 1 on
-    data like the training data, large far from it), and ``embedding`` (B, E, h, w), the first
+    1 / 2**depth resolution: ``novelty`` (B, 1, h, w), the larger of two terms each divided by its
+    source 99th percentile (the squared Mahalanobis distance of each cell's bottleneck features per
+    feature, averaged over members; the sine of its optical-density direction against the source's
+    stain plane), so about 1 at the edge of the source and large far from it, and ``embedding`` (B, E, h, w), the first
     member's features on their whitened principal components (what diversity-aware selection compares).
     """
 
@@ -90,6 +93,10 @@ class FusedEnsemble(nn.Module):
             self.register_buffer("feature_precision", torch.stack([p for _, p in features.gaussians]).float())
             self.register_buffer("embed_mean", features.embed_mean.float())  # (C,)
             self.register_buffer("embed_projection", features.embed_projection.float())  # (E, C)
+            self.register_buffer("stain_normal", features.stain_normal.float())  # (3,)
+            self.feature_scale = float(features.feature_scale)
+            self.stain_scale = float(features.stain_scale)
+            self.cell = 2 ** len(members[0].up)
 
     def forward(self, image: torch.Tensor):
         x = normalise(image.permute(0, 3, 1, 2).float() / 255.0)
@@ -106,4 +113,15 @@ class FusedEnsemble(nn.Module):
                 embedding = torch.einsum(
                     "ec,bchw->behw", self.embed_projection, features - self.embed_mean[None, :, None, None]
                 )
-        return torch.cat(probs, dim=1), torch.stack(distances).mean(dim=0), embedding
+        novelty = torch.maximum(
+            torch.stack(distances).mean(dim=0) / self.feature_scale, self._stain(image) / self.stain_scale
+        )
+        return torch.cat(probs, dim=1), novelty, embedding
+
+    def _stain(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w): the sine of each cell's OD direction against the source's stain plane."""
+        od = -torch.log((image.permute(0, 3, 1, 2).float() + 1.0) / 256.0)
+        od = torch.nn.functional.avg_pool2d(od, self.cell)
+        along = torch.einsum("c,bchw->bhw", self.stain_normal, od).abs().unsqueeze(1)
+        norm = torch.sqrt((od * od).sum(dim=1, keepdim=True))
+        return along / torch.clamp(norm, min=DENSITY_FLOOR)

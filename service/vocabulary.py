@@ -21,7 +21,8 @@ SELECTIONS: tuple[str, ...] = get_args(Selection)
 # Stitched per-pixel maps, in channel order: the mean probability, then every measure.
 MapName = Literal["probability", "entropy", "mutual_information", "uga"]
 MAP_NAMES: tuple[str, ...] = get_args(MapName)
-# Written only by a model whose graph computes it (models/novelty.py): feature-space distance from the source.
+# Written only by a model whose graph computes it (models/novelty.py): distance from the source in the
+# network's features or in stain colour, whichever is larger.
 NOVELTY = "novelty"
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]

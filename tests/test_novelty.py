@@ -75,3 +75,26 @@ def test_a_slide_gets_a_novelty_map_a_verdict_and_a_diverse_queue(tmp_path, sour
     queue = json.loads((tmp_path / "out" / "queue.json").read_text())  # the embedding reached the queue
     assert len(queue) == 3 and {i["selection"] for i in queue} == {"uncertainty_diversity"}
     assert not [f for f in (tmp_path / "out").iterdir() if "embedding" in f.name]  # internal, never a file
+
+
+def _stained(rng: np.random.Generator, n: int, stains: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
+    """(n, 64, 64, 3) uint8 tiles whose optical density mixes ``stains`` with random local amounts."""
+    amounts = rng.uniform(0.1, 0.8, (n, 64, 64, len(stains))) * scale
+    od = amounts @ np.stack([s / np.linalg.norm(s) for s in stains])
+    return np.clip(256 * np.exp(-od) - 1, 0, 255).astype(np.uint8)
+
+
+def test_a_stain_outside_the_source_plane_is_novel_where_a_stronger_h_and_e_is_not(tmp_path):
+    """Colour-blind features cannot see a third chromogen; the stain term does: OD out of the source's
+    H&E plane (DAB-like brown) is beyond the threshold, H&E twice as dense is not."""
+    haematoxylin, eosin, dab = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11]), np.array([0.27, 0.57, 0.78])
+    rng = np.random.default_rng(0)
+    members = tiny_members()
+    stats, card = novelty_for(members, _stained(rng, 24, [haematoxylin, eosin]))
+    ens = load_ensemble(write_model_dir(tmp_path, members, features=stats, novelty_card=card))
+    normal = stats.stain_normal.numpy()
+    assert abs(normal @ haematoxylin) < 0.05 and abs(normal @ eosin) < 0.05  # the plane the source spans
+    denser = ens.predict_outputs(_stained(rng, 4, [haematoxylin, eosin], scale=2.0))["novelty"]
+    brown = ens.predict_outputs(_stained(rng, 4, [haematoxylin, dab]))["novelty"]
+    assert (brown > ens.novelty_threshold).mean() > 0.9
+    assert (denser > ens.novelty_threshold).mean() < 0.1

@@ -9,7 +9,8 @@ import numpy as np
 
 EPS = 1e-6
 # Upper end of the 8-bit storage scale per measure (values above are clipped when stored).
-# novelty: squared Mahalanobis distance per feature (~1 in domain); stored up to 16, higher saturates.
+# novelty: the larger of the feature and stain terms, each over its source 99th percentile (~1 at the
+# source's edge, models/novelty.py); stored up to 16, higher saturates.
 STORAGE_MAX = {"probability": 1.0, "entropy": 1.0, "mutual_information": 1.0, "uga": 4.0, "novelty": 16.0}
 
 

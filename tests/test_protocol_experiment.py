@@ -1,0 +1,110 @@
+"""bench/protocol_experiment.py: per-centre quotas through the service's registry, paired statistics
+with the protocol's verdicts, the sanity gate, and a resumable run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import protocol_experiment as px
+from bench.experiment import SlideRef
+from service.inference.queue import CellStats
+
+
+def _pool_slide(key: str, centre: str, error: np.ndarray, uga: np.ndarray) -> px.PoolSlide:
+    tissue = np.full(error.shape, 64.0)  # 8 x 8 px cells, wholly tissue
+    prob = np.zeros(error.shape)
+    stats = {
+        "uga": CellStats(8, tissue, uga * 64, prob, np.zeros(error.shape)),
+        "error": CellStats(8, tissue, error * 64, prob, np.zeros(error.shape)),
+    }
+    audit = {"tissue": tissue, "tumour": np.zeros(error.shape), "fp": error * 64, "fn": np.zeros(error.shape)}
+    return px.PoolSlide(SlideRef(key, centre, "pool", Path(key), Path(key), {}), stats, audit)
+
+
+def test_every_centre_gets_its_quota_and_the_oracle_finds_the_worst_patch():
+    rng = np.random.default_rng(0)
+    pool = []
+    for centre in ("blur", "stain"):
+        for i in range(2):
+            error = rng.random((12, 12)) * 0.1
+            pool.append(_pool_slide(f"{centre}-pool{i}", centre, error, rng.random((12, 12))))
+    pool[3].stats["error"].uncertainty[6:10, 2:6] = 64.0  # stain-pool1: a wholly wrong 4 x 4-cell patch
+    picked = px.choose(pool, "oracle", 3, 4, seed=0, centres=["blur", "stain"])
+    assert [p.centre for p in picked].count("blur") == 3 and [p.centre for p in picked].count("stain") == 3
+    stain = [p for p in picked if p.centre == "stain"]
+    assert (stain[0].slide, stain[0].row, stain[0].col) == ("stain-pool1", 6, 2)
+    for p in picked:  # rows are back on the slide's own grid, and patches of one slide never overlap
+        assert 0 <= p.row <= 8 and 0 <= p.col <= 8
+        same = [q for q in picked if q.slide == p.slide and q != p]
+        assert all(abs(p.row - q.row) >= 4 or abs(p.col - q.col) >= 4 for q in same)
+    again = px.choose(pool, "random", 3, 4, seed=1, centres=["blur", "stain"])
+    assert again == px.choose(pool, "random", 3, 4, seed=1, centres=["blur", "stain"])  # a fixed draw per seed
+    assert again != px.choose(pool, "random", 3, 4, seed=2, centres=["blur", "stain"])
+
+
+def test_the_bootstrap_interval_and_its_verdict():
+    sure = [np.full((5, 4), 0.03), np.full((5, 4), 0.01)]
+    point, lo, hi = px.bootstrap_mean(sure, 500)
+    assert point == pytest.approx(0.02) and lo == pytest.approx(0.02) and hi == pytest.approx(0.02)
+    assert px.verdict(lo, hi) == "beats random"
+    noise = [np.random.default_rng(1).normal(0, 0.05, (5, 4))]
+    _, lo, hi = px.bootstrap_mean(noise, 2000)
+    assert lo < 0 < hi and px.verdict(lo, hi) == "no evidence either way"
+    assert px.verdict(-0.03, -0.01) == "loses to random"
+
+
+def _runs(dice: dict[str, dict[int, float]], centres: dict[str, str]) -> list[dict]:
+    """Runs of budget 10 with the same Dice on every slide of a centre; dice[strategy][centre_index]."""
+
+    def per_slide(values):
+        return {k: values[list(dict.fromkeys(centres.values())).index(c)] for k, c in centres.items()}
+
+    runs = [{"key": "baseline", "strategy": "baseline", "dice": per_slide(dice["baseline"]), "centres": centres}]
+    for strategy in ("random", "oracle"):
+        for seed in range(2):
+            runs.append(
+                {
+                    "key": px.run_key(strategy, 10, 256, seed),
+                    "strategy": strategy,
+                    "budget": 10,
+                    "patch_um": 256,
+                    "seed": seed,
+                    "dice": per_slide(dice[strategy]),
+                    "patches": [{"centre": "blur"}],
+                }
+            )
+    return runs
+
+
+def test_the_sanity_gate_asks_order_where_patches_went_and_the_floor_everywhere():
+    centres = {"source-eval0": "source", "source-eval1": "source", "blur-eval0": "blur", "blur-eval1": "blur"}
+    good = _runs({"baseline": [0.90, 0.70], "random": [0.88, 0.75], "oracle": [0.87, 0.80]}, centres)
+    ok, rows = px.sanity_gate(good)
+    assert ok and [r["centre"] for r in rows] == ["source", "blur"] and not rows[0]["corrected"]
+    disorder = _runs({"baseline": [0.90, 0.70], "random": [0.88, 0.82], "oracle": [0.87, 0.80]}, centres)
+    assert not px.sanity_gate(disorder)[0]  # random above the oracle where patches went
+    collateral = _runs({"baseline": [0.90, 0.70], "random": [0.80, 0.75], "oracle": [0.87, 0.80]}, centres)
+    assert not px.sanity_gate(collateral)[0]  # the source fell 0.10
+    deltas = px.paired_deltas(good, "oracle", "random", 10, 256, ["blur-eval0", "blur-eval1"])
+    assert deltas.shape == (2, 2) and np.allclose(deltas, 0.05)
+    assert np.allclose(px.paired_deltas(good, "random", "baseline", 10, 256, ["source-eval0"]), -0.02)
+
+
+@pytest.mark.slow
+def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert px.main(["--quick", "--out", str(out)]) == 0
+    first = capsys.readouterr()
+    runs = px.load_runs(out / "runs.jsonl")
+    assert [r["key"] for r in runs][:2] == ["baseline", "random/2/256/0"] and len(runs) == 7
+    assert all(len(r["patches"]) == 4 for r in runs[1:])  # 2 per quota centre, 2 centres
+    assert "## Sanity gate (budget 2)" in first.out and "| uga_topk | random | 2 (0.131) |" in first.out
+    result = json.loads((out / "results-sanity.json").read_text())
+    assert {r["centre"] for r in result["comparisons"]} == {"source", "blur", "nonhed", "pooled (covered)"}
+    assert (out / "delta-sanity.png").stat().st_size > 0
+    assert px.main(["--quick", "--out", str(out)]) == 0
+    assert "0 fine-tunes to run" in capsys.readouterr().err and len(px.load_runs(out / "runs.jsonl")) == 7
