@@ -43,6 +43,7 @@ from models.data.sources import cache_dir  # noqa: E402
 from models.data.textures import texture_bank  # noqa: E402
 from models.export import export_ensemble  # noqa: E402
 from models.finetune import FinetuneBudget, finetune_members  # noqa: E402
+from service.fsutil import sha256_file  # noqa: E402
 from service.inference.analysis import QUEUE_CELL, analyse  # noqa: E402
 from service.inference.engine import segment  # noqa: E402
 from service.inference.ensemble import Ensemble, load_ensemble  # noqa: E402
@@ -231,15 +232,14 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
     by_key = {r["key"]: r for r in runs}
     eval_refs = [r for r in refs if r.role == "eval"]
     baseline = load_ensemble(model, threads=cfg.recipe.threads)
-    if "baseline" in by_key and by_key["baseline"]["model"] != baseline.version:
-        raise SystemExit(
-            f"protocol_experiment: {runs_path} holds runs of {by_key['baseline']['model']}, not {baseline.version}; "
-            "give a fresh --out"
-        )
+    parent = sha256_file(model / "members.pt")[:16]  # what every run starts from (the ONNX export may change)
+    if "baseline" in by_key and by_key["baseline"].get("members") != parent:
+        raise SystemExit(f"protocol_experiment: {runs_path} holds runs of other members.pt; give a fresh --out")
     if "baseline" not in by_key:
         t0 = time.time()
         dice = evaluate_all(baseline, eval_refs, work)
-        rec = {"key": "baseline", "strategy": "baseline", "model": baseline.version, "dice": dice, "recipe": recipe}
+        rec = {"key": "baseline", "strategy": "baseline", "model": baseline.version, "members": parent}
+        rec.update(dice=dice, recipe=recipe)
         rec["centres"] = {r.key: r.centre for r in eval_refs}
         rec["eval_s"] = round(time.time() - t0, 1)
         append(runs_path, rec)

@@ -177,6 +177,18 @@ def test_3_runner_restarts_finetunes_promotes_and_every_worker_swaps(loop):
             item = c.get(f"/v1/queue/items/{item_id}").json()
             assert item["status"] == "corrected", item
             assert item["job_id"] == loop["baseline_job"]["id"] and item["model_version"] == loop["baseline"], item
+        # each correction shows the loop closing: the mask it corrected (before) and the new model's (after)
+        outcomes = [
+            c.get(f"/v1/corrections/{x['id']}/outcome").json() for x in c.get("/v1/corrections").json()["corrections"]
+        ]
+        assert all(o["before"]["model_version"] == loop["baseline"] for o in outcomes)
+        assert all(o["after"]["model_version"] == new and o["after"]["job_id"] == rescored["id"] for o in outcomes)
+        before_dice = np.mean([o["before"]["dice"] for o in outcomes])
+        after_dice = np.mean([o["after"]["dice"] for o in outcomes])
+        print(f"Dice against the corrections: {before_dice:.3f} before -> {after_dice:.3f} after")
+        assert after_dice > before_dice
+        shown = c.get(outcomes[0]["links"]["after"])
+        assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
     before = heldout_dice(server, loop["baseline_job"], loop["boxes"], loop["truth"])
     after = heldout_dice(server, rescored, loop["boxes"], loop["truth"])
     print(f"held-out Dice on the OOD slide: {before:.3f} -> {after:.3f}")

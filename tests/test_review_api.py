@@ -214,3 +214,31 @@ def test_the_review_page_is_served_with_its_vendored_viewer_and_a_strict_policy(
         assert "openseadragon 5.0.1" in c.get("/vendor/openseadragon/openseadragon.min.js").text[:100]
         assert c.get("/vendor/openseadragon/LICENSE.txt").status_code == 200
         assert c.get("/..%2F..%2Fapi.py").status_code == 404
+
+
+def test_a_correction_shows_the_mask_it_corrected_and_no_after_until_a_new_model_resegments(env, finished):
+    with env.client("viewer") as c:
+        item = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"][0]
+        model = _image(c.get(item["links"]["mask"]))
+    drawn = np.zeros_like(model)
+    drawn[: model.shape[0] // 2] = 255  # the top half is tumour
+    buf = io.BytesIO()
+    Image.fromarray(drawn).save(buf, format="PNG")
+    with env.client("annotator") as c:
+        r = c.post(
+            f"/v1/queue/items/{item['id']}/correction", content=buf.getvalue(), headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+    with env.client("viewer") as c:
+        seen = c.get(f"/v1/corrections/{cid}/outcome")
+        assert seen.status_code == 200, seen.text
+        body = seen.json()
+        assert body["before"]["job_id"] == finished["id"] and body["after"] is None
+        assert body["before"]["model_version"] == finished["summary"]["model_version"]
+        assert body["before"]["dice"] == pytest.approx(r.json()["model_dice"], abs=1e-6)
+        before = _image(c.get(body["links"]["before"]))
+        assert np.array_equal(before, model)  # the very mask the pathologist saw and corrected
+        after = c.get(body["links"]["after"])
+        assert after.status_code == 404 and after.json()["error"]["code"] == "not_resegmented"
+        assert c.get("/v1/corrections/nope/outcome").json()["error"]["code"] == "correction_not_found"

@@ -148,6 +148,13 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     with server.client("viewer") as c:
         pending = [i["id"] for i in c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]]
     assert item_id not in pending and len(pending) == 3
+    # the correction is listed with the mask it corrected, until a promoted model re-segments the slide
+    mine = page.locator(f"#outcomes li[data-correction='{correction_id}']")
+    mine.wait_for()
+    assert "waiting for a promoted model" in mine.inner_text() and mine.locator("img").count() == 3
+    page.wait_for_function(
+        f"() => document.querySelector(\"#outcomes li[data-correction='{correction_id}'] img\").naturalWidth === 256"
+    )
     assert not p.problems, p.problems
     page.close()
 

@@ -10,10 +10,11 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from service.errors import NotFound
 from service.http.deps import Annotator, Base, Rt, Viewer
-from service.http.runtime import Runtime
+from service.http.routers.queue import png_response
 from service.http.schemas import CORRECTION_BODY, errors
 from service.loop.corrections import Region
 from service.loop.ingest import check_media_type, ingest_correction, ingest_item_correction
+from service.loop.outcome import get_correction, outcome, outcome_mask
 from service.store import Correction
 from service.store.records import as_dict
 
@@ -93,21 +94,26 @@ def list_corrections(rt: Rt, _: Viewer, limit: Annotated[int, Query(ge=1, le=500
     return {"corrections": [as_dict(c) for c in rt.store.corrections.list(limit)]}
 
 
-def _correction(rt: Runtime, cid: str) -> Correction:
-    rec = rt.store.corrections.get(cid)
-    if rec is None:
-        raise NotFound("correction_not_found", f"no correction {cid!r}")
-    return rec
-
-
 @router.get("/corrections/{cid}")
-def get_correction(cid: str, rt: Rt, _: Viewer):
-    return as_dict(_correction(rt, cid))
+def get_correction_view(cid: str, rt: Rt, _: Viewer):
+    return as_dict(get_correction(rt.store, cid))
+
+
+@router.get("/corrections/{cid}/outcome", responses=errors(404))
+def correction_outcome(cid: str, rt: Rt, base: Base, _: Viewer):
+    """Dice of the model's mask against the correction: the proposing model's (before) and, once a
+    promoted model has re-segmented the slide, the newest (after); links to both masks."""
+    body = outcome(rt.store, rt.settings, cid)
+    body["links"] = {n: f"{base}/corrections/{cid}/{n}.png" for n in ("image", "mask", "before", "after")}
+    return body
 
 
 @router.get("/corrections/{cid}/{name}.png", responses={200: {"content": {"image/png": {}}, "description": "PNG"}})
 def correction_file(cid: str, name: str, rt: Rt, _: Viewer):
-    _correction(rt, cid)
+    """image.png and mask.png as stored; before.png / after.png: the model's mask then and now (0/255)."""
+    get_correction(rt.store, cid)
+    if name in ("before", "after"):
+        return png_response(outcome_mask(rt.store, rt.settings, cid, name))
     if name not in ("image", "mask"):
-        raise NotFound("not_found", "use image.png or mask.png")
+        raise NotFound("not_found", "use image.png, mask.png, before.png or after.png")
     return FileResponse(rt.settings.data_dir / "corrections" / cid / f"{name}.png", media_type="image/png")

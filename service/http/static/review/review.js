@@ -100,6 +100,7 @@
     document.body.dataset.role = state.me.role;
     $("model-panel").hidden = !state.me.can_administer;
     if (state.me.can_administer) refreshModelPanel();
+    refreshOutcomes();
     const { slides } = await json("/slides");
     const select = $("slide-select");
     select.replaceChildren(...slides.map((s) => new Option(s.slide, s.slide)));
@@ -639,6 +640,7 @@
         const what = action === "accept" ? "model's mask confirmed" : "correction stored";
         say(`Patch #${item.rank}: ${what}${record.duplicate ? " (already stored)" : ""} · ${record.id.slice(0, 8)}`);
         $("editor").dataset.lastCorrection = record.id;
+        remember(record.id);
       }
       await nextItem(item);
     } catch (err) {
@@ -685,6 +687,50 @@
     else return;
     event.preventDefault();
   });
+
+  // ---- the loop closing: this reviewer's corrections, then and now ----------------------------------
+  const mineKey = () => `uga-review-corrections:${state.me.name}`;
+  const mine = () => JSON.parse(localStorage.getItem(mineKey()) || "[]");
+
+  function remember(cid) {
+    localStorage.setItem(mineKey(), JSON.stringify([cid, ...mine().filter((c) => c !== cid)].slice(0, 10)));
+    refreshOutcomes();
+  }
+
+  function thumb(url, caption) {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.alt = caption;
+    figure.append(img, Object.assign(document.createElement("figcaption"), { textContent: caption }));
+    if (url) objectUrl(url).then((src) => (img.src = src)).catch(() => (img.alt = `${caption}: unavailable`));
+    return figure;
+  }
+
+  let outcomesTimer = null;
+  async function refreshOutcomes() {
+    clearTimeout(outcomesTimer);
+    const ids = mine();
+    $("loop-panel").hidden = !ids.length;
+    const settled = await Promise.all(ids.map((cid) => json(`/corrections/${cid}/outcome`).catch(() => null)));
+    const dice = (side) => (side && side.dice !== null ? side.dice.toFixed(2) : "–");
+    $("outcomes").replaceChildren(
+      ...settled.filter(Boolean).map((o) => {
+        const li = document.createElement("li");
+        li.dataset.correction = o.correction;
+        const trio = document.createElement("div");
+        trio.className = "trio";
+        const before = o.before ? `${o.links.before}?v=${o.before.model_version}` : null;
+        const after = o.after ? `${o.links.after}?v=${o.after.model_version}` : null;
+        trio.append(thumb(before, "model then"), thumb(o.links.mask, "yours"), thumb(after, o.after ? "model now" : "not yet"));
+        const words = o.after
+          ? `Dice ${dice(o.before)} → ${dice(o.after)} (${o.after.model_version})`
+          : `Dice ${dice(o.before)}; waiting for a promoted model to re-segment ${o.slide}`;
+        li.append(trio, Object.assign(document.createElement("p"), { className: "muted", textContent: words }));
+        return li;
+      }),
+    );
+    if (settled.some((o) => o && !o.after)) outcomesTimer = setTimeout(refreshOutcomes, 15000);
+  }
 
   // ---- model panel (admins) -------------------------------------------------------------------------
   async function refreshModelPanel() {
