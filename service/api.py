@@ -19,7 +19,7 @@ from service.errors import DomainError
 from service.http import connections, request_metrics
 from service.http.app import create_app
 from service.http.auth import AuthConfigError, Authenticator
-from service.http.review_page import create_review_app
+from service.http.review_page import create_review_app, sign_in_config
 from service.http.runtime import Runtime
 from service.inference.ensemble import read_card
 from service.loop.store_metrics import store_metrics
@@ -73,7 +73,7 @@ log = logging.getLogger("uga")
     http={"port": settings.port},
 )
 @bentoml.asgi_app(app, path="/v1")
-@bentoml.asgi_app(create_review_app(), path="/review")
+@bentoml.asgi_app(create_review_app(sign_in_config(settings)), path="/review")
 class UGAService:
     def __init__(self) -> None:
         self.runtime = Runtime.create(get_settings())

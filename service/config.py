@@ -52,6 +52,14 @@ class Settings(BaseSettings, SegmentationDefaults):
     oidc_leeway_s: float = Field(30.0, ge=0, le=600, description="clock skew allowed on exp/nbf/iat, seconds")
     oidc_jwks_cache_s: float = Field(300.0, gt=0, le=86400, description="how long fetched JWKS keys are used")
     oidc_jwks_timeout_s: float = Field(5.0, gt=0, le=60, description="timeout of one JWKS fetch")
+    # the review page's sign-in with the hospital account: authorization code + PKCE, a public client
+    oidc_client_id: str | None = Field(None, description="the review page's public client id at the IdP")
+    oidc_authorize_url: str | None = Field(None, description="the IdP's authorization endpoint (page sign-in)")
+    oidc_token_url: str | None = Field(None, description="the IdP's token endpoint (page sign-in; CORS for the page)")
+    oidc_scope: str = Field("openid profile", max_length=512, description="scopes the review page asks for")
+    oidc_page_token: Literal["id_token", "access_token"] = Field(
+        "id_token", description="which token of the IdP's answer the page sends as its bearer token"
+    )
     max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body, MiB")
     max_correction_px: int = Field(
         4096, ge=64, le=16384, description="largest side of a correction's mask, pixels at its µm/px"
@@ -134,6 +142,26 @@ class Settings(BaseSettings, SegmentationDefaults):
         if self.slide_root is None:  # follows UGA_DATA_DIR unless set on its own
             self.slide_root = self.data_dir / "slides"
         return self
+
+    @model_validator(mode="after")
+    def _page_sign_in_is_complete(self) -> Settings:
+        if self.oidc_client_id and not (self.oidc_authorize_url and self.oidc_token_url and self.oidc_issuer):
+            raise ValueError(
+                "UGA_OIDC_CLIENT_ID (the review page's sign-in) needs UGA_OIDC_AUTHORIZE_URL, UGA_OIDC_TOKEN_URL "
+                "and UGA_OIDC_ISSUER"
+            )
+        return self
+
+    @field_validator("oidc_authorize_url", "oidc_token_url")
+    @classmethod
+    def _check_idp_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        url = urlsplit(value)
+        loopback = url.hostname in ("127.0.0.1", "localhost", "::1")
+        if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and loopback)):
+            raise ValueError("must be an https:// URL (http:// only on loopback)")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -4,7 +4,6 @@ over a real Runtime; shared role tokens keep working and keep their principal na
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -14,16 +13,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from service.cli import ensure_tokens
 from service.http.auth import Authenticator, AuthUnavailable, NoRole, OidcVerifier, Unauthenticated, bearer
@@ -31,6 +27,7 @@ from service.store import Store
 from service.store.db import SCHEMA, SCHEMA_VERSION
 from tests.conftest import REPO
 from tests.inprocess import InProcessService
+from tests.oidc import Jwks, b64
 from tests.server import TOKENS, free_port
 
 ISSUER = "https://idp.hospital.test/realms/pathology"
@@ -68,10 +65,6 @@ def issue(data_dir, name, role) -> str:
     return proc.stdout.strip()
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def claims(**overrides) -> dict:
     now = int(time.time())
     c = {
@@ -85,46 +78,6 @@ def claims(**overrides) -> dict:
     }
     c.update(overrides)
     return {k: v for k, v in c.items() if v is not None}
-
-
-class Jwks:
-    """The identity provider's JWKS endpoint on 127.0.0.1: stoppable, restartable, counts its fetches."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/jwks"
-        self.keys: list[dict] = []
-        self.fetches = 0
-        self.server: ThreadingHTTPServer | None = None
-
-    def publish(self, key, kid: str, alg: str) -> None:
-        algo = RSAAlgorithm if alg.startswith("RS") else ECAlgorithm
-        self.keys.append({**algo.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig", "alg": alg})
-
-    def start(self) -> None:
-        jwks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                jwks.fetches += 1
-                body = json.dumps({"keys": jwks.keys}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
 
 
 @pytest.fixture(scope="module")

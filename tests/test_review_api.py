@@ -214,6 +214,36 @@ def test_the_review_page_is_served_with_its_vendored_viewer_and_a_strict_policy(
         assert "openseadragon 5.0.1" in c.get("/vendor/openseadragon/openseadragon.min.js").text[:100]
         assert c.get("/vendor/openseadragon/LICENSE.txt").status_code == 200
         assert c.get("/..%2F..%2Fapi.py").status_code == 404
+        assert c.get("/config.json").json() == {"oidc": None}  # tokens only
+        assert "connect-src 'self';" in page.headers["content-security-policy"]
+
+
+def test_the_hospital_sign_in_is_configured_complete_and_is_the_one_other_origin_the_page_may_call():
+    from fastapi.testclient import TestClient
+    from pydantic import ValidationError
+
+    from service.config import Settings
+    from service.http.review_page import create_review_app, sign_in_config
+
+    idp = {"oidc_issuer": "https://idp.example/realms/p", "oidc_client_id": "uga-review"}
+    with pytest.raises(ValidationError, match="UGA_OIDC_AUTHORIZE_URL"):
+        Settings(**idp)
+    with pytest.raises(ValidationError, match="https://"):
+        Settings(**idp, oidc_authorize_url="http://idp.example/auth", oidc_token_url="https://idp.example/token")
+    settings = Settings(
+        **idp, oidc_authorize_url="https://idp.example/auth", oidc_token_url="https://idp.example:8443/token"
+    )
+    with TestClient(create_review_app(sign_in_config(settings))) as c:
+        config = c.get("/config.json").json()["oidc"]
+        policy = c.get("/").headers["content-security-policy"]
+    assert config == {
+        "client_id": "uga-review",
+        "authorize_url": "https://idp.example/auth",
+        "token_url": "https://idp.example:8443/token",
+        "scope": "openid profile",
+        "token": "id_token",
+    }
+    assert "connect-src 'self' https://idp.example:8443;" in policy and "form-action 'none'" in policy
 
 
 def test_a_correction_shows_the_mask_it_corrected_and_no_after_until_a_new_model_resegments(env, finished):

@@ -191,3 +191,45 @@ def test_an_admin_sees_the_model_panel(server, browser):
     page.wait_for_function("() => document.getElementById('model-serving').textContent.includes('baseline')")
     assert "none yet" in page.inner_text("#runs")
     page.close()
+
+
+def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):
+    """Authorization code with PKCE against an identity provider on loopback: the page is sent there,
+    comes back with a code, trades it (with its verifier) for a JWT, and the API takes that JWT."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from tests.oidc import IdentityProvider
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    issuer = "https://idp.hospital.test/realms/pathology"
+    idp = IdentityProvider(key, issuer=issuer, client_id="uga-review", person="dr.house", roles=["pathologist"])
+    idp.start()
+    (tmp_path / "slides").mkdir()
+    srv = Server(
+        tmp_path / "data",
+        tmp_path / "slides",
+        name="oidc",
+        UGA_OIDC_ISSUER=issuer,
+        UGA_OIDC_AUDIENCE="uga-review",
+        UGA_OIDC_JWKS_URL=idp.url,
+        UGA_OIDC_ROLE_MAP="pathologist=annotator",
+        UGA_OIDC_CLIENT_ID="uga-review",
+        UGA_OIDC_AUTHORIZE_URL=idp.authorize_url,
+        UGA_OIDC_TOKEN_URL=idp.token_url,
+    )
+    try:
+        srv.start()
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda exc: problems.append(f"script error: {exc}"))
+        page.goto(f"{srv.url}/review")
+        page.click("#oidc-button")  # to the identity provider and back
+        page.wait_for_function("() => document.getElementById('who').textContent.includes('dr.house')")
+        assert page.inner_text("#who") == "dr.house · annotator"
+        assert "code=" not in page.url and not page.is_visible("#sign-in")  # the code left the address bar
+        assert "No segmented slides yet" in page.inner_text("#status")  # the API answered the JWT
+        assert not idp.refusals and not idp.codes and not problems, (idp.refusals, problems)
+        page.close()
+    finally:
+        srv.stop()
+        idp.stop()

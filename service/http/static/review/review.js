@@ -94,6 +94,62 @@
   });
   $("sign-out").addEventListener("click", () => signOut());
 
+  // ---- hospital sign-in: OpenID Connect authorization code with PKCE (a public client, no secret) ---
+  const PKCE_KEY = "uga.pkce";
+  let oidc = null; // config.json: {client_id, authorize_url, token_url, scope, token} or null
+  const redirectUri = () => location.origin + location.pathname;
+  const b64url = (buffer) =>
+    btoa(String.fromCharCode(...new Uint8Array(buffer)))
+      .replace(/\+/g, "-")
+      .replace(/\//g, "_")
+      .replace(/=+$/, "");
+
+  async function hospitalSignIn() {
+    const verifier = b64url(crypto.getRandomValues(new Uint8Array(32)));
+    const challenge = b64url(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier)));
+    const nonce = b64url(crypto.getRandomValues(new Uint8Array(16)));
+    sessionStorage.setItem(PKCE_KEY, JSON.stringify({ verifier, state: nonce, hash: location.hash }));
+    const query = new URLSearchParams({
+      response_type: "code",
+      client_id: oidc.client_id,
+      redirect_uri: redirectUri(),
+      scope: oidc.scope,
+      state: nonce,
+      code_challenge: challenge,
+      code_challenge_method: "S256",
+    });
+    location.assign(`${oidc.authorize_url}?${query}`);
+  }
+  $("oidc-button").addEventListener("click", () => hospitalSignIn().catch((err) => askToken(err.message)));
+
+  async function finishHospitalSignIn(params) {
+    const saved = JSON.parse(sessionStorage.getItem(PKCE_KEY) || "null");
+    sessionStorage.removeItem(PKCE_KEY);
+    history.replaceState(null, "", redirectUri() + ((saved && saved.hash) || ""));
+    if (params.get("error")) {
+      throw new Error(`The identity provider refused: ${params.get("error_description") || params.get("error")}`);
+    }
+    if (!saved || saved.state !== params.get("state")) {
+      throw new Error("This sign-in answer is not for this tab's request: sign in again.");
+    }
+    const response = await fetch(oidc.token_url, {
+      method: "POST",
+      headers: { "Content-Type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({
+        grant_type: "authorization_code",
+        code: params.get("code"),
+        redirect_uri: redirectUri(),
+        client_id: oidc.client_id,
+        code_verifier: saved.verifier,
+      }),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok || !body[oidc.token]) {
+      throw new Error(`The identity provider gave no ${oidc.token} (${body.error || response.status}): sign in again.`);
+    }
+    return body[oidc.token];
+  }
+
   async function start() {
     $("who").textContent = `${state.me.name} · ${state.me.role}`;
     $("sign-out").hidden = false;
@@ -756,13 +812,30 @@
   }
 
   // ---- boot -----------------------------------------------------------------------------------------
-  setTool("brush");
-  if (state.token) {
-    json("/me")
-      .then((me) => {
-        state.me = me;
-        return start();
-      })
-      .catch((err) => askToken(err.message));
-  } else askToken();
+  async function boot() {
+    setTool("brush");
+    oidc = await fetch("config.json")
+      .then((r) => r.json())
+      .then((c) => c.oidc)
+      .catch(() => null);
+    $("hospital-sign-in").hidden = !oidc;
+    const params = new URLSearchParams(location.search);
+    if (oidc && (params.has("code") || params.has("error"))) {
+      try {
+        state.token = await finishHospitalSignIn(params);
+        sessionStorage.setItem(TOKEN_KEY, state.token);
+      } catch (err) {
+        askToken(err.message);
+        return;
+      }
+    }
+    if (!state.token) return askToken();
+    try {
+      state.me = await json("/me");
+    } catch (err) {
+      return askToken(err.message);
+    }
+    return start();
+  }
+  boot();
 })();
