@@ -389,12 +389,14 @@ def sanity_gate(
 def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
     """Δ against random per centre and pooled (covered centres; nonhed and source apart), per budget."""
     slides = centre_slides(runs)
-    covered = [c for c in cfg.quota_centres if c in LOCAL_CENTRES and LOCAL_CENTRES[c].covered]
+    known = [c for c in cfg.quota_centres if c in LOCAL_CENTRES]  # none on real slides: pool every quota centre
+    covered = [c for c in known if LOCAL_CENTRES[c].covered] if known else list(cfg.quota_centres)
+    pooled_name = "pooled (covered)" if known else "pooled"
     rows = []
     for strategy in [s for s in stage.strategies if s != "random"] + ["random"]:
         against = "baseline" if strategy == "random" else "random"
         for budget in stage.budgets:
-            groups = {c: [c] for c in slides} | ({"pooled (covered)": covered} if covered else {})
+            groups = {c: [c] for c in slides} | ({pooled_name: covered} if covered else {})
             for name, centres in groups.items():
                 deltas = [paired_deltas(runs, strategy, against, budget, stage.patch_um, slides[c]) for c in centres]
                 if any(d is None for d in deltas):

@@ -108,3 +108,25 @@ def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
     assert (out / "delta-sanity.png").stat().st_size > 0
     assert px.main(["--quick", "--out", str(out)]) == 0
     assert "0 fine-tunes to run" in capsys.readouterr().err and len(px.load_runs(out / "runs.jsonl")) == 7
+
+
+@pytest.mark.slow
+def test_the_same_command_runs_on_a_folder_of_real_slides_with_masks(tmp_path, capsys):
+    """DIR/<centre>/<pool|eval>/<name>.tif beside <name>.mask.tif (e.g. Camelyon mounted locally)."""
+    import shutil
+
+    cfg = px.Config(
+        pool_per_centre=1, eval_per_centre=1, side=1536, pool_side=1536, centres=["blur"], quota_centres=["blur"]
+    )
+    real = tmp_path / "real"
+    for ref in px.local_refs(cfg):  # built slides stand in for a hospital's
+        (real / "hospital-a" / ref.role).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ref.path, real / "hospital-a" / ref.role / "case.tif")
+        shutil.copy(ref.mask, real / "hospital-a" / ref.role / "case.mask.tif")
+    out = tmp_path / "out"
+    assert px.main(["--quick", "--real", str(real), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    runs = px.load_runs(out / "runs.jsonl")
+    assert runs[0]["centres"] == {"hospital-a-eval-case": "hospital-a"}
+    assert {p["slide"] for r in runs[1:] for p in r["patches"]} == {"hospital-a-pool-case"}
+    assert "| hospital-a | " in printed and "| pooled |" in printed
