@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         "--real", type=Path, default=None, help="real slides: DIR/<centre>/<pool|eval>/<name> + <name>.mask.tif"
     )
     ap.add_argument("--seeds", type=int, default=None, help="seeds (the protocol: 5)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=None, help="run only these of the stage's budgets")
+    ap.add_argument("--strategies", nargs="+", default=None, help="run only these of the stage's strategies")
     ap.add_argument(
         "--quick", action="store_true", help="tiny pipeline check: small slides, 2 seeds, budget 2, 2 steps"
     )
@@ -578,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
             stage.strategies = ["random", "oracle", "uga_topk"]
     if args.seeds:
         stage.seeds = args.seeds
+    for name in ("budgets", "strategies"):  # a part of the stage now, the rest on a later call (resumable)
+        wanted = getattr(args, name)
+        if wanted:
+            unknown = set(wanted) - set(getattr(stage, name))
+            if unknown:
+                ap.error(f"--{name} {sorted(unknown)} are not in stage {args.stage!r}: {getattr(stage, name)}")
+            setattr(stage, name, [v for v in getattr(stage, name) if v in wanted])
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "compare" and not args.quick:
         ok, _ = sanity_gate(load_runs(args.out / "runs.jsonl"))
