@@ -313,11 +313,14 @@ def build_record(
     )
 
 
+def load_mask(root: Path, cid: str) -> np.ndarray:
+    """The mask (uint8 0/1) of a stored correction."""
+    return (np.asarray(Image.open(root / cid / "mask.png")) > 127).astype(np.uint8)
+
+
 def load_pair(root: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 RGB, mask uint8 0/1) of a stored correction."""
-    image = np.asarray(Image.open(root / cid / "image.png").convert("RGB"))
-    mask = (np.asarray(Image.open(root / cid / "mask.png")) > 127).astype(np.uint8)
-    return image, mask
+    return np.asarray(Image.open(root / cid / "image.png").convert("RGB")), load_mask(root, cid)
 
 
 def sweep_orphans(root: Path, is_known: Callable[[str], bool], older_than_s: float = 60.0) -> list[str]:

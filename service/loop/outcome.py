@@ -8,7 +8,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.errors import NotFound
-from service.loop.corrections import Region, load_pair
+from service.loop.corrections import Region, load_mask
 from service.loop.ingest import model_agreement
 from service.loop.review import model_mask
 from service.store import Correction, Job, Store
@@ -42,7 +42,7 @@ def outcome(store: Store, settings: Settings, cid: str) -> dict:
     """Dice of the model's mask against the correction before and (where re-segmented) after."""
     c = get_correction(store, cid)
     before, after = correction_jobs(store, c)
-    _, mask = load_pair(settings.data_dir / "corrections", cid)
+    mask = load_mask(settings.data_dir / "corrections", cid)
 
     def side(job: Job | None) -> dict | None:
         if job is None:
@@ -65,7 +65,7 @@ def outcome_mask(store: Store, settings: Settings, cid: str, which: str) -> np.n
             if which == "after"
             else "the correction was not made on a segmentation this service still holds",
         )
-    _, mask = load_pair(settings.data_dir / "corrections", cid)
+    mask = load_mask(settings.data_dir / "corrections", cid)
     predicted = model_mask(store, job, (c.x, c.y, c.width, c.height))
     if predicted.shape != mask.shape:  # another µm/px: shown at the correction's size
         predicted = np.asarray(Image.fromarray(predicted).resize(mask.shape[::-1], Image.NEAREST))

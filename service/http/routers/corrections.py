@@ -111,9 +111,9 @@ def correction_outcome(cid: str, rt: Rt, base: Base, _: Viewer):
 @router.get("/corrections/{cid}/{name}.png", responses={200: {"content": {"image/png": {}}, "description": "PNG"}})
 def correction_file(cid: str, name: str, rt: Rt, _: Viewer):
     """image.png and mask.png as stored; before.png / after.png: the model's mask then and now (0/255)."""
-    get_correction(rt.store, cid)
-    if name in ("before", "after"):
+    if name in ("before", "after"):  # looks the correction up itself
         return png_response(outcome_mask(rt.store, rt.settings, cid, name))
+    get_correction(rt.store, cid)
     if name not in ("image", "mask"):
         raise NotFound("not_found", "use image.png, mask.png, before.png or after.png")
     return FileResponse(rt.settings.data_dir / "corrections" / cid / f"{name}.png", media_type="image/png")
