@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from bench.experiment import MPP, THRESHOLD, Patch, SlideRef, discover_slides, evaluate_slide, read_corrections  # noqa: E402
 from bench.uncertainty_gate import eval_slides  # noqa: E402
-from models.bank import load_bank  # noqa: E402
+from models.bank import load_bank, load_bank_slides  # noqa: E402
 from models.data.localshift import LOCAL_CENTRES, build_local_slide  # noqa: E402
 from models.data.slidegen import companion_paths, slide_seed  # noqa: E402
 from models.data.sources import cache_dir  # noqa: E402
@@ -84,6 +84,11 @@ class Stage:
     seeds: int = 5
 
 
+# the paper's arm (PROTOCOL.md): each member goes on training on its own part of the source training
+# set plus the corrections, every patch equally likely, under the same steps rule and early stop
+ARMS = {"finetune": RECIPE, "retrain": replace(RECIPE, retrain=True)}
+SOURCE_BANK = "training-slides-protocol/train-bank.npz"  # under the cache: models.train --recipe protocol's
+
 SANITY_BUDGET = 10
 STAGES = {
     "sanity": Stage(["random", "oracle"], [SANITY_BUDGET]),
@@ -101,6 +106,8 @@ class Config:
     quota_centres: list[str] = field(default_factory=lambda: [c for c in LOCAL_CENTRES if c != "source"])
     recipe: FinetuneBudget = field(default_factory=lambda: replace(RECIPE))
     bootstrap: int = BOOTSTRAP
+    arm: str = "finetune"
+    source_bank: Path | None = None  # the retrain arm's source training bank
 
 
 def log(msg: str) -> None:
@@ -258,6 +265,9 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
     by_ref = {r.key: r for r in refs}
     k = max(1, round(stage.patch_um / MPP / QUEUE_CELL))
     replay = load_bank(model / "replay.npz")
+    source = None
+    if cfg.recipe.retrain:
+        source = (*load_bank(cfg.source_bank), load_bank_slides(cfg.source_bank))
     todo = [(s, b, seed) for seed in range(stage.seeds) for b in stage.budgets for s in stage.strategies]
     todo = [t for t in todo if run_key(t[0], t[1], stage.patch_um, t[2]) not in by_key]
     log(f"{len(todo)} fine-tunes to run ({len(runs) - 1} already done)")
@@ -281,7 +291,9 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
             ordered = sorted(patches, key=lambda p: (p.slide, p.row, p.col))
             pairs = read_corrections(ordered, by_ref, k * QUEUE_CELL)
             t0 = time.time()
-            members, _ = finetune_members(model / "members.pt", pairs, replay, replace(cfg.recipe, seed=seed))
+            members, _ = finetune_members(
+                model / "members.pt", pairs, replay, replace(cfg.recipe, seed=seed), source=source
+            )
             t_ft = time.time() - t0
             mdir = Path(tempfile.mkdtemp(prefix="ft-", dir=work))
             export_ensemble(members, mdir / "ensemble.onnx")
@@ -459,7 +471,7 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
     base = next(r for r in runs if r["key"] == "baseline")
     done = [r for r in runs if r.get("strategy") in stage.strategies and r.get("budget") in stage.budgets]
     lines = [
-        f"# Protocol experiment, stage `{stage_name}`",
+        f"# Protocol experiment, stage `{stage_name}`, arm `{cfg.arm}`",
         "",
         f"Model `{base['model']}`; quota centres {', '.join(cfg.quota_centres)}; {stage.patch_um} µm patches; "
         f"{len(done)} fine-tunes of {len(stage.strategies) * len(stage.budgets) * stage.seeds} in this stage; "
@@ -516,12 +528,13 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
             "",
         ]
     text = "\n".join(lines)
-    (out / f"results-{stage_name}.md").write_text(text)
-    (out / f"results-{stage_name}.json").write_text(
+    name = stage_name if cfg.arm == "finetune" else f"{stage_name}-{cfg.arm}"
+    (out / f"results-{name}.md").write_text(text)
+    (out / f"results-{name}.json").write_text(
         json.dumps({"sanity_gate": {"passes": ok, "rows": gate}, "comparisons": rows, "audit": audit}, indent=2)
     )
     if rows:
-        plot(rows, out / f"delta-{stage_name}.png")
+        plot(rows, out / f"delta-{name}.png")
     return text
 
 
@@ -563,6 +576,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--real", type=Path, default=None, help="real slides: DIR/<centre>/<pool|eval>/<name> + <name>.mask.tif"
     )
+    ap.add_argument(
+        "--arm",
+        choices=sorted(ARMS),
+        default="finetune",
+        help="fine-tune on corrections + replay, or the paper's retrain",
+    )
+    ap.add_argument(
+        "--source-bank",
+        type=Path,
+        default=None,
+        help=f"the retrain arm's source training bank (default: <cache>/{SOURCE_BANK})",
+    )
     ap.add_argument("--seeds", type=int, default=None, help="seeds (the protocol: 5)")
     ap.add_argument("--budgets", type=int, nargs="+", default=None, help="run only these of the stage's budgets")
     ap.add_argument("--strategies", nargs="+", default=None, help="run only these of the stage's strategies")
@@ -570,8 +595,14 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny pipeline check: small slides, 2 seeds, budget 2, 2 steps"
     )
     args = ap.parse_args(argv)
-    cfg, stage = Config(), replace(STAGES[args.stage])
-    if args.quick:
+    cfg, stage = Config(recipe=replace(ARMS[args.arm]), arm=args.arm), replace(STAGES[args.stage])
+    if args.arm == "retrain":
+        cfg.source_bank = args.source_bank or cache_dir() / SOURCE_BANK
+        if not cfg.source_bank.is_file():
+            ap.error(
+                f"--arm retrain needs the source training bank; {cfg.source_bank} is missing "
+                "(python -m models.train prepare --recipe protocol builds it, or give --source-bank)"
+            )
         cfg = Config(
             pool_per_centre=1,
             eval_per_centre=1,
@@ -579,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
             pool_side=1536,
             centres=["source", "blur", "nonhed"],
             quota_centres=["blur", "nonhed"],
-            recipe=replace(RECIPE, steps=2, max_steps=2),
+            recipe=replace(ARMS[args.arm], steps=2, max_steps=2),
             bootstrap=500,
+            arm=args.arm,
+            source_bank=cfg.source_bank,
         )
         stage = replace(stage, budgets=[2], seeds=2)
         if args.stage == "sanity":

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from models.augment import STRENGTHS
-from models.fit import fit_member, load_members
+from models.fit import fit_member, load_members, member_training_set
 from models.net import UNet
 
 
@@ -26,7 +26,10 @@ class FinetuneBudget:
     ``max_steps``); ``holdout_every`` > 0 holds every n-th correction out and keeps each member's
     weights that did best on them (early stopping); ``symmetric`` gives the replay the same
     augmentation as the corrections (the parent's own strengths when its recipe names them), so
-    colour never tells corrections from replay."""
+    colour never tells corrections from replay. ``retrain`` is the paper's arm: each member goes on
+    training on its own share of the source training set together with the corrections, every
+    patch equally likely (``source`` replaces the replay; ``replay_share`` is then the source's
+    share of the union), instead of half of every batch being corrections."""
 
     steps: int = 40
     batch: int = 8
@@ -39,6 +42,7 @@ class FinetuneBudget:
     max_steps: int = 400
     holdout_every: int = 0
     symmetric: bool = False
+    retrain: bool = False
 
 
 def planned_steps(budget: FinetuneBudget, masks: list[np.ndarray], mpp: float = 1.0) -> int:
@@ -101,8 +105,13 @@ def finetune_members(
     *,
     progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
+    source: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
 ) -> tuple[list[UNet], dict]:
-    """Continue every member of ``parent_weights`` on the corrections (augmented) plus replay."""
+    """Continue every member of ``parent_weights`` on the corrections (augmented) plus replay, or,
+    with ``budget.retrain``, on the corrections plus its own part of ``source`` (the training bank:
+    images, masks, slide of each patch), randomly cropped as the baseline was trained."""
+    if budget.retrain and source is None:
+        raise ValueError("the retrain arm needs the source training bank (images, masks, slides)")
     torch.set_num_threads(max(1, budget.threads))
     members, ckpt = load_members(parent_weights)
     train, held = split_holdout(corrections, budget.holdout_every)
@@ -117,6 +126,11 @@ def finetune_members(
     total = steps * len(members)
     for i, member in enumerate(members):
         strength = STRENGTHS[strengths[i % len(strengths)]] if strengths and budget.symmetric else None
+        member_replay, share = replay, budget.replay_share
+        if budget.retrain:
+            own = member_training_set(ckpt.get("recipe", {}), i, len(source[0]), source[2])
+            member_replay = (source[0][own], source[1][own])
+            share = len(own) / (len(own) + len(train[0]))
         fit_member(
             member,
             images,
@@ -127,8 +141,8 @@ def finetune_members(
             seed=budget.seed + i,
             stain_augment=True,
             strength=strength,
-            replay=replay,
-            replay_share=budget.replay_share,
+            replay=member_replay,
+            replay_share=share,
             replay_augment=budget.symmetric,
             validation=validation,
             eval_every=max(1, steps // 5),

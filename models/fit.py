@@ -114,7 +114,7 @@ def fit_member(
     model.train()
     recent: list[float] = []
     best: tuple[float, int, dict] | None = None
-    n_replay = int(round(batch * replay_share)) if replay is not None else 0
+    n_replay = min(batch - 1, int(round(batch * replay_share))) if replay is not None else 0  # one new at least
     for step in range(steps):
         idx = rng.integers(len(images), size=batch - n_replay)
         bi, bm = images[idx], masks[idx]
@@ -124,10 +124,15 @@ def fit_member(
         bi, bm = augment(bi, bm, rng, stain=stain_augment, strength=strength)
         if n_replay:  # replay keeps its own colours (it anchors the source) unless ``replay_augment``
             ridx = rng.integers(len(replay[0]), size=n_replay)
+            ri, rm = replay[0][ridx], replay[1][ridx]
+            side = bi.shape[1]
+            if ri.shape[1] > side:  # a larger replay bank (the source's own patches): a random window
+                y, x = (int(v) for v in rng.integers(0, ri.shape[1] - side + 1, size=2))
+                ri, rm = ri[:, y : y + side, x : x + side], rm[:, y : y + side, x : x + side]
             if replay_augment:
-                ri, rm = augment(replay[0][ridx], replay[1][ridx], rng, stain=stain_augment, strength=strength)
+                ri, rm = augment(ri, rm, rng, stain=stain_augment, strength=strength)
             else:
-                ri, rm = augment(replay[0][ridx], replay[1][ridx], rng)
+                ri, rm = augment(ri, rm, rng)
             bi, bm = np.concatenate([bi, ri]), np.concatenate([bm, rm])
         logits = model(to_input(bi, dev))
         loss = loss_fn(logits, torch.from_numpy(bm).to(dev).float().unsqueeze(1))
