@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", choices=sorted(STAGES), default="sanity")
     ap.add_argument("--model", type=Path, default=MODEL, help="model directory (members.pt, replay.npz, ensemble.onnx)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "protocol")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/protocol (-quick with --quick)")
     ap.add_argument(
         "--real", type=Path, default=None, help="real slides: DIR/<centre>/<pool|eval>/<name> + <name>.mask.tif"
     )
@@ -595,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny pipeline check: small slides, 2 seeds, budget 2, 2 steps"
     )
     args = ap.parse_args(argv)
+    args.out = args.out or REPO / "bench" / "results" / ("protocol-quick" if args.quick else "protocol")
     cfg, stage = Config(recipe=replace(ARMS[args.arm]), arm=args.arm), replace(STAGES[args.stage])
     if args.arm == "retrain":
         cfg.source_bank = args.source_bank or cache_dir() / SOURCE_BANK
@@ -603,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--arm retrain needs the source training bank; {cfg.source_bank} is missing "
                 "(python -m models.train prepare --recipe protocol builds it, or give --source-bank)"
             )
+    if args.quick:
         cfg = Config(
             pool_per_centre=1,
             eval_per_centre=1,
