@@ -108,6 +108,22 @@ def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
     assert (out / "delta-sanity.png").stat().st_size > 0
     assert px.main(["--quick", "--out", str(out)]) == 0
     assert "0 fine-tunes to run" in capsys.readouterr().err and len(px.load_runs(out / "runs.jsonl")) == 7
+    # the paper's retrain arm: its runs are its own (the recipe differs), beside the fine-tune arm's
+    retrain = ["--quick", "--arm", "retrain", "--strategies", "random", "--seeds", "1", "--out", str(out)]
+    with pytest.raises(SystemExit):
+        px.main([*retrain, "--source-bank", str(tmp_path / "missing.npz")])
+    assert "needs the source training bank" in capsys.readouterr().err
+    from models.bank import save_bank
+
+    rng = np.random.default_rng(0)
+    bank = tmp_path / "train-bank.npz"
+    save_bank(
+        bank, rng.integers(0, 255, (6, 160, 160, 3), np.uint8), np.zeros((6, 160, 160), np.uint8), np.arange(6) % 2
+    )
+    assert px.main([*retrain, "--source-bank", str(bank)]) == 0
+    runs = px.load_runs(out / "runs.jsonl")
+    assert len(runs) == 8 and runs[-1]["recipe"]["retrain"] and runs[-1]["key"] == "random/2/256/0"
+    assert "arm `retrain`" in (out / "results-sanity-retrain.md").read_text()
 
 
 @pytest.mark.slow

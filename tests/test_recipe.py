@@ -160,3 +160,58 @@ def test_symmetric_replay_is_augmented_like_the_corrections(monkeypatch):
         )
         assert seen[0::2] == ["strong", "strong"]  # the corrections' half of each batch
         assert seen[1::2] == (["strong", "strong"] if replay_augment else [None, None])
+
+
+def test_a_larger_replay_bank_is_windowed_and_every_batch_keeps_a_correction(monkeypatch):
+    """The retrain arm's source patches are bigger than the correction crops: each batch takes a
+    window of them of the crops' size, and a share near 1 still leaves one correction per batch."""
+    import models.fit as fit
+
+    batches: list[tuple[int, int]] = []
+    real = fit.augment
+
+    def spy(images, masks, rng, *, stain=False, strength=None):
+        batches.append((len(images), images.shape[1]))
+        return real(images, masks, rng, stain=stain, strength=strength)
+
+    monkeypatch.setattr(fit, "augment", spy)
+    images, masks = _patches(4, 24)
+    source = _patches(20, 48, seed=3)
+    fit.fit_member(
+        UNet(base=4, depth=2, groups=2),
+        images,
+        masks,
+        steps=3,
+        batch=4,
+        lr=1e-3,
+        seed=0,
+        replay=source,
+        replay_share=0.99,
+    )
+    assert batches == [(1, 24), (3, 24)] * 3  # one correction, three source windows of 24 px
+
+
+def test_retrain_arm_gives_each_member_its_own_source_folds_in_proportion(monkeypatch, tmp_path):
+    """``FinetuneBudget.retrain``: member m continues on the source patches of every fold but its own,
+    plus the corrections, each patch equally likely (the source's share of the union)."""
+    import models.finetune as ft
+
+    members = [UNet(base=4, depth=2, groups=2) for _ in range(2)]
+    parent = tmp_path / "members.pt"
+    recipe = {"base": 4, "depth": 2, "folds": 2, "augment": ["light", "strong"], "seed": 0}
+    monkeypatch.setattr(ft, "load_members", lambda _p: (members, {"recipe": recipe}))
+    calls = []
+    monkeypatch.setattr(ft, "fit_member", lambda member, *a, **kw: calls.append(kw))
+    src_images, src_masks = _patches(12, 32, seed=4)
+    slides = np.repeat(np.arange(4), 3)  # 4 slides, 3 patches each: folds {0, 2} and {1, 3}
+    corrections = tuple(list(x) for x in _patches(10, 32, seed=5))
+    budget = ft.FinetuneBudget(steps=2, patch=16, holdout_every=5, symmetric=True, retrain=True)
+    with pytest.raises(ValueError, match="source training bank"):
+        ft.finetune_members(parent, corrections, None, budget)
+    ft.finetune_members(parent, corrections, None, budget, source=(src_images, src_masks, slides))
+    assert len(calls) == 2
+    for m, kw in enumerate(calls):
+        own = np.flatnonzero(slides % 2 != m)
+        np.testing.assert_array_equal(kw["replay"][0], src_images[own])
+        assert kw["replay_share"] == pytest.approx(6 / (6 + 8))  # 8 corrections trained on, 2 held out
+        assert kw["replay_augment"] is True and kw["validation"] is not None
