@@ -550,12 +550,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, centre in zip(axes[0], centres, strict=True):
         for i, s in enumerate(strategies):
             rs = [r for r in rows if r["centre"] == centre and r["strategy"] == s]
-            x = np.arange(len(rs)) + (i - len(strategies) / 2) * 0.12
+            x = np.arange(len(rs)) + (i - (len(strategies) - 1) / 2) * 0.15  # side by side around each budget
             y = np.array([r["delta"] for r in rs])
             err = np.array([[r["delta"] - r["lo"] for r in rs], [r["hi"] - r["delta"] for r in rs]])
             ax.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=2, label=f"{s} − {rs[0]['against']}" if rs else s)
             ax.set_xticks(np.arange(len(rs)), [str(r["budget"]) for r in rs])
         ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlim(-0.6, len({r["budget"] for r in rows}) - 0.4)
         ax.set_title(centre, fontsize=9)
         ax.set_xlabel("patches per centre")
     axes[0][0].set_ylabel("Δ Dice (95 % CI)")
