@@ -93,6 +93,9 @@ SANITY_BUDGET = 10
 STAGES = {
     "sanity": Stage(["random", "oracle"], [SANITY_BUDGET]),
     "compare": Stage(["uga_topk", "class_balanced", "uncertainty_diversity", "representative", "random"], [5, 10, 20]),
+    # patch size at equal annotated area (PROTOCOL.md): one 1024 µm patch is sixteen 256 µm ones
+    "size256": Stage(["uga_topk", "random"], [16, 32], patch_um=256),
+    "size1024": Stage(["uga_topk", "random"], [1, 2], patch_um=1024),
 }
 
 
@@ -631,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--{name} {sorted(unknown)} are not in stage {args.stage!r}: {getattr(stage, name)}")
             setattr(stage, name, [v for v in getattr(stage, name) if v in wanted])
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.stage == "compare" and not args.quick:
+    if args.stage != "sanity" and not args.quick:
         ok, _ = sanity_gate(current_runs(load_runs(args.out / "runs.jsonl"), cfg.recipe))
         if not ok:
             print("protocol_experiment: the sanity gate has not passed; run --stage sanity first (PROTOCOL.md)")

@@ -63,10 +63,19 @@ def split_holdout(corrections: tuple[list, list], every: int) -> tuple[tuple[lis
     return ([images[i] for i in keep], [masks[i] for i in keep]), ([images[i] for i in held], [masks[i] for i in held])
 
 
+MAX_AREA_UNITS = 16  # a correction of 1024² px or more gets 16 times the crops of a 256² one
+
+
+def area_units(shape: tuple[int, ...]) -> int:
+    """How many 256² px areas a correction covers (at least 1, at most ``MAX_AREA_UNITS``)."""
+    return int(np.clip(round(shape[0] * shape[1] / (256 * 256)), 1, MAX_AREA_UNITS))
+
+
 def crop_bank(images: list[np.ndarray], masks: list[np.ndarray], patch: int, per_image: int, seed: int):
-    """Random ``patch``-sized crops (with their masks) from variable-size correction images; where a
-    correction has tumour, half of its crops are centred on a tumour pixel (so the tumour a
-    pathologist drew is seen whole, not only cut at the crop's edge)."""
+    """Random ``patch``-sized crops (with their masks) from variable-size correction images,
+    ``per_image`` for each 256² px of a correction (``area_units``: a 1024 µm patch is sampled as
+    densely as sixteen 256 µm ones). Where a correction has tumour, half of its crops are centred on
+    a tumour pixel (so the tumour a pathologist drew is seen whole, not only cut at the crop's edge)."""
     rng = np.random.default_rng(seed)
     out_i, out_m = [], []
     for img, m in zip(images, masks, strict=True):
@@ -77,7 +86,7 @@ def crop_bank(images: list[np.ndarray], masks: list[np.ndarray], patch: int, per
             m = np.pad(m, pad, mode="reflect")
             h, w = m.shape
         tumour = np.argwhere(m > 0)
-        for i in range(per_image):
+        for i in range(per_image * area_units(m.shape)):
             if len(tumour) and i % 2 == 0:
                 cy, cx = tumour[rng.integers(len(tumour))]
                 y = int(np.clip(cy - patch // 2, 0, h - patch))

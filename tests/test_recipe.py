@@ -215,3 +215,15 @@ def test_retrain_arm_gives_each_member_its_own_source_folds_in_proportion(monkey
         np.testing.assert_array_equal(kw["replay"][0], src_images[own])
         assert kw["replay_share"] == pytest.approx(6 / (6 + 8))  # 8 corrections trained on, 2 held out
         assert kw["replay_augment"] is True and kw["validation"] is not None
+
+
+def test_a_larger_correction_gets_crops_in_proportion_to_its_area_up_to_a_cap():
+    from models.finetune import MAX_AREA_UNITS, crop_bank
+
+    def n_crops(side: int) -> int:
+        image = np.full((side, side, 3), 200, np.uint8)
+        return len(crop_bank([image], [np.zeros((side, side), np.uint8)], patch=64, per_image=4, seed=0)[0])
+
+    assert n_crops(128) == 4 and n_crops(256) == 4  # up to 256² px: per_image
+    assert n_crops(512) == 16  # four times the area
+    assert n_crops(2048) == 4 * MAX_AREA_UNITS  # 64 times the area, capped
