@@ -16,6 +16,9 @@ every 256 µm tissue tile at 1 µm/px and reports, per centre and measure:
   region scores over predicted-negative areas (``neg_uga``, ``neg_novelty``: a tile's mean over its
   pixels the model calls normal; aimed at confident misses).
 
+Ensemble size: Dice (pooled over a centre's tissue tiles) and the UGA score's error-AUROC of the
+first 1, 3 and all members (one member's UGA score is its entropy).
+
 And the slide-level out-of-distribution flag: AUROC of each slide's share of tissue beyond the
 novelty threshold for ``nonhed`` (and every shifted centre) against ``source`` slides.
 Prints Markdown tables (stdout) and writes them with the raw numbers to ``--out``.
@@ -55,6 +58,7 @@ BOOTSTRAP = 2000
 CONFIDENT = 0.9
 TARGET_AUROC = 0.80
 TARGET_FLAG_AUROC = 0.90
+ENSEMBLE_SIZES = (1, 3)  # and every member
 
 
 def log(msg: str) -> None:
@@ -69,6 +73,7 @@ class SlideResult:
     errors: int = 0
     confident_errors: int = 0
     novelty_share: float | None = None
+    size_counts: dict[int, np.ndarray] = field(default_factory=dict)  # first k members -> (tp, fp, fn)
 
 
 def eval_slides(centre: str, n: int, size: int, out: Path) -> list[Path]:
@@ -94,6 +99,7 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
         pix: dict[str, list] = {k: [] for k in [*names, "error"]}
         res = SlideResult(centre, {}, {k: [] for k in [*names, *region, "error"]})
         novel_px = tissue_px = 0
+        sizes: list[int] = []
         for y in range(0, h - TILE + 1, TILE):
             for x in range(0, w - TILE + 1, TILE):
                 on = tissue.crop(y, x, TILE, TILE, MPP)
@@ -102,6 +108,7 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
                 out = ensemble.predict_outputs(image.read(y, x, TILE, TILE)[None])
                 probs = out["member_probs"]
                 m = all_measures(probs[0])
+                sizes = sizes or sorted({k for k in ENSEMBLE_SIZES if k < probs.shape[1]} | {probs.shape[1]})
                 if ensemble.novelty:
                     m["novelty"] = cells_to_pixels(out["novelty"][0, 0], TILE)
                     novel_px += int(np.count_nonzero((m["novelty"] > ensemble.novelty_threshold) & on))
@@ -123,6 +130,15 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
                 for k in names:
                     pix[k].append(m[k].ravel()[take])
                 pix["error"].append(wrong.ravel()[take])
+                true = (truth.read(y, x, TILE, TILE)[..., 0] > 127) & on
+                for n in sizes:
+                    mk = m if n == probs.shape[1] else all_measures(probs[0][:n])
+                    guess = (mk["probability"] >= 0.5) & on
+                    counts = [np.count_nonzero(guess & true), np.count_nonzero(guess & ~true)]
+                    counts.append(np.count_nonzero(~guess & true))
+                    res.size_counts[n] = res.size_counts.get(n, np.zeros(3, np.int64)) + counts
+                    pix.setdefault(f"uga@{n}", []).append(mk["uga"].ravel()[take])
+                    pix.setdefault(f"error@{n}", []).append(((guess != true) & on).ravel()[take])
         res.pixels = {k: np.concatenate(v) if v else np.zeros(0) for k, v in pix.items()}
         if len(res.pixels["error"]) > PIXELS_PER_SLIDE:  # the same number of pixels from every slide
             keep = rng.choice(len(res.pixels["error"]), PIXELS_PER_SLIDE, replace=False)
@@ -131,17 +147,17 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
         return res
 
 
-def bootstrap_auroc(slides: list[SlideResult], measure: str, rng: np.random.Generator) -> tuple:
+def bootstrap_auroc(slides: list[SlideResult], measure: str, rng: np.random.Generator, error: str = "error") -> tuple:
     """AUROC of ``measure`` for the errors, pooled over slides, and a 95 % CI resampling slides."""
     point = auroc(
-        np.concatenate([s.pixels[measure] for s in slides]), np.concatenate([s.pixels["error"] for s in slides])
+        np.concatenate([s.pixels[measure] for s in slides]), np.concatenate([s.pixels[error] for s in slides])
     )
     values = []
     for _ in range(BOOTSTRAP):
         pick = rng.integers(len(slides), size=len(slides))
         a = auroc(
             np.concatenate([slides[i].pixels[measure] for i in pick]),
-            np.concatenate([slides[i].pixels["error"] for i in pick]),
+            np.concatenate([slides[i].pixels[error] for i in pick]),
         )
         if a is not None:
             values.append(a)
@@ -172,6 +188,21 @@ def centre_table(by_centre: dict[str, list[SlideResult]], rng: np.random.Generat
             auc = "–" if point is None else f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
             lines.append(f"| {centre} | {'yes' if covered else 'no'} | {k} | {auc} | {rho:.3f} | {verdict} |")
     return rows, "\n".join(lines)
+
+
+def size_table(by_centre: dict[str, list[SlideResult]], rng: np.random.Generator) -> tuple[dict, str]:
+    """Dice and the UGA score's error-AUROC of the first k members, per centre."""
+    lines = ["| centre | members | Dice (tissue tiles) | error-AUROC of UGA [95 % CI] |", "|---|---|---|---|"]
+    out: dict[str, dict] = {}
+    for centre, slides in by_centre.items():
+        for n in sorted(slides[0].size_counts):
+            tp, fp, fn = sum(s.size_counts[n] for s in slides)
+            dice = 2 * tp / max(1, 2 * tp + fp + fn)
+            point, lo, hi = bootstrap_auroc(slides, f"uga@{n}", rng, error=f"error@{n}")
+            out.setdefault(centre, {})[n] = {"dice": dice, "auroc": point, "ci": [lo, hi]}
+            auc = "–" if point is None else f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+            lines.append(f"| {centre} | {n} | {dice:.3f} | {auc} |")
+    return out, "\n".join(lines)
 
 
 def confident_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]:
@@ -236,16 +267,21 @@ def main() -> int:
     rows, measures_md = centre_table(by_centre, rng)
     confident, confident_md = confident_table(by_centre)
     flags, flags_md = flag_table(by_centre)
+    sizes, sizes_md = size_table(by_centre, rng)
+    sizes_md = "Ensemble size (the fused graph runs every member, so cost grows with their number):\n\n" + sizes_md
     header = (
         f"model {ensemble.version}, {args.slides} evaluation slides per centre of {args.size}² px at 0.5 µm/px, "
         f"tiles of {TILE} µm at {MPP} µm/px, {PIXELS_PER_SLIDE} pixels per slide, {BOOTSTRAP} bootstrap resamples"
     )
-    text = "\n\n".join([header, measures_md, confident_md, flags_md, f"wall time {time.time() - t0:.0f} s"])
+    text = "\n\n".join([header, measures_md, confident_md, flags_md, sizes_md, f"wall time {time.time() - t0:.0f} s"])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "uncertainty-gate.md").write_text(text + "\n")
     (args.out / "uncertainty-gate.json").write_text(
-        json.dumps({"model": ensemble.version, "measures": rows, "confident": confident, "flags": flags}, indent=2)
+        json.dumps(
+            {"model": ensemble.version, "measures": rows, "confident": confident, "flags": flags, "sizes": sizes},
+            indent=2,
+        )
     )
     return 0
 

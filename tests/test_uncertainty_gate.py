@@ -43,6 +43,22 @@ def test_the_slide_flag_separates_centres_by_their_share_beyond_the_threshold():
     assert "| nonhed | 0.400, 0.300, 0.005 | 0.667 | misses |" in text
 
 
+def test_ensemble_size_table_pools_a_centres_counts_into_dice_and_ranks_each_sizes_own_errors(monkeypatch):
+    monkeypatch.setattr(gate, "BOOTSTRAP", 50)
+    rng = np.random.default_rng(1)
+    slides = []
+    for _ in range(2):
+        error = rng.random(500) < 0.3
+        s = _slide("blur", np.zeros(500), error)
+        s.pixels.update({"uga@1": rng.random(500), "error@1": error, "uga@5": error + 0.0, "error@5": error})
+        s.size_counts = {1: np.array([8, 2, 2]), 5: np.array([9, 1, 1])}
+        slides.append(s)
+    sizes, text = gate.size_table({"blur": slides}, rng)
+    assert sizes["blur"][1]["dice"] == 0.8 and sizes["blur"][5]["dice"] == 0.9  # 2·16 / (2·16 + 4 + 4), 36/40
+    assert sizes["blur"][5]["auroc"] == 1.0 and abs(sizes["blur"][1]["auroc"] - 0.5) < 0.1
+    assert "| blur | 5 | 0.900 | 1.000 [1.000, 1.000] |" in text
+
+
 def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, capsys):
     model = tiny_model_dir(tmp_path, novelty=True)
     out = tmp_path / "out"
@@ -53,5 +69,7 @@ def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, caps
     expected = {"uga", "entropy", "mutual_information", "novelty", "neg_uga", "neg_novelty"}
     assert measures == {(c, m) for c in ("source", "nonhed") for m in expected}
     assert result["flags"]["nonhed"]["auroc"] is not None and len(result["flags"]["source"]["shares"]) == 2
+    members = sorted(int(n) for n in result["sizes"]["source"])
+    assert members[0] == 1 and all(0 <= v["dice"] <= 1 for v in result["sizes"]["nonhed"].values())
     printed = capsys.readouterr().out
     assert printed.strip() == (out / "uncertainty-gate.md").read_text().strip() and "error-AUROC" in printed
