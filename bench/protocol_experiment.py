@@ -326,16 +326,28 @@ def append(path: Path, rec: dict) -> None:
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_deltas(runs: list[dict], strategy: str, against: str, budget: int, patch_um: int, slides: list[str]):
+def paired_deltas(
+    runs: list[dict],
+    strategy: str,
+    against: str,
+    budget: int,
+    patch_um: int,
+    slides: list[str],
+    against_run: tuple[int, int] | None = None,
+):
     """(seeds, slides) array of Dice(strategy) − Dice(against) on ``slides``, over the seeds both ran
-    (``against`` may be "baseline", one model for every seed). None when nothing pairs."""
+    (``against`` may be "baseline", one model for every seed; ``against_run`` = (budget, patch_um) of
+    the other run when it differs). None when nothing pairs."""
     mine = {r["seed"]: r["dice"] for r in runs if r.get("key") == run_key(strategy, budget, patch_um, r.get("seed"))}
+    their_budget, their_patch = against_run or (budget, patch_um)
     if against == "baseline":
         base = next((r["dice"] for r in runs if r["key"] == "baseline"), None)
         theirs = dict.fromkeys(mine, base) if base else {}
     else:
         theirs = {
-            r["seed"]: r["dice"] for r in runs if r.get("key") == run_key(against, budget, patch_um, r.get("seed"))
+            r["seed"]: r["dice"]
+            for r in runs
+            if r.get("key") == run_key(against, their_budget, their_patch, r.get("seed"))
         }
     seeds = sorted(set(mine) & set(theirs))
     if not seeds:
@@ -409,25 +421,36 @@ def sanity_gate(
 
 
 def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
-    """Δ against random per centre and pooled (covered centres; nonhed and source apart), per budget."""
+    """Δ against random per centre and pooled (covered centres; nonhed and source apart), per budget;
+    for patches larger than 256 µm also each strategy against itself on 256 µm patches of the same area."""
     slides = centre_slides(runs)
     known = [c for c in cfg.quota_centres if c in LOCAL_CENTRES]  # none on real slides: pool every quota centre
     covered = [c for c in known if LOCAL_CENTRES[c].covered] if known else list(cfg.quota_centres)
     pooled_name = "pooled (covered)" if known else "pooled"
     rows = []
-    for strategy in [s for s in stage.strategies if s != "random"] + ["random"]:
-        against = "baseline" if strategy == "random" else "random"
+    pairs = [(s, "baseline" if s == "random" else "random", None) for s in stage.strategies if s != "random"]
+    pairs += [("random", "baseline", None)] if "random" in stage.strategies else []
+    small = (stage.patch_um // 256) ** 2  # 256 µm patches with the same area as one of these
+    pairs += [(s, s, small) for s in stage.strategies] if small > 1 else []
+    for strategy, against, per_patch in pairs:
         for budget in stage.budgets:
+            other = (budget * per_patch, 256) if per_patch else None
             groups = {c: [c] for c in slides} | ({pooled_name: covered} if covered else {})
             for name, centres in groups.items():
-                deltas = [paired_deltas(runs, strategy, against, budget, stage.patch_um, slides[c]) for c in centres]
+                deltas = [
+                    paired_deltas(runs, strategy, against, budget, stage.patch_um, slides[c], other) for c in centres
+                ]
                 if any(d is None for d in deltas):
                     continue
                 point, lo, hi = bootstrap_mean(deltas, cfg.bootstrap)
+                if per_patch:
+                    label, word = f"{against} @ 256 µm × {budget * per_patch}", _vs_small(lo, hi)
+                else:
+                    label, word = against, verdict(lo, hi) if against == "random" else _vs_baseline(lo, hi)
                 rows.append(
                     {
                         "strategy": strategy,
-                        "against": against,
+                        "against": label,
                         "budget": budget,
                         "area_mm2": round(budget * (stage.patch_um / 1000) ** 2, 3),
                         "centre": name,
@@ -435,10 +458,14 @@ def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
                         "delta": point,
                         "lo": lo,
                         "hi": hi,
-                        "verdict": verdict(lo, hi) if against == "random" else _vs_baseline(lo, hi),
+                        "verdict": word,
                     }
                 )
     return rows
+
+
+def _vs_small(lo: float, hi: float) -> str:
+    return "larger patches better" if lo > 0 else "smaller patches better" if hi < 0 else "no evidence either way"
 
 
 def _vs_baseline(lo: float, hi: float) -> str:

@@ -94,6 +94,37 @@ def test_the_sanity_gate_asks_order_where_patches_went_and_the_floor_everywhere(
     assert np.allclose(px.paired_deltas(good, "random", "baseline", 10, 256, ["source-eval0"]), -0.02)
 
 
+def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by_seed():
+    centres = {"blur-eval0": "blur", "blur-eval1": "blur"}
+    runs = [{"key": "baseline", "strategy": "baseline", "dice": dict.fromkeys(centres, 0.7), "centres": centres}]
+    for strategy, budget, patch, dice in [
+        ("uga_topk", 1, 1024, 0.80),
+        ("random", 1, 1024, 0.78),
+        ("uga_topk", 16, 256, 0.75),
+        ("random", 16, 256, 0.79),
+    ]:
+        for seed in range(3):
+            runs.append(
+                {
+                    "key": px.run_key(strategy, budget, patch, seed),
+                    "strategy": strategy,
+                    "budget": budget,
+                    "patch_um": patch,
+                    "seed": seed,
+                    "dice": dict.fromkeys(centres, dice + 0.01 * seed),
+                }
+            )
+    cfg = px.Config(quota_centres=["blur"], bootstrap=200)
+    rows = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024))
+    by = {(r["strategy"], r["against"], r["centre"]): r for r in rows}
+    assert by[("uga_topk", "random", "blur")]["delta"] == pytest.approx(0.02)
+    assert by[("random", "baseline", "blur")]["delta"] == pytest.approx(0.09)
+    same_area = by[("uga_topk", "uga_topk @ 256 µm × 16", "blur")]
+    assert same_area["delta"] == pytest.approx(0.05) and same_area["verdict"] == "larger patches better"
+    assert by[("random", "random @ 256 µm × 16", "blur")]["verdict"] == "smaller patches better"
+    assert same_area["area_mm2"] == pytest.approx(1.049, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
     out = tmp_path / "out"
