@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,train,serve,dev
+EXTRAS ?= cpu,train,serve,dev,bench
 SERVE_EXTRAS ?= cpu,serve
 
 .PHONY: setup setup-serve serve demo runner test test-fast lint bench train image image-gpu clean
