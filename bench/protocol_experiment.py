@@ -42,7 +42,7 @@ from models.data.slidegen import companion_paths, slide_seed  # noqa: E402
 from models.data.sources import cache_dir  # noqa: E402
 from models.data.textures import texture_bank  # noqa: E402
 from models.export import export_ensemble  # noqa: E402
-from models.finetune import FinetuneBudget, finetune_members  # noqa: E402
+from models.finetune import FinetuneBudget, finetune_members, planned_steps  # noqa: E402
 from service.fsutil import sha256_file  # noqa: E402
 from service.inference.analysis import QUEUE_CELL, analyse  # noqa: E402
 from service.inference.engine import segment  # noqa: E402
@@ -90,8 +90,12 @@ ARMS = {"finetune": RECIPE, "retrain": replace(RECIPE, retrain=True)}
 SOURCE_BANK = "training-slides-protocol/train-bank.npz"  # under the cache: models.train --recipe protocol's
 
 SANITY_BUDGET = 10
+# the control (PROTOCOL.md): no corrections, the same number of steps on the replay / source alone,
+# so random − source_only is what the corrections add beyond more training
+CONTROL = "source_only"
 STAGES = {
     "sanity": Stage(["random", "oracle"], [SANITY_BUDGET]),
+    "control": Stage([CONTROL, "random"], [SANITY_BUDGET]),
     "compare": Stage(["uga_topk", "class_balanced", "uncertainty_diversity", "representative", "random"], [5, 10, 20]),
     # patch size at equal annotated area (PROTOCOL.md): one 1024 µm patch is sixteen 256 µm ones
     "size256": Stage(["uga_topk", "random"], [16, 32], patch_um=256),
@@ -276,7 +280,13 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
     log(f"{len(todo)} fine-tunes to run ({len(runs) - 1} already done)")
     t_stage = time.time()
     for n, (strategy, budget, seed) in enumerate(todo, 1):
-        patches = choose(pool, strategy, budget, k, seed, cfg.quota_centres)
+        run_recipe = replace(cfg.recipe, seed=seed)
+        if strategy == CONTROL:  # the steps a run of this budget plans, with no corrections
+            patches = []
+            run_recipe.steps = control_steps(cfg, budget, k * QUEUE_CELL)
+            run_recipe.steps_per_mm2 = 0.0
+        else:
+            patches = choose(pool, strategy, budget, k, seed, cfg.quota_centres)
         chosen = sorted((p.slide, p.row, p.col) for p in patches)
         rec = {
             "key": run_key(strategy, budget, stage.patch_um, seed),
@@ -287,22 +297,24 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
             "recipe": recipe,
             "patches": [audit_patch(p, pool_by_key, k) for p in patches],
         }
-        same = next((r for r in runs if r.get("seed") == seed and r.get("chosen") == chosen), None)
+        same = None
+        if strategy != CONTROL:
+            same = next((r for r in runs if r.get("seed") == seed and r.get("chosen") == chosen), None)
         if same is not None:
             rec.update(chosen=chosen, dice=same["dice"], finetune_s=0.0, eval_s=0.0, shared_with=same["key"])
         else:
             ordered = sorted(patches, key=lambda p: (p.slide, p.row, p.col))
             pairs = read_corrections(ordered, by_ref, k * QUEUE_CELL)
             t0 = time.time()
-            members, _ = finetune_members(
-                model / "members.pt", pairs, replay, replace(cfg.recipe, seed=seed), source=source
-            )
+            members, _ = finetune_members(model / "members.pt", pairs, replay, run_recipe, source=source)
             t_ft = time.time() - t0
             mdir = Path(tempfile.mkdtemp(prefix="ft-", dir=work))
             export_ensemble(members, mdir / "ensemble.onnx")
             ens = Ensemble(mdir / "ensemble.onnx", f"ft-{rec['key']}", threads=cfg.recipe.threads)
             t0 = time.time()
             rec.update(chosen=chosen, dice=evaluate_all(ens, eval_refs, work), finetune_s=round(t_ft, 1))
+            if strategy == CONTROL:
+                rec["steps"] = run_recipe.steps
             rec["eval_s"] = round(time.time() - t0, 1)
             del ens
             shutil.rmtree(mdir, ignore_errors=True)
@@ -314,6 +326,14 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
             f"(fine-tune {rec['finetune_s']:.0f} s, eval {rec['eval_s']:.0f} s); about {eta:.0f} min left"
         )
     return runs
+
+
+def control_steps(cfg: Config, budget: int, side_px: int) -> int:
+    """Steps per member of a run of ``budget`` patches per quota centre (its held-out share excluded)."""
+    n = budget * len(cfg.quota_centres)
+    every = cfg.recipe.holdout_every
+    trained = n - (n // every if every > 0 and n >= every else 0)
+    return planned_steps(cfg.recipe, [np.zeros((side_px, side_px), np.uint8)] * trained, mpp=MPP)
 
 
 def append(path: Path, rec: dict) -> None:
@@ -661,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--{name} {sorted(unknown)} are not in stage {args.stage!r}: {getattr(stage, name)}")
             setattr(stage, name, [v for v in getattr(stage, name) if v in wanted])
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.stage != "sanity" and not args.quick:
+    if args.stage not in ("sanity", "control") and not args.quick:
         ok, _ = sanity_gate(current_runs(load_runs(args.out / "runs.jsonl"), cfg.recipe))
         if not ok:
             print("protocol_experiment: the sanity gate has not passed; run --stage sanity first (PROTOCOL.md)")

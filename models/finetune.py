@@ -118,14 +118,18 @@ def finetune_members(
 ) -> tuple[list[UNet], dict]:
     """Continue every member of ``parent_weights`` on the corrections (augmented) plus replay, or,
     with ``budget.retrain``, on the corrections plus its own part of ``source`` (the training bank:
-    images, masks, slide of each patch), randomly cropped as the baseline was trained."""
+    images, masks, slide of each patch), randomly cropped as the baseline was trained. Without
+    corrections (the experiment's control) each member trains on that replay or source part alone,
+    for ``budget.steps``."""
     if budget.retrain and source is None:
         raise ValueError("the retrain arm needs the source training bank (images, masks, slides)")
     torch.set_num_threads(max(1, budget.threads))
     members, ckpt = load_members(parent_weights)
     train, held = split_holdout(corrections, budget.holdout_every)
     steps = planned_steps(budget, train[1])
-    images, masks = crop_bank(*train, budget.patch, per_image=32, seed=budget.seed)
+    images = masks = None  # no corrections (a control run): each member goes on on its replay alone
+    if train[0]:
+        images, masks = crop_bank(*train, budget.patch, per_image=32, seed=budget.seed)
     validation = None
     if held is not None:
         validation = crop_bank(*held, budget.patch, per_image=8, seed=budget.seed + 1)
@@ -140,6 +144,23 @@ def finetune_members(
             own = member_training_set(ckpt.get("recipe", {}), i, len(source[0]), source[2])
             member_replay = (source[0][own], source[1][own])
             share = len(own) / (len(own) + len(train[0]))
+        if images is None:
+            if member_replay is None:
+                raise ValueError("nothing to train on: no corrections and no replay")
+            fit_member(
+                member,
+                *member_replay,
+                steps=steps,
+                batch=budget.batch,
+                lr=budget.lr,
+                seed=budget.seed + i,
+                stain_augment=True,
+                strength=strength,
+                crop=budget.patch,
+                progress=(lambda s, _t, _l, i=i: progress(i * steps + s, total)) if progress else None,
+                device=device,
+            )
+            continue
         fit_member(
             member,
             images,

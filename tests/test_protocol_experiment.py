@@ -125,6 +125,13 @@ def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by
     assert same_area["area_mm2"] == pytest.approx(1.049, abs=1e-3)
 
 
+def test_the_control_takes_the_steps_a_run_of_its_budget_would_take():
+    cfg = px.Config()  # five quota centres, every 5th correction held out, 240 steps per mm² up to 800
+    assert px.control_steps(cfg, 10, 256) == round(240 * 40 * 0.256**2)  # 50 patches, 40 trained on
+    assert px.control_steps(cfg, 20, 256) == 800  # capped
+    assert px.control_steps(cfg, 10, 256) == px.planned_steps(cfg.recipe, [np.zeros((256, 256))] * 40)
+
+
 @pytest.mark.slow
 def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
     out = tmp_path / "out"
@@ -155,6 +162,11 @@ def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
     runs = px.load_runs(out / "runs.jsonl")
     assert len(runs) == 8 and runs[-1]["recipe"]["retrain"] and runs[-1]["key"] == "random/2/256/0"
     assert "arm `retrain`" in (out / "results-sanity-retrain.md").read_text()
+    # the control: no corrections, as many steps as a run of the budget would take
+    assert px.main(["--quick", "--stage", "control", "--seeds", "1", "--out", str(out)]) == 0
+    control = px.load_runs(out / "runs.jsonl")[-1]
+    assert control["key"] == "source_only/2/256/0" and control["chosen"] == [] and control["steps"] == 2
+    assert "| source_only | random | 2 (0.131) |" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -227,3 +227,24 @@ def test_a_larger_correction_gets_crops_in_proportion_to_its_area_up_to_a_cap():
     assert n_crops(128) == 4 and n_crops(256) == 4  # up to 256² px: per_image
     assert n_crops(512) == 16  # four times the area
     assert n_crops(2048) == 4 * MAX_AREA_UNITS  # 64 times the area, capped
+
+
+def test_without_corrections_each_member_trains_on_its_replay_alone(monkeypatch, tmp_path):
+    """The experiment's control: no corrections, so no held-out set and no replay share; the source
+    part (or the replay) is the whole batch, cropped like the baseline's training."""
+    import models.finetune as ft
+
+    members = [UNet(base=4, depth=2, groups=2) for _ in range(2)]
+    recipe = {"base": 4, "depth": 2, "folds": 2, "augment": ["light", "strong"], "seed": 0}
+    monkeypatch.setattr(ft, "load_members", lambda _p: (members, {"recipe": recipe}))
+    calls = []
+    monkeypatch.setattr(ft, "fit_member", lambda member, *a, **kw: calls.append((a, kw)))
+    src_images, src_masks = _patches(8, 32, seed=6)
+    slides = np.repeat(np.arange(4), 2)
+    budget = ft.FinetuneBudget(steps=7, patch=16, holdout_every=5, symmetric=True, retrain=True)
+    ft.finetune_members(tmp_path / "m.pt", ([], []), None, budget, source=(src_images, src_masks, slides))
+    for m, (args, kw) in enumerate(calls):
+        np.testing.assert_array_equal(args[0], src_images[slides % 2 != m])
+        assert kw["steps"] == 7 and kw["crop"] == 16 and "replay" not in kw and "validation" not in kw
+    with pytest.raises(ValueError, match="nothing to train on"):
+        ft.finetune_members(tmp_path / "m.pt", ([], []), None, ft.FinetuneBudget(steps=2))
