@@ -248,3 +248,19 @@ def test_without_corrections_each_member_trains_on_its_replay_alone(monkeypatch,
         assert kw["steps"] == 7 and kw["crop"] == 16 and "replay" not in kw and "validation" not in kw
     with pytest.raises(ValueError, match="nothing to train on"):
         ft.finetune_members(tmp_path / "m.pt", ([], []), None, ft.FinetuneBudget(steps=2))
+
+
+def test_the_runner_takes_every_budget_field_from_its_settings_but_the_seed_and_the_retrain_arm(tmp_path):
+    from dataclasses import fields
+
+    from models.finetune import FinetuneBudget
+    from service.config import Settings
+    from service.loop.candidate import UNSET, finetune_budget
+
+    settings = Settings(data_dir=tmp_path, finetune_lr=1e-3, finetune_max_steps=800, finetune_symmetric=True)
+    budget = finetune_budget(settings, seed=3)
+    assert budget.seed == 3 and budget.lr == 1e-3 and budget.max_steps == 800 and budget.symmetric
+    assert budget.retrain is False  # the service ships no source training bank
+    assert {f.name for f in fields(FinetuneBudget)} - set(UNSET) <= {
+        name.removeprefix("finetune_") for name in Settings.model_fields
+    }

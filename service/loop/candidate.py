@@ -28,11 +28,15 @@ class Candidate:
         return self.card["version"]
 
 
+UNSET = ("seed", "retrain")  # FinetuneBudget fields with no setting
+
+
 def finetune_budget(settings: Settings, seed: int):
-    """The runner's fine-tune budget: each field from the setting ``finetune_<field>``."""
+    """The runner's fine-tune budget: each field from the setting ``finetune_<field>`` (the experiment's
+    retrain arm stays off: it needs the source training bank, which the service does not ship)."""
     from models.finetune import FinetuneBudget
 
-    values = {f.name: getattr(settings, f"finetune_{f.name}") for f in fields(FinetuneBudget) if f.name != "seed"}
+    values = {f.name: getattr(settings, f"finetune_{f.name}") for f in fields(FinetuneBudget) if f.name not in UNSET}
     return FinetuneBudget(**values, seed=seed)
 
 
