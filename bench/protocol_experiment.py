@@ -82,6 +82,7 @@ class Stage:
     budgets: list[int]  # patches per centre
     patch_um: int = 256
     seeds: int = 5
+    holdout_every: int | None = None  # overrides the recipe's (the size stages: none, PROTOCOL.md)
 
 
 # the paper's arm (PROTOCOL.md): each member goes on training on its own part of the source training
@@ -98,8 +99,9 @@ STAGES = {
     "control": Stage([CONTROL, "random"], [SANITY_BUDGET]),
     "compare": Stage(["uga_topk", "class_balanced", "uncertainty_diversity", "representative", "random"], [5, 10, 20]),
     # patch size at equal annotated area (PROTOCOL.md): one 1024 µm patch is sixteen 256 µm ones
-    "size256": Stage(["uga_topk", "random"], [16, 32], patch_um=256),
-    "size1024": Stage(["uga_topk", "random"], [1, 2], patch_um=1024),
+    # no held-out corrections in either size: a 1024 µm budget of 1 would lose a centre's only patch
+    "size256": Stage(["uga_topk", "random"], [16, 32], patch_um=256, holdout_every=0),
+    "size1024": Stage(["uga_topk", "random"], [1, 2], patch_um=1024, holdout_every=0),
 }
 
 
@@ -238,7 +240,8 @@ def load_runs(path: Path) -> list[dict]:
 
 def current_runs(runs: list[dict], recipe: FinetuneBudget) -> list[dict]:
     """The baseline and the runs made with ``recipe`` (a fixed recipe's earlier runs stay on file)."""
-    return [r for r in runs if r["strategy"] == "baseline" or r["recipe"] == asdict(recipe)]
+    defaults = asdict(FinetuneBudget())  # a run written before a field existed had its default
+    return [r for r in runs if r["strategy"] == "baseline" or {**defaults, **r["recipe"]} == asdict(recipe)]
 
 
 def run_key(strategy: str, budget: int, patch_um: int, seed: int) -> str:
@@ -299,7 +302,17 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
         }
         same = None
         if strategy != CONTROL:
-            same = next((r for r in runs if r.get("seed") == seed and r.get("chosen") == chosen), None)
+            same = next(
+                (
+                    r
+                    for r in runs
+                    if r.get("seed") == seed
+                    and r.get("patch_um") == stage.patch_um
+                    and r.get("strategy") != CONTROL
+                    and r.get("chosen") == chosen
+                ),
+                None,
+            )
         if same is not None:
             rec.update(chosen=chosen, dice=same["dice"], finetune_s=0.0, eval_s=0.0, shared_with=same["key"])
         else:
@@ -595,18 +608,20 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     centres = list(dict.fromkeys(r["centre"] for r in rows))
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    series = list(dict.fromkeys((r["strategy"], r["against"]) for r in rows))
+    budgets = sorted({r["budget"] for r in rows})
     fig, axes = plt.subplots(1, len(centres), figsize=(2.8 * len(centres), 3.2), sharey=True, squeeze=False)
     for ax, centre in zip(axes[0], centres, strict=True):
-        for i, s in enumerate(strategies):
-            rs = [r for r in rows if r["centre"] == centre and r["strategy"] == s]
-            x = np.arange(len(rs)) + (i - (len(strategies) - 1) / 2) * 0.15  # side by side around each budget
+        for i, (s, against) in enumerate(series):
+            rs = [r for r in rows if r["centre"] == centre and r["strategy"] == s and r["against"] == against]
+            offset = (i - (len(series) - 1) / 2) * 0.6 / max(1, len(series))  # side by side around each budget
+            x = np.array([budgets.index(r["budget"]) for r in rs]) + offset
             y = np.array([r["delta"] for r in rs])
             err = np.array([[r["delta"] - r["lo"] for r in rs], [r["hi"] - r["delta"] for r in rs]])
-            ax.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=2, label=f"{s} − {rs[0]['against']}" if rs else s)
-            ax.set_xticks(np.arange(len(rs)), [str(r["budget"]) for r in rs])
+            ax.errorbar(x, y, yerr=err, fmt="o", ms=3, capsize=2, label=f"{s} − {against}")
+        ax.set_xticks(np.arange(len(budgets)), [str(b) for b in budgets])
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlim(-0.6, len({r["budget"] for r in rows}) - 0.4)
+        ax.set_xlim(-0.6, len(budgets) - 0.4)
         ax.set_title(centre, fontsize=9)
         ax.set_xlabel("patches per centre")
     axes[0][0].set_ylabel("Δ Dice (95 % CI)")
@@ -655,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--arm retrain needs the source training bank; {cfg.source_bank} is missing "
                 "(python -m models.train prepare --recipe protocol builds it, or give --source-bank)"
             )
+        card = json.loads((args.model / "card.json").read_text()) if (args.model / "card.json").is_file() else {}
+        if card.get("recipe", {}).get("folds") and load_bank_slides(cfg.source_bank) is None:
+            ap.error(f"{cfg.source_bank} records no slide per patch; the model's members train on folds of slides")
     if args.quick:
         cfg = Config(
             pool_per_centre=1,
@@ -681,8 +699,11 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--{name} {sorted(unknown)} are not in stage {args.stage!r}: {getattr(stage, name)}")
             setattr(stage, name, [v for v in getattr(stage, name) if v in wanted])
     args.out.mkdir(parents=True, exist_ok=True)
+    gate_recipe = cfg.recipe  # the arm's recipe, on which the sanity gate ran
+    if stage.holdout_every is not None:
+        cfg.recipe = replace(cfg.recipe, holdout_every=stage.holdout_every)
     if args.stage not in ("sanity", "control") and not args.quick:
-        ok, _ = sanity_gate(current_runs(load_runs(args.out / "runs.jsonl"), cfg.recipe))
+        ok, _ = sanity_gate(current_runs(load_runs(args.out / "runs.jsonl"), gate_recipe))
         if not ok:
             print("protocol_experiment: the sanity gate has not passed; run --stage sanity first (PROTOCOL.md)")
             return 2

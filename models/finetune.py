@@ -118,9 +118,9 @@ def finetune_members(
 ) -> tuple[list[UNet], dict]:
     """Continue every member of ``parent_weights`` on the corrections (augmented) plus replay, or,
     with ``budget.retrain``, on the corrections plus its own part of ``source`` (the training bank:
-    images, masks, slide of each patch), randomly cropped as the baseline was trained. Without
-    corrections (the experiment's control) each member trains on that replay or source part alone,
-    for ``budget.steps``."""
+    images, masks, slide of each patch), randomly cropped as the baseline was trained, every 256² px
+    of either equally likely. Without corrections (the experiment's control) each member trains on
+    that replay or source part alone, for ``budget.steps``."""
     if budget.retrain and source is None:
         raise ValueError("the retrain arm needs the source training bank (images, masks, slides)")
     torch.set_num_threads(max(1, budget.threads))
@@ -143,7 +143,8 @@ def finetune_members(
         if budget.retrain:
             own = member_training_set(ckpt.get("recipe", {}), i, len(source[0]), source[2])
             member_replay = (source[0][own], source[1][own])
-            share = len(own) / (len(own) + len(train[0]))
+            corrected = sum(area_units(m.shape) for m in train[1])  # in 256² px, the source patches' size
+            share = len(own) / (len(own) + corrected)
         if images is None:
             if member_replay is None:
                 raise ValueError("nothing to train on: no corrections and no replay")

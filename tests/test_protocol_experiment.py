@@ -189,3 +189,20 @@ def test_the_same_command_runs_on_a_folder_of_real_slides_with_masks(tmp_path, c
     assert runs[0]["centres"] == {"hospital-a-eval-case": "hospital-a"}
     assert {p["slide"] for r in runs[1:] for p in r["patches"]} == {"hospital-a-pool-case"}
     assert "| hospital-a | " in printed and "| pooled |" in printed
+
+
+def test_runs_written_before_a_recipe_field_existed_count_as_its_default():
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(px.RECIPE).items() if k != "retrain"}  # a run from before the retrain arm
+    runs = [
+        {"key": "baseline", "strategy": "baseline"},
+        {"key": "random/10/256/0", "strategy": "random", "recipe": old},
+    ]
+    assert len(px.current_runs(runs, px.ARMS["finetune"])) == 2
+    assert len(px.current_runs(runs, px.ARMS["retrain"])) == 1  # the baseline only
+
+
+def test_the_size_stages_hold_no_correction_out_in_either_size():
+    assert px.STAGES["size1024"].holdout_every == 0 and px.STAGES["size256"].holdout_every == 0
+    assert px.STAGES["size1024"].budgets == [b // 16 for b in px.STAGES["size256"].budgets]  # the same area

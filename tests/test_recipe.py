@@ -215,6 +215,12 @@ def test_retrain_arm_gives_each_member_its_own_source_folds_in_proportion(monkey
         np.testing.assert_array_equal(kw["replay"][0], src_images[own])
         assert kw["replay_share"] == pytest.approx(6 / (6 + 8))  # 8 corrections trained on, 2 held out
         assert kw["replay_augment"] is True and kw["validation"] is not None
+    calls.clear()  # two 512² px corrections weigh as eight 256² px source patches
+    big = tuple(list(x) for x in _patches(2, 512, seed=7))
+    ft.finetune_members(
+        parent, big, None, ft.FinetuneBudget(steps=2, patch=16, retrain=True), source=(src_images, src_masks, slides)
+    )
+    assert [kw["replay_share"] for kw in calls] == [pytest.approx(6 / (6 + 8))] * 2
 
 
 def test_a_larger_correction_gets_crops_in_proportion_to_its_area_up_to_a_cap():
