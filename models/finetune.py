@@ -145,41 +145,32 @@ def finetune_members(
             member_replay = (source[0][own], source[1][own])
             corrected = sum(area_units(m.shape) for m in train[1])  # in 256² px, the source patches' size
             share = len(own) / (len(own) + corrected)
+        common = {
+            "steps": steps,
+            "batch": budget.batch,
+            "lr": budget.lr,
+            "seed": budget.seed + i,
+            "stain_augment": True,
+            "strength": strength,
+            "progress": (lambda s, _t, _l, i=i: progress(i * steps + s, total)) if progress else None,
+            "device": device,
+        }
         if images is None:
             if member_replay is None:
                 raise ValueError("nothing to train on: no corrections and no replay")
+            fit_member(member, *member_replay, crop=budget.patch, **common)
+        else:
             fit_member(
                 member,
-                *member_replay,
-                steps=steps,
-                batch=budget.batch,
-                lr=budget.lr,
-                seed=budget.seed + i,
-                stain_augment=True,
-                strength=strength,
-                crop=budget.patch,
-                progress=(lambda s, _t, _l, i=i: progress(i * steps + s, total)) if progress else None,
-                device=device,
+                images,
+                masks,
+                replay=member_replay,
+                replay_share=share,
+                replay_augment=budget.symmetric,
+                validation=validation,
+                eval_every=max(1, steps // 5),
+                **common,
             )
-            continue
-        fit_member(
-            member,
-            images,
-            masks,
-            steps=steps,
-            batch=budget.batch,
-            lr=budget.lr,
-            seed=budget.seed + i,
-            stain_augment=True,
-            strength=strength,
-            replay=member_replay,
-            replay_share=share,
-            replay_augment=budget.symmetric,
-            validation=validation,
-            eval_every=max(1, steps // 5),
-            progress=(lambda s, _t, _l, i=i: progress(i * steps + s, total)) if progress else None,
-            device=device,
-        )
     return members, ckpt
 
 
