@@ -189,7 +189,7 @@ def test_an_admin_sees_the_model_panel(server, browser):
     page = p.page
     page.wait_for_selector("#model-panel:not([hidden])")
     page.wait_for_function("() => document.getElementById('model-serving').textContent.includes('baseline')")
-    assert "none yet" in page.inner_text("#runs")
+    page.wait_for_function("() => document.getElementById('runs').textContent.includes('none yet')")  # no run yet
     page.close()
 
 
@@ -227,7 +227,10 @@ def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):
         page.wait_for_function("() => document.getElementById('who').textContent.includes('dr.house')")
         assert page.inner_text("#who") == "dr.house · annotator"
         assert "code=" not in page.url and not page.is_visible("#sign-in")  # the code left the address bar
-        assert "No segmented slides yet" in page.inner_text("#status")  # the API answered the JWT
+        # the API answered the JWT: the slide list (fetched after the user) comes back empty
+        page.wait_for_function(
+            "() => document.getElementById('status').textContent.includes('No segmented slides yet')"
+        )
         assert not idp.refusals and not idp.codes and not problems, (idp.refusals, problems)
         page.close()
     finally:
