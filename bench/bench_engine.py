@@ -199,6 +199,23 @@ def best(runs: list[dict], key: str) -> dict:
     return min(runs, key=lambda r: r[key])
 
 
+def rss_kib() -> int:
+    """Peak RSS of this process's memory (KiB).
+
+    ru_maxrss alone is wrong here: Linux carries the parent's peak across fork+exec into the
+    child's ru_maxrss (signal->maxrss), so a child of a ~700 MB benchmark would report at least
+    that. VmHWM belongs to the exec'd image only (and clear_refs resets it).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
 def memory_child(path: str, model_dir: str) -> None:
     """Fresh process: load the model, run ``run_segmentation``, print peak RSS (KiB) as JSON.
 
@@ -206,22 +223,6 @@ def memory_child(path: str, model_dir: str) -> None:
     finished (ru_maxrss only grows, so this is the engine's own peak).
     """
     import service.inference.pipeline as pipeline
-
-    def rss_kib() -> int:
-        """Peak RSS of this process's memory (KiB).
-
-        ru_maxrss alone is wrong here: Linux carries the parent's peak across fork+exec into the
-        child's ru_maxrss (signal->maxrss), so a child of this ~700 MB benchmark would report at
-        least that. VmHWM belongs to the exec'd image only (and clear_refs resets it).
-        """
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
     def current_kib() -> int:
         with open("/proc/self/statm") as f:

@@ -38,19 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_engine import SlideSpec, ensure_slide  # noqa: E402
+from bench.bench_engine import SlideSpec, ensure_slide, rss_kib  # noqa: E402
 
 CONTENDERS = ("uga", "monai_sw", "monai_patch")
 TILE, OVERLAP, BATCH, MPP = 256, 32, 2, 1.0  # the engine's defaults (service/options.py)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's peak over exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def mean_probability_net(model_dir: Path):
@@ -202,7 +193,7 @@ def session_tiles_per_s(model_dir: Path, tiles: int = 64) -> float:
 
 def child(name: str, slide: Path, model_dir: Path) -> None:
     result = {"uga": run_uga, "monai_sw": run_monai_sw, "monai_patch": run_monai_patch}[name](slide, model_dir)
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_rss_mib"] = rss_kib() / 1024
     print(json.dumps(result))
 
 

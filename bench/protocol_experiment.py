@@ -308,8 +308,7 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
                     for r in runs
                     if r.get("seed") == seed
                     and r.get("patch_um") == stage.patch_um
-                    and r.get("strategy") != CONTROL
-                    and r.get("chosen") == chosen
+                    and r.get("chosen") == chosen  # never a control's: only a control chose no patch
                 ),
                 None,
             )
