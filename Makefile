@@ -46,7 +46,7 @@ bench: setup                  ## engine benchmark (prints a table)
 	$(BIN)/python bench/bench_engine.py
 
 train: setup                  ## retrain the shipped baseline (all stages; fit uses CUDA when present)
-	$(BIN)/python -m models.train --out models/baseline
+	$(BIN)/python -m models.train
 
 image: setup-serve            ## OCI images with podman, offline: localhost/uga-serve:VERSION, localhost/uga-runner:VERSION
 	PY=$(BIN)/python image/build.sh serve runner

@@ -1,6 +1,6 @@
 """Serving throughput of two (or more) model directories on the same slide, measured in one run.
 
-    .venv/bin/python bench/bench_models.py --models models/baseline models/baseline-protocol [--rounds 3]
+    .venv/bin/python bench/bench_models.py --models models/baseline-composite models/baseline [--rounds 3]
 
 Each round segments the engine benchmark's slide (bench/bench_engine.py: centre "source", 8192² px
 at 0.5 µm/px, 60 % tissue, cached) once with every model, in alternating order, through the serving pipeline

@@ -64,7 +64,7 @@ from service.vocabulary import MEASURES  # noqa: E402
 from service.wsi.slide import RegionReader, open_slide  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE = REPO / "models" / "baseline"
+BASELINE = REPO / "models" / "baseline-composite"  # the stress test's model (models.train --recipe composite)
 MPP = 1.0  # analysis µm/px (the baseline's input resolution)
 SLIDE_MPP = 0.5  # level-0 µm/px of the built slides
 THRESHOLD = 0.5
@@ -544,7 +544,7 @@ def _run(cfg: Config, out: Path, slide_root: Path, work: Path, t_start: float) -
         "config": asdict(cfg),
         "protocol": {
             "model": {
-                "dir": "models/baseline",
+                "dir": "models/baseline-composite",
                 "version": card["version"],
                 "members": card["recipe"]["members"],
                 "trained_on": card["training_data"]["centre"],
@@ -564,7 +564,7 @@ def _run(cfg: Config, out: Path, slide_root: Path, work: Path, t_start: float) -
             "finetune": {
                 **asdict(recipe),
                 "seed": "= experiment seed",
-                "replay": "models/baseline/replay.npz",
+                "replay": "models/baseline-composite/replay.npz",
                 "note": "finetune_members(), the recipe service/loop/candidate.py runs (FinetuneBudget defaults)"
                 + ("" if cfg.steps is None else f"; steps overridden to {cfg.steps}"),
             },

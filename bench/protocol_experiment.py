@@ -53,7 +53,7 @@ from service.inference.selection import Candidate, select  # noqa: E402
 from service.options import SegmentationOptions  # noqa: E402
 from service.wsi.slide import open_slide  # noqa: E402
 
-MODEL = REPO / "models" / "baseline-protocol"
+MODEL = REPO / "models" / "baseline"
 POOL_SEED = 78_000  # pool slides; evaluation slides are bench/uncertainty_gate.py's (77 000)
 SLIDE_SIDE = 6144  # evaluation slides, level-0 px at 0.5 µm/px (9.4 mm², about 5.7 mm² of tissue)
 POOL_SIDE = 4096  # pool slides (4.2 mm², about 2.5 mm² of tissue; 4 per centre hold 150 patches of 256 µm)

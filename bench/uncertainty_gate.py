@@ -1,7 +1,7 @@
 """The uncertainty gate of the pre-registered protocol (bench/PROTOCOL.md): before any selection run,
 does each measure find the model's errors, per centre, on slides never selected from?
 
-    .venv/bin/python bench/uncertainty_gate.py --model models/baseline-protocol [--slides 4] [--size 6144]
+    .venv/bin/python bench/uncertainty_gate.py [--model models/baseline] [--slides 4] [--size 6144]
     .venv/bin/python bench/uncertainty_gate.py --model DIR --quick      # pipeline check (small slides)
 
 Builds (once, cached) the protocol's evaluation slides of every local-shift centre
@@ -245,7 +245,7 @@ def flag_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="a model directory (ensemble.onnx + card.json)")
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "baseline", help="ensemble.onnx + card.json")
     ap.add_argument("--slides", type=int, default=4, help="evaluation slides per centre")
     ap.add_argument("--size", type=int, default=6144, help="slide side, pixels at 0.5 µm/px")
     ap.add_argument("--centres", nargs="*", default=list(LOCAL_CENTRES))

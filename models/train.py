@@ -1,9 +1,9 @@
 """Train the baseline ensemble on the source centre, export ONNX, evaluate, write the model card.
 
-    python -m models.train --out models/baseline            # all stages on this machine
+    python -m models.train                                  # the shipped models/baseline (bench/PROTOCOL.md, ~1 h CPU)
     python -m models.train prepare|fit|finish --out DIR      # one stage (fit may run on a GPU)
     python -m models.train --out /tmp/m --quick             # pipeline check (~2 min)
-    python -m models.train --recipe protocol                # bench/PROTOCOL.md's baseline (~1 h CPU)
+    python -m models.train --recipe composite               # the stress test's models/baseline-composite
 
 Fine-tuning (models/finetune.py) reuses ``fit_member`` and ``augment``.
 """
@@ -75,8 +75,9 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "default": Recipe(),
-    # bench/PROTOCOL.md: generic augmentation at two strengths, members on different folds, early
+    # the first baseline: flips and rotations only, bootstrap members, composite slides (the stress test)
+    "composite": Recipe(),
+    # the shipped one, bench/PROTOCOL.md: generic augmentation at two strengths, members on different folds, early
     # stopping on a source validation split, then temperature scaling; the local-error benchmark's slides
     "protocol": Recipe(
         builder="local",
@@ -91,6 +92,7 @@ RECIPES: dict[str, Recipe] = {
         novelty=True,
     ),
 }
+SHIPPED = "protocol"  # the recipe of models/baseline
 
 
 def evaluate(onnx_path: Path, slides: list[Path], *, mpp: float = 1.0, workdir: Path) -> list[float]:
@@ -245,7 +247,7 @@ def finish(recipe: Recipe, out: Path, data_dir: Path, log: Callable[[str], None]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", nargs="?", default="all", choices=["all", "prepare", "fit", "finish"])
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED)
     ap.add_argument("--out", type=Path, default=None, help="default: models/baseline (models/baseline-<recipe>)")
     ap.add_argument("--data", type=Path, default=None, help="where training slides are built (cache)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -261,9 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         recipe.eval_every = 10
     if args.steps:
         recipe.steps = args.steps
-    suffix = "" if args.recipe == "default" else f"-{args.recipe}"
-    out = args.out or Path(__file__).parent / f"baseline{suffix}"
-    data = args.data or cache_dir() / f"training-slides{suffix}"
+    out = args.out or Path(__file__).parent / ("baseline" if args.recipe == SHIPPED else f"baseline-{args.recipe}")
+    cached = "training-slides" if args.recipe == "composite" else f"training-slides-{args.recipe}"
+    data = args.data or cache_dir() / cached
     bank = data / "train-bank.npz"
     if args.stage in ("all", "prepare"):
         bank = prepare(recipe, data)

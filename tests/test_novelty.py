@@ -75,6 +75,10 @@ def test_a_slide_gets_a_novelty_map_a_verdict_and_a_diverse_queue(tmp_path, sour
     queue = json.loads((tmp_path / "out" / "queue.json").read_text())  # the embedding reached the queue
     assert len(queue) == 3 and {i["selection"] for i in queue} == {"uncertainty_diversity"}
     assert not [f for f in (tmp_path / "out").iterdir() if "embedding" in f.name]  # internal, never a file
+    plain_model = load_ensemble(write_model_dir(tmp_path, members, version="tiny-plain"))
+    plain = run_segmentation(source_slide, tmp_path / "plain", plain_model, SegmentationOptions(queue_size=3))
+    assert "novelty" not in plain and not (tmp_path / "plain" / "novelty.tif").exists()  # no output, no verdict
+    assert plain["mean_uncertainty"] == with_novelty["mean_uncertainty"]  # the same members, the same maps
 
 
 def _stained(rng: np.random.Generator, n: int, stains: list[np.ndarray], scale: float = 1.0) -> np.ndarray:

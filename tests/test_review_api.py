@@ -131,7 +131,7 @@ def test_overlays_cover_the_slide_with_legends_in_words(env, finished):
         index = c.get(f"/v1/jobs/{finished['id']}/overlays").json()
         assert index["extent_level0"] == [2048, 2048] and index["mpp"] == 1.0 and index["size"] == [1024, 1024]
         names = [o["name"] for o in index["overlays"]]
-        assert names == ["outline", "uga", "entropy", "mutual_information"]
+        assert names == ["outline", "uga", "entropy", "mutual_information", "novelty"]
         uga = next(o for o in index["overlays"] if o["name"] == "uga")["legend"]
         assert uga["unit"] == "bits" and "agree" in uga["low"] and "look here" in uga["high"]
         outline = _image(c.get(index["overlays"][0]["url"]))
@@ -143,8 +143,9 @@ def test_overlays_cover_the_slide_with_legends_in_words(env, finished):
         np.testing.assert_array_equal(outline[..., 3] > 0, outline_rgba(tumour)[..., 3] > 0)  # its boundary
         r = c.get(f"/v1/jobs/{finished['id']}/overlays/probability.png")
         assert r.status_code == 404 and r.json()["error"]["code"] == "overlay_not_found"
-        assert index["novelty"] is None  # the shipped baseline has no novelty output: no map, no verdict
-        assert c.get(f"/v1/jobs/{finished['id']}/overlays/novelty.png").status_code == 404
+        verdict = index["novelty"]  # the shipped baseline's out-of-distribution verdict on this slide
+        assert verdict["out_of_distribution"] == (verdict["share_beyond_threshold"] > verdict["flag_share"])
+        assert _image(c.get(f"/v1/jobs/{finished['id']}/overlays/novelty.png")).shape == (1024, 1024, 4)
 
 
 def test_a_patch_has_an_uncertainty_inset_the_size_of_its_image(env, finished):

@@ -91,7 +91,7 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     page.select_option("#heat-measure", "entropy")
     page.wait_for_selector("#viewer[data-layers='entropy,outline']")
     assert "coin flip" in page.inner_text("#legend")
-    assert "does not compute one" in page.inner_text("[data-testid=ood-note]")  # the shipped baseline: no novelty
+    assert "unlike the training data" in page.inner_text("[data-testid=ood-note]")  # the baseline's novelty verdict
     page.uncheck("#layer-outline")
     page.wait_for_selector("#viewer[data-layers='entropy']")
     page.check("#layer-outline")
