@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from service.inference.engine import segment
+from service.inference.uncertainty import to_uint8
 from service.options import SegmentationOptions
+from service.wsi.raster import RasterFile, UpsampledRaster
 from service.wsi.slide import open_slide
 from service.wsi.tissue import tissue_mask
 
@@ -34,6 +36,52 @@ def test_every_tissue_pixel_is_predicted_although_glass_tiles_are_skipped(source
     assert (prob[tissue] == round(0.8 * 255)).all()  # blended constant, no seams, no holes
     assert (res.maps["mutual_information"].read_rows(0, res.grid.height)[tissue] == 0).all()
     res.close()
+
+
+class CellModel(ConstantModel):
+    """A model double with per-cell outputs (one value per 8 x 8 px cell), like a novelty graph."""
+
+    novelty, embedding_dims, cell_px = True, 2, 8
+
+    def predict_outputs(self, tiles):
+        b, h, w = len(tiles), tiles.shape[1] // 8, tiles.shape[2] // 8
+        return {
+            "member_probs": self.predict(tiles),
+            "novelty": np.full((b, 1, h, w), 2.0, np.float32),
+            "embedding": np.full((b, 2, h, w), -1.5, np.float32),
+        }
+
+
+@pytest.mark.parametrize(("overlap", "stored_per_cell"), [(32, True), (20, False)])
+def test_per_cell_outputs_are_stored_per_cell_and_read_per_pixel(source_slide, tmp_path, overlap, stored_per_cell):
+    """Tiles aligned with the cells: novelty and embedding are blended and stored per cell (64x fewer
+    values); otherwise per pixel as before. Either way they read back per pixel, seamless."""
+    slide = open_slide(source_slide)
+    res = segment(slide, CellModel(), tmp_path, SegmentationOptions(tile=256, overlap=overlap))
+    h, w = res.grid.height, res.grid.width
+    tissue = res.tissue.crop(0, 0, h, w, 1.0)
+    per_cell = -(-h // 8) * -(-w // 8)
+    for name, value in (("novelty", 2.0), ("embedding_1", -1.5)):
+        assert (tmp_path / f"{name}.raw").stat().st_size == (per_cell if stored_per_cell else h * w)
+        assert isinstance(res.maps[name], UpsampledRaster) is stored_per_cell
+        full = res.maps[name].read_rows(0, h)
+        assert full.shape == (h, w) and (full[tissue] == to_uint8(np.float32(value), name)).all()
+    assert (res.maps["probability"].read_rows(0, h)[tissue] == round(0.8 * 255)).all()
+    res.close()
+
+
+def test_an_upsampled_raster_reads_any_rows_like_the_repeated_cells(tmp_path):
+    cells = np.random.default_rng(0).integers(0, 256, (13, 11), dtype=np.uint8)
+    coarse = RasterFile(tmp_path / "c.raw", 13, 11, create=True)
+    coarse.write_block(0, 0, cells)
+    view = UpsampledRaster(coarse, 8, 100, 85)  # cropped: 13 x 8 = 104 rows, 11 x 8 = 88 columns
+    full = np.repeat(np.repeat(cells, 8, axis=0), 8, axis=1)[:100, :85]
+    for y0, y1 in ((0, 100), (3, 9), (7, 8), (16, 24), (95, 130)):
+        np.testing.assert_array_equal(view.read_rows(y0, y1), full[y0:y1])
+    assert np.array_equal(np.concatenate([rows for _, rows in view.iter_bands(30)]), full)
+    with pytest.raises(ValueError, match="cover"):
+        UpsampledRaster(coarse, 8, 105, 85)
+    view.close()
 
 
 def test_model_failure_is_raised_not_hung(source_slide, tmp_path):

@@ -23,7 +23,7 @@ from service.inference.tiling import TileGrid
 from service.inference.uncertainty import all_measures, to_uint8
 from service.options import SegmentationOptions
 from service.vocabulary import MAP_NAMES, NOVELTY
-from service.wsi.raster import RasterFile
+from service.wsi.raster import RasterFile, UpsampledRaster
 from service.wsi.slide import RegionReader, Slide, analysis_shape
 from service.wsi.tissue import TissueMask, tissue_mask
 
@@ -34,7 +34,7 @@ Progress = Callable[[int, int], None]
 class SegmentResult:
     """Disk rasters (uint8, analysis resolution) plus what a summary needs."""
 
-    maps: dict[str, RasterFile]
+    maps: dict[str, RasterFile | UpsampledRaster]  # per-cell maps are stored per cell, read per pixel
     tissue: TissueMask
     grid: TileGrid
     mpp: float
@@ -83,18 +83,36 @@ def segment(
     workdir.mkdir(parents=True, exist_ok=True)
     with_novelty = bool(getattr(ensemble, "novelty", False))
     embedding = tuple(f"embedding_{i}" for i in range(getattr(ensemble, "embedding_dims", 0)))
-    names = MAP_NAMES + ((NOVELTY,) if with_novelty else ()) + embedding  # embedding_<i>: internal, never a file
-    maps = {name: RasterFile(workdir / f"{name}.raw", height, width, create=True) for name in names}
-    maxima = dict.fromkeys(names, 0)
+    cell_names = ((NOVELTY,) if with_novelty else ()) + embedding  # embedding_<i>: internal, never a file
+    # per-cell outputs are blended and stored per cell (64x fewer values) when the tiles align with the cells
+    cell = int(getattr(ensemble, "cell_px", 0))
+    at_cells = bool(cell_names) and cell > 0 and opt.tile % cell == 0 and opt.overlap % cell == 0
+    pixel_names = MAP_NAMES + (() if at_cells else cell_names)
+    stored = {name: RasterFile(workdir / f"{name}.raw", height, width, create=True) for name in pixel_names}
+    maps: dict[str, RasterFile | UpsampledRaster] = dict(stored)
+    if at_cells:
+        cells_h, cells_w = -(-height // cell), -(-width // cell)
+        for name in cell_names:
+            stored[name] = RasterFile(workdir / f"{name}.raw", cells_h, cells_w, create=True)
+            maps[name] = UpsampledRaster(stored[name], cell, height, width)
+    maxima = dict.fromkeys(maps, 0)
     timings = {"tissue_s": time.perf_counter() - t_start, "read_s": 0.0, "infer_s": 0.0, "stitch_s": 0.0}
 
-    def sink(y: int, x: int, values: np.ndarray) -> None:
-        for i, name in enumerate(names):
-            q = to_uint8(values[i], name)
-            maxima[name] = max(maxima[name], int(q.max()))
-            maps[name].write_block(y, x, q)
+    def sink_for(names: tuple[str, ...]) -> Callable[[int, int, np.ndarray], None]:
+        def sink(y: int, x: int, values: np.ndarray) -> None:
+            for i, name in enumerate(names):
+                q = to_uint8(values[i], name)
+                maxima[name] = max(maxima[name], int(q.max()))
+                stored[name].write_block(y, x, q)
 
-    stitcher = Stitcher(height, width, opt.tile, opt.overlap, len(names), sink)
+        return sink
+
+    stitcher = Stitcher(height, width, opt.tile, opt.overlap, len(pixel_names), sink_for(pixel_names))
+    cell_stitcher = (
+        Stitcher(cells_h, cells_w, opt.tile // cell, opt.overlap // cell, len(cell_names), sink_for(cell_names))
+        if at_cells
+        else None
+    )
     reader = RegionReader(slide, opt.mpp)
     tiles_q: queue.Queue = queue.Queue(maxsize=2 * opt.batch + 2)
     results_q: queue.Queue = queue.Queue(maxsize=2)
@@ -129,19 +147,25 @@ def segment(
                 for r, c, present in positions:
                     if present:
                         m = all_measures(outputs["member_probs"][k])
-                        if with_novelty:
-                            m[NOVELTY] = cells_to_pixels(outputs[NOVELTY][k, 0], opt.tile)
-                        for i, name in enumerate(embedding):
-                            m[name] = cells_to_pixels(outputs["embedding"][k, i], opt.tile)
-                        stitcher.add(r, c, np.stack([m[n] for n in names]))
+                        per_cell = {NOVELTY: outputs[NOVELTY][k, 0]} if with_novelty else {}
+                        per_cell.update((name, outputs["embedding"][k, i]) for i, name in enumerate(embedding))
+                        if cell_stitcher:
+                            cell_stitcher.add(r, c, np.stack([per_cell[n] for n in cell_names]).astype(np.float32))
+                        else:
+                            m.update((n, cells_to_pixels(v, opt.tile)) for n, v in per_cell.items())
+                        stitcher.add(r, c, np.stack([m[n] for n in pixel_names]))
                         k += 1
                     else:
                         stitcher.add(r, c, None)
+                        if cell_stitcher:
+                            cell_stitcher.add(r, c, None)
                 done += k
                 timings["stitch_s"] += time.perf_counter() - t0
                 if progress and k:
                     progress(done, total)
             stitcher.finish()
+            if cell_stitcher:
+                cell_stitcher.finish()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
             while results_q.get() is not _END:  # drain so the producer never blocks
@@ -185,7 +209,7 @@ def segment(
         reader_thread.join()
         stitch_thread.join()
     if errors:
-        for r in maps.values():
+        for r in stored.values():
             r.close()
         raise errors[0]
     timings["total_s"] = time.perf_counter() - t_start

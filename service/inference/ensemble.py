@@ -68,6 +68,8 @@ class Ensemble:
         self.embedding_dims = int(outputs["embedding"].shape[1]) if "embedding" in outputs else 0
         self.novelty_threshold: float | None = None  # the source's high quantile, from the model card
         self.novelty_flag_share: float | None = None  # tissue share beyond it that flags a slide
+        # pixels per cell of the per-cell outputs (0: none); the graph states it only symbolically
+        self.cell_px = self._cell_side() if self.novelty or self.embedding_dims else 0
 
     @property
     def providers(self) -> list[str]:
@@ -84,6 +86,11 @@ class Ensemble:
         about 1 in domain) and ``embedding`` (B, E, H / 8, W / 8)."""
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(tiles, np.uint8)})
         return dict(zip(self.output_names, out, strict=True))
+
+    def _cell_side(self, probe: int = 64) -> int:
+        """Pixels per cell of ``novelty`` / ``embedding``, read off one run on a blank probe tile."""
+        out = self.predict_outputs(np.zeros((1, probe, probe, 3), np.uint8))
+        return probe // int(out["novelty" if self.novelty else "embedding"].shape[-1])
 
     def warm_up(self, tile: int = 256) -> None:
         self.predict(np.full((1, tile, tile, 3), 230, np.uint8))

@@ -79,3 +79,37 @@ class RasterFile:
     def __del__(self) -> None:  # pragma: no cover - safety net
         with contextlib.suppress(Exception):
             self.close()
+
+
+class UpsampledRaster:
+    """A read-only view of a coarse single-channel ``RasterFile`` at ``factor`` times its resolution
+    (each coarse pixel repeated factor x factor), cropped to (height, width): a per-cell map read
+    exactly like a per-pixel one, while only the cells are stored."""
+
+    channels = 1
+
+    def __init__(self, coarse: RasterFile, factor: int, height: int, width: int):
+        if coarse.channels != 1 or coarse.height * factor < height or coarse.width * factor < width:
+            raise ValueError("the coarse raster must be single-channel and cover (height, width) at factor")
+        self.coarse, self.factor, self.height, self.width = coarse, int(factor), int(height), int(width)
+        self.path = coarse.path
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows [y0, y1) at full resolution, shape (y1-y0, width)."""
+        y0, y1 = max(0, y0), min(self.height, y1)
+        f = self.factor
+        c0 = y0 // f
+        cells = self.coarse.read_rows(c0, -(-y1 // f))
+        rows = np.repeat(cells, f, axis=0)[y0 - c0 * f : y1 - c0 * f]
+        return np.repeat(rows, f, axis=1)[:, : self.width]
+
+    def iter_bands(self, band: int) -> Iterator[tuple[int, np.ndarray]]:
+        for y0 in range(0, self.height, band):
+            yield y0, self.read_rows(y0, y0 + band)
+
+    def close(self) -> None:
+        self.coarse.close()
