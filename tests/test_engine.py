@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pytest
 
+from service.inference.analysis import weighted_cell_sums
 from service.inference.engine import segment
 from service.inference.uncertainty import to_uint8
 from service.options import SegmentationOptions
@@ -109,3 +110,23 @@ def test_tissue_mask_of_glass_only_slide_is_empty(tmp_path):
     r.write_block(0, 0, np.full((600, 600, 3), 238, np.uint8))
     write_pyramid_tiff(tmp_path / "glass.tif", r, 0.5)
     assert tissue_mask(open_slide(tmp_path / "glass.tif")).fraction() == pytest.approx(0.0)
+
+
+def test_per_cell_maps_give_the_same_queue_cell_sums_as_their_pixels(tmp_path):
+    """Summed at cell resolution (cell value x tissue pixels in it) or per pixel: the same tissue-weighted
+    sums per 64-px queue cell, ragged edges included."""
+    rng = np.random.default_rng(1)
+    cells = rng.integers(0, 256, (17, 23), dtype=np.uint8)
+    coarse = RasterFile(tmp_path / "e.raw", 17, 23, create=True)
+    coarse.write_block(0, 0, cells)
+    full = RasterFile(tmp_path / "f.raw", 130, 181, create=True)
+    full.write_block(0, 0, np.repeat(np.repeat(cells, 8, axis=0), 8, axis=1)[:130, :181])
+    view = UpsampledRaster(coarse, 8, 130, 181)
+    for y0, y1 in ((0, 128), (128, 130)):
+        tissue = (rng.random((y1 - y0, 181)) > 0.3).astype(np.float32)
+        by_cell = weighted_cell_sums({"embedding_0": view}, tissue, y0)["embedding_0"]
+        by_pixel = weighted_cell_sums({"embedding_0": full}, tissue, y0)["embedding_0"]
+        assert by_cell.shape == by_pixel.shape == (-(-(y1 - y0) // 64), 3)
+        np.testing.assert_allclose(by_cell, by_pixel, rtol=1e-9)
+    view.close()
+    full.close()

@@ -11,7 +11,7 @@ from service.inference.engine import SegmentResult
 from service.inference.queue import PAPER_FRACTION, CellStats, cell_sums
 from service.inference.uncertainty import from_uint8
 from service.vocabulary import NOVELTY
-from service.wsi.raster import RasterFile
+from service.wsi.raster import RasterFile, UpsampledRaster
 
 QUEUE_CELL = 64  # analysis pixels per queue cell
 PREVIEW_MAX = 1024  # longest side of preview images
@@ -34,6 +34,24 @@ def block_mean(values: np.ndarray, f: int) -> np.ndarray:
     padded = np.zeros((gh * f, gw * f), np.float32)
     padded[:h, :w] = values
     return padded.reshape(gh, f, gw, f).mean(axis=(1, 3))
+
+
+def weighted_cell_sums(rasters: dict[str, RasterFile | UpsampledRaster], weights: np.ndarray, y0: int) -> dict:
+    """Per map: sums of its values x ``weights`` (tissue, rows y0..) over every queue cell. Per-cell maps
+    are summed at their own resolution (each model cell's value x its tissue pixels): the same sums
+    without repeating every cell to pixels."""
+    sums, per_cell = {}, {}
+    for name, raster in rasters.items():
+        f = raster.factor if isinstance(raster, UpsampledRaster) else 1
+        if f > 1 and QUEUE_CELL % f == 0 and y0 % f == 0:
+            if f not in per_cell:
+                per_cell[f] = cell_sums(weights, f)  # tissue pixels in each model cell
+            rows = raster.coarse.read_rows(y0 // f, y0 // f + per_cell[f].shape[0])
+            values = from_uint8(rows, name)[:, : per_cell[f].shape[1]] * per_cell[f]
+            sums[name] = cell_sums(values, QUEUE_CELL // f)
+        else:
+            sums[name] = cell_sums(from_uint8(raster.read_rows(y0, y0 + weights.shape[0]), name) * weights, QUEUE_CELL)
+    return sums
 
 
 @dataclass
@@ -87,8 +105,8 @@ def analyse(
         grids["unc"].append(cell_sums(unc, QUEUE_CELL))
         grids["prob"].append(cell_sums(from_uint8(bands["probability"], "probability") * t, QUEUE_CELL))
         grids["above"].append(cell_sums(((bands[measure] > above_cut) & tissue).astype(np.float32), QUEUE_CELL))
-        for name in embedding:
-            grids[name].append(cell_sums(from_uint8(maps[name].read_rows(y0, y1), name) * t, QUEUE_CELL))
+        for name, weighted in weighted_cell_sums({name: maps[name] for name in embedding}, t, y0).items():
+            grids[name].append(weighted)
         prev["probability"].append(block_mean(bands["probability"], f))
         prev["mask"].append(block_mean(m, f))
         prev[measure].append(block_mean(bands[measure], f))

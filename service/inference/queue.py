@@ -33,9 +33,9 @@ def cell_sums(values: np.ndarray, cell: int) -> np.ndarray:
     """Sum of ``values`` (h, w) over cell x cell blocks; partial edge blocks are summed too."""
     h, w = values.shape
     gh, gw = -(-h // cell), -(-w // cell)
-    padded = np.zeros((gh * cell, gw * cell), np.float64)
-    padded[:h, :w] = values
-    return padded.reshape(gh, cell, gw, cell).sum(axis=(1, 3))
+    if (gh * cell, gw * cell) != (h, w):  # only a ragged edge is padded: no full-size float64 copy
+        values = np.pad(values, ((0, gh * cell - h), (0, gw * cell - w)))
+    return values.reshape(gh, cell, gw, cell).sum(axis=(1, 3), dtype=np.float64)
 
 
 def _window_sums(grid: np.ndarray, k: int) -> np.ndarray:
