@@ -124,7 +124,7 @@ def _grouped_class() -> type[nn.Module]:
     import torch
     from torch import nn
 
-    from models.net import normalise
+    from models.net import normalise, unet_pass
 
     def cat0(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.detach() for t in tensors]).clone()
@@ -166,20 +166,15 @@ def _grouped_class() -> type[nn.Module]:
             self.head.weight.data = cat0([u.head.weight for u in members])
             self.head.bias.data = cat0([u.head.bias for u in members])
 
+        def join(self, upsampled: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+            """Each member's upsampled channels, then its skip channels: groups stay contiguous."""
+            b, _, h, w = upsampled.shape
+            pairs = torch.cat([upsampled.reshape(b, self.m, -1, h, w), skip.reshape(b, self.m, -1, h, w)], dim=2)
+            return pairs.reshape(b, -1, h, w)
+
         def forward(self, image: torch.Tensor) -> torch.Tensor:
-            x = normalise(image.permute(0, 3, 1, 2).float() / 255.0)
-            skips = []
-            for i, block in enumerate(self.down):
-                x = block(x)
-                if i < len(self.down) - 1:
-                    skips.append(x)
-                    x = self.pool(x)
-            for up, dec in zip(self.up, self.dec, strict=True):
-                x, skip = up(x), skips.pop()
-                b, _, h, w = x.shape  # each member's upsampled channels, then its skip channels
-                pairs = torch.cat([x.reshape(b, self.m, -1, h, w), skip.reshape(b, self.m, -1, h, w)], dim=2)
-                x = dec(pairs.reshape(b, -1, h, w))
-            return torch.sigmoid(self.head(x))
+            logits, _ = unet_pass(self, normalise(image.permute(0, 3, 1, 2).float() / 255.0), self.join)
+            return torch.sigmoid(logits)
 
     return GroupedEnsemble
 

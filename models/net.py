@@ -49,17 +49,22 @@ class UNet(nn.Module):
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, 1, H, W), bottleneck features (B, C, H / 2**depth, W / 2**depth))."""
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x)
-            if i < len(self.down) - 1:
-                skips.append(x)
-                x = self.pool(x)
-        bottleneck = x
-        for up, dec in zip(self.up, self.dec, strict=True):
-            x = up(x)
-            x = dec(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x), bottleneck
+        return unet_pass(self, x, lambda upsampled, skip: torch.cat([upsampled, skip], dim=1))
+
+
+def unet_pass(net: nn.Module, x: torch.Tensor, join) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-Net traversal of any ``net`` with ``down``, ``pool``, ``up``, ``dec`` and ``head``: (logits,
+    bottleneck features). ``join(upsampled, skip)`` makes each decoder block's input."""
+    skips = []
+    for i, block in enumerate(net.down):
+        x = block(x)
+        if i < len(net.down) - 1:
+            skips.append(x)
+            x = net.pool(x)
+    bottleneck = x
+    for up, dec in zip(net.up, net.dec, strict=True):
+        x = dec(join(up(x), skips.pop()))
+    return net.head(x), bottleneck
 
 
 def normalise(rgb01: torch.Tensor) -> torch.Tensor:
