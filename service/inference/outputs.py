@@ -12,7 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from PIL import Image  # noqa: E402
 from skimage import measure as skmeasure  # noqa: E402
 
 from service.fsutil import atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -97,6 +100,19 @@ def geojson(rings: list, queue: list[dict], model_version: str, source: dict | N
     return {"type": "FeatureCollection", "features": features}
 
 
+PANEL_PX = 640  # an overlay panel's side in the 1400 x 740 px figure (at most)
+
+
+def fit_to_panel(image: np.ndarray) -> np.ndarray:
+    """A uint8 image (H, W[, C]) area-averaged down so that its longest side is at most ``PANEL_PX``."""
+    h, w = image.shape[:2]
+    scale = PANEL_PX / max(h, w)
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
 def overlay_png(
     thumbnail: np.ndarray,
     heat: np.ndarray,
@@ -108,20 +124,26 @@ def overlay_png(
     level0_per_px: float,
     title: str,
 ) -> bytes:
-    """Two panels: slide + tumour outline + numbered review boxes; uncertainty heat map + the boxes."""
+    """Two panels: slide + tumour outline + numbered review boxes; uncertainty heat map + the boxes.
+
+    Each image is first reduced to the panel's size in uint8 (matplotlib's own resampling of a
+    1024² float image peaks near 100 MiB); axes keep the preview's pixel coordinates."""
     h, w = heat.shape
-    thumb = thumbnail[:h, :w]
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
     fig, axes = plt.subplots(1, 2, figsize=(14, 7.4), dpi=100, constrained_layout=True)
-    axes[0].imshow(thumb)
+    axes[0].imshow(fit_to_panel(thumbnail[:h, :w]), extent=extent)
     if mask_preview.max() >= 128:
-        axes[0].contour(mask_preview >= 128, levels=[0.5], colors=["#00d000"], linewidths=1.0)
+        small = fit_to_panel(mask_preview[:h, :w])
+        ys, xs = ((np.arange(n) + 0.5) * size / n - 0.5 for n, size in zip(small.shape, (h, w), strict=True))
+        axes[0].contour(xs, ys, small >= 128, levels=[0.5], colors=["#00d000"], linewidths=1.0)
     axes[0].set_title("slide, predicted tumour (green), review queue (numbered)")
     vmax = STORAGE_MAX[measure]
-    values = np.ma.masked_where(~tissue[:h, :w], heat.astype(np.float32) / 255 * vmax)
-    cmap = matplotlib.colormaps["inferno"].with_extremes(bad="#d0d0d0")
-    im = axes[1].imshow(values, cmap=cmap, vmin=0, vmax=vmax)
+    cmap = matplotlib.colormaps["inferno"]
+    coloured = cmap(fit_to_panel(heat), bytes=True)  # uint8 RGBA from the stored 0..255 levels (0..vmax)
+    coloured[fit_to_panel(tissue[:h, :w].astype(np.uint8) * 255) < 128] = (208, 208, 208, 255)  # grey = no tissue
+    axes[1].imshow(coloured, extent=extent)
     axes[1].set_title(f"uncertainty on tissue: {measure} (bits; grey = no tissue)")
-    fig.colorbar(im, ax=axes[1], shrink=0.8)
+    fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), ax=axes[1], shrink=0.8)
     for ax in axes:
         ax.set_axis_off()
         for item in queue:
