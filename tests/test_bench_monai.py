@@ -26,8 +26,13 @@ def test_quick_side_by_side_runs_every_contender_on_the_same_weights(tmp_path):
     result = json.loads((tmp_path / "bench_monai.json").read_text())
     rows = {r["contender"]: r for r in result["rows"]}
     assert set(rows) == {"uga", "monai_sw", "monai_patch"}
-    for r in rows.values():  # the same members decide the same tumour, whichever inferer tiles the slide
-        assert r["tumour"] == pytest.approx(1.0, abs=0.03) and r["wall_s"] > 0 and r["peak_rss_mib"] > 0
+    # the same members decide the same tumour, whichever inferer tiles the slide. The merges differ: UGA
+    # Serve ramps the overlaps linearly, the sliding window weighs them by a gaussian, PatchInferer's
+    # AvgMerger averages tile edges at full weight. On this small slide PatchInferer's count differs by
+    # about 4.5 % with the shipped (calibrated) baseline; on the 8192² bench slide by 0.5 %
+    tolerance = {"uga": 0.0, "monai_sw": 0.03, "monai_patch": 0.06}
+    for name, r in rows.items():
+        assert r["tumour"] == pytest.approx(1.0, abs=tolerance[name]) and r["wall_s"] > 0 and r["peak_rss_mib"] > 0
     assert rows["uga"]["speedup_of_uga"] == 1.0
     roof = result["roofline"]
     assert roof["gflop_per_tile"] == pytest.approx(5.87, abs=0.05)  # the shipped U-Net, five members, 256² tile
