@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from service.inference.ensemble import Ensemble  # noqa: E402
 from service.inference.evaluation import dice  # noqa: E402
 from service.inference.uncertainty import all_measures  # noqa: E402
 
@@ -61,12 +62,8 @@ VARIANTS = ("fp32-again", "int8", "int8-deep", "probs-only", "groupnorm-op", "gr
 
 
 def session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    """A session configured as the service configures its own (service/inference/ensemble.py)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """The session the service itself would make of ``path`` (service.inference.ensemble.Ensemble)."""
+    return Ensemble(path, path.stem, providers=["CPUExecutionProvider"], threads=threads).session
 
 
 def quantise_int8(src: Path, out: Path, calibration: np.ndarray, *, keep_full_resolution: bool) -> Path:
