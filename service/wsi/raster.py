@@ -107,9 +107,7 @@ class UpsampledRaster:
         rows = np.repeat(cells, f, axis=0)[y0 - c0 * f : y1 - c0 * f]
         return np.repeat(rows, f, axis=1)[:, : self.width]
 
-    def iter_bands(self, band: int) -> Iterator[tuple[int, np.ndarray]]:
-        for y0 in range(0, self.height, band):
-            yield y0, self.read_rows(y0, y0 + band)
+    iter_bands = RasterFile.iter_bands  # the same bands of ``read_rows``
 
     def close(self) -> None:
         self.coarse.close()
