@@ -224,12 +224,13 @@ def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):
         page.on("pageerror", lambda exc: problems.append(f"script error: {exc}"))
         page.goto(f"{srv.url}/review")
         page.click("#oidc-button")  # to the identity provider and back
-        page.wait_for_function("() => document.getElementById('who').textContent.includes('dr.house')")
+        # null-safe: while the browser is on the identity provider's page there is no #who to read
+        page.wait_for_function("() => document.getElementById('who')?.textContent.includes('dr.house')")
         assert page.inner_text("#who") == "dr.house · annotator"
         assert "code=" not in page.url and not page.is_visible("#sign-in")  # the code left the address bar
         # the API answered the JWT: the slide list (fetched after the user) comes back empty
         page.wait_for_function(
-            "() => document.getElementById('status').textContent.includes('No segmented slides yet')"
+            "() => document.getElementById('status')?.textContent.includes('No segmented slides yet')"
         )
         assert not idp.refusals and not idp.codes and not problems, (idp.refusals, problems)
         page.close()
