@@ -6,10 +6,10 @@ import pytest
 import tifffile
 
 from service.inference.tiling import TileGrid
-from service.wsi.pyramid import write_pyramid_tiff
+from service.wsi.pyramid import downsample2, write_pyramid_tiff
 from service.wsi.raster import RasterFile
 from service.wsi.slide import RegionReader, SlideError, analysis_shape, choose_level, open_slide
-from service.wsi.tissue import TissueMask, tissue_mask
+from service.wsi.tissue import TissueMask, tissue_from_rgb, tissue_mask
 
 DOWNS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -50,6 +50,15 @@ def test_pyramid_writer_output_opens_in_openslide_with_levels_and_mpp(tmp_path):
     assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     got = np.asarray(s.read_region((100, 200), 0, (300, 250)).convert("RGB"))
     np.testing.assert_array_equal(got, rgb[200:450, 100:400])  # lossless at level 0
+    # level 1 is the 2x2 mean, rounded half up, of level 0
+    mean = rgb.reshape(750, 2, 550, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    level1 = np.asarray(s.read_region((0, 0), 1, (550, 750)).convert("RGB"))
+    np.testing.assert_array_equal(level1, np.floor(mean + 0.5).astype(np.uint8))
+
+
+def test_downsample2_replicates_odd_edges_and_keeps_the_full_range():
+    rows = np.array([[255, 255, 7], [255, 255, 9], [0, 1, 5]], np.uint8)
+    np.testing.assert_array_equal(downsample2(rows), [[255, 8], [1, 5]])  # (0+1+0+1+2)//4 = 1
 
 
 def test_region_reader_resamples_to_target_mpp(tmp_path):
@@ -99,6 +108,44 @@ def test_tissue_mask_of_composite_matches_its_metadata(source_slide):
     meta = json.loads(source_slide.with_suffix(".json").read_text())
     tm = tissue_mask(open_slide(source_slide))
     assert tm.fraction() == pytest.approx(meta["tissue_fraction"], abs=0.08)
+
+
+def _tissue_reference(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
+    """The mask as skimage computes it on the whole image at once (what tissue_from_rgb must equal)."""
+    from scipy import ndimage
+    from skimage import filters, morphology
+
+    chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2).astype(np.int16)
+    if chroma.max() <= min_saturation:
+        return np.zeros(chroma.shape, bool)
+    thr = max(min_saturation, float(filters.threshold_otsu(chroma)))
+    mask = (chroma > thr) & (rgb.astype(np.float32).mean(axis=2) < 235)
+    mask = ndimage.binary_closing(mask, morphology.disk(2))
+    mask = morphology.remove_small_objects(mask, max_size=8)
+    return morphology.remove_small_holes(mask, max_size=64)
+
+
+def test_tissue_from_rgb_equals_the_whole_image_reference_with_small_temporaries(source_slide, ood_slide):
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    images = [np.full((40, 50, 3), 128, np.uint8), np.full((40, 50, 3), 250, np.uint8)]  # one colour each
+    images.append(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))  # speckle: many tiny objects and holes
+    for path in (source_slide, ood_slide):
+        with open_slide(path) as slide:  # 1024² px: finer than the mask's 8 µm/px, more objects and holes
+            images.append(RegionReader(slide, 1.0).read(0, 0, *analysis_shape(slide, 1.0)))
+    checked = 0
+    for rgb in images:
+        tracemalloc.start()
+        got = tissue_from_rgb(rgb)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(got, _tissue_reference(rgb))
+        pixels = rgb.shape[0] * rgb.shape[1]
+        if pixels >= 1 << 20:  # a 4096² mask must not cost hundreds of MiB (int64 labels, float copies)
+            assert peak < 8 * pixels, f"{peak / pixels:.1f} bytes per pixel"
+            checked += 1
+    assert checked == 2
 
 
 def test_tile_grid_skips_tiles_without_tissue():
