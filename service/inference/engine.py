@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.heap import release_free_heap
 from service.inference.ensemble import Predictor
 from service.inference.stitch import Stitcher
 from service.inference.tiling import TileGrid
@@ -76,6 +77,7 @@ def segment(
     opt = options or SegmentationOptions()
     t_start = time.perf_counter()
     tissue = tissue_mask(slide)
+    release_free_heap()  # the mask's transients: the tiles' phase should not start on top of them
     height, width = analysis_shape(slide, opt.mpp)
     grid = TileGrid(height, width, opt.tile, opt.overlap)
     occupied = grid.occupied(tissue, opt.mpp)

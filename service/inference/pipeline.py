@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from service.errors import Unprocessable
+from service.heap import release_free_heap
 from service.inference import outputs
 from service.inference.analysis import analyse
 from service.inference.engine import Progress, segment
@@ -87,6 +88,7 @@ def _run(
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="uga-tiff")
     try:
         result = segment(slide, ensemble, work, opt, progress=progress)
+        release_free_heap()  # the stitcher's and reader's buffers, before the outputs' phase
         t_seg = time.perf_counter()
         novelty_threshold = getattr(ensemble, "novelty_threshold", None)
         analysis = analyse(

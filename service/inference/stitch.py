@@ -88,8 +88,9 @@ class Stitcher:
         tail = self.left.copy()
         tail[:, :o, :] += self.top[:, :, x_last : x_last + o]
         self._emit(self.row * s, x_last, tail)
-        self.top, self.bottom = self.bottom, np.zeros_like(self.bottom)
-        self.left = np.zeros_like(self.left)
+        self.top, self.bottom = self.bottom, self.top  # reuse the buffers: two strips, never three
+        self.bottom.fill(0)
+        self.left.fill(0)
 
     def finish(self) -> None:
         self._end_row()
