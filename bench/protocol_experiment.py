@@ -479,6 +479,9 @@ def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
                     label, word = f"{against} @ 256 µm × {budget * per_patch}", _vs_small(lo, hi)
                 else:
                     label, word = against, verdict(lo, hi) if against == "random" else _vs_baseline(lo, hi)
+                seeds = int(deltas[0].shape[0])
+                if seeds < stage.seeds:  # PROTOCOL.md: no verdict before every seed is in
+                    word = f"pending ({seeds} of {stage.seeds} seeds)"
                 rows.append(
                     {
                         "strategy": strategy,
@@ -486,7 +489,7 @@ def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
                         "budget": budget,
                         "area_mm2": round(budget * (stage.patch_um / 1000) ** 2, 3),
                         "centre": name,
-                        "seeds": int(deltas[0].shape[0]),
+                        "seeds": seeds,
                         "delta": point,
                         "lo": lo,
                         "hi": hi,
@@ -659,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick", action="store_true", help="tiny pipeline check: small slides, 2 seeds, budget 2, 2 steps"
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write the stage's report from the runs on file (while the stage is running elsewhere)",
+    )
     args = ap.parse_args(argv)
     args.out = args.out or REPO / "bench" / "results" / ("protocol-quick" if args.quick else "protocol")
     cfg, stage = Config(recipe=replace(ARMS[args.arm]), arm=args.arm), replace(STAGES[args.stage])
@@ -713,9 +721,15 @@ def main(argv: list[str] | None = None) -> int:
             refs = discover_slides(args.real)
             cfg.centres = sorted({r.centre for r in refs})
             cfg.quota_centres = sorted({r.centre for r in refs if r.role == "pool"})
-        else:
+        elif not args.report:
             refs = local_refs(cfg)
-        runs = run_stage(cfg, stage, args.model, refs, args.out, work)
+        if args.report:
+            runs = current_runs(load_runs(args.out / "runs.jsonl"), cfg.recipe)
+            if not any(r["key"] == "baseline" for r in runs):
+                print(f"protocol_experiment: no runs in {args.out}; run the stage first (without --report)")
+                return 2
+        else:
+            runs = run_stage(cfg, stage, args.model, refs, args.out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(report(runs, cfg, args.stage, stage, args.out, time.time() - t0))

@@ -115,7 +115,7 @@ def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by
                 }
             )
     cfg = px.Config(quota_centres=["blur"], bootstrap=200)
-    rows = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024))
+    rows = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024, seeds=3))
     by = {(r["strategy"], r["against"], r["centre"]): r for r in rows}
     assert by[("uga_topk", "random", "blur")]["delta"] == pytest.approx(0.02)
     assert by[("random", "baseline", "blur")]["delta"] == pytest.approx(0.09)
@@ -123,6 +123,10 @@ def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by
     assert same_area["delta"] == pytest.approx(0.05) and same_area["verdict"] == "larger patches better"
     assert by[("random", "random @ 256 µm × 16", "blur")]["verdict"] == "smaller patches better"
     assert same_area["area_mm2"] == pytest.approx(1.049, abs=1e-3)
+    # the protocol's 5 seeds, 3 of them in: estimates, but no verdict yet
+    pending = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024))
+    assert {r["verdict"] for r in pending} == {"pending (3 of 5 seeds)"}
+    assert [r["delta"] for r in pending] == [r["delta"] for r in rows]
 
 
 def test_the_control_takes_the_steps_a_run_of_its_budget_would_take():
@@ -146,6 +150,14 @@ def test_quick_run_reports_and_resumes_without_refitting(tmp_path, capsys):
     assert (out / "delta-sanity.png").stat().st_size > 0
     assert px.main(["--quick", "--out", str(out)]) == 0
     assert "0 fine-tunes to run" in capsys.readouterr().err and len(px.load_runs(out / "runs.jsonl")) == 7
+    # the report alone, from the runs on file: the same tables, nothing run
+    (out / "results-sanity.md").unlink()
+    assert px.main(["--quick", "--report", "--out", str(out)]) == 0
+    again = capsys.readouterr()
+    assert "fine-tunes to run" not in again.err and len(px.load_runs(out / "runs.jsonl")) == 7
+    assert "| uga_topk | random | 2 (0.131) |" in again.out and (out / "results-sanity.md").is_file()
+    assert px.main(["--quick", "--report", "--out", str(tmp_path / "empty")]) == 2
+    assert "no runs in" in capsys.readouterr().out
     # the paper's retrain arm: its runs are its own (the recipe differs), beside the fine-tune arm's
     retrain = ["--quick", "--arm", "retrain", "--strategies", "random", "--seeds", "1", "--out", str(out)]
     with pytest.raises(SystemExit):
