@@ -430,6 +430,8 @@ def sanity_gate(
 ) -> tuple[bool, list[dict]]:
     """PROTOCOL.md: oracle ≥ random ≥ baseline on every centre that got patches, and no centre (the
     source's included) more than ``floor`` below the baseline."""
+    if not any(r["key"] == "baseline" for r in runs):
+        return False, []  # nothing run yet
     rows, ok = [], True
     corrected = {p["centre"] for r in runs if r.get("strategy") == "random" for p in r["patches"]}
     for centre, slides in centre_slides(runs).items():
@@ -538,7 +540,8 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
     lines = [
         f"# Protocol experiment, stage `{stage_name}`, arm `{cfg.arm}`",
         "",
-        f"Model `{base['model']}`; quota centres {', '.join(cfg.quota_centres)}; {stage.patch_um} µm patches; "
+        f"Model `{base['model']}` (members.pt {base.get('members', '?')}; a re-export keeps the members); "
+        f"quota centres {', '.join(cfg.quota_centres)}; {stage.patch_um} µm patches; "
         f"{len(done)} fine-tunes of {len(stage.strategies) * len(stage.budgets) * stage.seeds} in this stage; "
         f"recipe {json.dumps({k: v for k, v in asdict(cfg.recipe).items() if k != 'seed'})}; "
         f"{cfg.bootstrap} bootstrap resamples; this invocation {wall_s / 60:.1f} min.",
