@@ -90,6 +90,8 @@ def _run(
         result = segment(slide, ensemble, work, opt, progress=progress)
         release_free_heap()  # the stitcher's and reader's buffers, before the outputs' phase
         t_seg = time.perf_counter()
+        maps = {k: v for k, v in result.maps.items() if k in outputs.ARTIFACTS}
+        tiffs = outputs.start_map_tiffs(out_dir, maps, opt.mpp, pool)  # while the analysis reads the same maps
         novelty_threshold = getattr(ensemble, "novelty_threshold", None)
         analysis = analyse(
             result, work, measure=opt.uncertainty, threshold=opt.threshold, novelty_threshold=novelty_threshold
@@ -109,9 +111,8 @@ def _run(
             level0_size=slide.dimensions,
             selection=opt.selection,
         )
-        rasters = {"mask": analysis.mask, **{k: v for k, v in result.maps.items() if k in outputs.ARTIFACTS}}
-        tiffs = outputs.start_map_tiffs(out_dir, rasters, opt.mpp, pool)
-        artifacts = {name: outputs.ARTIFACTS[name] for name in rasters}
+        tiffs |= outputs.start_map_tiffs(out_dir, {"mask": analysis.mask}, opt.mpp, pool)
+        artifacts = {name: outputs.ARTIFACTS[name] for name in ("mask", *maps)}
         f = analysis.preview_f
         preview = analysis.previews[opt.uncertainty]
         thumb = RegionReader(slide, opt.mpp * f).read(0, 0, *preview.shape)
