@@ -17,7 +17,12 @@ Variants of ``models/baseline/ensemble.onnx`` (built into ``--out``, default ben
   ``GroupNormalization`` node (ORT 1.32 has no CPU kernel for it and inlines its function body);
 - ``grouped``: the five members fused horizontally into one network (``GroupedEnsemble``: groups=5
   convolutions and transposed convolutions, GroupNorm(20, 40), per-member skip concatenation by
-  reshape), torchscript exporter as shipped.
+  reshape), torchscript exporter as shipped;
+- ``batchnorm-probe``: a **speed probe, not a lever**: the same members with every GroupNorm swapped
+  for a BatchNorm (GroupNorm's scale and shift, unit running statistics), exported as shipped.
+  ONNX Runtime folds each BatchNorm into its convolution. Its outputs are not the model's (its
+  equivalence row shows by how much); it prices what a model retrained with foldable
+  normalisation would cost to serve, which only retraining and the protocol's gates could ship.
 
 Speed: seconds per ``session.run`` on batches of 2 and 8 holdout tiles, every variant in turn,
 alternating order, medians, as ratios to the shipped graph (one run, one machine: load hits all alike).
@@ -58,7 +63,7 @@ if TYPE_CHECKING:
 
 MODEL = ROOT / "models" / "baseline"
 FULL_RESOLUTION = ("/down.0/", "/up.2", "/dec.2/")  # node-name prefixes of the 8-channel level
-VARIANTS = ("fp32-again", "int8", "int8-deep", "probs-only", "groupnorm-op", "grouped")
+VARIANTS = ("fp32-again", "int8", "int8-deep", "probs-only", "groupnorm-op", "grouped", "batchnorm-probe")
 
 
 def session(path: Path, threads: int = 2) -> ort.InferenceSession:
@@ -229,6 +234,36 @@ def export_groupnorm_op(path: Path) -> Path:
     return tmp.replace(path)
 
 
+def batchnorm_members(members: list[UNet]) -> list[UNet]:
+    """Copies of ``members`` with each GroupNorm replaced by a BatchNorm2d carrying its affine parameters
+    (running mean 0, variance 1): the same graph shape with a normalisation the exporter can fold."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    out = []
+    for member in members:
+        clone = copy.deepcopy(member)
+        for module in clone.modules():
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.GroupNorm):
+                    bn = nn.BatchNorm2d(child.num_channels, eps=child.eps)
+                    with torch.no_grad():
+                        bn.weight.copy_(child.weight)
+                        bn.bias.copy_(child.bias)
+                    setattr(module, name, bn)
+        out.append(clone.eval())
+    return out
+
+
+def export_batchnorm_probe(path: Path) -> Path:
+    from models.export import export_ensemble
+
+    export_ensemble(batchnorm_members(members()), path)
+    return path
+
+
 def export_probs_only(path: Path) -> Path:
     from models.export import export_ensemble
 
@@ -246,6 +281,7 @@ def build_variants(names: list[str], out_dir: Path) -> dict[str, Path]:
         "probs-only": export_probs_only,
         "groupnorm-op": export_groupnorm_op,
         "grouped": export_grouped,
+        "batchnorm-probe": export_batchnorm_probe,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -326,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | " + " | ".join(row.get(c, "–") for c in columns) + " |")
     print("\nmax / 99.9th percentile of |difference| against the shipped graph; Δ Dice gate: |Δ| <= 0.005")
     print("probs-only (shipped less novelty and embedding) is the speed reference for the member_probs-only variants")
+    if "batchnorm-probe" in paths:
+        print("batchnorm-probe is a speed probe of another model (not equivalent by construction), never a lever")
     return 0
 
 

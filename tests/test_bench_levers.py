@@ -78,3 +78,22 @@ def test_probs_only_variants_build_and_match_the_shipped_graph(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "| probs-only | 0.0000 / 0.0000 |" in printed and "| – | – |" in printed
     assert "speed reference for the member_probs-only variants" in printed
+
+
+def test_batchnorm_probe_swaps_every_groupnorm_and_leaves_the_members_alone():
+    members = bl.members()
+    probes = bl.batchnorm_members(members)
+    for member, probe in zip(members, probes, strict=True):
+        norms = [m for m in member.modules() if isinstance(m, torch.nn.GroupNorm)]
+        swapped = [m for m in probe.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms and len(swapped) == len(norms)
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in probe.modules())
+        for gn, bn in zip(norms, swapped, strict=True):  # the same affine parameters, unit statistics
+            assert torch.equal(gn.weight, bn.weight) and torch.equal(gn.bias, bn.bias)
+            assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        convs = [
+            (a.weight, b.weight)
+            for a, b in zip(member.modules(), probe.modules(), strict=True)
+            if isinstance(a, torch.nn.Conv2d)
+        ]
+        assert convs and all(torch.equal(a, b) for a, b in convs)
