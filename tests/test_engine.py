@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.inference.analysis import weighted_cell_sums
+from service.inference.analysis import block_mean, weighted_cell_sums
 from service.inference.engine import segment
 from service.inference.uncertainty import to_uint8
 from service.options import SegmentationOptions
@@ -130,3 +130,15 @@ def test_per_cell_maps_give_the_same_queue_cell_sums_as_their_pixels(tmp_path):
         np.testing.assert_allclose(by_cell, by_pixel, rtol=1e-9)
     view.close()
     full.close()
+
+
+@pytest.mark.parametrize(("h", "w", "f"), [(128, 4096, 4), (7, 9, 4), (1, 5, 4), (3, 1, 8), (97, 333, 8), (64, 64, 64)])
+def test_block_mean_is_the_mean_of_zero_padded_blocks(h, w, f):
+    values = np.random.default_rng(h * w + f).integers(0, 256, (h, w), dtype=np.uint8)
+    gh, gw = -(-h // f), -(-w // f)
+    padded = np.zeros((gh * f, gw * f))
+    padded[:h, :w] = values
+    expected = padded.reshape(gh, f, gw, f).mean(axis=(1, 3))
+    got = block_mean(values, f)
+    assert got.dtype == np.float32 and got.shape == (gh, gw)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
