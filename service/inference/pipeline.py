@@ -86,6 +86,7 @@ def _run(
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="uga-tiff")
+    tiffs: dict = {}
     try:
         result = segment(slide, ensemble, work, opt, progress=progress)
         release_free_heap()  # the stitcher's and reader's buffers, before the outputs' phase
@@ -194,6 +195,12 @@ def _run(
         analysis.mask.close()
         result.close()
         return summary
+    except BaseException:
+        # a failed job leaves no map behind: the writers started before the analysis stop or finish, then go
+        pool.shutdown(wait=True, cancel_futures=True)
+        for name in tiffs:
+            (out_dir / outputs.ARTIFACTS[name]).unlink(missing_ok=True)
+        raise
     finally:
         pool.shutdown(wait=True)  # writers read the rasters in ``work``: finish before removing it
         shutil.rmtree(work, ignore_errors=True)
