@@ -117,6 +117,7 @@ class Config:
     bootstrap: int = BOOTSTRAP
     arm: str = "finetune"
     source_bank: Path | None = None  # the retrain arm's source training bank
+    verdict_seeds: int = 5  # PROTOCOL.md: a comparison on fewer seeds gets no verdict (--seeds runs a part)
 
 
 def log(msg: str) -> None:
@@ -425,6 +426,16 @@ def mean_dice(runs: list[dict], strategy: str, budget: int, patch_um: int, slide
     return float(np.mean([[r["dice"][k] for k in slides] for r in rs])) if rs else None
 
 
+def adopt_centres(cfg: Config, runs: list[dict]) -> None:
+    """The centres of the runs on file (a report of real slides' runs needs no ``--real``): every
+    evaluation centre, and the quota centres patches were taken from."""
+    base = next(r for r in runs if r["key"] == "baseline")
+    cfg.centres = sorted(set(base["centres"].values()))
+    quota = sorted({p["centre"] for r in runs for p in r.get("patches", [])})
+    if quota and set(quota) != set(cfg.quota_centres):
+        cfg.quota_centres = quota
+
+
 def sanity_gate(
     runs: list[dict], budget: int = SANITY_BUDGET, patch_um: int = 256, floor: float = 0.05
 ) -> tuple[bool, list[dict]]:
@@ -482,8 +493,8 @@ def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
                 else:
                     label, word = against, verdict(lo, hi) if against == "random" else _vs_baseline(lo, hi)
                 seeds = int(deltas[0].shape[0])
-                if seeds < stage.seeds:  # PROTOCOL.md: no verdict before every seed is in
-                    word = f"pending ({seeds} of {stage.seeds} seeds)"
+                if seeds < cfg.verdict_seeds:  # PROTOCOL.md: no verdict before every seed is in
+                    word = f"pending ({seeds} of {cfg.verdict_seeds} seeds)"
                 rows.append(
                     {
                         "strategy": strategy,
@@ -534,7 +545,8 @@ def selection_audit(runs: list[dict], stage: Stage) -> list[dict]:
 # ----------------------------------------------------------------------------- report
 
 
-def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Path, wall_s: float) -> str:
+def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Path, wall_s: float | None) -> str:
+    """The stage's tables (markdown, also written to ``out``); ``wall_s`` None for a report of runs on file."""
     base = next(r for r in runs if r["key"] == "baseline")
     done = [r for r in runs if r.get("strategy") in stage.strategies and r.get("budget") in stage.budgets]
     lines = [
@@ -544,7 +556,8 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
         f"quota centres {', '.join(cfg.quota_centres)}; {stage.patch_um} µm patches; "
         f"{len(done)} fine-tunes of {len(stage.strategies) * len(stage.budgets) * stage.seeds} in this stage; "
         f"recipe {json.dumps({k: v for k, v in asdict(cfg.recipe).items() if k != 'seed'})}; "
-        f"{cfg.bootstrap} bootstrap resamples; this invocation {wall_s / 60:.1f} min.",
+        f"{cfg.bootstrap} bootstrap resamples; "
+        + ("report of the runs on file (--report)." if wall_s is None else f"this invocation {wall_s / 60:.1f} min."),
         "",
     ]
     ok, gate = sanity_gate(runs, budget=stage.budgets[0] if stage_name == "sanity" else SANITY_BUDGET)
@@ -673,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out = args.out or REPO / "bench" / "results" / ("protocol-quick" if args.quick else "protocol")
     cfg, stage = Config(recipe=replace(ARMS[args.arm]), arm=args.arm), replace(STAGES[args.stage])
-    if args.arm == "retrain":
+    if args.arm == "retrain" and not args.report:  # a report trains nothing: no bank needed
         cfg.source_bank = args.source_bank or cache_dir() / SOURCE_BANK
         if not cfg.source_bank.is_file():
             ap.error(
@@ -693,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             quota_centres=["blur", "nonhed"],
             recipe=replace(ARMS[args.arm], steps=2, max_steps=2),
             bootstrap=500,
+            verdict_seeds=2,
             arm=args.arm,
             source_bank=cfg.source_bank,
         )
@@ -731,11 +745,12 @@ def main(argv: list[str] | None = None) -> int:
             if not any(r["key"] == "baseline" for r in runs):
                 print(f"protocol_experiment: no runs in {args.out}; run the stage first (without --report)")
                 return 2
+            adopt_centres(cfg, runs)
         else:
             runs = run_stage(cfg, stage, args.model, refs, args.out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(report(runs, cfg, args.stage, stage, args.out, time.time() - t0))
+    print(report(runs, cfg, args.stage, stage, args.out, None if args.report else time.time() - t0))
     return 0
 
 

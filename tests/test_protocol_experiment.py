@@ -114,7 +114,7 @@ def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by
                     "dice": dict.fromkeys(centres, dice + 0.01 * seed),
                 }
             )
-    cfg = px.Config(quota_centres=["blur"], bootstrap=200)
+    cfg = px.Config(quota_centres=["blur"], bootstrap=200, verdict_seeds=3)
     rows = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024, seeds=3))
     by = {(r["strategy"], r["against"], r["centre"]): r for r in rows}
     assert by[("uga_topk", "random", "blur")]["delta"] == pytest.approx(0.02)
@@ -123,8 +123,9 @@ def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by
     assert same_area["delta"] == pytest.approx(0.05) and same_area["verdict"] == "larger patches better"
     assert by[("random", "random @ 256 µm × 16", "blur")]["verdict"] == "smaller patches better"
     assert same_area["area_mm2"] == pytest.approx(1.049, abs=1e-3)
-    # the protocol's 5 seeds, 3 of them in: estimates, but no verdict yet
-    pending = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024))
+    # the protocol's 5 seeds, 3 of them in (whatever --seeds ran): estimates, but no verdict yet
+    cfg.verdict_seeds = 5
+    pending = px.comparisons(runs, cfg, px.Stage(["uga_topk", "random"], [1], patch_um=1024, seeds=3))
     assert {r["verdict"] for r in pending} == {"pending (3 of 5 seeds)"}
     assert [r["delta"] for r in pending] == [r["delta"] for r in rows]
 
@@ -201,6 +202,10 @@ def test_the_same_command_runs_on_a_folder_of_real_slides_with_masks(tmp_path, c
     assert runs[0]["centres"] == {"hospital-a-eval-case": "hospital-a"}
     assert {p["slide"] for r in runs[1:] for p in r["patches"]} == {"hospital-a-pool-case"}
     assert "| hospital-a | " in printed and "| pooled |" in printed
+    # the report of those runs needs no --real: the centres come from the runs on file
+    assert px.main(["--quick", "--report", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert "| hospital-a | " in again and "| pooled |" in again and "report of the runs on file" in again
 
 
 def test_runs_written_before_a_recipe_field_existed_count_as_its_default():
