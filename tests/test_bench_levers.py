@@ -88,6 +88,7 @@ def test_batchnorm_probe_swaps_every_groupnorm_and_leaves_the_members_alone():
         swapped = [m for m in probe.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert norms and len(swapped) == len(norms)
         assert not any(isinstance(m, torch.nn.GroupNorm) for m in probe.modules())
+        assert not probe.training  # BatchNorm in eval: its running statistics, never the batch's
         for gn, bn in zip(norms, swapped, strict=True):  # the same affine parameters, unit statistics
             assert torch.equal(gn.weight, bn.weight) and torch.equal(gn.bias, bn.bias)
             assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))

@@ -129,7 +129,8 @@ def test_tissue_from_rgb_equals_the_whole_image_reference_with_small_temporaries
     import tracemalloc
 
     rng = np.random.default_rng(3)
-    images = [np.full((40, 50, 3), 128, np.uint8), np.full((40, 50, 3), 250, np.uint8)]  # one colour each
+    images = [np.full((40, 50, 3), 128, np.uint8), np.full((40, 50, 3), 250, np.uint8)]  # one grey each
+    images += [np.full((40, 50, 3), (200, 50, 50), np.uint8), np.full((1, 1, 3), (200, 50, 50), np.uint8)]  # one colour
     images.append(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))  # speckle: many tiny objects and holes
     for path in (source_slide, ood_slide):
         with open_slide(path) as slide:  # 1024² px: finer than the mask's 8 µm/px, more objects and holes
