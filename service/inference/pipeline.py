@@ -196,7 +196,8 @@ def _run(
         result.close()
         return summary
     except BaseException:
-        # a failed job leaves no map behind: the writers started before the analysis stop or finish, then go
+        # a failed job leaves no map behind: writers not yet started are cancelled, running ones finish,
+        # then every map file they were given is removed
         pool.shutdown(wait=True, cancel_futures=True)
         for name in tiffs:
             (out_dir / outputs.ARTIFACTS[name]).unlink(missing_ok=True)
