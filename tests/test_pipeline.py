@@ -89,20 +89,30 @@ def test_measure_choice_changes_ranking_field(source_slide, baseline, tmp_path):
     assert np.all(np.diff([i["score"] for i in q]) <= 0)
 
 
-def test_a_job_that_fails_after_its_maps_started_leaves_none_of_them(source_slide, tmp_path):
-    """Map TIFFs are written beside the analysis; if the queue then refuses the job (here: a diversity
-    selection on a model without an embedding), the maps already written are removed with it."""
+def test_a_selection_the_model_cannot_serve_is_refused_before_any_work(source_slide, tmp_path):
+    """A diversity selection on a model without an embedding: refused at once, not after segmenting."""
     from service.errors import Unprocessable
     from service.inference.ensemble import load_ensemble
-    from service.inference.outputs import ARTIFACTS
     from tests.tiny_model import tiny_model_dir
 
     plain = load_ensemble(tiny_model_dir(tmp_path / "model", novelty=False))
     out = tmp_path / "job"
     with pytest.raises(Unprocessable) as err:
-        run_segmentation(
-            source_slide, out, plain, SegmentationOptions(selection="representative", queue_size=2, patch_um=128)
-        )
+        run_segmentation(source_slide, out, plain, SegmentationOptions(selection="representative", queue_size=2))
     assert err.value.code == "selection_needs_embedding"
-    assert not [ARTIFACTS[n] for n in ("probability", "uga", "entropy", "mask") if (out / ARTIFACTS[n]).exists()]
-    assert not list(out.glob("*.tif")) and not list(out.glob(".work-*"))
+    assert not out.exists()  # nothing was started
+
+
+def test_a_job_that_fails_after_its_maps_started_leaves_none_of_them(source_slide, baseline, tmp_path, monkeypatch):
+    """Map TIFFs are written beside the analysis; if the job then fails (here the overlay cannot be
+    drawn: an injected fault), the maps already written go with it: no maps without a summary."""
+    from service.inference import outputs
+
+    def broken_overlay(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(outputs, "overlay_png", broken_overlay)
+    out = tmp_path / "job"
+    with pytest.raises(OSError, match="No space left"):
+        run_segmentation(source_slide, out, baseline, SegmentationOptions())
+    assert not list(out.glob("*.tif")) and not list(out.glob("*.json")) and not list(out.glob(".work-*"))

@@ -17,6 +17,7 @@ from service.inference.analysis import analyse
 from service.inference.engine import Progress, segment
 from service.inference.ensemble import Predictor
 from service.inference.queue import build_queue
+from service.inference.selection import require_embedding
 from service.options import SegmentationOptions
 from service.vocabulary import NOVELTY
 from service.wsi.slide import RegionReader, Slide, choose_level, open_slide
@@ -55,6 +56,7 @@ def run_segmentation(
 ) -> dict:
     """Segment ``slide_path`` and write all artifacts to ``out_dir``. Returns the summary dict."""
     opt = options or SegmentationOptions()
+    require_embedding(opt.selection, getattr(ensemble, "embedding_dims", 0))  # before any work
     slide = open_slide(slide_path, opt.slide_mpp)  # refuse a bad slide before touching the output
     with slide:
         out_dir = prepare_output_dir(out_dir)
