@@ -91,22 +91,26 @@ def _overlap(a: Candidate, b: Candidate, k: int) -> bool:
 NEEDS_EMBEDDING = frozenset({"uncertainty_diversity", "representative"})
 
 
+def _no_embedding(strategy: str) -> Unprocessable:
+    return Unprocessable(
+        "selection_needs_embedding",
+        f"selection {strategy!r} needs a model whose graph outputs an embedding (trained with "
+        "'python -m models.train --recipe protocol'); the serving model has none: choose "
+        "'uncertainty', 'class_balanced' or 'random'",
+    )
+
+
 def require_embedding(strategy: str, embedding_dims: int) -> None:
     """Refuse (Unprocessable) a ``strategy`` that needs patch embeddings when the model has none, so a
     job fails before any work rather than after segmenting the whole slide."""
     if strategy in NEEDS_EMBEDDING and embedding_dims <= 0:
-        raise Unprocessable(
-            "selection_needs_embedding",
-            f"selection {strategy!r} needs a model whose graph outputs an embedding (trained with "
-            "'python -m models.train --recipe protocol'); the serving model has none: choose "
-            "'uncertainty', 'class_balanced' or 'random'",
-        )
+        raise _no_embedding(strategy)
 
 
 def _embeddings(cands: list[Candidate], strategy: str) -> np.ndarray:
     """(n, E) standardised embeddings (Unprocessable when the model gives none)."""
     if any(c.embedding is None for c in cands):
-        require_embedding(strategy, 0)
+        raise _no_embedding(strategy)
     x = np.array([c.embedding for c in cands], np.float64)
     return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-9)
 
