@@ -23,6 +23,8 @@ Variants of ``models/baseline/ensemble.onnx`` (built into ``--out``, default ben
   ONNX Runtime folds each BatchNorm into its convolution. Its outputs are not the model's (its
   equivalence row shows by how much); it prices what a model retrained with foldable
   normalisation would cost to serve, which only retraining and the protocol's gates could ship.
+  ``--write-probe-model DIR`` writes it as a whole model directory, for
+  ``bench/bench_monai.py --model DIR`` (its ratios against MONAI with foldable normalisation).
 
 Speed: seconds per ``session.run`` on batches of 2 and 8 holdout tiles, every variant in turn,
 alternating order, medians, as ratios to the shipped graph (one run, one machine: load hits all alike).
@@ -235,25 +237,19 @@ def export_groupnorm_op(path: Path) -> Path:
 
 
 def batchnorm_members(members: list[UNet]) -> list[UNet]:
-    """Copies of ``members`` with each GroupNorm replaced by a BatchNorm2d carrying its affine parameters
-    (running mean 0, variance 1): the same graph shape with a normalisation the exporter can fold."""
-    import copy
-
-    import torch
-    from torch import nn
+    """Copies of ``members`` as ``UNet(norm="batch")``, each BatchNorm2d carrying its GroupNorm's affine
+    parameters (running mean 0, variance 1): the same graph shape with a normalisation the exporter
+    can fold."""
+    from models.net import UNet
 
     out = []
     for member in members:
-        clone = copy.deepcopy(member)
-        for module in clone.modules():
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.GroupNorm):
-                    bn = nn.BatchNorm2d(child.num_channels, eps=child.eps)
-                    with torch.no_grad():
-                        bn.weight.copy_(child.weight)
-                        bn.bias.copy_(child.bias)
-                    setattr(module, name, bn)
-        out.append(clone.eval())
+        probe = UNet(base=member.down[0][0].out_channels, depth=len(member.up), norm="batch")
+        missing, unexpected = probe.load_state_dict(member.state_dict(), strict=False)
+        assert not unexpected and all(
+            k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in missing
+        )
+        out.append(probe.eval())
     return out
 
 
@@ -262,6 +258,41 @@ def export_batchnorm_probe(path: Path) -> Path:
 
     export_ensemble(batchnorm_members(members()), path)
     return path
+
+
+def write_probe_model(out: Path) -> Path:
+    """The batchnorm probe as a whole model directory that ``load_ensemble`` serves and bench_monai.py
+    runs in torch: ``members.pt`` (recipe norm "batch"), ``ensemble.onnx`` with the novelty and
+    embedding outputs (statistics fitted on ``replay.npz``: a speed probe needs their shape, not their
+    calibration), and the shipped card with the new digest. Speed only: its outputs are another model's."""
+    import json
+    import shutil
+
+    import torch
+
+    from models.export import export_ensemble
+    from models.novelty import fit_features
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("holdout.npz", "replay.npz"):
+        shutil.copyfile(MODEL / name, out / name)
+    ckpt = torch.load(MODEL / "members.pt", map_location="cpu", weights_only=False)
+    probes = batchnorm_members(members())
+    torch.save(
+        {**ckpt, "recipe": {**ckpt["recipe"], "norm": "batch"}, "members": [p.state_dict() for p in probes]},
+        out / "members.pt",
+    )
+    sha = export_ensemble(
+        probes, out / "ensemble.onnx", features=fit_features(probes, np.load(out / "replay.npz")["images"])
+    )
+    card = json.loads((MODEL / "card.json").read_text())
+    card.update(
+        sha256=sha,
+        version=f"batchnorm-probe-{sha[:12]}",
+        architecture=card["architecture"] + "; SPEED PROBE: GroupNorm swapped for BatchNorm",
+    )
+    (out / "card.json").write_text(json.dumps(card, indent=2))
+    return out
 
 
 def export_probs_only(path: Path) -> Path:
@@ -339,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--write-probe-model", type=Path, metavar="DIR", help="write the batchnorm probe as a model dir and stop"
+    )
     args = ap.parse_args(argv)
+    if args.write_probe_model:
+        print(write_probe_model(args.write_probe_model))
+        return 0
     holdout = np.load(MODEL / "holdout.npz")
     images, masks = holdout["images"], holdout["masks"] > 0
     paths = {"shipped": MODEL / "ensemble.onnx", **build_variants(args.variants, args.out)}

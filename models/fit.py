@@ -235,7 +235,7 @@ def fit_ensemble(
     members, info = [], []
     for m in range(recipe["members"]):
         torch.manual_seed(recipe["seed"] + m)
-        net = UNet(base=recipe["base"], depth=recipe["depth"])
+        net = UNet(base=recipe["base"], depth=recipe["depth"], norm=recipe.get("norm", "group"))
         idx = member_training_set(recipe, m, len(images), slides)
         strength = strengths[m % len(strengths)] if strengths else None
         result = fit_member(
@@ -291,7 +291,7 @@ def load_members(weights: Path) -> tuple[list[UNet], dict]:
     r = ckpt["recipe"]
     members = []
     for sd in ckpt["members"]:
-        net = UNet(base=r["base"], depth=r["depth"])
+        net = UNet(base=r["base"], depth=r["depth"], norm=r.get("norm", "group"))
         net.load_state_dict(sd)
         members.append(net.eval())
     return members, ckpt

@@ -1,4 +1,5 @@
-"""Small U-Net (GroupNorm) and the fused ensemble wrapper exported to ONNX. Training side only."""
+"""Small U-Net (GroupNorm, or BatchNorm that the exporter folds into the convolutions) and the fused
+ensemble wrapper exported to ONNX. Training side only."""
 
 from __future__ import annotations
 
@@ -13,34 +14,44 @@ RGB_MEAN = 0.5
 RGB_STD = 0.25
 
 
-def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
+NORMS = ("group", "batch")
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, not {kind!r}")
+    return nn.GroupNorm(groups, channels) if kind == "group" else nn.BatchNorm2d(channels)
+
+
+def _block(c_in: int, c_out: int, groups: int, norm: str = "group") -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.GroupNorm(groups, c_out),
+        _norm(norm, c_out, groups),
         nn.ReLU(inplace=True),
         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.GroupNorm(groups, c_out),
+        _norm(norm, c_out, groups),
         nn.ReLU(inplace=True),
     )
 
 
 class UNet(nn.Module):
-    """U-Net with ``depth`` poolings; input side length must be divisible by 2**depth. Outputs logits."""
+    """U-Net with ``depth`` poolings; input side length must be divisible by 2**depth. Outputs logits.
+    ``norm``: "group" (GroupNorm of ``groups`` groups, per tile) or "batch" (BatchNorm, foldable)."""
 
-    def __init__(self, base: int = 8, depth: int = 3, groups: int = 4):
+    def __init__(self, base: int = 8, depth: int = 3, groups: int = 4, norm: str = "group"):
         super().__init__()
         widths = [base * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         c = 3
         for w in widths:
-            self.down.append(_block(c, w, groups))
+            self.down.append(_block(c, w, groups, norm))
             c = w
         self.pool = nn.MaxPool2d(2)
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
         for w in reversed(widths[:-1]):
             self.up.append(nn.ConvTranspose2d(c, w, 2, stride=2))
-            self.dec.append(_block(2 * w, w, groups))
+            self.dec.append(_block(2 * w, w, groups, norm))
             c = w
         self.head = nn.Conv2d(c, 1, 1)
 

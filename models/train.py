@@ -37,6 +37,7 @@ from service.inference.evaluation import expected_calibration_error, overlap_wit
 from service.options import SegmentationOptions
 from service.wsi.slide import open_slide
 
+NORM_NAMES = {"group": "GroupNorm", "batch": "BatchNorm (folded into the convolutions)"}
 BUILDERS = ("composite", "local")  # models/data/slidegen.py (the stress test), models/data/localshift.py
 
 
@@ -51,6 +52,7 @@ class Recipe:
     members: int = 5
     base: int = 8
     depth: int = 3
+    norm: str = "group"  # models/net.py NORMS: "batch" folds into the convolutions when exported
     patch: int = 256
     mpp: float = 1.0
     train_slides: int = 8
@@ -211,7 +213,7 @@ def finish(recipe: Recipe, out: Path, data_dir: Path, log: Callable[[str], None]
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "sha256": sha,
         "parent": None,
-        "architecture": f"U-Net base {recipe.base}, depth {recipe.depth}, GroupNorm; {recipe.members} "
+        "architecture": f"U-Net base {recipe.base}, depth {recipe.depth}, {NORM_NAMES[recipe.norm]}; {recipe.members} "
         "members fused in one ONNX graph (uint8 NHWC RGB in, (B, M, H, W) tumour probabilities out)",
         "input_mpp": recipe.mpp,
         "threshold": 0.5,

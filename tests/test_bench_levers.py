@@ -98,3 +98,19 @@ def test_batchnorm_probe_swaps_every_groupnorm_and_leaves_the_members_alone():
             if isinstance(a, torch.nn.Conv2d)
         ]
         assert convs and all(torch.equal(a, b) for a, b in convs)
+
+
+@pytest.mark.slow
+def test_the_probe_model_directory_serves_and_loads_as_batchnorm_members(tmp_path):
+    from models.fit import load_members
+    from service.inference.ensemble import load_ensemble
+
+    out = bl.write_probe_model(tmp_path / "probe")
+    ensemble = load_ensemble(out)  # the card's digest matches the new graph
+    tiles = np.load(out / "holdout.npz")["images"][:2]
+    outputs = ensemble.predict_outputs(tiles)  # the service runs it, novelty and embedding too
+    assert outputs["member_probs"].shape == (2, 5, 256, 256) and {"novelty", "embedding"} <= set(outputs)
+    loaded, ckpt = load_members(out / "members.pt")  # what bench_monai.py runs in torch
+    assert ckpt["recipe"]["norm"] == "batch" and all(
+        any(isinstance(m, torch.nn.BatchNorm2d) for m in member.modules()) for member in loaded
+    )

@@ -34,6 +34,10 @@ def test_quick_side_by_side_runs_every_contender_on_the_same_weights(tmp_path):
     for name, r in rows.items():
         assert r["tumour"] == pytest.approx(1.0, abs=tolerance[name]) and r["wall_s"] > 0 and r["peak_rss_mib"] > 0
     assert rows["uga"]["speedup_of_uga"] == 1.0
+    # the sliding window runs the whole level, the tissue-only path the same tissue tiles as UGA Serve
+    assert rows["monai_sw"]["tiles"] > rows["uga"]["tiles"] == rows["monai_patch"]["tiles"] > 0
+    for r in rows.values():  # no contender can pass the roofline's ceiling, and the ceiling is above reality
+        assert r["ceiling_of_uga"] > r["speedup_of_uga"] and r["gflops"] < result["roofline"]["peak"] * 1.05
     roof = result["roofline"]
     assert roof["gflop_per_tile"] == pytest.approx(5.87, abs=0.05)  # the shipped U-Net, five members, 256² tile
     assert min(roof["end_to_end_gflops"], roof["session_gflops"], roof["peak"]) > 0

@@ -270,3 +270,35 @@ def test_the_runner_takes_every_budget_field_from_its_settings_but_the_seed_and_
     assert {f.name for f in fields(FinetuneBudget)} - set(UNSET) <= {
         name.removeprefix("finetune_") for name in Settings.model_fields
     }
+
+
+def test_batchnorm_members_fold_into_their_convolutions_and_serve_the_same_probabilities(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from models.export import export_ensemble
+
+    torch.manual_seed(0)
+    members = [UNet(base=4, depth=2, norm="batch") for _ in range(2)]
+    images, masks = _patches(8, 32)
+    for net in members:  # a few steps in train mode, so the running statistics are not the identity
+        fit_member(net, images, masks, steps=3, batch=4, lr=5e-3, seed=0)
+        net.eval()
+    path = tmp_path / "bn.onnx"
+    export_ensemble(members, path, tile=32)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not ops & {"BatchNormalization", "InstanceNormalization", "GroupNormalization"}  # folded away
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    expected = np.stack([torch.sigmoid(torch.from_numpy(member_logits(m, images))).numpy() for m in members], axis=1)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_a_checkpoint_remembers_its_normalisation(tmp_path):
+    from models.fit import load_members
+
+    net = UNet(base=4, depth=2, norm="batch").eval()
+    torch.save({"recipe": {"base": 4, "depth": 2, "norm": "batch"}, "members": [net.state_dict()]}, tmp_path / "m.pt")
+    loaded, _ = load_members(tmp_path / "m.pt")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded[0].modules())
+    with pytest.raises(ValueError, match="norm must be one of"):
+        UNet(base=4, depth=2, norm="layer")
