@@ -12,12 +12,15 @@ Variants of ``models/baseline/ensemble.onnx`` (built into ``--out``, default ben
   float, where int8 convolutions of 8 channels are slower than float ones;
 - ``probs-only``: ``models.export.export_ensemble`` of the members (``members.pt``) without the novelty
   features: the shipped graph less ``novelty`` and ``embedding`` (its member probabilities equal the
-  shipped ones bit for bit), the speed reference for the two member_probs-only variants below;
+  shipped ones bit for bit), the speed reference for the member_probs-only variants below;
 - ``groupnorm-op``: the same members through the dynamo exporter at opset 21, every GroupNorm ONE
   ``GroupNormalization`` node (ORT 1.32 has no CPU kernel for it and inlines its function body);
 - ``grouped``: the five members fused horizontally into one network (``GroupedEnsemble``: groups=5
   convolutions and transposed convolutions, GroupNorm(20, 40), per-member skip concatenation by
   reshape), torchscript exporter as shipped;
+- ``frozen-norm``: the members with every GroupNorm frozen into a BatchNorm whose running statistics
+  are the GroupNorm inputs' per-channel mean and variance on ``replay.npz`` (calibrated layer by layer),
+  which ONNX Runtime folds into the convolutions: the only way to fold the shipped weights' norms;
 - ``batchnorm-probe``: a **speed probe, not a lever**: the same members with every GroupNorm swapped
   for a BatchNorm (GroupNorm's scale and shift, unit running statistics), exported as shipped.
   ONNX Runtime folds each BatchNorm into its convolution. Its outputs are not the model's (its
@@ -65,7 +68,16 @@ if TYPE_CHECKING:
 
 MODEL = ROOT / "models" / "baseline"
 FULL_RESOLUTION = ("/down.0/", "/up.2", "/dec.2/")  # node-name prefixes of the 8-channel level
-VARIANTS = ("fp32-again", "int8", "int8-deep", "probs-only", "groupnorm-op", "grouped", "batchnorm-probe")
+VARIANTS = (
+    "fp32-again",
+    "int8",
+    "int8-deep",
+    "probs-only",
+    "groupnorm-op",
+    "grouped",
+    "frozen-norm",
+    "batchnorm-probe",
+)
 
 
 def session(path: Path, threads: int = 2) -> ort.InferenceSession:
@@ -253,6 +265,36 @@ def batchnorm_members(members: list[UNet]) -> list[UNet]:
     return out
 
 
+def frozen_norm_members(members: list[UNet], images: np.ndarray, batch: int = 8) -> list[UNet]:
+    """``batchnorm_members`` whose running statistics are each member's own GroupNorm inputs on
+    ``images``, layer by layer (each layer calibrated with the layers before it already frozen): the
+    per-tile statistics GroupNorm computes replaced by fixed per-channel ones, so the norm folds."""
+    import torch
+    from torch import nn
+
+    from models.net import to_input
+
+    out = []
+    for probe in batchnorm_members(members):
+        for layer in [m for m in probe.modules() if isinstance(m, nn.BatchNorm2d)]:
+            layer.reset_running_stats()
+            layer.momentum = None  # a cumulative average over every batch
+            layer.train()
+            with torch.no_grad():
+                for i in range(0, len(images), batch):
+                    probe(to_input(images[i : i + batch]))
+            layer.eval()
+        out.append(probe.eval())
+    return out
+
+
+def export_frozen_norm(path: Path) -> Path:
+    from models.export import export_ensemble
+
+    export_ensemble(frozen_norm_members(members(), np.load(MODEL / "replay.npz")["images"]), path)
+    return path
+
+
 def export_batchnorm_probe(path: Path) -> Path:
     from models.export import export_ensemble
 
@@ -312,6 +354,7 @@ def build_variants(names: list[str], out_dir: Path) -> dict[str, Path]:
         "probs-only": export_probs_only,
         "groupnorm-op": export_groupnorm_op,
         "grouped": export_grouped,
+        "frozen-norm": export_frozen_norm,
         "batchnorm-probe": export_batchnorm_probe,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -114,3 +114,18 @@ def test_the_probe_model_directory_serves_and_loads_as_batchnorm_members(tmp_pat
     assert ckpt["recipe"]["norm"] == "batch" and all(
         any(isinstance(m, torch.nn.BatchNorm2d) for m in member.modules()) for member in loaded
     )
+
+
+def test_frozen_norm_takes_its_statistics_from_the_calibration_tiles_layer_by_layer():
+    members = bl.members()[:1]
+    images = np.load(bl.MODEL / "replay.npz")["images"][:8]
+    (frozen,) = bl.frozen_norm_members(members, images)
+    norms = [m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not frozen.training and all(n.num_batches_tracked.item() == 1 for n in norms)
+    # the first norm sees the first convolution's output on the calibration tiles: its per-channel moments
+    from models.net import to_input
+
+    with torch.no_grad():
+        first = frozen.down[0][0](to_input(images))
+    assert torch.allclose(norms[0].running_mean, first.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-3)
+    assert torch.allclose(norms[0].running_var, first.var(dim=(0, 2, 3)), rtol=1e-3)
