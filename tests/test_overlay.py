@@ -1,11 +1,13 @@
-"""The overlay PNG's image reduction: panel-sized uint8 images, same picture."""
+"""The overlay PNG: panel-sized uint8 images, drawn with Pillow where the maps and boxes belong."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFont
 
-from service.inference.outputs import PANEL_PX, fit_to_panel, overlay_png
+from service.inference.outputs import FONT, PANEL_ORIGINS, PANEL_PX, fit_to_panel, overlay_png
 
 
 def test_images_are_area_averaged_to_the_panel_and_small_ones_left_alone():
@@ -30,11 +32,34 @@ def test_the_overlay_is_a_two_panel_png_with_the_boxes_on_the_preview_grid():
     mask = np.zeros((h, w), np.uint8)
     mask[300:400, 300:400] = 255
     queue = [{"bbox_level0": {"x": 512, "y": 512, "width": 512, "height": 512}, "rank": 1}]
-    png = overlay_png(thumb, heat, tissue, mask, queue, measure="uga", level0_per_px=2.0, title="t")
+    png = overlay_png(
+        thumb, heat, tissue, mask, queue, measure="uga", level0_per_px=2.0, title="slide · 1.0 mm² · 0.5 µm"
+    )
     image = Image.open(io.BytesIO(png))
     assert image.size == (1400, 740)
     rgb = np.asarray(image.convert("RGB")).astype(int)
-    right = rgb[:, 700:]
-    hot = (right[..., 0] > 200) & (right[..., 1] > 200) & (right[..., 2] < 150)  # inferno's top: pale yellow
-    grey = (np.abs(right - 208) <= 2).all(axis=2)  # no tissue
-    assert hot.sum() > 1000 and grey.sum() > 1000
+    # the heat panel: the preview's (256..512)² square at full uncertainty lands at panel scale 640 / 1024
+    x0, y0 = PANEL_ORIGINS[1]
+    hot = rgb[y0 + 190 : y0 + 300, x0 + 190 : x0 + 300]  # inside the queue box, clear of its label
+    assert (hot[..., 0] > 150).all() and (hot[..., 1] < 80).all()  # the ramp's top (deep red) over the slide
+    assert (rgb[y0 + 20 : y0 + 70, x0 + 20 : x0 + 600] == 255).all()  # no tissue: white
+    calm = rgb[y0 + 400 : y0 + 500, x0 + 100 : x0 + 150]  # tissue where the model is sure: the slide in grey
+    assert (calm == calm[..., :1]).all() and (calm < 255).all()
+    # the left panel: the tumour outline in green around the (300..400)² mask, the box in blue on both
+    lx, ly = PANEL_ORIGINS[0]
+    outline = rgb[ly + 185 : ly + 255, lx + 185 : lx + 255]
+    assert ((outline == (0, 200, 70)).all(axis=2)).sum() > 100
+    for px, py in PANEL_ORIGINS:  # the box's top edge: level-0 y 512 -> preview 256 -> panel 160
+        edge = rgb[py + 159 : py + 162, px + 170 : px + 300]
+        assert ((edge == (0, 160, 255)).all(axis=2)).any(axis=0).mean() > 0.9
+
+
+def test_drawing_the_overlay_needs_no_plotting_library():
+    """The serving process renders the overlay with Pillow and a vendored font: matplotlib (about 35 MiB
+    of a worker's memory) is never imported, and glyphs like ² and µ are in the font."""
+    code = "import sys, service.inference.pipeline; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    font = ImageFont.truetype(str(FONT), 15)
+    notdef = np.asarray(font.getmask("\uffff")).tobytes()
+    assert all(np.asarray(font.getmask(c)).tobytes() != notdef for c in "²µ·×–≥")

@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from service.loop.heatmap import DISPLAY_MAX, heat_rgba, legend, outline_rgba
+from service.inference.heatmap import DISPLAY_MAX, heat_rgba, legend, outline_rgba
 from service.wsi.deepzoom import DeepZoomSlides, TileCache
 from tests.inprocess import InProcessService
 from tests.server import finished_patch_job, hostile_slide_root

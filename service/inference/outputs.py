@@ -5,24 +5,19 @@ from __future__ import annotations
 import io
 import json
 from concurrent.futures import Executor, Future
+from functools import cache
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from skimage import measure as skmeasure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
-from skimage import measure as skmeasure  # noqa: E402
-
-from service.fsutil import atomic_write_bytes, atomic_write_json  # noqa: E402
-from service.inference.uncertainty import STORAGE_MAX  # noqa: E402
-from service.vocabulary import ARTIFACTS  # noqa: E402
-from service.wsi.pyramid import write_pyramid_tiff  # noqa: E402
-from service.wsi.raster import RasterFile  # noqa: E402
+from service.fsutil import atomic_write_bytes, atomic_write_json
+from service.inference.heatmap import DISPLAY_MAX, heat_rgba, legend, outline_rgba
+from service.inference.uncertainty import STORAGE_MAX
+from service.vocabulary import ARTIFACTS
+from service.wsi.pyramid import write_pyramid_tiff
+from service.wsi.raster import RasterFile
 
 
 def write_map_tiff(out_dir: Path, name: str, raster: RasterFile, mpp: float) -> str:
@@ -100,7 +95,13 @@ def geojson(rings: list, queue: list[dict], model_version: str, source: dict | N
     return {"type": "FeatureCollection", "features": features}
 
 
-PANEL_PX = 640  # an overlay panel's side in the 1400 x 740 px figure (at most)
+PANEL_PX = 640  # an overlay panel's side (at most) in the OVERLAY_SIZE picture
+OVERLAY_SIZE = (1400, 740)
+PANEL_ORIGINS = ((20, 56), (680, 56))  # top-left corner of each panel's box
+NO_TISSUE_RGB = (255, 255, 255)  # the heat panel: the slide in grey where there is tissue, white elsewhere
+FRAME_RGB = (170, 170, 170)
+BOX_RGB, LABEL_RGB = (0, 160, 255), (0, 112, 192)
+INK = (30, 30, 30)
 
 
 def fit_to_panel(image: np.ndarray) -> np.ndarray:
@@ -111,6 +112,56 @@ def fit_to_panel(image: np.ndarray) -> np.ndarray:
         return image
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+FONT = Path(__file__).with_name("fonts") / "DejaVuSans.ttf"  # vendored (LICENSE_DEJAVU): Latin, Greek, symbols
+
+
+@cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(FONT), size)
+
+
+def _over(base: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    """``rgba`` (h, w, 4) uint8 composited over ``base`` (h, w, 3) uint8."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return (base * (1.0 - alpha) + rgba[..., :3] * alpha).round().astype(np.uint8)
+
+
+def _panel_to_picture(shape: tuple[int, int], preview_width: int, panel: int) -> tuple[float, int, int]:
+    """(scale, x0, y0): preview pixel (x, y) lands at (x0 + x * scale, y0 + y * scale) in the picture,
+    the panel image (``shape``) centred in its box."""
+    h, w = shape
+    x0, y0 = PANEL_ORIGINS[panel]
+    return w / preview_width, x0 + (PANEL_PX - w) // 2, y0 + (PANEL_PX - h) // 2
+
+
+def _draw_queue(draw: ImageDraw.ImageDraw, queue: list[dict], level0_per_px: float, to_picture: tuple) -> None:
+    scale, x0, y0 = to_picture
+    for item in queue:
+        b = item["bbox_level0"]
+        x, y = x0 + b["x"] / level0_per_px * scale, y0 + b["y"] / level0_per_px * scale
+        side = max(3.0, b["width"] / level0_per_px * scale)
+        draw.rectangle((x, y, x + side, y + side), outline=BOX_RGB, width=2)
+        label = str(item["rank"])
+        left, top, right, bottom = draw.textbbox((x + 3, y + 2), label, font=_font(11))
+        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=LABEL_RGB)
+        draw.text((x + 3, y + 2), label, fill="white", font=_font(11))
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, picture: Image.Image, measure: str, top: int) -> None:
+    """The heat ramp as a vertical bar right of the second panel, labelled in the measure's unit."""
+    height, x = PANEL_PX - 80, PANEL_ORIGINS[1][0] + PANEL_PX + 12
+    top += 40
+    values = np.linspace(DISPLAY_MAX[measure], 0.0, height)[:, None].repeat(16, axis=1)
+    picture.paste(Image.fromarray(_over(np.full((height, 16, 3), 255, np.uint8), heat_rgba(values, measure))), (x, top))
+    draw.rectangle((x, top, x + 15, top + height - 1), outline=INK)
+    key = legend(measure)
+    for fraction in (0.0, 0.5, 1.0):
+        y = top + round((1 - fraction) * (height - 1))
+        draw.line((x + 16, y, x + 20, y), fill=INK)
+        draw.text((x + 22, y), f"{fraction * key['max']:g}", fill=INK, font=_font(11), anchor="lm")
+    draw.text((x, top + height + 8), key["unit"], fill=INK, font=_font(11))
 
 
 def overlay_png(
@@ -124,47 +175,40 @@ def overlay_png(
     level0_per_px: float,
     title: str,
 ) -> bytes:
-    """Two panels: slide + tumour outline + numbered review boxes; uncertainty heat map + the boxes.
+    """Two panels: slide + tumour outline + numbered review boxes; the uncertainty heat map (the review
+    page's colours, ``service.inference.heatmap``) over the slide in grey + the boxes, with its colour bar.
 
-    Each image is first reduced to the panel's size in uint8 (matplotlib's own resampling of a
-    1024² float image peaks near 100 MiB); axes keep the preview's pixel coordinates."""
+    Every image is reduced to the panel's size in uint8 first and drawn with Pillow: a few MiB at most,
+    whatever the slide's size. ``heat`` holds the stored 0..255 levels (0..``STORAGE_MAX[measure]``)."""
     h, w = heat.shape
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 7.4), dpi=100, constrained_layout=True)
-    axes[0].imshow(fit_to_panel(thumbnail[:h, :w]), extent=extent)
-    if mask_preview.max() >= 128:
-        small = fit_to_panel(mask_preview[:h, :w])
-        ys, xs = ((np.arange(n) + 0.5) * size / n - 0.5 for n, size in zip(small.shape, (h, w), strict=True))
-        axes[0].contour(xs, ys, small >= 128, levels=[0.5], colors=["#00d000"], linewidths=1.0)
-    axes[0].set_title("slide, predicted tumour (green), review queue (numbered)")
-    vmax = STORAGE_MAX[measure]
-    cmap = matplotlib.colormaps["inferno"]
-    coloured = cmap(fit_to_panel(heat), bytes=True)  # uint8 RGBA from the stored 0..255 levels (0..vmax)
-    coloured[fit_to_panel(tissue[:h, :w].astype(np.uint8) * 255) < 128] = (208, 208, 208, 255)  # grey = no tissue
-    axes[1].imshow(coloured, extent=extent)
-    axes[1].set_title(f"uncertainty on tissue: {measure} (bits; grey = no tissue)")
-    fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), ax=axes[1], shrink=0.8)
-    for ax in axes:
-        ax.set_axis_off()
-        for item in queue:
-            b = item["bbox_level0"]
-            x, y = b["x"] / level0_per_px, b["y"] / level0_per_px
-            s = b["width"] / level0_per_px
-            ax.add_patch(Rectangle((x, y), s, s, fill=False, edgecolor="#00a0ff", linewidth=1.6))
-            ax.text(
-                x + 2,
-                y + 2,
-                str(item["rank"]),
-                color="white",
-                fontsize=9,
-                va="top",
-                ha="left",
-                bbox={"facecolor": "#0070c0", "edgecolor": "none", "pad": 1.0},
-            )
-    fig.suptitle(title, fontsize=11)
+    slide = fit_to_panel(np.ascontiguousarray(thumbnail[:h, :w]))
+    shape = slide.shape[:2]
+    on_tissue = fit_to_panel(tissue[:h, :w].astype(np.uint8) * 255) >= 128
+    tumour = fit_to_panel(mask_preview[:h, :w]) >= 128
+    values = fit_to_panel(heat).astype(np.float32) * (STORAGE_MAX[measure] / 255.0)
+
+    picture = Image.new("RGB", OVERLAY_SIZE, "white")
+    draw = ImageDraw.Draw(picture)
+    draw.text((OVERLAY_SIZE[0] // 2, 10), title, fill=INK, font=_font(15), anchor="ma")
+    outlined = _over(slide, outline_rgba(tumour)) if tumour.any() else slide
+    grey = np.asarray(Image.fromarray(slide).convert("L").convert("RGB")) // 2 + 128  # light, so the heat reads
+    grey[~on_tissue] = NO_TISSUE_RGB
+    panels = (
+        (outlined, "slide, predicted tumour (green), review queue (numbered)"),
+        (_over(grey, heat_rgba(values, measure)), f"uncertainty on tissue: {measure} (white = no tissue)"),
+    )
+    for panel, (image, caption) in enumerate(panels):
+        to_picture = _panel_to_picture(shape, w, panel)
+        picture.paste(Image.fromarray(image), to_picture[1:])
+        x0, y0 = to_picture[1:]
+        draw.rectangle((x0 - 1, y0 - 1, x0 + shape[1], y0 + shape[0]), outline=FRAME_RGB)
+        draw.text((PANEL_ORIGINS[panel][0], PANEL_ORIGINS[panel][1] - 20), caption, fill=INK, font=_font(13))
+        _draw_queue(draw, queue, level0_per_px, to_picture)
+    _colour_bar(draw, picture, measure, PANEL_ORIGINS[1][1])
+    key = legend(measure)
+    draw.text((PANEL_ORIGINS[1][0], OVERLAY_SIZE[1] - 22), f"{key['what']}", fill=INK, font=_font(11))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    picture.save(buf, format="PNG")
     return buf.getvalue()
 
 

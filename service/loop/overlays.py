@@ -11,8 +11,8 @@ from PIL import Image
 
 from service.config import Settings
 from service.errors import NotFound
+from service.inference.heatmap import heat_rgba, legend, outline_rgba
 from service.inference.uncertainty import from_uint8
-from service.loop.heatmap import heat_rgba, legend, outline_rgba
 from service.loop.jobs import artifact_path, get_job
 from service.loop.review import get_item, item_job
 from service.store import Job, Store
