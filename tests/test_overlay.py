@@ -63,3 +63,29 @@ def test_drawing_the_overlay_needs_no_plotting_library():
     font = ImageFont.truetype(str(FONT), 15)
     notdef = np.asarray(font.getmask("\uffff")).tobytes()
     assert all(np.asarray(font.getmask(c)).tobytes() != notdef for c in "²µ·×–≥")
+
+
+def test_a_small_preview_fills_its_panel_and_a_long_title_is_cut_to_the_picture():
+    h, w = 40, 64  # a tiny slide: enlarged 10x by whole pixels, the box grid enlarged with it
+    heat = np.zeros((h, w), np.uint8)
+    heat[:, : w // 2] = 255
+    queue = [{"bbox_level0": {"x": 0, "y": 0, "width": 40, "height": 40}, "rank": 1}]
+    png = overlay_png(
+        np.full((h, w, 3), 200, np.uint8),
+        heat,
+        np.ones((h, w), bool),
+        np.zeros((h, w), np.uint8),
+        queue,
+        measure="entropy",
+        level0_per_px=2.0,
+        title="slide-" + "x" * 500,
+    )
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    x0, y0 = PANEL_ORIGINS[1]
+    top = y0 + (PANEL_PX - h * 10) // 2  # 640 // 64 = 10
+    red = (rgb[top + 250 : top + 350, x0 + 250 : x0 + 300, 1] < 80).all()  # the left half at full entropy
+    calm = (rgb[top + 250 : top + 350, x0 + 400 : x0 + 600] == 200 // 2 + 128).all()  # the right half: slide in grey
+    assert red and calm
+    box = (rgb[top + 199 : top + 202, x0 + 30 : x0 + 190] == (0, 160, 255)).all(axis=2).any(axis=0)  # 20 px -> 200
+    assert box.mean() > 0.9
+    assert (rgb[0:40, :8] == 255).all() and (rgb[0:40, -8:] == 255).all()  # the title stays inside the picture

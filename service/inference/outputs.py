@@ -122,6 +122,15 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(FONT), size)
 
 
+def _fit_text(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
+    """``text``, cut with an ellipsis where it would be wider than ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def _over(base: np.ndarray, rgba: np.ndarray) -> np.ndarray:
     """``rgba`` (h, w, 4) uint8 composited over ``base`` (h, w, 3) uint8."""
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
@@ -181,15 +190,27 @@ def overlay_png(
     Every image is reduced to the panel's size in uint8 first and drawn with Pillow: a few MiB at most,
     whatever the slide's size. ``heat`` holds the stored 0..255 levels (0..``STORAGE_MAX[measure]``)."""
     h, w = heat.shape
-    slide = fit_to_panel(np.ascontiguousarray(thumbnail[:h, :w]))
+    k = max(1, PANEL_PX // max(h, w))  # a small preview is enlarged by whole pixels to fill the panel
+
+    def panel_sized(image: np.ndarray) -> np.ndarray:
+        small = fit_to_panel(np.ascontiguousarray(image))
+        return small.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else small
+
+    slide = panel_sized(thumbnail[:h, :w])
     shape = slide.shape[:2]
-    on_tissue = fit_to_panel(tissue[:h, :w].astype(np.uint8) * 255) >= 128
-    tumour = fit_to_panel(mask_preview[:h, :w]) >= 128
-    values = fit_to_panel(heat).astype(np.float32) * (STORAGE_MAX[measure] / 255.0)
+    on_tissue = panel_sized(tissue[:h, :w].astype(np.uint8) * 255) >= 128
+    tumour = panel_sized(mask_preview[:h, :w]) >= 128
+    values = panel_sized(heat).astype(np.float32) * (STORAGE_MAX[measure] / 255.0)
 
     picture = Image.new("RGB", OVERLAY_SIZE, "white")
     draw = ImageDraw.Draw(picture)
-    draw.text((OVERLAY_SIZE[0] // 2, 10), title, fill=INK, font=_font(15), anchor="ma")
+    draw.text(
+        (OVERLAY_SIZE[0] // 2, 10),
+        _fit_text(title, _font(15), OVERLAY_SIZE[0] - 40),
+        fill=INK,
+        font=_font(15),
+        anchor="ma",
+    )
     outlined = _over(slide, outline_rgba(tumour)) if tumour.any() else slide
     grey = np.asarray(Image.fromarray(slide).convert("L").convert("RGB")) // 2 + 128  # light, so the heat reads
     grey[~on_tissue] = NO_TISSUE_RGB
