@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from skimage import measure as skmeasure
 
 from service.fsutil import atomic_write_bytes, atomic_write_json
-from service.inference.heatmap import DISPLAY_MAX, heat_rgba, legend, outline_rgba
+from service.inference.heatmap import heat_rgba, legend, outline_rgba
 from service.inference.uncertainty import STORAGE_MAX
 from service.vocabulary import ARTIFACTS
 from service.wsi.pyramid import write_pyramid_tiff
@@ -131,10 +131,9 @@ def _fit_text(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
     return text + "…"
 
 
-def _over(base: np.ndarray, rgba: np.ndarray) -> np.ndarray:
-    """``rgba`` (h, w, 4) uint8 composited over ``base`` (h, w, 3) uint8."""
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    return (base * (1.0 - alpha) + rgba[..., :3] * alpha).round().astype(np.uint8)
+def _over(base: np.ndarray, rgba: np.ndarray) -> Image.Image:
+    """``rgba`` (h, w, 4) uint8 composited over ``base`` (h, w, 3) uint8, as an RGB image."""
+    return Image.alpha_composite(Image.fromarray(base).convert("RGBA"), Image.fromarray(rgba)).convert("RGB")
 
 
 def _panel_to_picture(shape: tuple[int, int], preview_width: int, panel: int) -> tuple[float, int, int]:
@@ -158,14 +157,13 @@ def _draw_queue(draw: ImageDraw.ImageDraw, queue: list[dict], level0_per_px: flo
         draw.text((x + 3, y + 2), label, fill="white", font=_font(11))
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, picture: Image.Image, measure: str, top: int) -> None:
-    """The heat ramp as a vertical bar right of the second panel, labelled in the measure's unit."""
-    height, x = PANEL_PX - 80, PANEL_ORIGINS[1][0] + PANEL_PX + 12
-    top += 40
-    values = np.linspace(DISPLAY_MAX[measure], 0.0, height)[:, None].repeat(16, axis=1)
-    picture.paste(Image.fromarray(_over(np.full((height, 16, 3), 255, np.uint8), heat_rgba(values, measure))), (x, top))
+def _colour_bar(draw: ImageDraw.ImageDraw, picture: Image.Image, key: dict) -> None:
+    """The heat ramp of ``key`` (``heatmap.legend``) as a vertical bar right of the second panel,
+    labelled in the measure's unit."""
+    height, x, top = PANEL_PX - 80, PANEL_ORIGINS[1][0] + PANEL_PX + 12, PANEL_ORIGINS[1][1] + 40
+    values = np.linspace(key["max"], 0.0, height)[:, None].repeat(16, axis=1)
+    picture.paste(_over(np.full((height, 16, 3), 255, np.uint8), heat_rgba(values, key["measure"])), (x, top))
     draw.rectangle((x, top, x + 15, top + height - 1), outline=INK)
-    key = legend(measure)
     for fraction in (0.0, 0.5, 1.0):
         y = top + round((1 - fraction) * (height - 1))
         draw.line((x + 16, y, x + 20, y), fill=INK)
@@ -211,7 +209,7 @@ def overlay_png(
         font=_font(15),
         anchor="ma",
     )
-    outlined = _over(slide, outline_rgba(tumour)) if tumour.any() else slide
+    outlined = _over(slide, outline_rgba(tumour)) if tumour.any() else Image.fromarray(slide)
     grey = np.asarray(Image.fromarray(slide).convert("L").convert("RGB")) // 2 + 128  # light, so the heat reads
     grey[~on_tissue] = NO_TISSUE_RGB
     panels = (
@@ -220,14 +218,14 @@ def overlay_png(
     )
     for panel, (image, caption) in enumerate(panels):
         to_picture = _panel_to_picture(shape, w, panel)
-        picture.paste(Image.fromarray(image), to_picture[1:])
+        picture.paste(image, to_picture[1:])
         x0, y0 = to_picture[1:]
         draw.rectangle((x0 - 1, y0 - 1, x0 + shape[1], y0 + shape[0]), outline=FRAME_RGB)
         draw.text((PANEL_ORIGINS[panel][0], PANEL_ORIGINS[panel][1] - 20), caption, fill=INK, font=_font(13))
         _draw_queue(draw, queue, level0_per_px, to_picture)
-    _colour_bar(draw, picture, measure, PANEL_ORIGINS[1][1])
     key = legend(measure)
-    draw.text((PANEL_ORIGINS[1][0], OVERLAY_SIZE[1] - 22), f"{key['what']}", fill=INK, font=_font(11))
+    _colour_bar(draw, picture, key)
+    draw.text((PANEL_ORIGINS[1][0], OVERLAY_SIZE[1] - 22), key["what"], fill=INK, font=_font(11))
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return buf.getvalue()
