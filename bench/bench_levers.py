@@ -313,13 +313,14 @@ def write_probe_model(out: Path) -> Path:
     import torch
 
     from models.export import export_ensemble
+    from models.fit import load_members
     from models.novelty import fit_features
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("holdout.npz", "replay.npz"):
         shutil.copyfile(MODEL / name, out / name)
-    ckpt = torch.load(MODEL / "members.pt", map_location="cpu", weights_only=False)
-    probes = batchnorm_members(members())
+    shipped, ckpt = load_members(MODEL / "members.pt")
+    probes = batchnorm_members(shipped)
     torch.save(
         {**ckpt, "recipe": {**ckpt["recipe"], "norm": "batch"}, "members": [p.state_dict() for p in probes]},
         out / "members.pt",
