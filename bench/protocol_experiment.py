@@ -520,6 +520,32 @@ def _vs_baseline(lo: float, hi: float) -> str:
     return "above baseline" if lo > 0 else "below baseline" if hi < 0 else "no evidence either way"
 
 
+def by_centre(rows: list[dict], budget: int) -> list[str]:
+    """One budget's comparisons as the README shows them: a row per centre (pooled, then the centres
+    without patches, last), a column per strategy − random and random − baseline; bold where a
+    verdict is given and the CI excludes 0."""
+    rows = [r for r in rows if r["budget"] == budget and r["against"] in ("random", "baseline")]
+    columns = list(dict.fromkeys((r["strategy"], r["against"]) for r in rows))
+    centres = list(dict.fromkeys(r["centre"] for r in rows))
+    pooled = [c for c in centres if c.startswith("pooled")]
+    centres = [c for c in centres if c != "source" and c not in pooled] + pooled + [c for c in centres if c == "source"]
+    cell = {(r["centre"], r["strategy"], r["against"]): r for r in rows}
+
+    def text(r: dict | None) -> str:
+        if r is None:
+            return "–"
+        value = f"{r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]".replace("-", "−")
+        decided = not r["verdict"].startswith("pending") and (r["lo"] > 0 or r["hi"] < 0)
+        return f"**{value}**" if decided else value
+
+    lines = [
+        "| centre | " + " | ".join(f"{s} − {a}" for s, a in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    lines += [f"| {c} | " + " | ".join(text(cell.get((c, s, a))) for s, a in columns) + " |" for c in centres]
+    return lines
+
+
 def selection_audit(runs: list[dict], stage: Stage) -> list[dict]:
     rows = []
     for strategy in stage.strategies + (["oracle"] if "oracle" not in stage.strategies else []):
@@ -587,6 +613,10 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
                 f"| {r['seeds']} | {r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['verdict']} |"
             )
         lines.append("")
+        for budget in stage.budgets:
+            table = by_centre(rows, budget)
+            if len(table) > 2:
+                lines += [f"### Budget {budget} by centre (bold: the CI excludes 0)", "", *table, ""]
     audit = selection_audit(runs, stage)
     if audit:
         lines += ["## Selection audit (share of the chosen patches' tissue; patches per centre over all seeds)", ""]

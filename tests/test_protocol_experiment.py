@@ -223,3 +223,29 @@ def test_runs_written_before_a_recipe_field_existed_count_as_its_default():
 def test_the_size_stages_hold_no_correction_out_in_either_size():
     assert px.STAGES["size1024"].holdout_every == 0 and px.STAGES["size256"].holdout_every == 0
     assert px.STAGES["size1024"].budgets == [b // 16 for b in px.STAGES["size256"].budgets]  # the same area
+
+
+def test_the_by_centre_table_puts_pooled_then_untouched_centres_last_and_bolds_only_decided_cells():
+    def row(strategy, against, centre, lo, hi, verdict="no evidence either way"):
+        delta = (lo + hi) / 2
+        return {"strategy": strategy, "against": against, "budget": 5, "centre": centre, "delta": delta} | {
+            "lo": lo,
+            "hi": hi,
+            "verdict": verdict,
+        }
+
+    rows = [
+        row("uga_topk", "random", "source", 0.001, 0.02, "beats random"),
+        row("uga_topk", "random", "blur", -0.01, 0.01),
+        row("uga_topk", "random", "pooled (covered)", -0.03, -0.01, "pending (3 of 5 seeds)"),
+        row("random", "baseline", "blur", -0.02, -0.005, "below baseline"),
+        row("uga_topk", "uga_topk @ 256 µm × 16", "blur", 0.01, 0.02),  # a size comparison: not in this table
+        {**row("uga_topk", "random", "blur", 0.1, 0.2), "budget": 10},  # another budget
+    ]
+    header, _, *body = px.by_centre(rows, 5)
+    assert header == "| centre | uga_topk − random | random − baseline |"
+    assert [line.split(" | ")[0] for line in body] == ["| blur", "| pooled (covered)", "| source"]
+    blur, pooled, source = body
+    assert blur == "| blur | +0.000 [−0.010, +0.010] | **−0.013 [−0.020, −0.005]** |"
+    assert "**" not in pooled and pooled.endswith("| – |")  # excludes 0, but no verdict before every seed
+    assert source.startswith("| source | **+0.011 [+0.001, +0.020]** |")
