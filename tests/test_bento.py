@@ -18,7 +18,13 @@ def test_bentofile_builds_a_bento_with_service_and_baseline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (bento,) = [p for p in (tmp_path / "bentos" / "uga-serve").iterdir() if p.name != "latest"]
     src = bento / "src"
-    for rel in ("service/api.py", "service/cli.py", "models/baseline/ensemble.onnx", "models/baseline/card.json"):
+    for rel in (
+        "service/api.py",
+        "service/cli.py",
+        "service/inference/fonts/DejaVuSans.ttf",  # the overlay PNG's font
+        "models/baseline/ensemble.onnx",
+        "models/baseline/card.json",
+    ):
         assert (src / rel).is_file(), rel
     assert not (src / "tests").exists() and not (src / "data").exists()
     meta = (bento / "bento.yaml").read_text()
