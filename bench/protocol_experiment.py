@@ -520,6 +520,11 @@ def _vs_baseline(lo: float, hi: float) -> str:
     return "above baseline" if lo > 0 else "below baseline" if hi < 0 else "no evidence either way"
 
 
+def interval(r: dict) -> str:
+    """A comparison row's estimate and 95 % CI, as every table prints it."""
+    return f"{r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+
+
 def by_centre(rows: list[dict], budget: int) -> list[str]:
     """One budget's comparisons as the README shows them: a row per centre (pooled, then the centres
     without patches, last), a column per strategy − random and random − baseline; bold where a
@@ -534,8 +539,8 @@ def by_centre(rows: list[dict], budget: int) -> list[str]:
     def text(r: dict | None) -> str:
         if r is None:
             return "–"
-        value = f"{r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]".replace("-", "−")
-        decided = not r["verdict"].startswith("pending") and (r["lo"] > 0 or r["hi"] < 0)
+        value = interval(r).replace("-", "−")
+        decided = not r["verdict"].startswith(("pending", "no evidence"))  # the verdict says the CI excludes 0
         return f"**{value}**" if decided else value
 
     lines = [
@@ -610,7 +615,7 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
         for r in rows:
             lines.append(
                 f"| {r['strategy']} | {r['against']} | {r['budget']} ({r['area_mm2']}) | {r['centre']} "
-                f"| {r['seeds']} | {r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['verdict']} |"
+                f"| {r['seeds']} | {interval(r)} | {r['verdict']} |"
             )
         lines.append("")
         for budget in stage.budgets:
