@@ -57,3 +57,33 @@ def test_slides_and_inference_do_not_import_torch_or_the_service_around_them():
     layers = ("torch", "service.http", "service.loop", "service.store")
     bad = offences(py("service/wsi") + py("service/inference"), lambda n: under(n, *layers))
     assert not bad, f"service/wsi and service/inference must not import {', '.join(layers)}: {bad}"
+
+
+# The order README's "Where things live" gives: a module may import its own layer and those before it.
+LAYER_ORDER = (
+    ("service.vocabulary", "service.errors", "service.options", "service.fsutil", "service.heap"),
+    ("service.wsi",),
+    ("service.inference",),
+    ("service.integrations",),
+    ("service.config",),
+    ("service.store",),
+    ("service.loop",),
+    ("service.http",),
+    ("service.api", "service.cli"),
+)
+
+
+def layer_of(name: str) -> int | None:
+    return next((i for i, layer in enumerate(LAYER_ORDER) if under(name, *layer)), None)
+
+
+def test_every_layer_imports_only_itself_and_the_layers_before_it():
+    files = [p for p in py("service") if p.name != "__init__.py" or p.parent.name != "service"]
+    module = {p: ".".join(p.relative_to(REPO).with_suffix("").parts) for p in files}
+    unplaced = [module[p] for p in files if layer_of(module[p]) is None]
+    assert not unplaced, f"place these modules in LAYER_ORDER (and README's list): {unplaced}"
+    bad = []
+    for path in files:
+        own = layer_of(module[path])
+        bad += offences([path], lambda n, own=own: (layer := layer_of(n)) is not None and layer > own)
+    assert not bad, f"an import reaches a later layer: {bad}"

@@ -1,1 +1,1 @@
-"""Talking to the hospital: FHIR reports (and, later, DICOM SEG and DICOMweb)."""
+"""Talking to the hospital: DICOMweb, DICOM Segmentation, FHIR reports."""
