@@ -14,7 +14,7 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is needed to read the Promethe
 
 RULE = Path(__file__).resolve().parent.parent / "k8s" / "components" / "alerts" / "prometheusrule.yaml"
 
-# alert -> (interval, eval time, series that must fire it, series that must not)
+# alert -> (interval, eval time, series that must fire it, series (or a list of them) that must not)
 CASES = {
     "UGAJobsFailing": (
         "1m",
@@ -45,6 +45,33 @@ CASES = {
         "5h",
         {'uga_finetune_runs_total{outcome="rejected",pod="a"}': "0+1x10"},
         {'uga_finetune_runs_total{outcome="rejected",pod="a"}': "0 0 0 0 1 1 1 1 1 1 1"},
+    ),
+    "UGACallbacksFailing": (
+        "1m",
+        "30m",
+        {'uga_callback_deliveries{state="failed"}': "0 0 1x40"},
+        {
+            'uga_callback_deliveries{state="failed"}': "0 0 1 1 1 0x40",
+            'uga_callback_deliveries{state="delivered"}': "5x40",
+        },
+    ),
+    "UGASlidesOutOfDistribution": (
+        "10m",
+        "7h",
+        {  # 6 slides an hour, 2 of them flagged
+            'uga_slide_novelty_share_count{site="a"}': "0+1x60",
+            'uga_slides_out_of_distribution_total{site="a"}': "0+0.3333x60",
+        },
+        [
+            {  # as many slides, 1 in 12 flagged
+                'uga_slide_novelty_share_count{site="a"}': "0+1x60",
+                'uga_slides_out_of_distribution_total{site="a"}': "0+0.0833x60",
+            },
+            {  # every slide flagged, but only 3 in 6 hours: too few to say
+                'uga_slide_novelty_share_count{site="a"}': "0+0.0833x60",
+                'uga_slides_out_of_distribution_total{site="a"}': "0+0.0833x60",
+            },
+        ],
     ),
     "UGAUncertaintyDrift": (
         "1h",
@@ -102,7 +129,9 @@ def test_the_alert_fires_on_its_series_and_not_on_healthy_ones(rules, tmp_path, 
         }
 
     test = tmp_path / "test.yaml"
-    test.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": [case(bad, True), case(good, False)]}))
+    healthy = good if isinstance(good, list) else [good]
+    cases = [case(bad, True), *(case(g, False) for g in healthy)]
+    test.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": cases}))
     proc = subprocess.run(["promtool", "test", "rules", str(test)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -78,6 +78,10 @@ DASHBOARD_METRICS = {
     "uga_runner_heartbeat_timestamp_seconds",
     "uga_model_swaps_total",
     "uga_model_rollbacks_total",
+    "uga_slide_novelty_share_sum",
+    "uga_slides_out_of_distribution_total",
+    "uga_callback_deliveries",
+    "uga_http_request_duration_seconds_bucket",
 }
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_])((?:uga|bentoml)_[a-z0-9_]+)")
 
