@@ -19,6 +19,7 @@ from service.errors import DomainError
 from service.http import connections, request_metrics
 from service.http.app import create_app
 from service.http.auth import AuthConfigError, Authenticator
+from service.http.errors import BodyLimits
 from service.http.review_page import create_review_app, sign_in_config
 from service.http.runtime import Runtime
 from service.inference.ensemble import read_card
@@ -58,7 +59,7 @@ def _fatal(reason: str) -> None:
 settings = preflight() if sys.argv[1:2] == ["serve"] else get_settings()
 connections.install(settings.header_timeout_s, settings.max_connections)  # before the worker's server starts
 app = create_app(
-    max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+    BodyLimits.from_settings(settings),
     body_timeout_s=settings.body_timeout_s,
     body_total_s=settings.body_total_s,
 )

@@ -11,7 +11,9 @@ Entry points extend it, so this package imports nothing from ``models.data``:
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -37,8 +39,8 @@ def _positive(value: str) -> float:
         v = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
     return v
 
 
@@ -64,6 +66,7 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
 
     from service.inference.ensemble import load_ensemble
     from service.inference.pipeline import run_segmentation
+    from service.loop.jobs import check_work
     from service.options import SegmentationOptions
 
     s = get_settings()
@@ -84,6 +87,7 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
             "patch_um": args.patch_um,
         },
     )
+    check_work(s, slide, opts)  # the service's limits: UGA_MAX_JOB_TILES, UGA_MAX_CORRECTION_PX
     bars: list[tqdm] = []  # created on the first tile, so refused input prints no bar
 
     def progress(done: int, total: int) -> None:
@@ -221,7 +225,10 @@ def _token_store(create: bool):
     if not create and not settings.database_url and not (data_dir / "uga.sqlite").exists():
         raise CliError(f"no store in {data_dir}: set UGA_DATA_DIR to the service's data directory")
     data_dir.mkdir(parents=True, exist_ok=True)
-    return Store.open(settings)
+    try:
+        return Store.open(settings)
+    except sqlite3.DatabaseError as exc:
+        raise CliError(f"the store in {data_dir} cannot be read ({exc}); is uga.sqlite a service's store?") from None
 
 
 def _operator() -> str:

@@ -60,7 +60,11 @@ class Settings(BaseSettings, SegmentationDefaults):
     oidc_page_token: Literal["id_token", "access_token"] = Field(
         "id_token", description="which token of the IdP's answer the page sends as its bearer token"
     )
-    max_body_mb: float = Field(64.0, gt=0, description="largest accepted request body, MiB")
+    max_body_mb: float = Field(64.0, gt=0, description="largest correction mask (PNG) body, MiB")
+    max_geojson_mb: float = Field(
+        8.0, gt=0, description="largest GeoJSON correction body, MiB (parsing it takes about 25x that in memory)"
+    )
+    max_json_kb: int = Field(64, ge=1, description="largest body of any other request (JSON), KiB")
     max_correction_px: int = Field(
         4096, ge=64, le=16384, description="largest side of a correction's mask, pixels at its µm/px"
     )

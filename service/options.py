@@ -27,7 +27,7 @@ REQUEST_BOUNDS = {"mpp": (0.25, 16), "queue_size": (1, 200), "patch_um": (64, 81
 class SegmentationDefaults(BaseModel):
     """Options with a deployment-wide default."""
 
-    mpp: float = Field(1.0, gt=0, description="analysis resolution in µm/px (the paper: 1.0)")
+    mpp: float = Field(1.0, ge=0.05, le=100, description="analysis resolution in µm/px (the paper: 1.0)")
     tile: int = Field(256, ge=64, le=4096, description="tile side in analysis pixels (multiple of 8)")
     overlap: int = Field(32, ge=0, le=512, description="tile overlap in pixels, blended (at most half the tile)")
     batch: int = Field(2, ge=1, le=64, description="tiles per ONNX Runtime call")
@@ -38,7 +38,7 @@ class SegmentationDefaults(BaseModel):
         "uncertainty", description="how the queue picks patches: uncertainty (top-k), class_balanced, random"
     )
     queue_size: int = Field(10, ge=1, le=1000, description="patches in the ranked review queue per slide")
-    patch_um: float = Field(1024.0, gt=0, description="review patch side in µm (the paper: 1024)")
+    patch_um: float = Field(1024.0, gt=0, le=100_000, description="review patch side in µm (the paper: 1024)")
     min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a review patch")
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.http.app import create_app
+from service.http.errors import BodyLimits
 from service.http.runtime import Runtime
 from tests.server import TOKENS
 
@@ -27,7 +28,7 @@ class InProcessService:
             **settings,
         )
         self.runtime = Runtime.create(self.settings, start_worker=start_worker)
-        api = create_app(int(self.settings.max_body_mb * 1024 * 1024))
+        api = create_app(BodyLimits.from_settings(self.settings))
         api.state.uga = self.runtime
         self.app = FastAPI()
         self.app.mount("/v1", api)  # as BentoML mounts it: links carry the /v1 root path

@@ -187,9 +187,13 @@ def test_a_stalled_body_gets_408_and_writes_nothing(server):
 
 def test_an_unauthenticated_flood_is_refused_before_its_body_is_read(server):
     before = _state(server)
-    body = b'{"slide": "cases/a.tif", "pad": "' + b"x" * (21 * 1024 * 1024) + b'"}'
-    r = httpx.post(f"{server.url}/v1/jobs", content=body, headers={"content-type": "application/json"}, timeout=60)
+    mask = b"\x89PNG" + b"x" * (21 * 1024 * 1024)  # under UGA_MAX_BODY_MB: only authentication stops it
+    url = f"{server.url}/v1/corrections?slide=cases/a.tif&x=0&y=0&width=64&height=64"
+    r = httpx.post(url, content=mask, headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    body = b'{"slide": "cases/a.tif", "pad": "' + b"x" * (21 * 1024 * 1024) + b'"}'  # over UGA_MAX_JSON_KB
+    r = httpx.post(f"{server.url}/v1/jobs", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     assert _state(server) == before
 
 

@@ -13,8 +13,8 @@ import tifffile
 REPO = Path(__file__).resolve().parent.parent
 
 
-def uga(*args, cwd=None):
-    env = {**os.environ, "UGA_ORT_THREADS": "2"}
+def uga(*args, cwd=None, env=None):
+    env = {**os.environ, "UGA_ORT_THREADS": "2", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *map(str, args)],
         capture_output=True,
@@ -74,9 +74,24 @@ def test_output_dir_not_writable(cmu_svs, tmp_path):
 
 
 def test_bad_option_values(cmu_svs, tmp_path):
-    proc = uga("segment", cmu_svs, "--out", tmp_path / "o", "--mpp", "-1")
-    assert proc.returncode == 2 and "must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+    for option, value in (("--mpp", "-1"), ("--mpp", "inf"), ("--mpp", "nan"), ("--patch-um", "inf")):
+        proc = uga("segment", cmu_svs, "--out", tmp_path / "o", option, value)
+        assert proc.returncode == 2 and "must be a finite number > 0" in proc.stderr, (option, value, proc.stderr)
+        assert "Traceback" not in proc.stderr
     assert_refused(uga("segment", cmu_svs, "--out", tmp_path / "o", "--queue", "0"), "--queue")
+    assert_refused(uga("segment", cmu_svs, "--out", tmp_path / "o", "--mpp", "1e-300"), "mpp")  # 10^300 px a side
+    assert_refused(uga("segment", cmu_svs, "--out", tmp_path / "o", "--patch-um", "1e9"), "patch_um")
+
+
+def test_the_service_work_limit_holds_on_the_command_line(cmu_svs, tmp_path):
+    env = {"UGA_MAX_JOB_TILES": "2"}
+    assert_refused(uga("segment", cmu_svs, "--out", tmp_path / "o", env=env), "UGA_MAX_JOB_TILES")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_store_that_is_not_a_database_is_one_line(tmp_path):
+    (tmp_path / "uga.sqlite").write_text("garbage")
+    assert_refused(uga("tokens", "list", env={"UGA_DATA_DIR": str(tmp_path)}), "cannot be read")
 
 
 def test_unknown_centre_for_make_slides(tmp_path):

@@ -181,3 +181,130 @@ def test_a_dicomweb_name_given_as_slide_is_checked_like_the_dicomweb_field(tmp_p
         assert not (svc.settings.data_dir / "dicomweb").exists()
     finally:
         svc.close()
+
+
+class HostilePacs:
+    """A DICOMweb server that misbehaves on purpose, as no Orthanc does: ``mode`` says how.
+
+    repeat: every QIDO page is the same three instances, whatever the offset; endless: every page is new;
+    not_json: QIDO answers HTML; no_uids: results without a SOP Instance UID; not_dicom: QIDO is fine,
+    WADO answers bytes that are no DICOM."""
+
+    def __init__(self, mode: str):
+        import http.server
+        import json
+        import threading
+        from urllib.parse import parse_qs, urlsplit
+
+        self.mode, self.requests = mode, 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests += 1
+                url = urlsplit(self.path)
+                offset = int(parse_qs(url.query).get("offset", ["0"])[0])
+                if url.path.endswith("/instances") and outer.mode != "not_json":
+                    first = 0 if outer.mode in ("repeat", "not_dicom") else offset
+                    count = 3 if outer.mode in ("repeat", "not_dicom") else 1000
+                    uid = {"vr": "UI", "Value": []} if outer.mode == "no_uids" else None
+                    results = [{"00080018": uid or {"vr": "UI", "Value": [f"1.2.3.{first + i}"]}} for i in range(count)]
+                    if outer.mode == "not_dicom" and offset:
+                        results = []
+                    self._answer(200, "application/dicom+json", json.dumps(results).encode())
+                elif outer.mode == "not_json":
+                    self._answer(200, "text/html", b"<html>login</html>")
+                else:
+                    self._answer(
+                        200, 'multipart/related; type="application/dicom"; boundary=b', b"--b\r\n\r\nnot dicom\r\n--b--"
+                    )
+
+            def _answer(self, status: int, kind: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def client(self):
+        from service.integrations.dicomweb import Pacs, PacsEndpoint
+
+        return Pacs(PacsEndpoint("hostile", self.url), timeout_s=5, retries=0)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hostile(request):
+    pacs = HostilePacs(request.param)
+    yield pacs
+    pacs.close()
+
+
+@pytest.mark.parametrize("hostile", ["repeat"], indirect=True)
+def test_a_pacs_that_repeats_its_page_ends_the_listing(hostile):
+    with hostile.client() as pacs:
+        assert pacs.instances("1.2", "1.2.3") == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
+    assert hostile.requests == 2  # the first page, and the same again: the end
+
+
+@pytest.mark.parametrize("hostile", ["endless"], indirect=True)
+def test_a_series_listing_beyond_the_instance_limit_is_refused(hostile):
+    from service.integrations.dicomweb import PacsError
+    from service.wsi.dicom import MAX_SERIES_FILES
+
+    with hostile.client() as pacs, pytest.raises(PacsError) as refused:
+        pacs.instances("1.2", "1.2.3")
+    assert refused.value.code == "series_too_large"
+    assert hostile.requests == MAX_SERIES_FILES // 1000 + 1
+
+
+@pytest.mark.parametrize(
+    ("hostile", "code"),
+    [("not_json", "pacs_error"), ("no_uids", "pacs_not_found"), ("not_dicom", "pacs_error")],
+    indirect=["hostile"],
+)
+def test_answers_that_are_not_dicomweb_fail_with_a_reason_and_leave_nothing(hostile, code, tmp_path):
+    from service.integrations.dicomweb import PacsError
+
+    folder = tmp_path / "hostile" / "1.2" / "1.2.3"
+    with hostile.client() as pacs, pytest.raises(PacsError) as refused:
+        pacs.fetch_series("1.2", "1.2.3", folder, max_bytes=2**20)
+    assert refused.value.code == code and "hostile" in refused.value.message
+    assert not folder.parent.exists() or not any(folder.parent.iterdir())  # no series, no .part left
+
+
+@pytest.mark.parametrize("hostile", ["repeat"], indirect=True)
+def test_a_check_that_raises_stops_the_fetch_before_the_next_request(hostile, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def check() -> None:
+        if hostile.requests >= 1:
+            raise Stop()
+
+    with hostile.client() as pacs, pytest.raises(Stop):
+        pacs.fetch_series("1.2", "1.2.3", tmp_path / "s", max_bytes=2**20, check=check)
+    assert hostile.requests == 1
+
+
+@pytest.mark.e2e
+def test_a_series_larger_than_the_cache_is_refused_and_leaves_nothing(pacs, service, tmp_path):
+    from service.integrations.dicomweb import PacsError
+    from service.loop.slides import pacs_client
+
+    study, series = pacs["series"]["one"]
+    folder = tmp_path / "main" / study / series
+    with pacs_client(service.settings, "main") as client, pytest.raises(PacsError) as refused:
+        client.fetch_series(study, series, folder, max_bytes=4096)
+    assert refused.value.code == "series_too_large" and "UGA_DICOMWEB_CACHE_MB" in refused.value.message
+    assert not any(folder.parent.iterdir())

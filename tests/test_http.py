@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 
 import numpy as np
 import openslide
@@ -14,7 +15,7 @@ from PIL import Image
 
 from service.vocabulary import ARTIFACTS
 from tests.inprocess import InProcessService
-from tests.server import finished_patch_job, hostile_slide_root
+from tests.server import finished_patch_job, hostile_slide_root, wait_job
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +131,41 @@ def test_wrong_token_malformed_json_and_oversize_body(env, finished):
     with env.client("annotator") as c:
         r = c.post("/v1/jobs", content=b'{"slide": ', headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
-        r = c.post("/v1/jobs", content=b"x" * (65 * 1024 * 1024), headers={"content-type": "application/json"})
+        r = c.post("/v1/jobs", content=b"x" * (65 * 1024), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        assert "UGA_MAX_JSON_KB" in r.json()["error"]["message"]
     assert _jobs(env) == before
+
+
+def test_a_method_the_path_does_not_take_is_405_with_allow(env, finished):
+    with env.client("admin") as c:
+        for method, path, allow in [
+            ("DELETE", f"/v1/jobs/{finished['id']}", ["GET"]),
+            ("GET", "/v1/finetune", ["POST"]),
+            ("PUT", "/v1/models/rollback", ["POST"]),
+        ]:
+            r = c.request(method, path)
+            assert r.status_code == 405, (method, path, r.text)
+            assert r.json()["error"]["code"] == "method_not_allowed" and r.json()["error"]["details"]["allow"] == allow
+            assert r.headers["allow"] == ", ".join(allow)
+        assert c.delete("/v1/no-such-thing").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "url", ["/v1/jobs/ab%00cd", "/v1/queue?slide=cases/a%00.tif", "/v1/queue?measure=uga%0a", "/v1/models/v%1f/promote"]
+)
+def test_a_control_character_in_the_url_is_400_before_any_route(env, url):
+    before = _jobs(env)
+    with env.client("admin") as c:
+        r = c.post(url) if url.endswith("promote") else c.get(url)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_characters", r.text
+    assert _jobs(env) == before
+
+
+def test_an_unknown_queue_measure_is_refused(env, finished):
+    with env.client("viewer") as c:
+        r = c.get("/v1/queue", params={"slide": "cases/a.tif", "measure": "zzz"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
 def test_unknown_resources_are_404_json(env, finished):
@@ -159,6 +192,23 @@ def _png(arr) -> bytes:
     return buf.getvalue()
 
 
+# A DirectDraw Surface header with a pixel format Pillow's DDS decoder does not know (it used to raise
+# NotImplementedError from inside Pillow: a 500).
+DDS_HEADER = (
+    b"DDS "
+    + struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0)
+    + b"\0" * 44
+    + struct.pack("<8I", 32, 0x800, 0, 0, 0, 0, 0, 0)
+    + struct.pack("<5I", 0x1000, 0, 0, 0, 0)
+    + b"\0" * 64
+)
+
+
+def _polygon_json(x: str) -> bytes:
+    """A GeoJSON triangle whose first x coordinate is the JSON text ``x``."""
+    return f'{{"type": "Polygon", "coordinates": [[[{x}, 0], [10, 0], [10, 10], [{x}, 0]]]}}'.encode()
+
+
 def _corrections_state(env):
     with env.client("viewer") as c:
         n = len(c.get("/v1/corrections").json()["corrections"])
@@ -179,6 +229,20 @@ def test_correction_refusals(env, finished):
         ("annotator", url, b"\x89PNG\r\n\x1a\n garbage", "image/png", 422, "invalid_png"),
         ("annotator", url, b"", "image/png", 400, "empty_body"),
         ("annotator", url, b'{"type": "Point", "coordinates": [1, 2]}', "application/geo+json", 422, "invalid_geojson"),
+        ("annotator", url, DDS_HEADER, "image/png", 422, "invalid_png"),  # another format Pillow would try
+        ("annotator", url, _polygon_json("1" * 5000), "application/geo+json", 400, "malformed_json"),
+        ("annotator", url, _polygon_json("1" * 400), "application/geo+json", 422, "invalid_geojson"),
+        ("annotator", url, _polygon_json('"1"'), "application/geo+json", 422, "invalid_geojson"),
+        ("annotator", url, _polygon_json("true"), "application/geo+json", 422, "invalid_geojson"),
+        ("annotator", url, b'{"type": "Polygon", "coordinates": []}', "application/geo+json", 422, "invalid_geojson"),
+        (
+            "annotator",
+            url,
+            b'{"type": "MultiPolygon", "coordinates": []}',
+            "application/geo+json",
+            422,
+            "invalid_geojson",
+        ),
         ("annotator", url, _png(good), "text/plain", 415, "unsupported_media_type"),
         ("annotator", "/v1/queue/items/nope/correction", _png(good), "image/png", 404, "queue_item_not_found"),
         (
@@ -206,7 +270,11 @@ def test_correction_refusals(env, finished):
         assert r.status_code == status and r.json()["error"]["code"] == code, (code, r.status_code, r.text[:300])
     with env.client("annotator") as c:
         r = c.post(url, content=b"0" * (65 * 1024 * 1024), headers={"content-type": "image/png"})
-        assert r.status_code == 413
+        assert r.status_code == 413 and "UGA_MAX_BODY_MB" in r.json()["error"]["message"]
+        r = c.post(url, content=b" " * (9 * 1024 * 1024), headers={"content-type": "application/geo+json"})
+        assert r.status_code == 413 and "UGA_MAX_GEOJSON_MB" in r.json()["error"]["message"]
+        r = c.post(url, content=b"0" * (9 * 1024 * 1024), headers={"content-type": "image/png"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_png"  # a mask may be that large
     assert _corrections_state(env) == before
 
 
@@ -380,3 +448,39 @@ def test_a_finished_job_has_a_valid_fhir_diagnostic_report(env, finished):
         report = c.get(finished["artifacts"]["fhir_report"]).json()
     check_fhir_report(report, finished)
     assert report["identifier"] == [{"system": "urn:uga-serve:job", "value": finished["id"]}]  # no DICOM source
+
+
+def test_a_slide_without_um_per_px_is_reviewed_and_corrected_at_its_jobs_slide_mpp(env, finished):
+    """The job was given options.slide_mpp; the queue's patches and corrections read the slide at it."""
+    import tifffile
+
+    with openslide.OpenSlide(str(env.slide_root / "cases" / "a.tif")) as s:
+        pixels = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+        mpp = float(s.properties[openslide.PROPERTY_NAME_MPP_X])
+    tifffile.imwrite(env.slide_root / "cases" / "nompp.tif", pixels, tile=(256, 256))  # no µm/px anywhere
+    with env.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/nompp.tif", "options": {"patch_um": 256, "queue_size": 2}})
+        assert r.status_code == 422 and "options.slide_mpp" in r.json()["error"]["message"]
+        options = {"patch_um": 256, "queue_size": 2, "slide_mpp": mpp}
+        r = c.post("/v1/jobs", json={"slide": "cases/nompp.tif", "options": options})
+        assert r.status_code == 202, r.text
+        assert wait_job(c, r.json()["id"])["state"] == "succeeded"
+        item = c.get("/v1/queue", params={"slide": "cases/nompp.tif"}).json()["items"][0]
+        image = c.get(f"/v1/queue/items/{item['id']}/image.png")
+        assert image.status_code == 200
+        side = Image.open(io.BytesIO(image.content)).size
+        r = c.post(
+            f"/v1/queue/items/{item['id']}/correction",
+            content=_png(np.zeros(side[::-1], np.uint8)),
+            headers={"content-type": "image/png"},
+        )
+        assert r.status_code == 201, r.text
+        b = item["bbox_level0"]
+        region = {"slide": "cases/nompp.tif", "x": b["x"], "y": b["y"], "width": b["width"], "height": b["height"]}
+        r = c.post(
+            "/v1/corrections",
+            params=region,
+            content=_png(np.full(side[::-1], 255, np.uint8)),
+            headers={"content-type": "image/png"},
+        )
+        assert r.status_code == 201, r.text

@@ -123,6 +123,8 @@ def read_shared_tokens(tokens_file: Path | None, tokens_env: str | None) -> list
             entries += parse_tokens(Path(tokens_file).read_text())
         except OSError as exc:
             raise AuthConfigError(f"cannot read UGA_AUTH_TOKENS_FILE {tokens_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise AuthConfigError(f"UGA_AUTH_TOKENS_FILE {tokens_file} is not UTF-8 'ROLE TOKEN' lines") from None
     if tokens_env:
         entries += parse_tokens(tokens_env)
     return entries

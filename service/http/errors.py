@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import sqlite3
 import time
 import uuid
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.errors import (
     Conflict,
@@ -124,6 +128,28 @@ class ErrorBoundary:
         )
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+class CleanUrl:
+    """ASGI middleware: refuse a path or query holding a control character (NUL, newline, ...) with a
+    400 before any route sees it: no id, slide name or parameter has one, and PostgreSQL's text cannot
+    hold a NUL."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            query = unquote_plus(scope.get("query_string", b"").decode("latin-1"))
+            if CONTROL.search(scope.get("path", "")) or CONTROL.search(query):
+                refused = error_response(
+                    400, "invalid_characters", "the URL's path or query holds a control character; remove it"
+                )
+                return await refused(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class _BodyRefused(BaseException):
     """Raised inside ``receive``: a BaseException, so that no body parser turns it into its own 400."""
 
@@ -136,22 +162,58 @@ class _TooSlow(_BodyRefused):
     pass
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies above ``limit`` bytes (413) before the route reads them, and bodies
-    whose next chunk takes longer than ``timeout_s``, or whose whole takes longer than ``total_s`` (408)."""
+@dataclass(frozen=True)
+class BodyLimits:
+    """The largest request body, bytes, by what it is: a correction's PNG mask, a GeoJSON correction,
+    and any other body (the API's JSON requests are a few hundred bytes)."""
 
-    def __init__(self, app, limit: int, timeout_s: float = 30.0, total_s: float = 120.0):
-        self.app, self.limit, self.timeout_s, self.total_s = app, limit, timeout_s, total_s
+    mask: int
+    geojson: int
+    json: int
+
+    @classmethod
+    def from_settings(cls, settings) -> BodyLimits:
+        return cls(
+            mask=int(settings.max_body_mb * MIB),
+            geojson=int(settings.max_geojson_mb * MIB),
+            json=settings.max_json_kb * 1024,
+        )
+
+
+MIB = 1024 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies above their limit (413) before the route reads them, and bodies
+    whose next chunk takes longer than ``timeout_s``, or whose whole takes longer than ``total_s`` (408).
+
+    The limit is ``limits.mask`` (PNG) or ``limits.geojson`` (a JSON media type) on the routes that
+    ingest a correction (``upload_routes``), ``limits.json`` on every other route: a body is refused by
+    its size before anything parses it."""
+
+    def __init__(self, app, limits: BodyLimits, upload_routes=(), timeout_s: float = 30.0, total_s: float = 120.0):
+        self.app, self.limits, self.upload_routes = app, limits, list(upload_routes)
+        self.timeout_s, self.total_s = timeout_s, total_s
+
+    def limit_for(self, scope, headers: dict) -> tuple[int, str]:
+        """(bytes, the setting that sets them) for this request's body."""
+        if not any(route.matches(scope)[0] == Match.FULL for route in self.upload_routes):
+            return self.limits.json, "UGA_MAX_JSON_KB"
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media.endswith(b"json"):  # application/json, application/geo+json
+            return self.limits.geojson, "UGA_MAX_GEOJSON_MB"
+        return self.limits.mask, "UGA_MAX_BODY_MB"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
+        limit, setting = self.limit_for(scope, headers)
         too_big = error_response(
-            413, "body_too_large", f"request body exceeds {self.limit} bytes (UGA_MAX_BODY_MB)", {"limit": self.limit}
+            413, "body_too_large", f"request body exceeds {limit} bytes ({setting})", {"limit": limit}
         )
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await too_big(scope, receive, send)
         seen, body_done, started = 0, False, False
         deadline = time.monotonic() + self.total_s
@@ -168,7 +230,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if seen > self.limit:
+                if seen > limit:
                     raise _TooLarge()
             return message
 

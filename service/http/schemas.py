@@ -24,12 +24,12 @@ class ErrorBody(BaseModel):
 
 
 WHY = {
-    400: "malformed input: bad path, malformed JSON, empty body",
+    400: "malformed input: bad path, malformed JSON, empty body, a control character in the URL",
     401: "no token, or an unknown or revoked one",
     403: "the caller's role is too low",
     404: "the resource is unknown",
     409: "the resource's state does not allow this",
-    413: "the body is over UGA_MAX_BODY_MB",
+    413: "the body is over its limit (UGA_MAX_BODY_MB, UGA_MAX_GEOJSON_MB, UGA_MAX_JSON_KB)",
     415: "the body's content type is not accepted here",
     422: "well-formed but unusable input (schema, slide, mask, limits)",
     429: "too many active jobs (see Retry-After)",

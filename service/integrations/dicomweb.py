@@ -4,8 +4,11 @@ result back to it (STOW-RS). Through dicomweb-client; only PACS named in the set
 Cache: ``<data_dir>/dicomweb/<pacs>/<study>/<series>/``, written as ``.part`` and renamed when
 complete. Before a fetch, series not used for UGA_DICOMWEB_CACHE_IDLE_S are evicted, oldest first,
 until the cache is under UGA_DICOMWEB_CACHE_MB. Errors carry a reason code a job fails with:
-pacs_unreachable, pacs_unauthorized, pacs_not_found, pacs_timeout, pacs_error. Each request is
-retried at most UGA_DICOMWEB_RETRIES times (connection errors and 5xx only), with backoff.
+pacs_unreachable, pacs_unauthorized, pacs_not_found, pacs_timeout, pacs_error (an answer that is
+not DICOMweb), series_too_large. Each request is retried at most UGA_DICOMWEB_RETRIES times
+(connection errors and 5xx only), with backoff. A fetch is bounded: at most MAX_SERIES_FILES
+instances (paged; a PACS that repeats a page ends the listing), at most ``max_bytes`` written, and a
+``check`` between requests that may stop it (a job's cancel and time limit).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from service.errors import InvalidInput, Unprocessable
+from service.wsi.dicom import MAX_SERIES_FILES
 
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 COMPLETE = ".complete"
+PAGE = 1000  # QIDO-RS results asked for at a time
 T = TypeVar("T")
 
 
@@ -104,29 +109,51 @@ class Pacs:
             except requests.ConnectionError:
                 if attempt == self.retries:
                     raise PacsError("pacs_unreachable", f"{self.endpoint.name} is unreachable ({what})") from None
+            except Exception as exc:  # noqa: BLE001 - not JSON, not DICOM, fields missing: not retried
+                raise PacsError(
+                    "pacs_error",
+                    f"{self.endpoint.name}: {what}: the answer is not usable DICOMweb ({type(exc).__name__})",
+                ) from None
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
 
-    def instances(self, study: str, series: str) -> list[str]:
-        """SOP Instance UIDs of the series (QIDO-RS)."""
-        found = self._call(
-            f"series {series}",
-            lambda: self.client.search_for_instances(
-                study_instance_uid=study, series_instance_uid=series, get_remaining=True
-            ),
-        )
-        uids = [i["00080018"]["Value"][0] for i in found if "00080018" in i]
+    def instances(self, study: str, series: str, check: Callable[[], None] = lambda: None) -> list[str]:
+        """SOP Instance UIDs of the series (QIDO-RS, a page at a time): at most MAX_SERIES_FILES."""
+        uids: dict[str, None] = {}
+        while True:
+            check()
+            offset = len(uids)
+            page = self._call(
+                f"series {series}",
+                lambda offset=offset: self.client.search_for_instances(
+                    study_instance_uid=study, series_instance_uid=series, limit=PAGE, offset=offset
+                ),
+            )
+            new = [u for u in map(_sop_uid, page) if u and u not in uids]
+            uids.update(dict.fromkeys(new))
+            if len(uids) > MAX_SERIES_FILES:
+                raise PacsError(
+                    "series_too_large",
+                    f"series {series} has more than {MAX_SERIES_FILES} instances; a slide's series has fewer",
+                )
+            if not new:  # the end, or a PACS that ignores the offset and repeats itself
+                break
         if not uids:
             raise PacsError("pacs_not_found", f"{self.endpoint.name} has no instances of series {series}")
-        return uids
+        return list(uids)
 
-    def fetch_series(self, study: str, series: str, folder: Path) -> Path:
-        """Every instance of the series into ``folder`` (written whole, fsynced, then renamed)."""
+    def fetch_series(
+        self, study: str, series: str, folder: Path, *, max_bytes: int, check: Callable[[], None] = lambda: None
+    ) -> Path:
+        """Every instance of the series into ``folder`` (written whole, fsynced, then renamed); refused
+        beyond ``max_bytes`` in all, and ``check`` (which may raise) is called before every request."""
         part = folder.with_name(f"{folder.name}.part-{uuid.uuid4().hex[:8]}")
         part.mkdir(parents=True)
+        written = 0
         try:
-            for sop in self.instances(study, series):
+            for sop in self.instances(study, series, check):
+                check()
                 dataset = self._call(
                     f"instance {sop}",
                     lambda sop=sop: self.client.retrieve_instance(
@@ -137,6 +164,10 @@ class Pacs:
                 dataset.save_as(path, enforce_file_format=True)
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
+                written += path.stat().st_size
+                if written > max_bytes:
+                    cache = f"{max_bytes >> 20} MiB, UGA_DICOMWEB_CACHE_MB"
+                    raise PacsError("series_too_large", f"series {series} is larger than the DICOMweb cache ({cache})")
             (part / COMPLETE).write_text(f"{study}/{series}\n")
             try:
                 part.rename(folder)
@@ -152,6 +183,15 @@ class Pacs:
     def store(self, dataset) -> None:
         """STOW-RS one instance (a result) to this PACS."""
         self._call("storing the result", lambda: self.client.store_instances([dataset]))
+
+
+def _sop_uid(found: object) -> str | None:
+    """The SOP Instance UID of one QIDO-RS result, None when it holds none."""
+    try:
+        value = found["00080018"]["Value"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _with_timeout(request, timeout_s: float):

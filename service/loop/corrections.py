@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from service.errors import InvalidInput, Unprocessable
 from service.fsutil import fsync_dir
@@ -83,15 +83,13 @@ def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     if not data:
         raise MalformedCorrection("empty_body", "the request body is empty; send the mask as PNG")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=["PNG"])  # no other decoder ever sees the body
     except Image.DecompressionBombError:
         raise CorrectionError(
             "mask_size_mismatch", f"the PNG claims a size far beyond {shape[1]}x{shape[0]} px"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except Exception:  # a hostile body may raise anything from inside the decoder
         raise CorrectionError("invalid_png", "the body does not decode as a PNG image") from None
-    if img.format != "PNG":
-        raise CorrectionError("invalid_png", f"expected a PNG image, got {img.format}")
     width, height = img.size
     if (height, width) != tuple(shape):
         raise CorrectionError(
@@ -101,7 +99,7 @@ def decode_png_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
         )
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Exception:
         raise CorrectionError("invalid_png", "the body does not decode as a PNG image") from None
     arr = np.asarray(img.convert("L") if img.mode in ("1", "P") else img)
     if arr.ndim == 3:
@@ -145,19 +143,28 @@ def _polygons(geometry: object) -> list:
         polygons = coords
     else:
         raise CorrectionError("invalid_geojson", f"only Polygon and MultiPolygon geometries are accepted, got {kind}")
-    if not isinstance(polygons, list) or not all(isinstance(p, list) for p in polygons):
-        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of rings of [x, y] numbers")
+    if not isinstance(polygons, list) or not polygons or not all(isinstance(p, list) and p for p in polygons):
+        raise CorrectionError(
+            "invalid_geojson", "polygon coordinates must be non-empty arrays of rings of [x, y] numbers"
+        )
     return polygons
 
 
+def _is_point(point: object) -> bool:
+    """[x, y] or [x, y, z] of JSON numbers (not strings, not booleans)."""
+    return isinstance(point, list) and 2 <= len(point) <= 3 and all(type(v) in (int, float) for v in point)
+
+
 def _ring_points(ring: object) -> np.ndarray:
+    if not isinstance(ring, list) or not all(_is_point(p) for p in ring):
+        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of [x, y] numbers")
     try:
-        pts = np.asarray(ring, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise CorrectionError("invalid_geojson", "polygon coordinates must be arrays of [x, y] numbers") from None
-    if pts.ndim != 2 or pts.shape[1] < 2 or len(pts) < 3 or not np.isfinite(pts).all():
+        pts = np.array([p[:2] for p in ring], dtype=np.float64).reshape(-1, 2)
+    except OverflowError:
+        raise CorrectionError("invalid_geojson", "a coordinate is too large to be a number of pixels") from None
+    if len(pts) < 3 or not np.isfinite(pts).all():
         raise CorrectionError("invalid_geojson", "each ring needs >= 3 finite [x, y] points")
-    return pts[:, :2]
+    return pts
 
 
 def rasterize_geojson(
@@ -178,7 +185,7 @@ def rasterize_geojson(
         raise MalformedCorrection("empty_body", "the request body is empty; send GeoJSON polygons")
     try:
         obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # not JSON, not UTF-8, or an integer too long to convert
         raise MalformedCorrection("malformed_json", "the body is not valid JSON") from None
     except RecursionError:
         raise CorrectionError("invalid_geojson", "the GeoJSON is nested too deeply") from None

@@ -21,7 +21,7 @@ from service.loop.corrections import (
     write_correction_files,
 )
 from service.loop.review import get_item, item_job, model_mask
-from service.loop.slides import local_name, locate_slide, parse_dicomweb
+from service.loop.slides import cached_slide, local_name, parse_dicomweb
 from service.store import Correction, Job, Store
 from service.wsi.slide import open_slide
 
@@ -55,12 +55,17 @@ def ingest_correction(
     correction sent twice is one record. Nothing is written when anything is refused.
 
     The record carries how far the proposing model's mask was from the correction (Dice on the
-    region), the QC signal of whether fine-tuning helps where clinicians disagree."""
+    region), the QC signal of whether fine-tuning helps where clinicians disagree.
+
+    A DICOMweb series is read from the cache its job filled (a request never calls a PACS); a slide
+    without µm/px is read at the µm/px its job was given (``options.slide_mpp``)."""
     check_media_type(media_type)
-    path = locate_slide(settings, slide)
+    path = cached_slide(settings, slide)
     if not parse_dicomweb(slide):  # one name per slide (a DICOM series: its folder)
         slide = local_name(settings, path)
-    with open_slide(path) as handle:
+    latest = store.jobs.latest_for_slide(slide)
+    known = proposing_job or latest
+    with open_slide(path, known.options.get("slide_mpp") if known else None) as handle:
         check_region(region, handle.dimensions, handle.mpp, settings.max_correction_px)
         shape = region.mask_shape(handle.mpp)
         if media_type == "image/png":
@@ -75,7 +80,6 @@ def ingest_correction(
             return existing, False
         image = read_crop(handle, region)
     if proposing_job is None:
-        latest = store.jobs.latest_for_slide(slide)
         proposing_job = latest if latest is not None and latest.model_version == proposed_by else None
     record = build_record(
         cid,

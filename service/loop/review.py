@@ -6,7 +6,7 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import Conflict, NotFound
-from service.loop.slides import locate_slide, slide_name
+from service.loop.slides import cached_slide, slide_name
 from service.store import Job, QueueItem, Store
 from service.vocabulary import ARTIFACTS
 from service.wsi.slide import open_slide
@@ -40,7 +40,7 @@ def item_image(store: Store, settings: Settings, item_id: str) -> np.ndarray:
     item = get_item(store, item_id)
     job = item_job(store, item)
     b = item.bbox_level0
-    path = locate_slide(settings, item.slide)
+    path = cached_slide(settings, item.slide)  # a request never calls a PACS
     with open_slide(path, job.options.get("slide_mpp")) as slide:
         return slide.read_box(b["x"], b["y"], b["width"], b["height"], job.summary["mpp"])
 

@@ -6,6 +6,7 @@ A slide is named ``rel/path`` (a file, or a DICOM series' folder) or ``dicomweb/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from service.config import Settings
@@ -48,8 +49,9 @@ def check_dicomweb_source(settings: Settings, pacs: str, study: str, series: str
     return dicomweb_name(pacs, check_uid("study", study), check_uid("series", series))
 
 
-def locate_slide(settings: Settings, name: str) -> Path:
-    """The local path of slide ``name``; a DICOMweb series is fetched into the cache first."""
+def locate_slide(settings: Settings, name: str, check: Callable[[], None] = lambda: None) -> Path:
+    """The local path of slide ``name``; a DICOMweb series is fetched into the cache first (at most the
+    cache's size; ``check`` runs before every request to the PACS and may stop the fetch)."""
     source = parse_dicomweb(name)
     if source is None:
         return canonical_slide(resolve_slide_path(settings.slide_root, name))
@@ -60,9 +62,10 @@ def locate_slide(settings: Settings, name: str) -> Path:
     if (folder / COMPLETE).exists():
         touch(folder)
         return folder
-    evict(cache, int(settings.dicomweb_cache_mb * 2**20), settings.dicomweb_cache_idle_s)
+    max_bytes = int(settings.dicomweb_cache_mb * 2**20)
+    evict(cache, max_bytes, settings.dicomweb_cache_idle_s)
     with pacs_client(settings, pacs) as client:
-        return client.fetch_series(study, series, folder)
+        return client.fetch_series(study, series, folder, max_bytes=max_bytes, check=check)
 
 
 def cached_slide(settings: Settings, name: str) -> Path:

@@ -138,16 +138,20 @@ class JobWorker:
 
         last, started = [0.0], time.monotonic()
 
-        def progress(done: int, total: int) -> None:
+        def check() -> None:
+            """Stop the job here if the worker stops, time is up, or it was lost or cancelled."""
             if self._stop.is_set():
                 raise Cancelled()
-            now = time.monotonic()
-            if now - started > self.settings.max_job_s:
+            if time.monotonic() - started > self.settings.max_job_s:
                 raise TimedOut()
             if lost.is_set():
                 raise Lost()
             if cancel.is_set():
                 raise CancelRequested()
+
+        def progress(done: int, total: int) -> None:
+            check()
+            now = time.monotonic()
             if now - last[0] >= 0.5 or done == total:
                 last[0] = now
                 answer = jobs.heartbeat(job.id, self.name, done, total)
@@ -160,7 +164,7 @@ class JobWorker:
         beater.start()
         try:
             self.models.sync()  # a job claimed right after a pointer move runs on the new version
-            slide = locate_slide(self.settings, job.slide)  # a DICOMweb series: fetched into the cache
+            slide = locate_slide(self.settings, job.slide, check)  # a DICOMweb series: fetched into the cache
             if parse_dicomweb(job.slide):
                 check_work(self.settings, slide, self.options(job))  # limits of a series known only now
             out = self.store.job_dir(job.id)

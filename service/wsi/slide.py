@@ -185,7 +185,8 @@ def _level0_mpp(name: str, props, slide_mpp: float | None) -> tuple[float, str]:
         if slide_mpp is not None:
             return float(slide_mpp), "caller"
         raise SlideError(
-            f"{name} has no µm/px metadata; pass the scanner's level-0 µm/px (e.g. --slide-mpp 0.25)"
+            f"{name} has no µm/px metadata; pass the scanner's level-0 µm/px "
+            "(--slide-mpp 0.25 on the command line, options.slide_mpp over HTTP)"
         ) from None
     plausible = math.isfinite(mpp_x) and MPP_RANGE[0] <= mpp_x <= MPP_RANGE[1] and abs(mpp_x - mpp_y) <= 0.02 * mpp_x
     if slide_mpp is not None:
@@ -196,7 +197,9 @@ def _level0_mpp(name: str, props, slide_mpp: float | None) -> tuple[float, str]:
             )
         return float(slide_mpp), "caller"
     if not plausible:
-        raise SlideError(f"{name} has unusable µm/px metadata (x={mpp_x}, y={mpp_y}); pass --slide-mpp")
+        raise SlideError(
+            f"{name} has unusable µm/px metadata (x={mpp_x}, y={mpp_y}); pass --slide-mpp (options.slide_mpp over HTTP)"
+        )
     return mpp_x, "metadata"
 
 

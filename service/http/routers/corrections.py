@@ -117,3 +117,6 @@ def correction_file(cid: str, name: str, rt: Rt, _: Viewer):
     if name not in ("image", "mask"):
         raise NotFound("not_found", "use image.png, mask.png, before.png or after.png")
     return FileResponse(rt.settings.data_dir / "corrections" / cid / f"{name}.png", media_type="image/png")
+
+
+UPLOADS = (correct_item, correct_region)  # the routes whose body is a mask: their own body limits

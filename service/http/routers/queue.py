@@ -13,6 +13,7 @@ from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.schemas import QueueItemView, QueueView, errors, item_view
 from service.loop.overlays import item_uncertainty_png
 from service.loop.review import get_item, item_image, item_mask, pending_queue, skip_item
+from service.vocabulary import Measure
 
 router = APIRouter(tags=["queue"])
 
@@ -30,7 +31,7 @@ def get_queue(
     _: Viewer,
     slide: str | None = None,
     k: Annotated[int, Query(ge=1, le=500)] = 10,
-    measure: str | None = None,
+    measure: Measure | None = None,
 ) -> QueueView:
     """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted."""
     items = pending_queue(rt.store, slide, k, measure, rt.settings)
