@@ -80,12 +80,46 @@ def relabelled(runs: list[dict], arms: list[str], budgets: list[int], rng: np.ra
     return kept
 
 
+def spread(runs: list[dict], strategies: list[str], budgets: list[int]) -> tuple[float, float, float]:
+    """Standard deviations of a Δ's seed effect, slide effect and residual (two-way ANOVA on each
+    strategy × centre × budget (seeds, slides) table, variance components averaged)."""
+    slides = centre_slides(runs)
+    parts = []
+    for budget in budgets:
+        for strategy in strategies:
+            for keys in slides.values():
+                d = paired_deltas(runs, strategy, "random", budget, PATCH_UM, keys)
+                s, n = d.shape
+                resid = d - d.mean(1, keepdims=True) - d.mean(0, keepdims=True) + d.mean()
+                ms_e = (resid**2).sum() / ((s - 1) * (n - 1))
+                ms_seed, ms_slide = n * d.mean(1).var(ddof=1), s * d.mean(0).var(ddof=1)
+                parts.append((max(0.0, (ms_seed - ms_e) / n), max(0.0, (ms_slide - ms_e) / s), ms_e))
+    return tuple(float(np.sqrt(v)) for v in np.mean(parts, axis=0))
+
+
+def null_exclusion_rate(sd: tuple[float, float, float], shape: tuple[int, int], centres: int, sims: int) -> float:
+    """Share of simulated no-effect intervals that exclude 0 (``centres`` > 1: a pooled interval, the
+    centres' seed effects drawn independently)."""
+    rng = np.random.default_rng(5)
+    s, n = shape
+    excluded = 0
+    for i in range(sims):
+        deltas = [
+            rng.normal(0, sd[0], (s, 1)) + rng.normal(0, sd[1], (1, n)) + rng.normal(0, sd[2], (s, n))
+            for _ in range(centres)
+        ]
+        _, lo, hi = bootstrap_mean(deltas, 2000, i)
+        excluded += lo > 0 or hi < 0
+    return excluded / sims
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=REPO / "bench" / "results" / "protocol" / "runs.jsonl")
     ap.add_argument("--arm", choices=list(ARMS), default="retrain")
     ap.add_argument("--perms", type=int, default=200, help="relabellings of the null")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval in the null")
+    ap.add_argument("--sims", type=int, default=1000, help="simulated no-effect tables for the coverage check")
     args = ap.parse_args(argv)
 
     runs = current_runs(load_runs(args.runs), ARMS[args.arm])
@@ -120,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| relabelling null, mean ({args.perms} shuffles) | {nw.mean():.1f} | {nl.mean():.1f} |")
     print(f"| relabelling null, 90th percentile | {np.percentile(nw, 90):.0f} | {np.percentile(nl, 90):.0f} |")
     print(f"| shuffles with at least the observed count | {np.mean(nw >= wins):.2f} | {np.mean(nl >= losses):.2f} |")
+    sd = spread(runs, strategies, budgets)
+    shape = (SEEDS, len(centre_slides(runs)["stain"]) if "stain" in centre_slides(runs) else 4)
+    per_centre = null_exclusion_rate(sd, shape, 1, args.sims)
+    pooled = null_exclusion_rate(sd, shape, 4, args.sims)
+    print(
+        f"\nNo-effect intervals that exclude 0, simulated with the data's spread (seed {sd[0]:.4f}, slide "
+        f"{sd[1]:.4f}, residual {sd[2]:.4f}; {args.sims} simulations): one centre {100 * per_centre:.0f} %, "
+        f"pooled {100 * pooled:.0f} % (nominal 5 %)."
+    )
     print("\n| strategy | point estimate above random (rows × budgets) | beats | loses |")
     print("|---|---|---|---|")
     for s in strategies:
