@@ -83,6 +83,10 @@ class UGAService:
     def __is_ready__(self) -> bool:
         return self.runtime.ready()
 
+    def __is_alive__(self) -> bool:
+        """/livez fails if this process's job worker has died, so Kubernetes restarts the pod."""
+        return self.runtime.worker.alive
+
     def __metrics__(self, content: str) -> str:
         """Per-process metrics; the store-derived ones too where this deployment exports them here."""
         if self.runtime.settings.store_metrics != "serve":

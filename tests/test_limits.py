@@ -101,6 +101,7 @@ def test_scratch_of_crashed_jobs_is_removed_at_start_and_a_full_disk_is_not_read
             "model_loaded": True,
             "store_writable": True,
             "disk_space": False,
+            "job_worker_alive": True,
         }
     finally:
         service.close()

@@ -81,6 +81,7 @@ class Runtime:
             "model_loaded": self.models.loaded,
             "store_writable": self.store.writable(),
             "disk_space": free_mb >= self.settings.min_free_mb,
+            "job_worker_alive": self.worker.alive,
         }
         return {
             "ready": all(checks.values()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from service.wsi.dicom import find_series, is_dicom
 log = logging.getLogger("uga.jobs")
 HEARTBEAT_S = 2.0
 RECOVER_EVERY_S = 5.0
+STORE_ERRORS = (Unavailable, sqlite3.OperationalError)  # the store is down or busy for a moment
 
 
 class Cancelled(Exception):
@@ -85,10 +87,17 @@ class JobWorker:
         self.on_success = on_success
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"uga-jobs-{name}", daemon=True)
+        self._started = False
         self.current_job: str | None = None
 
     def start(self) -> None:
+        self._started = True
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """False only when the worker was started and its thread has ended (readiness says so)."""
+        return not self._started or self._thread.is_alive() or self._stop.is_set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -110,7 +119,11 @@ class JobWorker:
             if job is None:
                 self._stop.wait(0.5)
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception:  # noqa: BLE001 - even recording the outcome failed (the store is down):
+                log.exception("job %s: its outcome could not be recorded; stale recovery requeues it", job.id)
+                self._stop.wait(1.0)  # the heartbeat has stopped, so another attempt picks it up later
 
     def options(self, job: Job) -> SegmentationOptions:
         """The options resolved at submission (older jobs: resolved now, from the settings)."""
@@ -154,7 +167,11 @@ class JobWorker:
             now = time.monotonic()
             if now - last[0] >= 0.5 or done == total:
                 last[0] = now
-                answer = jobs.heartbeat(job.id, self.name, done, total)
+                try:
+                    answer = jobs.heartbeat(job.id, self.name, done, total)
+                except STORE_ERRORS as exc:  # a blip: keep computing; the beat thread keeps trying
+                    log.warning("job %s: progress not recorded (%s)", job.id, exc)
+                    return
                 if answer is None:
                     raise Lost()
                 if answer:
@@ -199,6 +216,8 @@ class JobWorker:
                 job, f"stopped after {self.settings.max_job_s:.0f} s (UGA_MAX_JOB_S); use a coarser mpp", "job_timeout"
             )
         except DomainError as exc:  # the slide or the options cannot be used, or the model failed to load
+            if exc.code == "store_unavailable":
+                raise  # not the job's fault: left running, so stale recovery requeues it once the store is back
             if isinstance(exc, Unavailable):
                 log.exception("job %s failed", job.id)
             self._fail(job, exc.message, exc.code)
