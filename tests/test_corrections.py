@@ -152,7 +152,7 @@ def test_crash_between_files_and_row_leaves_no_correction(tmp_path):
     region = Region(0, 0, 64, 64, 1.0)
     cid = correction_id("a.tif", region, mask)
     write_correction_files(root, cid, image, mask)  # ... and the process dies here, before add_correction
-    assert store.corrections.list() == [] and store.corrections.unused_for_training() == []
+    assert store.corrections.list() == [] and store.corrections.unused_for_training(None) == []
     old = time.time() - 3600
     os.utime(root / cid, (old, old))
     assert sweep_orphans(root, lambda c: c in store.corrections.ids()) == [cid]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import service.loop.runner as runner_module
 from service.config import Settings
 from service.loop.runner import Runner
+from service.store import Correction, ModelVersion
 from tests.conftest import REPO
 
 
@@ -33,3 +38,72 @@ def test_a_threshold_run_killed_mid_run_waits_for_the_threshold_again(tmp_path):
     runner.startup()
     assert runner.store.runs.get(run.id).state == "failed"
     assert runner.next_run() is None  # no unseen corrections: nothing to redo yet
+
+
+def _correction(i: int, holdout: int = 0):
+    return Correction(
+        id=f"{i:032d}",
+        slide="a.tif",
+        x=0,
+        y=0,
+        width=8,
+        height=8,
+        mpp=1.0,
+        queue_item_id=None,
+        proposed_by_version=None,
+        annotator="dr.a",
+        tumour_fraction=0.5,
+        holdout=holdout,
+        created_at=time.time() + i,
+        model_dice=None,
+    )
+
+
+def test_held_out_corrections_alone_start_one_run_not_an_endless_row_of_them(tmp_path):
+    runner = _runner(tmp_path)
+    runner.settings.finetune_min_corrections = 1
+    runner.store.corrections.add(_correction(1, holdout=1), "dr.a")
+    run = runner.next_run()
+    assert run is not None and runner.execute(run) == "rejected"  # nothing to train on
+    assert runner.next_run() is None  # the same held-out correction does not start another
+    runner.store.corrections.add(_correction(2), "dr.a")
+    assert runner.next_run() is not None  # a new one does
+
+
+def test_a_rejected_candidates_corrections_are_trained_on_again_until_the_model_learns_them(tmp_path):
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    store.corrections.add(_correction(1), "dr.a")
+    rejected = {"train": [_correction(1).id], "holdout": []}
+    store.models.register(
+        ModelVersion(
+            version="ft-rejected",
+            parent=base,
+            sha256="x",
+            path="/nowhere",
+            status="rejected",
+            reason="worse on the holdout",
+            corrections=rejected,
+            created_at=time.time(),
+        )
+    )
+    assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(1).id]
+    assert store.corrections.unused_for_training("ft-rejected") == []  # that version did learn it
+
+
+def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("corrections/abc/image.png")
+
+    monkeypatch.setattr(runner_module, "build_candidate", broken)
+    runner = _runner(tmp_path)
+    runner.settings.runner_poll_s = 0.2
+    for i in range(5):
+        runner.store.corrections.add(_correction(i), "dr.a")
+    thread = threading.Thread(target=runner.serve_forever, daemon=True)
+    thread.start()
+    time.sleep(2.0)  # pauses 0.4, 0.8, 1.6 s: three runs at most, not hundreds
+    runner.stop()
+    thread.join(10)
+    failed = runner.store.runs.counts()["failed"]
+    assert 1 <= failed <= 3 and runner.failures == failed

@@ -26,6 +26,7 @@ from service.store import FinetuneRun, Store
 from service.vocabulary import GATED_RUN_STATES
 
 log = logging.getLogger("uga.runner")
+MAX_BACKOFF_S = 3600.0
 
 
 class Runner:
@@ -34,6 +35,7 @@ class Runner:
         self.store = Store.open(settings)
         self.registry = Registry(self.store, settings.data_dir, settings.baseline_dir)
         self._stop = threading.Event()
+        self.failures = 0  # consecutive failed runs: the next waits runner_poll_s × 2^failures (≤ 1 h)
         self.metrics = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.metrics)
         self.heartbeat = Gauge(
@@ -86,14 +88,19 @@ class Runner:
             if run is None:
                 self._stop.wait(self.settings.runner_poll_s)
                 continue
-            self.execute(run)
+            state = self.execute(run)
+            self.failures = self.failures + 1 if state == "failed" else 0
+            if self.failures:  # a run that fails fast (a broken file, no device) is not retried back to back
+                wait = min(MAX_BACKOFF_S, self.settings.runner_poll_s * 2**self.failures)
+                log.warning("run %s failed (%d in a row): next attempt in %.0f s", run.id, self.failures, wait)
+                self._stop.wait(wait)
 
     def execute(self, run: FinetuneRun) -> str:
         """One fine-tune run from start to promote / reject / fail. Returns the final state."""
         s, runs = self.settings, self.store.runs
         t0 = time.time()
         parent = self.store.models.current()
-        train = self.store.corrections.unused_for_training()
+        train = self.store.corrections.unused_for_training(parent)
         holdout = self.store.corrections.held_out()
         used = {"train": [c.id for c in train], "holdout": [c.id for c in holdout]}
         runs.start(run.id, parent, used, total=s.finetune_steps * self.registry.members(parent))

@@ -54,13 +54,34 @@ class CorrectionRepository:
         return seen
 
     def unseen(self) -> list[Correction]:
-        """Corrections no registered version has used yet, for training or as held-out."""
+        """Corrections that arrived since the last run with a verdict: no registered version and no
+        promoted or rejected run has used them, for training or as held-out. (A run that failed
+        leaves its corrections unseen: they start the next run, after the runner's backoff.)"""
         seen = self.seen()
+        for r in self.db.all(
+            "SELECT corrections FROM finetune_runs WHERE state IN ('promoted', 'rejected') AND corrections IS NOT NULL"
+        ):
+            for role in ("train", "holdout"):
+                seen.update(r["corrections"].get(role, []))
         return [c for c in self.list(1_000_000) if c.id not in seen]
 
-    def unused_for_training(self) -> list[Correction]:
-        """Training corrections that no registered version has been trained on yet."""
-        used = self.seen(("train",))
+    def trained_into(self, version: str | None) -> set[str]:
+        """Ids of the corrections ``version`` and its ancestors were fine-tuned on."""
+        used: set[str] = set()
+        visited: set[str] = set()
+        while version and version not in visited:
+            visited.add(version)
+            row = self.db.one("SELECT parent, corrections FROM model_versions WHERE version = ?", (version,))
+            if row is None:
+                break
+            used.update((row["corrections"] or {}).get("train", []))
+            version = row["parent"]
+        return used
+
+    def unused_for_training(self, current: str | None) -> list[Correction]:
+        """Training corrections the ``current`` model has not learned: none of its ancestors was trained
+        on them. A rejected candidate's corrections stay here, to be trained on with the next ones."""
+        used = self.trained_into(current)
         rows = self.db.all("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at")
         return [Correction.from_row(r) for r in rows if r["id"] not in used]
 
