@@ -29,6 +29,7 @@ class Receiver:
         self.port = port or free_port()
         self.received: list[dict] = []
         self.plan: list[int] = []
+        self.reply = b""  # the body of every answer
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,7 +38,9 @@ class Receiver:
                 receiver.received.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
                 status = receiver.plan.pop(0) if receiver.plan else 200
                 self.send_response(status)
+                self.send_header("Content-Length", str(len(receiver.reply)))
                 self.end_headers()
+                self.wfile.write(receiver.reply)
 
             def log_message(self, *args):
                 pass
@@ -176,6 +179,7 @@ def test_an_event_for_a_receiver_that_was_down_is_delivered_after_a_restart(tmp_
 
 def test_a_callback_that_keeps_failing_ends_failed_and_an_admin_retries_it(tmp_path, slides, receiver):
     receiver.plan = [503, 503, 503]
+    receiver.reply = b"busy\x00\x1b[2J"  # bytes no database text column should take (PostgreSQL refuses NUL)
     svc = idle(tmp_path, slides, receiver.url, callback_max_attempts=2, callback_backoff_s=0.05)
     sender = svc.runtime.callbacks
     try:
@@ -186,7 +190,8 @@ def test_a_callback_that_keeps_failing_ends_failed_and_an_admin_retries_it(tmp_p
         assert sender.send_one()
         [d] = deliveries(svc, job_id)
         assert d["state"] == "failed" and d["attempts"] == 2 and d["last_status"] == 503
-        assert "HTTP 503" in d["last_error"]
+        assert "HTTP 503" in d["last_error"] and "busy" in d["last_error"]
+        assert all(ch.isprintable() for ch in d["last_error"])
         with svc.client("admin") as c:
             failed = c.get("/v1/deliveries", params={"state": "failed"}).json()["deliveries"]
             assert [x["id"] for x in failed] == [d["id"]]

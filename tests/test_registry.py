@@ -148,3 +148,25 @@ def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(
     record = registry.store.models.get(partial)
     assert record.status == "failed" and "registry recorded" in record.reason
     assert registry.store.models.current() == served  # moved back
+
+
+def test_a_rollback_never_undoes_a_promotion_that_landed_while_it_was_decided(registry, monkeypatch):
+    from service.config import Settings
+    from service.errors import Conflict
+    from service.loop.promotion import rollback
+
+    base = registry.store.models.current()
+    v2, v3 = _register_copy(registry, "v2"), _register_copy(registry, "v3")
+    registry.store.models.move_pointer(v2, action="promote", actor="runner", expect=base)
+    decided = registry.versions.rollback_target
+
+    def runner_promotes_meanwhile():
+        target = decided()  # the admin's rollback computed "back to base" from v2 ...
+        registry.store.models.move_pointer(v3, action="promote", actor="runner", expect=v2)  # ... the runner wins
+        return target
+
+    monkeypatch.setattr(registry.versions, "rollback_target", runner_promotes_meanwhile)
+    with pytest.raises(Conflict) as refused:
+        rollback(registry, Settings(data_dir=registry.models_dir.parent), actor="dr.admin")
+    assert refused.value.code == "pointer_moved"
+    assert registry.store.models.current() == v3  # the runner's promotion stands

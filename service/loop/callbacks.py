@@ -96,6 +96,7 @@ class CallbackSender:
         return True
 
     def _failed(self, delivery: Delivery, status: int | None, error: str) -> None:
+        error = "".join(ch if ch.isprintable() else "?" for ch in error)  # a receiver's bytes: no NUL in the store
         state = self.store.deliveries.attempt_failed(
             delivery,
             status,

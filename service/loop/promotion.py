@@ -22,23 +22,35 @@ def promote_candidate(registry: Registry, settings: Settings, version: str, *, p
 
 
 def move_current(
-    registry: Registry, settings: Settings, version: str, *, action: PointerAction, actor: str
+    registry: Registry,
+    settings: Settings,
+    version: str,
+    *,
+    action: PointerAction,
+    actor: str,
+    expect: str | None = None,
 ) -> ModelVersion:
-    """Admin promote / rollback to any registered version that has not failed to load."""
+    """Admin promote / rollback to any registered version that has not failed to load (only from
+    ``expect`` when given: a pointer that moved meanwhile is a 409, not silently undone)."""
     target = registry.versions.get(version)
     if target is None:
         raise NotFound("model_not_found", f"no model version {version!r}")
     if target.status == "failed":
         raise Conflict("model_failed", f"{version} failed to load before: {target.reason}")
-    if not registry.move_pointer(version, action=action, actor=actor):
-        raise Conflict("already_current", f"{version} is already the current version")
+    if not registry.move_pointer(version, action=action, actor=actor, expect=expect):
+        now = registry.versions.current()
+        if now == version:
+            raise Conflict("already_current", f"{version} is already the current version")
+        raise Conflict("pointer_moved", f"the current version changed to {now} meanwhile; look again and retry")
     enqueue_rescoring(registry.store, settings, version, actor)
     return registry.versions.get(version)
 
 
 def rollback(registry: Registry, settings: Settings, *, actor: str) -> ModelVersion:
-    """Move 'current' back to the version that was current before it."""
+    """Move 'current' back to the version that was current before it (compare-and-set on the current
+    version it was computed from, so a promotion landing meanwhile is not undone by it)."""
+    current = registry.versions.current()
     target = registry.versions.rollback_target()
     if target is None:
         raise Conflict("nothing_to_roll_back", "the current version has no predecessor")
-    return move_current(registry, settings, target, action="rollback", actor=actor)
+    return move_current(registry, settings, target, action="rollback", actor=actor, expect=current)
