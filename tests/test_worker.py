@@ -7,7 +7,7 @@ import time
 
 from service.config import Settings
 from service.errors import Unavailable
-from service.loop.worker import JobWorker
+from service.loop.worker import JobWorker, sweep_scratch
 from service.store import Store
 
 DOWN = Unavailable("store_unavailable", "the database is unreachable; retry shortly")
@@ -66,4 +66,34 @@ def test_a_store_outage_at_a_jobs_end_neither_kills_the_worker_nor_fails_the_job
         assert worker.alive
     finally:
         worker.stop()
+        store.close()
+
+
+def test_the_start_sweep_removes_a_cancelled_jobs_files_and_half_written_ones_but_not_a_running_jobs(tmp_path):
+    store = Store(tmp_path / "data")
+    try:
+        jobs = {}
+        for name in ("cancelled", "running", "queued"):
+            jobs[name], _ = store.jobs.submit(
+                slide=f"{name}.tif", options={}, resolved={}, model_version="v", dedup_key=name, actor="t"
+            )
+        for name in ("cancelled", "running"):
+            assert store.jobs.claim("w1").id == jobs[name].id
+        store.jobs.cancel(jobs["cancelled"].id, "t")  # cancel requested, then its worker dies:
+        time.sleep(0.05)
+        store.jobs.heartbeat(jobs["running"].id, "w1")  # (the running one's worker is alive)
+        store.jobs.recover_stale(0.03)  # stale recovery ends it cancelled, its files still there
+        assert store.jobs.get(jobs["cancelled"].id).state == "cancelled"
+        for job in jobs.values():
+            out = store.job_dir(job.id)
+            out.mkdir(parents=True)
+            (out / "mask.tif").write_bytes(b"x")
+            (out / "mask.tif.part").write_bytes(b"y")
+        assert (
+            sweep_scratch(store, older_than_s=0) == 2
+        )  # the cancelled job's folder; the .part an earlier attempt of the queued one left
+        assert not store.job_dir(jobs["cancelled"].id).exists()
+        assert sorted(p.name for p in store.job_dir(jobs["queued"].id).iterdir()) == ["mask.tif"]
+        assert sorted(p.name for p in store.job_dir(jobs["running"].id).iterdir()) == ["mask.tif", "mask.tif.part"]
+    finally:
         store.close()

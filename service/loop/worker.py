@@ -52,22 +52,30 @@ class Lost(Exception):
 
 
 def sweep_scratch(store: Store, older_than_s: float = 300.0) -> int:
-    """At start: remove the scratch of jobs that are not running (crashed runs). Returns how many.
+    """At start: remove what jobs that are not running left behind (crashed runs): their scratch
+    (``.work-*``) and half-written files (``*.part``), and every file of a cancelled job (cancelled
+    while queued after an earlier attempt, or ended by stale recovery). Returns how many were removed.
 
-    Only scratch untouched for ``older_than_s``: a job another worker claimed a moment ago is safe."""
+    Only what is untouched for ``older_than_s``: a job another worker claimed a moment ago is safe."""
     running = {j.id for j in store.jobs.list("running", 100_000)}
+    cancelled = {j.id for j in store.jobs.list("cancelled", 100_000)}
     swept = 0
     for job_dir in list(store.jobs_dir.iterdir()):
         if job_dir.name in running:
             continue
-        for work in job_dir.glob(".work-*"):
+        leftovers = [job_dir] if job_dir.name in cancelled else [*job_dir.glob(".work-*"), *job_dir.glob("*.part")]
+        for path in leftovers:
             try:
-                stale = time.time() - work.stat().st_mtime > older_than_s
+                stale = time.time() - path.stat().st_mtime > older_than_s
             except FileNotFoundError:
                 continue
-            if stale:
-                shutil.rmtree(work, ignore_errors=True)
-                swept += 1
+            if not stale:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            swept += 1
     return swept
 
 
