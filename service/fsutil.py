@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,16 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def quarantine(path: Path, data_dir: Path, kind: str) -> Path:
+    """Move ``path`` to ``data_dir/orphans/kind/`` instead of deleting it: a folder the database does
+    not know may be a crash's leftover, or the work of a store this process should not have opened
+    (a wrong UGA_DATABASE_URL). An operator looks there; nothing is lost either way."""
+    target_dir = Path(data_dir) / "orphans" / kind
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{path.name}-{int(time.time())}"
+    os.replace(path, target)
+    fsync_dir(target_dir)
+    fsync_dir(path.parent)
+    return target

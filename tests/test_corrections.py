@@ -157,6 +157,8 @@ def test_crash_between_files_and_row_leaves_no_correction(tmp_path):
     os.utime(root / cid, (old, old))
     assert sweep_orphans(root, lambda c: c in store.corrections.ids()) == [cid]
     assert not (root / cid).exists()
+    [kept] = (tmp_path / "data" / "orphans" / "corrections").iterdir()  # moved aside, not deleted:
+    assert kept.name.startswith(cid) and (kept / "mask.png").exists()  # a wrong store must not cost data
 
 
 def test_acknowledged_correction_survives_reopen_and_is_idempotent(tmp_path):

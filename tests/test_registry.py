@@ -114,6 +114,9 @@ def test_unregistered_model_dirs_are_swept(registry):
     (registry.models_dir / ".staging-123").mkdir()
     (registry.models_dir / "ft-half-written").mkdir()
     assert sorted(registry.sweep()) == [".staging-123", "ft-half-written"]
+    assert [p.name.rsplit("-", 1)[0] for p in (registry.models_dir.parent / "orphans" / "models").iterdir()] == [
+        "ft-half-written"  # an unknown version is moved aside (the store may be the wrong one); staging goes
+    ]
 
 
 class Saturated:

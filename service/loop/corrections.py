@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from service.errors import InvalidInput, Unprocessable
-from service.fsutil import fsync_dir
+from service.fsutil import fsync_dir, quarantine
 from service.store import Correction
 from service.wsi.slide import Slide, box_window
 
@@ -331,7 +331,8 @@ def load_pair(root: Path, cid: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sweep_orphans(root: Path, is_known: Callable[[str], bool], older_than_s: float = 60.0) -> list[str]:
-    """Remove correction directories without a database row (a crash before commit) and stale temps.
+    """Remove stale temps of correction directories, and move complete ones without a database row (a
+    crash before commit, or a store that is not this data directory's) to ``orphans/corrections``.
 
     Each under its correction's lock, re-checked there: an ingest of the same correction running
     meanwhile (another worker) is never undone.
@@ -347,7 +348,10 @@ def sweep_orphans(root: Path, is_known: Callable[[str], bool], older_than_s: flo
             continue
         cid = d.name.split(".")[1] if d.name.startswith(".") else d.name
         with correction_lock(root.parent, cid):
-            if d.exists() and (d.name.startswith(".") or not is_known(cid)):
+            if d.exists() and d.name.startswith("."):  # never renamed into place: never acknowledged
                 shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+            elif d.exists() and not is_known(cid):
+                quarantine(d, root.parent, "corrections")
                 removed.append(d.name)
     return removed

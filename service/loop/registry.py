@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.fsutil import atomic_write_json, fsync_dir
+from service.fsutil import atomic_write_json, fsync_dir, quarantine
 from service.inference.ensemble import ModelError, read_card
 from service.store import ModelVersion, Store
 from service.vocabulary import PointerAction
@@ -134,10 +134,14 @@ class Registry:
         return self.versions.move_pointer(version, action=action, actor=actor, expect=expect)
 
     def sweep(self) -> list[str]:
-        """Remove staging directories and version directories that were never registered (crashed runs)."""
+        """Remove staging directories (crashed runs), and move version directories that the store does
+        not know to ``orphans/models`` (a crash before register, or a store that is not this one's)."""
         removed = []
         for d in self.models_dir.iterdir():
-            if d.name.startswith(".staging-") or self.versions.get(d.name) is None:
+            if d.name.startswith(".staging-"):
                 shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+            elif self.versions.get(d.name) is None:
+                quarantine(d, self.models_dir.parent, "models")
                 removed.append(d.name)
         return removed
