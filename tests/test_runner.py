@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -107,3 +110,17 @@ def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkey
     thread.join(10)
     failed = runner.store.runs.counts()["failed"]
     assert 1 <= failed <= 3 and runner.failures == failed
+
+
+def test_a_second_runner_is_refused_while_one_holds_the_lease(tmp_path):
+    runner = _runner(tmp_path)
+    release = runner.store.try_lease(runner_module.LEASE)
+    assert release is not None
+    env = {**os.environ, "UGA_DATA_DIR": str(tmp_path / "data"), "UGA_RUNNER_METRICS_PORT": "0"}
+    once = subprocess.run(
+        [sys.executable, "-m", "service.cli", "runner", "--once"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert once.returncode == 2 and once.stderr.strip().splitlines() == [
+        "uga: error: another runner is running (it holds the runner lease); let it work"
+    ]
+    release()

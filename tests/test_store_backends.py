@@ -111,6 +111,20 @@ def test_the_model_pointer_is_a_compare_and_set_across_replicas(stores):
     assert a.models.count_actions(PROMOTE_ACTIONS) == 1
 
 
+def test_one_process_of_the_deployment_holds_the_runner_lease(stores):
+    a, b = stores(2)
+    release = a.try_lease("runner")
+    assert release is not None
+    assert b.try_lease("runner") is None  # a second runner, on this host or another: refused
+    other = b.try_lease("other")
+    assert other is not None  # leases are by name
+    other()
+    release()  # the first runner ends
+    again = b.try_lease("runner")
+    assert again is not None
+    again()
+
+
 def test_corrections_are_idempotent_by_content_hash_and_audited(stores):
     a, b = stores(2)
     record = Correction("c" * 64, "a.tif", 0, 0, 64, 64, 1.0, "annotator", 0.25, 0, time.time(), model_dice=0.5)

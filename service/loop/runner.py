@@ -27,6 +27,7 @@ from service.vocabulary import GATED_RUN_STATES
 
 log = logging.getLogger("uga.runner")
 MAX_BACKOFF_S = 3600.0
+LEASE = "runner"  # one runner per deployment: startup's sweep and recovery assume no other is working
 
 
 class Runner:
@@ -179,9 +180,22 @@ def main(settings: Settings, once: bool = False) -> int:
         return 2
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
-    if once:
-        runner.startup()
-        run = runner.next_run()
-        return 0 if run is None or runner.execute(run) in GATED_RUN_STATES else 1
-    runner.serve_forever()
-    return 0
+    release = runner.store.try_lease(LEASE)
+    if release is None and once:
+        print("uga: error: another runner is running (it holds the runner lease); let it work", file=sys.stderr)
+        return 2
+    while release is None and not runner._stop.is_set():  # a rolling update: the old runner is still ending
+        log.warning("another runner holds the runner lease: waiting for it to stop")
+        runner._stop.wait(max(settings.runner_poll_s, 5.0))
+        release = runner.store.try_lease(LEASE)
+    if release is None:
+        return 0
+    try:
+        if once:
+            runner.startup()
+            run = runner.next_run()
+            return 0 if run is None or runner.execute(run) in GATED_RUN_STATES else 1
+        runner.serve_forever()
+        return 0
+    finally:
+        release()

@@ -63,5 +63,9 @@ class Store:
     def writable(self) -> bool:
         return self.db.writable()
 
+    def try_lease(self, name: str):
+        """The release of the deployment-wide lease ``name`` if this process now holds it, else None."""
+        return self.db.try_lease(name)
+
     def close(self) -> None:
         self.db.close()

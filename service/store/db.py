@@ -6,13 +6,14 @@ acknowledged to a client survives a crash.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,20 @@ class Database:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def try_lease(self, name: str) -> Callable[[], None] | None:
+        """Hold the deployment-wide lease ``name`` (one holder at a time, until its process ends or it
+        calls the release it gets back); None while another holds it. Here: an exclusive lock on a
+        file beside the database, which every process of a one-host deployment shares."""
+        locks = self.path.parent / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / f"{name}.lease", "a")  # noqa: SIM115 - held open for the lease's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle.close  # closing the file drops the lock
 
 
 def open_database(data_dir: Path, url: str | None = None, pool_size: int = 8, timeout_s: float = 10.0):

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,7 @@ from service.store.db import SCHEMA, SCHEMA_VERSION, UPGRADES, StoreError, decod
 FIRST_VERSION = 8  # PostgreSQL stores began at schema 8: only UPGRADES after it apply to them
 WRITE_LOCK = 0x5547_4101  # "UGA" + 1: held by every change
 MIGRATE_LOCK = 0x5547_4102  # held while the schema is created or checked
+LEASE_BASE = 0x5547_0000_0000  # + a hash of the lease's name: held by its one holder (the runner)
 
 
 @lru_cache(maxsize=512)
@@ -199,6 +201,19 @@ class PostgresDatabase:
             return True
         except Exception:  # noqa: BLE001 - whatever the driver or the pool raised: not ready
             return False
+
+    def try_lease(self, name: str) -> Callable[[], None] | None:
+        """Hold the deployment-wide lease ``name`` (one holder across every host, until its process ends
+        or it calls the release it gets back); None while another holds it. Here: a session advisory
+        lock on a connection of its own, outside the pool, released when that connection closes."""
+        import psycopg
+
+        key = LEASE_BASE + zlib.crc32(name.encode()) % 0x10000
+        conn = psycopg.connect(self.url, autocommit=True)
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            conn.close()
+            return None
+        return conn.close
 
     def close(self) -> None:
         self.pool.close()
