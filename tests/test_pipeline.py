@@ -1,6 +1,7 @@
 """End to end through real OpenSlide reads, the real ONNX ensemble and real TIFF/PNG/GeoJSON writers."""
 
 import json
+import os
 
 import numpy as np
 import openslide
@@ -116,3 +117,31 @@ def test_a_job_that_fails_after_its_maps_started_leaves_none_of_them(source_slid
     with pytest.raises(OSError, match="No space left"):
         run_segmentation(source_slide, out, baseline, SegmentationOptions())
     assert not list(out.glob("*.tif")) and not list(out.glob("*.json")) and not list(out.glob(".work-*"))
+
+
+def test_a_failed_run_removes_its_own_maps_but_never_another_workers(source_slide, baseline, tmp_path, monkeypatch):
+    """A run that lost its job (requeued after a stale heartbeat) while a second worker wrote the same
+    job's maps must not remove the second worker's files when it fails: only files it wrote itself."""
+    from service.inference import outputs
+
+    out = tmp_path / "job"
+    real_writer = outputs.write_map_tiff
+
+    def then_another_worker_writes(out_dir, name, raster, mpp):
+        identity = real_writer(out_dir, name, raster, mpp)
+        if name == "mask":  # the other worker's mask.tif lands after this run's
+            theirs = out_dir / ".theirs.part"
+            theirs.write_bytes(b"the other worker's mask")
+            os.replace(theirs, out_dir / "mask.tif")
+        return identity
+
+    def broken_overlay(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(outputs, "write_map_tiff", then_another_worker_writes)
+    monkeypatch.setattr(outputs, "overlay_png", broken_overlay)
+    with pytest.raises(OSError, match="No space left"):
+        run_segmentation(source_slide, out, baseline, SegmentationOptions())
+    assert (out / "mask.tif").read_bytes() == b"the other worker's mask"
+    assert [p.name for p in out.glob("*.tif")] == ["mask.tif"]  # this run's other maps are gone
+    assert not list(out.glob("*.part")) and not list(out.glob(".*.part"))

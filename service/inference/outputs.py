@@ -20,13 +20,15 @@ from service.wsi.pyramid import write_pyramid_tiff
 from service.wsi.raster import RasterFile
 
 
-def write_map_tiff(out_dir: Path, name: str, raster: RasterFile, mpp: float) -> str:
-    """One pyramidal TIFF of a map (uint8; value = pixel / 255 x storage max, stated in the description)."""
+def write_map_tiff(out_dir: Path, name: str, raster: RasterFile, mpp: float) -> tuple[int, int]:
+    """One pyramidal TIFF of a map (uint8; value = pixel / 255 x storage max, stated in the description).
+    Returns the written file's identity (device, inode), so a failed run removes only its own files."""
     scale = STORAGE_MAX.get(name, 1.0)
     desc = json.dumps({"uga_map": name, "mpp": mpp, "value": f"pixel / 255 * {scale}"})
     path = out_dir / ARTIFACTS[name]
     write_pyramid_tiff(path, raster, mpp, compression="deflate", description=desc)
-    return path.name
+    written = path.stat()
+    return written.st_dev, written.st_ino
 
 
 def start_map_tiffs(out_dir: Path, rasters: dict[str, RasterFile], mpp: float, pool: Executor) -> dict[str, Future]:

@@ -63,6 +63,16 @@ def run_segmentation(
         return _run(slide, out_dir, ensemble, opt, slide_key or Path(slide_path).name, progress, exclude)
 
 
+def remove_if_same(path: Path, identity: tuple[int, int]) -> None:
+    """Remove ``path`` if it is still the file with ``identity`` (device, inode)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == identity:
+        path.unlink(missing_ok=True)
+
+
 def novelty_summary(analysis, threshold: float, flag_share: float) -> dict:
     """The slide's out-of-distribution verdict from its feature-space novelty map."""
     share = analysis.novelty_share
@@ -199,10 +209,12 @@ def _run(
         return summary
     except BaseException:
         # a failed job leaves no map behind: writers not yet started are cancelled, running ones finish,
-        # then every map file they were given is removed
+        # then every map file they wrote is removed (only theirs: a run that lost its job to another
+        # worker must not remove the files that worker has written since)
         pool.shutdown(wait=True, cancel_futures=True)
-        for name in tiffs:
-            (out_dir / outputs.ARTIFACTS[name]).unlink(missing_ok=True)
+        for name, future in tiffs.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                remove_if_same(out_dir / outputs.ARTIFACTS[name], future.result())
         raise
     finally:
         pool.shutdown(wait=True)  # writers read the rasters in ``work``: finish before removing it

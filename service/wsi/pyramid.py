@@ -8,6 +8,7 @@ built and written band by band from disk-backed rasters, so memory does not grow
 from __future__ import annotations
 
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def write_pyramid_tiff(
 ) -> int:
     """Write ``level0`` and 2x reductions down to ``min_size`` as a pyramidal TIFF. Returns levels."""
     path = Path(path)
-    tmp_path = path.with_name(path.name + ".part")
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")  # a writer of its own: never shared
     photometric = "rgb" if level0.channels == 3 else "minisblack"
     comp_args = {"jpeg": {"level": jpeg_quality}, "deflate": {"level": DEFLATE_LEVEL}}.get(compression)
     with tempfile.TemporaryDirectory(prefix="pyr-", dir=path.parent) as tmp:
@@ -100,6 +101,9 @@ def write_pyramid_tiff(
                         description=description if i == 0 else None,
                         metadata=None,
                     )
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
         finally:
             for lvl in levels[1:]:
                 lvl.close()
