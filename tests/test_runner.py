@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -124,3 +125,23 @@ def test_a_second_runner_is_refused_while_one_holds_the_lease(tmp_path):
         "uga: error: another runner is running (it holds the runner lease); let it work"
     ]
     release()
+
+
+def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_path, source_slide):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(source_slide, slides / "a.tif")
+    settings = Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline", slide_root=slides)
+    runner = Runner(settings)
+    runner.registry.ensure_baseline()
+    store, current = runner.store, runner.store.models.current()
+    old, _ = store.jobs.submit(
+        slide="a.tif", options={"patch_um": 256}, resolved={}, model_version="older", dedup_key="k", actor="t"
+    )
+    store.jobs.claim("w")
+    assert store.jobs.finish(old.id, "w", {"model_version": "older"}, [])  # the slide's latest is not current's
+    runner.startup()  # e.g. after a crash between the promotion and its rescoring
+    [new] = store.jobs.list("queued", 10)
+    assert new.slide == "a.tif" and new.model_version == current and new.options == {"patch_um": 256}
+    runner.startup()  # a second start queues nothing more
+    assert len(store.jobs.list("queued", 10)) == 1

@@ -12,12 +12,11 @@ from service.vocabulary import PointerAction
 
 def promote_candidate(registry: Registry, settings: Settings, version: str, *, parent: str) -> str | None:
     """Make a gated candidate current if ``parent`` still is. Returns None, or why it was not promoted."""
-    if not registry.move_pointer(version, action="promote", actor="runner", expect=parent):
+    if not registry.move_pointer(version, action="promote", actor="runner", expect=parent, status="promoted"):
         reason = "the current version changed during the run; not promoted over it"
         registry.versions.set_status(version, "rejected", reason, actor="runner")
         return reason
-    registry.versions.set_status(version, "promoted", None, actor="runner")
-    enqueue_rescoring(registry.store, settings, version, "runner")
+    enqueue_rescoring(registry.store, settings, version, "runner")  # redone at the runner's start if cut short
     return None
 
 

@@ -128,10 +128,17 @@ class Registry:
         return int(read_card(self.path(version))["recipe"]["members"])
 
     def move_pointer(
-        self, version: str, *, action: PointerAction, actor: str | None, expect: str | None = None
+        self,
+        version: str,
+        *,
+        action: PointerAction,
+        actor: str | None,
+        expect: str | None = None,
+        status: str | None = None,
     ) -> bool:
-        """Compare-and-set of 'current': moves only if it still is ``expect`` (when given)."""
-        return self.versions.move_pointer(version, action=action, actor=actor, expect=expect)
+        """Compare-and-set of 'current': moves only if it still is ``expect`` (when given); ``status``
+        is set in the same transaction."""
+        return self.versions.move_pointer(version, action=action, actor=actor, expect=expect, status=status)
 
     def sweep(self) -> list[str]:
         """Remove staging directories (crashed runs), and move version directories that the store does

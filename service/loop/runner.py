@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_
 from service.config import Settings
 from service.loop.candidate import build_candidate
 from service.loop.gate import gate_candidate
+from service.loop.jobs import enqueue_rescoring
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
 from service.loop.store_metrics import StoreCollector
@@ -68,7 +69,10 @@ class Runner:
         for run in self.store.runs.fail_interrupted():
             log.warning("run %s was interrupted by a runner crash: marked failed, work will be redone", run.id)
         for name in self.registry.sweep():
-            log.warning("removed unregistered model directory %s (interrupted run)", name)
+            log.warning("moved aside unregistered model directory %s (interrupted run)", name)
+        current = self.store.models.current()
+        if current and (again := enqueue_rescoring(self.store, self.settings, current, "runner")):
+            log.warning("%d slides not yet segmented by %s (a rescoring cut short): queued", len(again), current)
 
     def next_run(self) -> FinetuneRun | None:
         """The oldest requested run, or a new one when enough unseen corrections wait."""

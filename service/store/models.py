@@ -48,9 +48,16 @@ class ModelRepository:
         return self.db.scalar("SELECT version FROM model_pointer WHERE id = 1")
 
     def move_pointer(
-        self, version: str, *, action: PointerAction, actor: str | None, expect: str | None = None
+        self,
+        version: str,
+        *,
+        action: PointerAction,
+        actor: str | None,
+        expect: str | None = None,
+        status: str | None = None,
     ) -> bool:
-        """Point 'current' at ``version`` atomically (compare-and-set: only if it still is ``expect``)."""
+        """Point 'current' at ``version`` atomically (compare-and-set: only if it still is ``expect``),
+        and set its ``status`` in the same transaction when given (a promotion is one change)."""
         with self.db.transaction() as db:
             cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
             previous = cur[0] if cur else None
@@ -67,6 +74,9 @@ class ModelRepository:
                 (version, previous, action, actor, now),
             )
             audit(db, actor or "system", f"pointer.{action}", version, {"previous": previous})
+            if status is not None:
+                db.execute("UPDATE model_versions SET status = ?, reason = NULL WHERE version = ?", (status, version))
+                audit(db, actor or "system", f"model.{status}", version, {"reason": None})
             return True
 
     def pointer_history(self, limit: int = 50) -> list[dict]:
