@@ -159,6 +159,43 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     page.close()
 
 
+def test_unsaved_edits_are_kept_until_the_reviewer_lets_them_go(server, browser):
+    """Edits not yet submitted survive a click on another patch (the page asks), and Enter on a focused
+    button presses that button: Skip skips, it never submits the drawing as a correction."""
+    p = Page(browser, server, "annotator")
+    page = p.page
+    page.wait_for_function("() => document.querySelectorAll('#queue li').length >= 2")
+    page.click("#queue li >> nth=0")
+    page.wait_for_selector("#editor[data-ready=true]")
+    first = page.get_attribute("#editor", "data-item")
+    page.keyboard.press("c")  # clear, then one stroke: a mask unlike the model's
+    page.keyboard.press("b")
+    page.mouse.move(*p.canvas_point(20, 20))
+    page.mouse.down()
+    page.mouse.move(*p.canvas_point(90, 20), steps=6)
+    page.mouse.up()
+
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    page.click("#queue li >> nth=1")
+    page.wait_for_timeout(500)
+    assert asked and "not submitted" in asked[0]
+    assert page.get_attribute("#editor", "data-item") == first  # stayed, with the edits
+
+    page.once("dialog", lambda d: (asked.append(d.message), d.accept()))
+    page.focus("#skip")
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.getElementById('editor').dataset.item !== '{first}'")
+    assert "discard your edits" in asked[1]
+    with server.client("viewer") as c:
+        skipped = c.get(f"/v1/queue/items/{first}").json()
+        corrections = c.get("/v1/corrections").json()["corrections"]
+    assert skipped["status"] == "skipped"
+    assert all(x["queue_item_id"] != first for x in corrections)  # skipped, not stored as a correction
+    assert not p.problems, p.problems
+    page.close()
+
+
 def test_a_viewer_can_look_but_not_correct(server, browser):
     p = Page(browser, server, "viewer")
     page = p.page

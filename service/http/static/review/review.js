@@ -49,9 +49,20 @@
   const json = async (path, options) => (await api(path, options)).json();
   const blob = async (path) => (await api(path)).blob();
 
-  async function objectUrl(path) {
-    if (!state.blobs.has(path)) state.blobs.set(path, URL.createObjectURL(await blob(path)));
+  // Fetched images by path, each fetched once (a second caller shares the first one's promise).
+  function objectUrl(path) {
+    if (!state.blobs.has(path)) {
+      const url = blob(path).then((b) => URL.createObjectURL(b));
+      url.catch(() => state.blobs.delete(path)); // a failed fetch is tried again next time
+      state.blobs.set(path, url);
+    }
     return state.blobs.get(path);
+  }
+
+  // Drop every cached image (a new slide, or sign-out): their object URLs are freed.
+  function forgetImages() {
+    for (const url of state.blobs.values()) url.then((u) => URL.revokeObjectURL(u), () => {});
+    state.blobs.clear();
   }
 
   function say(text, isError = false) {
@@ -92,7 +103,18 @@
     $("sign-in").close();
     start();
   });
-  $("sign-out").addEventListener("click", () => signOut());
+  $("sign-in").addEventListener("cancel", (event) => {
+    if (!state.token) event.preventDefault(); // Esc: the page is of no use without signing in
+  });
+  $("sign-out").addEventListener("click", () => {
+    if (!closeEditor()) return; // unsaved edits kept: not signed out
+    if (state.viewer) state.viewer.destroy(); // its tile requests carry the token
+    state.viewer = null;
+    state.queue = [];
+    $("queue").replaceChildren();
+    forgetImages();
+    signOut();
+  });
 
   // ---- hospital sign-in: OpenID Connect authorization code with PKCE (a public client, no secret) ---
   const PKCE_KEY = "uga.pkce";
@@ -118,7 +140,9 @@
       code_challenge: challenge,
       code_challenge_method: "S256",
     });
-    location.assign(`${oidc.authorize_url}?${query}`);
+    const target = new URL(oidc.authorize_url, location.href); // it may carry its own query (Azure B2C: ?p=)
+    for (const [k, v] of query) target.searchParams.set(k, v);
+    location.assign(target.href);
   }
   $("oidc-button").addEventListener("click", () => hospitalSignIn().catch((err) => askToken(err.message)));
 
@@ -126,11 +150,12 @@
     const saved = JSON.parse(sessionStorage.getItem(PKCE_KEY) || "null");
     sessionStorage.removeItem(PKCE_KEY);
     history.replaceState(null, "", redirectUri() + ((saved && saved.hash) || ""));
+    if (!saved || saved.state !== params.get("state")) {
+      // checked first: a crafted link's error text is never shown as the provider's
+      throw new Error("This sign-in answer is not for this tab's request: sign in again.");
+    }
     if (params.get("error")) {
       throw new Error(`The identity provider refused: ${params.get("error_description") || params.get("error")}`);
-    }
-    if (!saved || saved.state !== params.get("state")) {
-      throw new Error("This sign-in answer is not for this tab's request: sign in again.");
     }
     const response = await fetch(oidc.token_url, {
       method: "POST",
@@ -170,12 +195,27 @@
   }
 
   // ---- slide viewer ---------------------------------------------------------------------------------
-  $("slide-select").addEventListener("change", (e) => openSlide(e.target.value));
+  const report = (err) => say(err.message, true); // what failed, on screen (never an unhandled rejection)
+  $("slide-select").addEventListener("change", (e) => {
+    const opened = openSlide(e.target.value);
+    if (!opened) e.target.value = state.slide.slide; // stayed: edits kept
+    else opened.catch(report);
+  });
 
-  async function openSlide(name) {
-    closeEditor();
+  // Returns false (and does nothing) when the reviewer keeps unsaved edits of the open patch.
+  function openSlide(name, { force = false } = {}) {
+    if (!closeEditor({ force })) return false;
+    return loadSlide(name);
+  }
+
+  let loadingSlide = 0; // the newest loadSlide call; an older one that finishes later stops
+
+  async function loadSlide(name) {
+    const ticket = ++loadingSlide;
+    forgetImages();
     say(`Opening ${name} …`);
     const info = await json(`/slides/${slidePath(name)}/info`);
+    if (ticket !== loadingSlide) return;
     state.slide = info;
     state.layers = {};
     history.replaceState(null, "", `#slide=${encodeURIComponent(info.slide)}`);
@@ -209,13 +249,18 @@
     });
     $("viewer").dataset.ready = "false";
     $("mpp-info").textContent = `${info.mpp.toFixed(3)} µm/px · ${info.width} × ${info.height} px`;
+    state.overlays = null; // a slide without a finished job shows none of the previous slide's
     if (info.job) {
-      state.overlays = await json(`/jobs/${info.job}/overlays`);
-      showNovelty();
+      const overlays = await json(`/jobs/${info.job}/overlays`);
+      if (ticket !== loadingSlide) return;
+      state.overlays = overlays;
       fillMeasures();
       await Promise.all([setLayer("outline"), setLayer("heat")]);
+      if (ticket !== loadingSlide) return;
     }
+    showNovelty();
     await loadQueue();
+    if (ticket !== loadingSlide) return;
     say(`${info.slide}${info.model_version ? ` · segmented by ${info.model_version}` : " · not segmented yet"}`);
   }
 
@@ -251,8 +296,13 @@
 
   // The slide's out-of-distribution verdict (a model with a novelty map), or why there is none.
   function showNovelty() {
-    const verdict = state.overlays.novelty;
     const note = $("ood-note");
+    if (!state.overlays) {
+      note.classList.remove("alert");
+      note.textContent = "Not segmented yet: no maps.";
+      return;
+    }
+    const verdict = state.overlays.novelty;
     note.classList.toggle("alert", Boolean(verdict && verdict.out_of_distribution));
     if (!verdict) {
       note.textContent = "No out-of-distribution map: this model does not compute one.";
@@ -281,10 +331,16 @@
       return;
     }
     const overlay = state.overlays.overlays.find((o) => o.name === name);
+    const viewer = state.viewer;
     const url = await objectUrl(overlay.url);
+    if (state.viewer !== viewer) return; // another slide was opened meanwhile
     const width = state.overlays.extent_level0[0] / state.slide.width; // viewport units: the slide is 1 wide
+    // still what the controls ask for once loaded (a slider dragged or a box unticked meanwhile)?
+    const wanted = () =>
+      state.viewer === viewer && checkbox.checked && !state.layers[kind] && (kind === "outline" || $("heat-measure").value === name);
+    if (!wanted()) return;
     await new Promise((resolve) =>
-      state.viewer.addTiledImage({
+      viewer.addTiledImage({
         tileSource: { type: "image", url, buildPyramid: false },
         x: 0,
         y: 0,
@@ -292,9 +348,14 @@
         opacity: slider.value / 100,
         loadTilesWithAjax: false,
         success: (event) => {
-          event.item.uga_name = name;
-          state.layers[kind] = event.item;
-          markLayers();
+          if (!wanted()) {
+            viewer.world.removeItem(event.item); // one layer per kind, and only the one asked for
+          } else {
+            event.item.uga_name = name;
+            event.item.setOpacity(slider.value / 100);
+            state.layers[kind] = event.item;
+            markLayers();
+          }
           resolve();
         },
         error: (event) => {
@@ -334,11 +395,13 @@
   async function loadQueue() {
     const pooled = $("queue-pooled").checked;
     const query = pooled ? "k=100" : `slide=${encodeURIComponent(state.slide.slide)}&k=100`;
+    let loaded = true;
     try {
       state.queue = state.slide.job || pooled ? (await json(`/queue?${query}`)).items : [];
     } catch (err) {
       state.queue = [];
-      say(err.message, true);
+      loaded = false;
+      say(`The queue could not be loaded: ${err.message}`, true);
     }
     $("queue-count").textContent = `${state.queue.length} pending`;
     $("queue").replaceChildren(
@@ -352,12 +415,13 @@
         li.querySelector(".score").textContent = `score ${item.score.toFixed(3)} (${item.measure})`;
         li.querySelector(".facts").textContent =
           `tumour p ${item.mean_probability.toFixed(2)} · tissue ${(item.tissue_fraction * 100).toFixed(0)} %${where}`;
-        li.addEventListener("click", () => openItem(item));
-        li.addEventListener("keydown", (e) => e.key === "Enter" && openItem(item));
+        li.addEventListener("click", () => openItem(item).catch(report));
+        li.addEventListener("keydown", (e) => e.key === "Enter" && openItem(item).catch(report));
         return li;
       }),
     );
     drawBoxes();
+    return loaded;
   }
 
   function drawBoxes() {
@@ -374,7 +438,7 @@
       const label = document.createElement("span");
       label.textContent = item.rank;
       el.append(label);
-      el.addEventListener("click", () => openItem(item));
+      el.addEventListener("click", () => openItem(item).catch(report));
       const rect = new OpenSeadragon.Rect(b.x / width, b.y / width, b.width / width, b.height / width);
       viewer.addOverlay({ element: el, location: rect });
     }
@@ -399,13 +463,35 @@
   };
   const MAX_UNDO = 50;
 
-  async function openItem(item) {
+  // Unsaved edits: the mask differs from the model's (what "Model is correct" would send).
+  function dirty() {
+    if (!state.item || !ed.mask || !ed.model) return false;
+    for (let i = 0; i < ed.mask.length; i++) if (ed.mask[i] !== ed.model[i]) return true;
+    return ed.polygon.length > 0;
+  }
+
+  // Before leaving a patch with unsaved edits: true to go on (the edits are dropped), false to stay.
+  function mayLeave() {
+    return !dirty() || window.confirm(`Patch #${state.item.rank} has edits that are not submitted. Discard them?`);
+  }
+  window.addEventListener("beforeunload", (event) => {
+    if (dirty()) event.preventDefault();
+  });
+
+  let opening = 0; // the newest openItem call; an older one that finishes later is dropped
+
+  async function openItem(item, { force = false } = {}) {
+    if (!force && state.item && state.item.id === item.id) return; // already open: keep its edits
+    if (!force && state.item && !mayLeave()) return;
+    const ticket = ++opening;
     const opened = performance.now();
+    state.item = null; // nothing can be decided on a patch until its pixels and mask are in
+    $("editor").dataset.ready = "false";
     if (item.slide !== state.slide.slide) {
       $("slide-select").value = item.slide;
-      await openSlide(item.slide);
+      await openSlide(item.slide, { force: true });
+      if (ticket !== opening) return;
     }
-    state.item = item;
     for (const li of $("queue").children) li.classList.toggle("open", li.dataset.item === item.id);
     $("editor").hidden = false;
     $("editor").dataset.ready = "false";
@@ -429,13 +515,26 @@
     const canCorrect = state.me.can_correct;
     $("tools").hidden = $("decide").hidden = !canCorrect;
     $("read-only").hidden = canCorrect;
-    const [image, maskBlob, heatUrl] = await Promise.all([
-      loadImage(await blob(item.links.image)),
-      blob(item.links.mask),
-      objectUrl(`${item.links.self}/uncertainty.png`),
-    ]);
+    let image, maskBlob, heatUrl, modelImage;
+    try {
+      [image, maskBlob, heatUrl] = await Promise.all([
+        blob(item.links.image).then(loadImage),
+        blob(item.links.mask),
+        objectUrl(`${item.links.self}/uncertainty.png`),
+      ]);
+      modelImage = await loadImage(maskBlob);
+    } catch (err) {
+      if (ticket === opening) say(`Patch #${item.rank} could not be opened: ${err.message}`, true);
+      return;
+    }
+    if (ticket !== opening) return; // another patch was opened meanwhile: its pixels win
+    if (modelImage.width !== image.width || modelImage.height !== image.height) {
+      say(`Patch #${item.rank}: the model's mask is not the patch's size; reload the page`, true);
+      return;
+    }
+    for (const url of ed.urls || []) URL.revokeObjectURL(url); // the previous patch's pixels
+    ed.urls = [image.src, modelImage.src];
     ed.modelPng = maskBlob;
-    const modelImage = await loadImage(maskBlob);
     ed.w = image.width;
     ed.h = image.height;
     ed.model = grey(modelImage);
@@ -450,16 +549,20 @@
     const legend = state.overlays && state.overlays.overlays.find((o) => o.name === item.measure);
     $("inset-words").textContent = legend ? legend.legend.high : "uncertain";
     render();
+    state.item = item;
     $("editor").dataset.ready = "true";
     $("editor").dataset.item = item.id;
     $("editor").dataset.openMs = String(Math.round(performance.now() - opened)); // to drawable (bench_review)
     $("mask-canvas").focus();
   }
 
-  function closeEditor() {
+  function closeEditor({ force = false } = {}) {
+    if (!force && !mayLeave()) return false;
+    opening++; // a patch still loading is not opened after all
     $("editor").hidden = true;
     state.item = null;
     for (const li of $("queue").children) li.classList.remove("open");
+    return true;
   }
 
   function loadImage(data) {
@@ -651,7 +754,10 @@
   function setTool(tool) {
     if (ed.polygon.length && tool !== "polygon") ed.polygon = [];
     ed.tool = tool;
-    for (const b of document.querySelectorAll("#tools [data-tool]")) b.classList.toggle("active", b.dataset.tool === tool);
+    for (const b of document.querySelectorAll("#tools [data-tool]")) {
+      b.classList.toggle("active", b.dataset.tool === tool);
+      b.setAttribute("aria-pressed", String(b.dataset.tool === tool));
+    }
     render();
   }
   for (const b of document.querySelectorAll("#tools [data-tool]")) b.addEventListener("click", () => setTool(b.dataset.tool));
@@ -678,7 +784,18 @@
   }
 
   async function decide(action) {
-    if (ed.busy || !state.item || !state.me.can_correct) return;
+    if (ed.busy || !state.item || !state.me.can_correct || $("editor").dataset.ready !== "true") return;
+    if (action === "submit" && ed.polygon.length) {
+      if (ed.polygon.length < 3) {
+        say("The polygon has fewer than 3 corners: add corners or press Esc to drop it, then submit", true);
+        return;
+      }
+      closePolygon(); // the corners clicked are part of the mask sent
+    }
+    if (action !== "submit" && dirty()) {
+      const what = action === "skip" ? "Skip this patch" : "Send the model's mask";
+      if (!window.confirm(`${what} and discard your edits to patch #${state.item.rank}?`)) return;
+    }
     ed.busy = true;
     const item = state.item;
     try {
@@ -711,20 +828,20 @@
   $("close-editor").addEventListener("click", closeEditor);
 
   async function nextItem(done) {
-    await loadQueue();
+    if (!(await loadQueue())) return; // the error stays on screen, and so does the editor
     const next = state.queue.find((i) => i.id !== done.id);
-    if (next) await openItem(next);
+    if (next) await openItem(next, { force: true });
     else {
-      closeEditor();
+      closeEditor({ force: true });
       say("Queue done: no pending patches left.");
     }
   }
 
   document.addEventListener("keydown", (event) => {
-    if ($("editor").hidden || event.target.matches("input[type=password], select") || event.target.closest("#queue")) {
-      return;
-    }
+    if ($("editor").hidden || event.target.closest("input, select, textarea, dialog, #queue")) return;
+    if ((event.key === "Enter" || event.key === " ") && event.target.closest("button")) return; // the button's own
     const key = event.key.toLowerCase();
+    if (event.repeat && ["enter", "a", "s", "escape"].includes(key)) return; // a held key never acts twice
     const ctrl = event.ctrlKey || event.metaKey;
     const correcting = state.me && state.me.can_correct;
     if (ctrl && key === "z") event.shiftKey ? redo() : undo();
