@@ -93,6 +93,7 @@ OIDC = {
         ({**OIDC, "oidc_audience": None}, "UGA_OIDC_AUDIENCE"),
         ({**OIDC, "oidc_jwks_url": None}, "UGA_OIDC_JWKS_URL"),
         ({**OIDC, "oidc_jwks_url": "file:///etc/passwd"}, "UGA_OIDC_JWKS_URL"),
+        ({**OIDC, "oidc_jwks_url": "http://idp.test/jwks"}, "https"),  # a forged key set would be anyone's
         ({**OIDC, "oidc_role_map": None}, "UGA_OIDC_ROLE_MAP"),
         ({**OIDC, "oidc_role_map": "pathologist=root"}, "UGA_OIDC_ROLE_MAP"),
         ({**OIDC, "oidc_role_map": "pathologist"}, "UGA_OIDC_ROLE_MAP"),

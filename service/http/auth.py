@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import jwt
 from jwt import PyJWK, PyJWKClient
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from service.config import Settings
     from service.store.tokens import TokenRepository
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("uga.auth")
 
 # A JWT in compact form: three base64url parts (the signature is empty for alg 'none', refused below).
@@ -216,6 +218,10 @@ class OidcVerifier:
         if not role_map:
             raise AuthConfigError("UGA_OIDC_ROLE_MAP is empty: map at least one identity provider role to a role")
         parse_algorithms(",".join(algorithms))
+        url = urlsplit(jwks_url)
+        if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and url.hostname in LOOPBACK)):
+            # the keys every JWT is checked against: whoever can answer this URL could sign in as anyone
+            raise AuthConfigError("UGA_OIDC_JWKS_URL must be an https:// URL (http:// only on loopback)")
         self.issuer, self.audience, self.jwks_url = issuer, audience, jwks_url
         self.role_map, self.roles_claim, self.name_claim = dict(role_map), roles_claim, name_claim
         self.algorithms, self.leeway_s = tuple(algorithms), leeway_s
