@@ -73,6 +73,12 @@ CASES = {
             },
         ],
     ),
+    "UGARunnerDown": (
+        "1m",
+        "30m",
+        {'uga_runner_heartbeat_timestamp_seconds{pod="r"}': "0+60x5 300x30"},  # beats, then stops at 5 min
+        {'uga_runner_heartbeat_timestamp_seconds{pod="r"}': "0+60x40"},
+    ),
     "UGAUncertaintyDrift": (
         "1h",
         "106h",

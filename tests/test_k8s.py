@@ -151,9 +151,13 @@ def named(docs: list[dict], container_name: str) -> tuple[dict, dict]:
 
 
 def effective_env(docs: list[dict], c: dict) -> dict[str, str | None]:
-    """Env a container really sees: envFrom ConfigMaps, then env entries (which win; None = valueFrom)."""
+    """Env a container really sees: envFrom ConfigMaps, then env entries (which win; None = valueFrom).
+    An optional Secret (credentials the operator creates) adds nothing that is known here."""
     env: dict[str, str | None] = {}
     for src in c.get("envFrom", []):
+        if "secretRef" in src:
+            assert src["secretRef"].get("optional") is True, "a Secret the manifests do not create must be optional"
+            continue
         cm = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == src["configMapRef"]["name"]]
         assert len(cm) == 1, f"envFrom references missing ConfigMap {src['configMapRef']['name']}"
         env.update(cm[0]["data"])
@@ -248,6 +252,7 @@ def test_scale_out_shares_postgresql_never_sqlite():
     pdb = one(docs, "PodDisruptionBudget", "uga-serve")
     assert selects(pdb["spec"]["selector"], serve["spec"]["template"]["metadata"]["labels"])
     assert not selects(pdb["spec"]["selector"], runner["spec"]["template"]["metadata"]["labels"])
+    assert pdb["spec"].get("maxUnavailable") == 1 and "minAvailable" not in pdb["spec"]  # drains proceed
     hpa = one(render("scale-out"), "HorizontalPodAutoscaler", "uga-serve")  # without KEDA
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "uga-serve"}
 
@@ -404,6 +409,8 @@ def test_ingress_terminates_tls_and_matches_the_service_limits():
     backends = {p["backend"]["service"]["name"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
     assert backends == {"uga-serve"}
     assert all("/metrics" not in p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"])
+    paths = {p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
+    assert {"/v1", "/review", "/readyz"} <= paths  # the pathologists' page and its sign-in redirect too
 
 
 def test_keda_scales_serving_on_queued_jobs_instead_of_the_hpa():
@@ -413,6 +420,8 @@ def test_keda_scales_serving_on_queued_jobs_instead_of_the_hpa():
     assert scaled["spec"]["minReplicaCount"] >= 1
     [trigger] = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and "uga_jobs" in trigger["metadata"]["query"]
+    # a missing metric (the runner that exports it is down) holds replicas instead of reading "no jobs"
+    assert trigger["metadata"]["ignoreNullValues"] == "false" and scaled["spec"]["fallback"]["replicas"] >= 2
     assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"], "KEDA makes its own HPA"
 
 
