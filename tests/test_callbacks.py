@@ -112,6 +112,7 @@ def test_a_finished_job_posts_one_signed_event_and_a_500_is_retried(tmp_path, sl
     assert len(receiver.received) == 2
     first, second = receiver.received
     assert first["headers"]["x-uga-delivery"] == second["headers"]["x-uga-delivery"] == d["id"]  # idempotency key
+    assert json.loads(first["body"])["delivery"] == d["id"]  # also in the signed body: a replay is the same event
     assert first["body"] == second["body"]  # the same event, byte for byte
     for got in receiver.received:
         assert verify(SECRET, got["headers"], got["body"])

@@ -47,12 +47,13 @@ def enqueue_job_event(db, job_id: str) -> None:
     job = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if job is None or not job["callback"]:
         return
-    body = job_event(dict(job))
+    delivery_id = uuid.uuid4().hex
+    body = {"delivery": delivery_id, **job_event(dict(job))}  # signed with the body: a replay is the same event
     now = time.time()
     db.execute(
         "INSERT INTO deliveries (id, job_id, target, event, payload, state, next_at, created_at)"
         " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-        (uuid.uuid4().hex, job_id, job["callback"], body["event"], json.dumps(body, sort_keys=True), now, now),
+        (delivery_id, job_id, job["callback"], body["event"], json.dumps(body, sort_keys=True), now, now),
     )
 
 
