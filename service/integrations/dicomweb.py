@@ -31,6 +31,7 @@ from service.wsi.dicom import MAX_SERIES_FILES
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 COMPLETE = ".complete"
 PAGE = 1000  # QIDO-RS results asked for at a time
+CHUNK = 1 << 20  # WADO-RS answers are streamed to disk in pieces this large
 T = TypeVar("T")
 
 
@@ -109,6 +110,8 @@ class Pacs:
             except requests.ConnectionError:
                 if attempt == self.retries:
                     raise PacsError("pacs_unreachable", f"{self.endpoint.name} is unreachable ({what})") from None
+            except PacsError:
+                raise
             except Exception as exc:  # noqa: BLE001 - not JSON, not DICOM, fields missing: not retried
                 raise PacsError(
                     "pacs_error",
@@ -154,20 +157,15 @@ class Pacs:
         try:
             for sop in self.instances(study, series, check):
                 check()
-                dataset = self._call(
-                    f"instance {sop}",
-                    lambda sop=sop: self.client.retrieve_instance(
-                        study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop
-                    ),
-                )
                 path = part / f"{sop}.dcm"
-                dataset.save_as(path, enforce_file_format=True)
+                left = max_bytes - written
+                self._call(
+                    f"instance {sop}",
+                    lambda sop=sop, path=path, left=left: self._download(study, series, sop, path, left, check),
+                )
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
                 written += path.stat().st_size
-                if written > max_bytes:
-                    cache = f"{max_bytes >> 20} MiB, UGA_DICOMWEB_CACHE_MB"
-                    raise PacsError("series_too_large", f"series {series} is larger than the DICOMweb cache ({cache})")
             (part / COMPLETE).write_text(f"{study}/{series}\n")
             try:
                 part.rename(folder)
@@ -180,9 +178,78 @@ class Pacs:
             raise
         return folder
 
+    def _download(self, study: str, series: str, sop: str, path: Path, limit: int, check: Callable[[], None]) -> None:
+        """One instance (WADO-RS) to ``path``, streamed to disk as it arrives (a whole-slide level can be
+        gigabytes: never held in memory), refused past ``limit`` bytes; ``check`` runs between chunks."""
+        url = f"{self.endpoint.url.rstrip('/')}/studies/{study}/series/{series}/instances/{sop}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        raw = path.with_name(path.name + ".multipart")
+        try:
+            with self.session.get(url, headers={"Accept": accept}, stream=True) as response:
+                response.raise_for_status()
+                boundary = _boundary(response.headers.get("Content-Type", ""), self.endpoint.name)
+                size = 0
+                with open(raw, "wb") as f:
+                    for chunk in response.iter_content(CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            cache = "UGA_DICOMWEB_CACHE_MB"
+                            too_large = f"{self.endpoint.name}: series {series} is larger than the cache ({cache})"
+                            raise PacsError("series_too_large", too_large)
+                        f.write(chunk)
+                        check()
+            _first_part(raw, boundary, path, self.endpoint.name)
+        finally:
+            raw.unlink(missing_ok=True)
+
     def store(self, dataset) -> None:
         """STOW-RS one instance (a result) to this PACS."""
         self._call("storing the result", lambda: self.client.store_instances([dataset]))
+
+
+def _boundary(content_type: str, pacs: str) -> bytes:
+    """The multipart boundary of a WADO-RS answer's Content-Type."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.lower().startswith("multipart/related") or match is None:
+        raise PacsError("pacs_error", f"{pacs} answered {content_type[:80]!r}, not multipart/related DICOM")
+    return match.group(1).encode()
+
+
+def _first_part(raw: Path, boundary: bytes, out: Path, pacs: str) -> None:
+    """The one body part of a WADO-RS instance answer (``raw``, on disk) into ``out``, as a DICOM file
+    (a part without the Part 10 preamble is rewritten with one)."""
+    delimiter = b"--" + boundary
+    size = raw.stat().st_size
+    with open(raw, "rb") as f:
+        head = f.read(64 * 1024)
+        first = head.find(delimiter)
+        start = head.find(b"\r\n\r\n", first) + 4 if first >= 0 else -1
+        f.seek(max(0, size - 4096))
+        tail_at = f.tell()
+        end = f.read().rfind(b"\r\n" + delimiter)
+        end = tail_at + end if end >= 0 else -1
+        if start < 4 or end < start:
+            raise PacsError("pacs_error", f"{pacs}: the answer is not a multipart DICOM instance")
+        f.seek(start)
+        with open(out, "wb") as dst:
+            left = end - start
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise PacsError("pacs_error", f"{pacs}: the answer ended early")
+                dst.write(chunk)
+                left -= len(chunk)
+    with open(out, "rb") as f:
+        f.seek(128)
+        part10 = f.read(4) == b"DICM"
+    if not part10:  # a bare data set (some PACS): pydicom adds the preamble and file meta, in memory
+        import pydicom
+
+        try:
+            dataset = pydicom.dcmread(out, force=True)
+            dataset.save_as(out, enforce_file_format=True)
+        except Exception as exc:  # noqa: BLE001 - whatever the bytes were, they are not a DICOM instance
+            raise PacsError("pacs_error", f"{pacs}: the answer is not DICOM ({type(exc).__name__})") from None
 
 
 def _sop_uid(found: object) -> str | None:
