@@ -396,6 +396,10 @@ def test_network_policy_denies_by_default_and_names_real_ports(overlay):
     assert sorted(sources) == ["ingress-nginx", "monitoring"]
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert {53, 5432, 443} <= egress_ports
+    peers = [
+        peer for rule in policy["spec"]["egress"] if {p["port"] for p in rule["ports"]} == {5432} for peer in rule["to"]
+    ]
+    assert {"podSelector": {"matchLabels": {"cnpg.io/cluster": "uga-db"}}} in peers  # cloudnative-pg's own pods
 
 
 def test_ingress_terminates_tls_and_matches_the_service_limits():
