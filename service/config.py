@@ -15,6 +15,7 @@ from service.options import SegmentationDefaults
 
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 MAX_SITES = 64  # each site is a label value on a few histograms: keep the series count bounded
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "baseline"
 
@@ -127,6 +128,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     pacs: str = Field(
         "", description="'NAME=URL,...' DICOMweb PACS a job may read from (credentials as URL userinfo); '' = none"
     )
+    allow_plain_http: bool = Field(
+        False, description="allow http:// (no TLS) PACS and callback URLs off this host, on a network you trust"
+    )
     dicomweb_cache_mb: float = Field(20000.0, gt=0, description="local cache of series fetched from a PACS, MiB")
     dicomweb_cache_idle_s: float = Field(
         3600.0, ge=0, description="a cached series used more recently than this is never evicted"
@@ -162,7 +166,7 @@ class Settings(BaseSettings, SegmentationDefaults):
         if value is None:
             return value
         url = urlsplit(value)
-        loopback = url.hostname in ("127.0.0.1", "localhost", "::1")
+        loopback = url.hostname in LOOPBACK
         if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and loopback)):
             raise ValueError("must be an https:// URL (http:// only on loopback)")
         return value
@@ -196,6 +200,22 @@ class Settings(BaseSettings, SegmentationDefaults):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"callback {name.strip()}: {url.strip()!r} is not an http(s) URL")
         return value
+
+    @model_validator(mode="after")
+    def _no_plain_http_off_this_host(self) -> Settings:
+        """PACS passwords and callback bodies (accession numbers, UIDs) cross the network only in TLS,
+        unless the operator says the network is trusted (UGA_ALLOW_PLAIN_HTTP)."""
+        if self.allow_plain_http:
+            return self
+        for setting, targets in (("UGA_PACS", self.pacs), ("UGA_CALLBACKS", self.callbacks)):
+            for entry in (e.strip() for e in targets.split(",") if e.strip()):
+                url = urlsplit(entry.partition("=")[2].strip())
+                if url.scheme == "http" and url.hostname not in LOOPBACK:
+                    raise ValueError(
+                        f"{setting}: {entry.partition('=')[0].strip()} is plain http:// to {url.hostname}; use "
+                        "https://, or set UGA_ALLOW_PLAIN_HTTP=true on a network you trust"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _callbacks_are_signed(self) -> Settings:

@@ -110,3 +110,24 @@ def test_oidc_is_off_unless_an_issuer_is_set_and_alone_is_a_way_in():
     oidc = OidcVerifier.from_settings(Settings(**{**OIDC, "oidc_role_map": "a=viewer, b = admin,x=y=annotator"}))
     assert oidc.role_map == {"a": "viewer", "b": "admin", "x=y": "annotator"}
     assert Authenticator(oidc=oidc).oidc is oidc
+
+
+@pytest.mark.parametrize(
+    "settings, refused",
+    [
+        ({"pacs": "main=http://pacs.hospital.lan/dicom-web"}, True),  # a PACS password in clear text
+        ({"pacs": "main=http://127.0.0.1:8042/dicom-web"}, False),  # on this host
+        ({"pacs": "main=https://pacs.hospital.lan/dicom-web"}, False),
+        ({"pacs": "main=http://pacs.hospital.lan/dicom-web", "allow_plain_http": True}, False),  # the operator's call
+        ({"callbacks": "lis=http://lis.hospital.lan/events", "callback_secret": "s" * 32}, True),
+        ({"callbacks": "lis=https://lis.hospital.lan/events", "callback_secret": "s" * 32}, False),
+    ],
+)
+def test_pacs_and_callbacks_off_this_host_speak_tls_unless_the_operator_allows_plain_http(settings, refused):
+    from pydantic import ValidationError
+
+    if refused:
+        with pytest.raises(ValidationError, match="UGA_ALLOW_PLAIN_HTTP"):
+            Settings(**settings)
+    else:
+        Settings(**settings)

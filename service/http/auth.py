@@ -30,6 +30,7 @@ import jwt
 from jwt import PyJWK, PyJWKClient
 from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKSetError, PyJWTError
 
+from service.config import LOOPBACK
 from service.store.tokens import looks_like_token
 from service.vocabulary import ROLES
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from service.config import Settings
     from service.store.tokens import TokenRepository
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("uga.auth")
 
 # A JWT in compact form: three base64url parts (the signature is empty for alg 'none', refused below).
