@@ -7,6 +7,9 @@
 #   image/build.sh            serve + runner        (localhost/uga-serve:VERSION, localhost/uga-runner:VERSION)
 #   image/build.sh gpu        the GPU serving image (localhost/uga-serve-gpu:VERSION; needs onnxruntime-gpu)
 #
+# Each image is also tagged VERSION-<commit> (12 hex digits): push and deploy that tag (or the
+# digest), so every node runs the same build and a rebuild rolls out.
+#
 # VERSION is pyproject.toml's version: the one source of truth, also the tag k8s/base references.
 # Output under build/image/ (ignored by git): base.tar, wheels/, containers.conf, sizes.txt.
 set -euo pipefail
@@ -19,7 +22,10 @@ VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "r
 MODEL_VERSION=$("$PY" -c 'import json; print(json.load(open("models/baseline/card.json"))["version"])')
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 [ -z "$(git status --porcelain 2>/dev/null)" ] || REVISION="$REVISION-dirty"
-# Reproducible base: package versions from the archive as of the commit's time.
+[[ $REVISION == *-dirty ]] && REV_TAG="${REVISION:0:12}-dirty" || REV_TAG=${REVISION:0:12}
+# Timestamps in the base from the commit's time (SOURCE_DATE_EPOCH). It does not pin package
+# versions: the base takes bookworm's packages as of the day it is made (REBUILD_BASE=1 to remake it
+# with the security updates since; for pinned versions, point mmdebstrap at snapshot.debian.org).
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 BASE=localhost/uga-base:bookworm
 VARIANTS=${*:-serve runner}
@@ -40,6 +46,9 @@ export CONTAINERS_CONF=$OUT/containers.conf
 started=$(date +%s)
 step() { echo "image: [$(( $(date +%s) - started ))s] $*" >&2; }
 
+if [ "${REBUILD_BASE:-0}" = 1 ] && podman image exists "$BASE"; then
+  podman rmi --force "$BASE" >/dev/null
+fi
 if ! podman image exists "$BASE"; then
   step "base: mmdebstrap bookworm (minbase)"
   mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates,libstdc++6,libgomp1 \
@@ -85,7 +94,7 @@ for variant in $VARIANTS; do
   podman build --quiet --no-cache --network=none --pull=never -f image/Containerfile \
     --build-arg BASE="$BASE" --build-arg EXTRAS="$(extras_for "$variant")" --build-arg ROLE="$variant" \
     --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" --build-arg MODEL_VERSION="$MODEL_VERSION" \
-    -t "$image" "$OUT/context" >/dev/null
+    -t "$image" -t "$image-$REV_TAG" "$OUT/context" >/dev/null  # also by commit: a rebuild is a new tag
   size=$(podman image inspect "$image" --format '{{.Size}}')
   echo "$image $size" >> "$OUT/sizes.txt"
 done
