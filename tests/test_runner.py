@@ -145,3 +145,14 @@ def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_pat
     assert new.slide == "a.tif" and new.model_version == current and new.options == {"patch_um": 256}
     runner.startup()  # a second start queues nothing more
     assert len(store.jobs.list("queued", 10)) == 1
+
+
+def test_the_liveness_probe_fails_when_the_runners_loop_stops_beating(tmp_path):
+    runner = _runner(tmp_path)
+    assert runner_module.check(runner.settings) == (True, "ok")  # not started yet: nothing to judge
+    runner.beat()
+    assert runner_module.check(runner.settings) == (True, "ok")
+    stuck = time.time() - 3600
+    os.utime(runner.settings.data_dir / runner_module.ALIVE, (stuck, stuck))  # the loop hangs for an hour
+    ok, why = runner_module.check(runner.settings, stale_s=600)
+    assert not ok and "has not beaten" in why

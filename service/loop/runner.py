@@ -28,6 +28,7 @@ from service.vocabulary import GATED_RUN_STATES
 
 log = logging.getLogger("uga.runner")
 MAX_BACKOFF_S = 3600.0
+ALIVE = "runner.alive"  # in the data directory: touched by the runner's loop, read by its liveness probe
 LEASE = "runner"  # one runner per deployment: startup's sweep and recovery assume no other is working
 
 
@@ -57,6 +58,22 @@ class Runner:
 
     def stop(self, *_: object) -> None:
         self._stop.set()
+
+    def beat(self) -> None:
+        """The loop is alive: the metric, and a file `uga runner --check` (the liveness probe) reads."""
+        self.heartbeat.set_to_current_time()
+        alive = self.settings.data_dir / ALIVE
+        try:
+            alive.touch()
+        except OSError as exc:  # a full or read-only volume: the store will say more
+            log.warning("cannot mark the runner alive in %s: %s", alive, exc)
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` (or until stopped), beating at least every 30 s."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            self.beat()
+            self._stop.wait(min(30.0, left))
 
     def device(self) -> str:
         import torch
@@ -88,17 +105,17 @@ class Runner:
         self.startup()
         log.info("runner ready (threshold %d corrections)", self.settings.finetune_min_corrections)
         while not self._stop.is_set():
-            self.heartbeat.set_to_current_time()
+            self.beat()
             run = self.next_run()
             if run is None:
-                self._stop.wait(self.settings.runner_poll_s)
+                self.pause(self.settings.runner_poll_s)
                 continue
             state = self.execute(run)
             self.failures = self.failures + 1 if state == "failed" else 0
             if self.failures:  # a run that fails fast (a broken file, no device) is not retried back to back
                 wait = min(MAX_BACKOFF_S, self.settings.runner_poll_s * 2**self.failures)
                 log.warning("run %s failed (%d in a row): next attempt in %.0f s", run.id, self.failures, wait)
-                self._stop.wait(wait)
+                self.pause(wait)
 
     def execute(self, run: FinetuneRun) -> str:
         """One fine-tune run from start to promote / reject / fail. Returns the final state."""
@@ -120,7 +137,7 @@ class Runner:
             if time.monotonic() - last[0] > 1.0 or done == total:
                 last[0] = time.monotonic()
                 runs.progress(run.id, done)
-                self.heartbeat.set_to_current_time()
+                self.beat()
 
         try:
             candidate = build_candidate(
@@ -154,7 +171,11 @@ class Runner:
 
 
 def check(settings: Settings, stale_s: float = 600.0) -> tuple[bool, str]:
-    """Liveness for Kubernetes: the store opens and a running run has a recent heartbeat."""
+    """Liveness for Kubernetes: the runner's loop has beaten lately (once it has started), the store
+    opens, and a running run has a recent heartbeat."""
+    alive = settings.data_dir / ALIVE
+    if alive.exists() and (age := time.time() - alive.stat().st_mtime) > stale_s:
+        return False, f"the runner's loop has not beaten for {age:.0f} s (stuck?)"
     try:
         store = Store.open(settings)
         running = [r for r in store.runs.list(5) if r.state == "running"]
@@ -190,7 +211,7 @@ def main(settings: Settings, once: bool = False) -> int:
         return 2
     while release is None and not runner._stop.is_set():  # a rolling update: the old runner is still ending
         log.warning("another runner holds the runner lease: waiting for it to stop")
-        runner._stop.wait(max(settings.runner_poll_s, 5.0))
+        runner.pause(max(settings.runner_poll_s, 5.0))
         release = runner.store.try_lease(LEASE)
     if release is None:
         return 0
