@@ -99,5 +99,13 @@ for variant in $VARIANTS; do
   echo "$image $size" >> "$OUT/sizes.txt"
 done
 rm -rf "$OUT/context"
+# One image per role stays on this machine: earlier commits' tags are dropped, then the builds no tag
+# names any more (a machine that builds every commit would otherwise fill its disk).
+for variant in $VARIANTS; do
+  repo=$(image_for "$variant"); repo=${repo%%:*}
+  podman images --format '{{.Repository}}:{{.Tag}}' --filter "reference=$repo" \
+    | grep -F "$repo:$VERSION-" | grep -vxF "$repo:$VERSION-$REV_TAG" | xargs -r -n1 podman untag || true
+  podman image prune --force --filter "label=org.opencontainers.image.title=uga-serve-$variant" >/dev/null || true
+done
 step "done"
 awk '{printf "%-40s %6.0f MB\n", $1, $2 / 1e6}' "$OUT/sizes.txt"
