@@ -95,6 +95,18 @@ def test_a_dead_workers_job_is_requeued_and_finished_by_another_replica(stores):
     assert a.queue.status_counts()["corrected"] == 1 and a.queue.pending("a.tif", 5) == []
 
 
+def test_a_replica_whose_clock_runs_ahead_does_not_requeue_a_live_job(stores, monkeypatch):
+    """Heartbeats and the stale cutoff are both the database's clock: a host an hour ahead (or behind)
+    cannot take a job from a worker that is beating."""
+    a, b = stores(2)
+    job, _ = submit(a, 1)
+    assert a.jobs.claim("host-a").id == job.id
+    host_clock = time.time
+    monkeypatch.setattr(time, "time", lambda: host_clock() + 3600)  # host b's clock is an hour ahead
+    assert b.jobs.recover_stale(stale_after_s=60) == []
+    assert a.jobs.heartbeat(job.id, "host-a") is False  # still host-a's, not cancelled
+
+
 def test_the_model_pointer_is_a_compare_and_set_across_replicas(stores):
     a, b, c = stores(3)
     for version in ("v1", "v2", "v3"):

@@ -253,6 +253,7 @@ class Database:
 
     dialect = "sqlite"
     skip_locked = ""  # SQLite has one writer at a time: a claimed row is never contended
+    now = "((julianday('now') - 2440587.5) * 86400.0)"  # unix seconds by the database's clock (ms)
 
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -107,12 +107,13 @@ class JobRepository:
         now = time.time()
         with self.db.transaction() as db:
             row = db.execute(
-                "UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = ?,"
-                " attempts = attempts + 1, progress_done = 0"
+                "UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = "
+                + self.db.now
+                + ", attempts = attempts + 1, progress_done = 0"
                 " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1"
                 + self.db.skip_locked
                 + ") RETURNING id",
-                (worker, now, now),
+                (worker, now),
             ).fetchone()
         return self.get(row["id"]) if row else None
 
@@ -122,15 +123,15 @@ class JobRepository:
         with self.db.transaction() as db:
             if done is None:
                 row = db.execute(
-                    "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND state = 'running'"
+                    f"UPDATE jobs SET heartbeat_at = {self.db.now} WHERE id = ? AND worker = ? AND state = 'running'"
                     " RETURNING cancel_requested",
-                    (time.time(), job_id, worker),
+                    (job_id, worker),
                 ).fetchone()
             else:
                 row = db.execute(
-                    "UPDATE jobs SET heartbeat_at = ?, progress_done = ?, progress_total = ?"
+                    f"UPDATE jobs SET heartbeat_at = {self.db.now}, progress_done = ?, progress_total = ?"
                     " WHERE id = ? AND worker = ? AND state = 'running' RETURNING cancel_requested",
-                    (time.time(), done, total, job_id, worker),
+                    (done, total, job_id, worker),
                 ).fetchone()
         return None if row is None else bool(row[0])
 
@@ -223,11 +224,11 @@ class JobRepository:
     def recover_stale(self, stale_after_s: float, max_attempts: int = 2) -> list[str]:
         """Running jobs whose worker stopped beating: requeue (or fail after ``max_attempts``; cancel one
         whose cancel was requested)."""
-        cutoff = time.time() - stale_after_s
-        with self.db.transaction() as db:
+        with self.db.transaction() as db:  # heartbeats and cutoff on one clock: the database's
             rows = db.execute(
-                "SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running' AND heartbeat_at < ?",
-                (cutoff,),
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running'"
+                f" AND heartbeat_at < {self.db.now} - ?",
+                (stale_after_s,),
             ).fetchall()
             for r in rows:
                 if r["cancel_requested"]:

@@ -98,6 +98,9 @@ class PostgresDatabase:
 
     dialect = "postgresql"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    # unix seconds by the database server's clock: every replica's heartbeats and the stale cutoff are
+    # compared on one clock, whatever the hosts' clocks say
+    now = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
     def __init__(self, url: str, pool_size: int = 8, data_dir: Path | None = None, timeout_s: float = 10.0):
         try:
