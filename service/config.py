@@ -17,6 +17,13 @@ SITE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 MAX_SITES = 64  # each site is a label value on a few histograms: keep the series count bounded
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
+
+def is_tls_or_loopback(value: str) -> bool:
+    """An https:// URL, or http:// to this host only: what credentials and signing keys may cross."""
+    url = urlsplit(value)
+    return bool(url.hostname) and (url.scheme == "https" or (url.scheme == "http" and url.hostname in LOOPBACK))
+
+
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "baseline"
 
 
@@ -160,14 +167,12 @@ class Settings(BaseSettings, SegmentationDefaults):
             )
         return self
 
-    @field_validator("oidc_authorize_url", "oidc_token_url")
+    @field_validator("oidc_authorize_url", "oidc_token_url", "oidc_jwks_url")
     @classmethod
     def _check_idp_url(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        url = urlsplit(value)
-        loopback = url.hostname in LOOPBACK
-        if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and loopback)):
+        if not is_tls_or_loopback(value):
             raise ValueError("must be an https:// URL (http:// only on loopback)")
         return value
 

@@ -24,13 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import jwt
 from jwt import PyJWK, PyJWKClient
 from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKSetError, PyJWTError
 
-from service.config import LOOPBACK
+from service.config import is_tls_or_loopback
 from service.store.tokens import looks_like_token
 from service.vocabulary import ROLES
 
@@ -218,8 +217,7 @@ class OidcVerifier:
         if not role_map:
             raise AuthConfigError("UGA_OIDC_ROLE_MAP is empty: map at least one identity provider role to a role")
         parse_algorithms(",".join(algorithms))
-        url = urlsplit(jwks_url)
-        if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and url.hostname in LOOPBACK)):
+        if not is_tls_or_loopback(jwks_url):
             # the keys every JWT is checked against: whoever can answer this URL could sign in as anyone
             raise AuthConfigError("UGA_OIDC_JWKS_URL must be an https:// URL (http:// only on loopback)")
         self.issuer, self.audience, self.jwks_url = issuer, audience, jwks_url
