@@ -156,3 +156,18 @@ def test_the_liveness_probe_fails_when_the_runners_loop_stops_beating(tmp_path):
     os.utime(runner.settings.data_dir / runner_module.ALIVE, (stuck, stuck))  # the loop hangs for an hour
     ok, why = runner_module.check(runner.settings, stale_s=600)
     assert not ok and "has not beaten" in why
+
+
+def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_path):
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    run, _ = store.runs.request("threshold", "runner")
+    store.runs.start(run.id, base, {"train": [], "holdout": []}, total=10)
+    store.models.register(
+        ModelVersion(version="ft-1", parent=base, sha256="x", path="/nowhere", status="candidate", created_at=0.0)
+    )
+    assert runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id) is None
+    runner.startup()  # the runner died before recording the run's end
+    after = store.runs.get(run.id)
+    assert (after.state, after.candidate) == ("promoted", "ft-1")
+    assert store.models.current() == "ft-1" and store.models.get("ft-1").status == "promoted"

@@ -10,9 +10,12 @@ from service.store import ModelVersion
 from service.vocabulary import PointerAction
 
 
-def promote_candidate(registry: Registry, settings: Settings, version: str, *, parent: str) -> str | None:
-    """Make a gated candidate current if ``parent`` still is. Returns None, or why it was not promoted."""
-    if not registry.move_pointer(version, action="promote", actor="runner", expect=parent, status="promoted"):
+def promote_candidate(
+    registry: Registry, settings: Settings, version: str, *, parent: str, run: str | None = None
+) -> str | None:
+    """Make a gated candidate current if ``parent`` still is (and mark ``run`` promoted with it).
+    Returns None, or why it was not promoted."""
+    if not registry.move_pointer(version, action="promote", actor="runner", expect=parent, status="promoted", run=run):
         reason = "the current version changed during the run; not promoted over it"
         registry.versions.set_status(version, "rejected", reason, actor="runner")
         return reason

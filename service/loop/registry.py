@@ -135,10 +135,11 @@ class Registry:
         actor: str | None,
         expect: str | None = None,
         status: str | None = None,
+        run: str | None = None,
     ) -> bool:
         """Compare-and-set of 'current': moves only if it still is ``expect`` (when given); ``status``
-        is set in the same transaction."""
-        return self.versions.move_pointer(version, action=action, actor=actor, expect=expect, status=status)
+        and the promoting ``run``'s outcome are set in the same transaction."""
+        return self.versions.move_pointer(version, action=action, actor=actor, expect=expect, status=status, run=run)
 
     def sweep(self) -> list[str]:
         """Remove staging directories (crashed runs), and move version directories that the store does

@@ -163,7 +163,7 @@ class Runner:
             return "failed"
         status = "rejected"
         if result.passed:
-            reason = promote_candidate(self.registry, s, candidate.version, parent=parent)
+            reason = promote_candidate(self.registry, s, candidate.version, parent=parent, run=run.id)
             status = "promoted" if reason is None else "rejected"
         runs.end(run.id, status, candidate=candidate.version, metrics=dict(result), reason=reason)
         log.info("run %s: %s %s (%s)", run.id, status, candidate.version, reason or "gate passed")

@@ -55,9 +55,11 @@ class ModelRepository:
         actor: str | None,
         expect: str | None = None,
         status: str | None = None,
+        run: str | None = None,
     ) -> bool:
         """Point 'current' at ``version`` atomically (compare-and-set: only if it still is ``expect``),
-        and set its ``status`` in the same transaction when given (a promotion is one change)."""
+        and set its ``status`` and the fine-tune ``run``'s outcome in the same transaction when given
+        (a promotion is one change: a crash right after it cannot leave the run 'failed')."""
         with self.db.transaction() as db:
             cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
             previous = cur[0] if cur else None
@@ -77,6 +79,12 @@ class ModelRepository:
             if status is not None:
                 db.execute("UPDATE model_versions SET status = ?, reason = NULL WHERE version = ?", (status, version))
                 audit(db, actor or "system", f"model.{status}", version, {"reason": None})
+            if run is not None:
+                db.execute(
+                    "UPDATE finetune_runs SET state = 'promoted', candidate = ?, finished_at = ?"
+                    " WHERE id = ? AND state = 'running'",
+                    (version, now, run),
+                )
             return True
 
     def pointer_history(self, limit: int = 50) -> list[dict]:
