@@ -60,6 +60,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     oidc_leeway_s: float = Field(30.0, ge=0, le=600, description="clock skew allowed on exp/nbf/iat, seconds")
     oidc_jwks_cache_s: float = Field(300.0, gt=0, le=86400, description="how long fetched JWKS keys are used")
     oidc_jwks_timeout_s: float = Field(5.0, gt=0, le=60, description="timeout of one JWKS fetch")
+    oidc_clients: str = Field(
+        "", max_length=2048, description="client ids allowed to call ('azp' or 'client_id'); empty: any"
+    )
     # the review page's sign-in with the hospital account: authorization code + PKCE, a public client
     oidc_client_id: str | None = Field(None, description="the review page's public client id at the IdP")
     oidc_authorize_url: str | None = Field(None, description="the IdP's authorization endpoint (page sign-in)")
@@ -164,6 +167,12 @@ class Settings(BaseSettings, SegmentationDefaults):
             raise ValueError(
                 "UGA_OIDC_CLIENT_ID (the review page's sign-in) needs UGA_OIDC_AUTHORIZE_URL, UGA_OIDC_TOKEN_URL "
                 "and UGA_OIDC_ISSUER"
+            )
+        clients = {c.strip() for c in self.oidc_clients.split(",") if c.strip()}
+        if self.oidc_client_id and clients and self.oidc_client_id not in clients:
+            raise ValueError(
+                f"UGA_OIDC_CLIENTS leaves out the review page's own UGA_OIDC_CLIENT_ID {self.oidc_client_id!r}: "
+                "add it, or no one could sign in on the page"
             )
         return self
 

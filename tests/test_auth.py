@@ -519,3 +519,18 @@ def test_bearer_parsing():
     assert bearer("Bearer abc") == bearer("bearer abc") == bearer("BEARER   abc ") == "abc"
     assert bearer("Basic abc") is None and bearer("Bearer") is None and bearer("Bearer a b") is None
     assert bearer(None) is None and bearer("abc") is None
+
+
+def test_with_clients_listed_only_their_tokens_are_accepted(jwks, keys):
+    """An audience shared by several apps at the IdP: a token issued to another app is not ours."""
+    v = verifier(jwks, clients=frozenset({"uga-review", "lis-bridge"}))
+
+    def token(**c):
+        return jwt.encode(claims(**c), keys["idp"], algorithm="RS256", headers={"kid": "k1"})
+
+    assert v.verify(token(azp="uga-review")).name == "dr.house"
+    assert v.verify(token(client_id="lis-bridge")).name == "dr.house"  # an RFC 9068 access token
+    for other in (token(azp="billing-app"), token(client_id="billing-app"), token(), token(azp=["uga-review"])):
+        with pytest.raises(Unauthenticated, match="UGA_OIDC_CLIENTS"):
+            v.verify(other)
+    assert verifier(jwks).verify(token(azp="billing-app")).name == "dr.house"  # unset: any client of the audience

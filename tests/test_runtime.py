@@ -140,3 +140,11 @@ def test_pacs_and_callbacks_off_this_host_speak_tls_unless_the_operator_allows_p
             Settings(**settings)
     else:
         Settings(**settings)
+
+
+def test_listed_clients_must_include_the_review_pages_own():
+    page = {**OIDC, "oidc_client_id": "uga-review", "oidc_authorize_url": "https://idp.test/a"}
+    page["oidc_token_url"] = "https://idp.test/t"
+    with pytest.raises(ValidationError, match="UGA_OIDC_CLIENT_ID 'uga-review'"):
+        Settings(**page, oidc_clients="lis-bridge")
+    assert Settings(**page, oidc_clients="lis-bridge, uga-review").oidc_clients

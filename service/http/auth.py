@@ -213,6 +213,7 @@ class OidcVerifier:
         leeway_s: float = 30.0,
         jwks_cache_s: float = 300.0,
         jwks_timeout_s: float = 5.0,
+        clients: frozenset[str] = frozenset(),
     ):
         if not role_map:
             raise AuthConfigError("UGA_OIDC_ROLE_MAP is empty: map at least one identity provider role to a role")
@@ -223,6 +224,7 @@ class OidcVerifier:
         self.issuer, self.audience, self.jwks_url = issuer, audience, jwks_url
         self.role_map, self.roles_claim, self.name_claim = dict(role_map), roles_claim, name_claim
         self.algorithms, self.leeway_s = tuple(algorithms), leeway_s
+        self.clients = clients  # empty: any client the IdP issues tokens for this audience to
         try:
             self._client = PyJWKClient(jwks_url, cache_keys=False, lifespan=jwks_cache_s, timeout=jwks_timeout_s)
         except PyJWKClientError as exc:
@@ -259,6 +261,7 @@ class OidcVerifier:
             leeway_s=s.oidc_leeway_s,
             jwks_cache_s=s.oidc_jwks_cache_s,
             jwks_timeout_s=s.oidc_jwks_timeout_s,
+            clients=frozenset(c.strip() for c in s.oidc_clients.split(",") if c.strip()),
         )
 
     def _signing_key(self, kid: str | None) -> PyJWK:
@@ -322,6 +325,12 @@ class OidcVerifier:
             raise Unauthenticated(f"bearer JWT lacks the {exc.claim!r} claim") from None
         except (PyJWTError, ValueError, TypeError):  # bad signature, undecodable, key of the wrong type
             raise Unauthenticated("bearer JWT signature or encoding is invalid") from None
+        if self.clients:  # an audience shared by several apps: only the listed ones may call
+            party = claims.get("azp", claims.get("client_id"))  # OIDC ID token / RFC 9068 access token
+            if not isinstance(party, str) or party not in self.clients:
+                raise Unauthenticated(
+                    f"bearer JWT was issued to client {str(party)[:64]!r}, not one in UGA_OIDC_CLIENTS"
+                )
         name = _person(claims.get(self.name_claim)) or _person(claims.get("sub"))
         if name is None:
             raise Unauthenticated(f"bearer JWT names no person (claim {self.name_claim!r} or 'sub')")
