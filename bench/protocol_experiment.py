@@ -120,6 +120,19 @@ class Config:
     verdict_seeds: int = 5  # PROTOCOL.md: a comparison on fewer seeds gets no verdict (--seeds runs a part)
 
 
+MIN_FREE_BYTES = 2 << 30  # a run's models and maps need far less; below this the disk is filling
+
+
+def require_free_space(path: Path, min_bytes: int = MIN_FREE_BYTES) -> None:
+    """Stop before a run, not in the middle of one, when the disk is filling (the runs so far are kept)."""
+    free = shutil.disk_usage(path).free
+    if free < min_bytes:
+        raise SystemExit(
+            f"protocol_experiment: only {free / 2**30:.1f} GiB free under {path} (needs {min_bytes / 2**30:.0f}); "
+            "free some space and run the same command again: it resumes"
+        )
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -284,6 +297,7 @@ def run_stage(cfg: Config, stage: Stage, model: Path, refs: list[SlideRef], out:
     log(f"{len(todo)} fine-tunes to run ({len(runs) - 1} already done)")
     t_stage = time.time()
     for n, (strategy, budget, seed) in enumerate(todo, 1):
+        require_free_space(work)
         run_recipe = replace(cfg.recipe, seed=seed)
         if strategy == CONTROL:  # the steps a run of this budget plans, with no corrections
             patches = []

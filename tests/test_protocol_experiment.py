@@ -249,3 +249,9 @@ def test_the_by_centre_table_puts_pooled_then_untouched_centres_last_and_bolds_o
     assert blur == "| blur | +0.000 [−0.010, +0.010] | **−0.013 [−0.020, −0.005]** |"
     assert "**" not in pooled and pooled.endswith("| – |")  # excludes 0, but no verdict before every seed
     assert source.startswith("| source | **+0.011 [+0.001, +0.020]** |")
+
+
+def test_a_filling_disk_stops_the_experiment_between_runs_with_one_line(tmp_path):
+    px.require_free_space(tmp_path, min_bytes=1)
+    with pytest.raises(SystemExit, match=r"GiB free under .* run the same command again: it resumes"):
+        px.require_free_space(tmp_path, min_bytes=1 << 62)
