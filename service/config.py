@@ -35,6 +35,9 @@ class Settings(BaseSettings, SegmentationDefaults):
 
     # storage
     data_dir: Path = Field(Path("data"), description="data directory: SQLite store, jobs, artifacts")
+    job_retention_days: float = Field(
+        30.0, ge=0, le=36500, description="days a superseded job's files are kept (0: forever)"
+    )
     slide_root: Path = Field(
         None, validate_default=False, description="slides are addressed relative to this root (default DATA_DIR/slides)"
     )

@@ -33,6 +33,10 @@ class NotFound(DomainError):
     """The named resource does not exist."""
 
 
+class Gone(DomainError):
+    """The resource existed and was removed on purpose (e.g. a superseded job's files, by retention)."""
+
+
 class Conflict(DomainError):
     """The request contradicts the resource's current state."""
 

@@ -16,7 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from service.config import Settings
+from service.errors import Gone
+from service.http.errors import status_of
+from service.loop.jobs import artifact_path, expire_superseded
 from service.store import Correction, Store
+from service.store.db import SCHEMA_VERSION
 from service.store.records import ModelVersion
 from service.vocabulary import PROMOTE_ACTIONS
 
@@ -274,11 +279,48 @@ def test_a_schema_8_postgresql_store_is_upgraded_in_place(tmp_path, postgres):
     with psycopg.connect(url, autocommit=True) as conn:  # as the previous release left it
         conn.execute("DROP TABLE deliveries")
         conn.execute("ALTER TABLE jobs DROP COLUMN callback")
+        conn.execute("ALTER TABLE jobs DROP COLUMN expired_at")
         conn.execute("UPDATE uga_schema SET version = 8")
     store = Store(tmp_path / "data", url)
     try:
         job, _ = submit(store, 1)
         assert store.jobs.get(job.id).callback is None and store.deliveries.list() == []
-        assert store.db.scalar("SELECT version FROM uga_schema") == 9
+        assert store.jobs.get(job.id).expired_at is None
+        assert store.db.scalar("SELECT version FROM uga_schema") == SCHEMA_VERSION
     finally:
         store.close()
+
+
+def test_retention_removes_only_superseded_jobs_files_and_their_artifacts_answer_410(stores, tmp_path):
+    """A slide's latest job, a job a correction was made on, and anything younger than the retention
+    keep their files; the rest lose them, keep their rows, and answer 410 artifacts_expired."""
+    [store] = stores()
+    settings = Settings(data_dir=tmp_path / "data", job_retention_days=30)
+    day = 86400.0
+
+    def finished(i: int, slide: str, age_days: float, items: tuple[str, ...] = ()) -> str:
+        job, _ = submit(store, i, slide)
+        store.jobs.claim("w")
+        queue = [{"id": q, "rank": r, "score": 1.0, "measure": "uga"} for r, q in enumerate(items)]
+        assert store.jobs.finish(job.id, "w", {"model_version": "v1"}, queue)
+        with store.db.transaction() as db:
+            db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (time.time() - age_days * day, job.id))
+        store.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+        (store.job_dir(job.id) / "mask.tif").write_bytes(b"mask")
+        return job.id
+
+    old_a, latest_a = finished(1, "a.tif", 90), finished(2, "a.tif", 60)
+    corrected_b, latest_b = finished(3, "b.tif", 90, ("item-b",)), finished(4, "b.tif", 1)
+    young_c, latest_c = finished(5, "c.tif", 10), finished(6, "c.tif", 5)
+    fix = Correction("c" * 64, "b.tif", 0, 0, 64, 64, 1.0, "dr.a", 0.2, 0, time.time(), queue_item_id="item-b")
+    assert store.corrections.add(fix, "dr.a")
+
+    assert expire_superseded(store, settings) == [old_a]
+    assert not store.job_dir(old_a).exists() and store.jobs.get(old_a).expired_at is not None
+    for kept in (latest_a, corrected_b, latest_b, young_c, latest_c):
+        assert (store.job_dir(kept) / "mask.tif").exists() and store.jobs.get(kept).expired_at is None
+    with pytest.raises(Gone, match="UGA_JOB_RETENTION_DAYS") as gone:
+        artifact_path(store, old_a, "mask")
+    assert gone.value.code == "artifacts_expired" and status_of(gone.value) == 410
+    assert expire_superseded(store, settings) == []  # a second pass finds nothing more
+    assert expire_superseded(store, Settings(data_dir=tmp_path / "data", job_retention_days=0), time.time() * 2) == []

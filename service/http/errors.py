@@ -22,6 +22,7 @@ from starlette.routing import Match
 from service.errors import (
     Conflict,
     DomainError,
+    Gone,
     InvalidInput,
     NotAllowed,
     NotFound,
@@ -38,6 +39,7 @@ STATUS: dict[type[DomainError], int] = {
     NotAllowed: 403,
     NotFound: 404,
     Conflict: 409,
+    Gone: 410,
     UnsupportedMedia: 415,
     Unprocessable: 422,
     TooBusy: 429,

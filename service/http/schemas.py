@@ -29,6 +29,7 @@ WHY = {
     403: "the caller's role is too low",
     404: "the resource is unknown",
     409: "the resource's state does not allow this",
+    410: "a superseded job's files were removed by retention (UGA_JOB_RETENTION_DAYS)",
     413: "the body is over its limit (UGA_MAX_BODY_MB, UGA_MAX_GEOJSON_MB, UGA_MAX_JSON_KB)",
     415: "the body's content type is not accepted here",
     422: "well-formed but unusable input (schema, slide, mask, limits)",

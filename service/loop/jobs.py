@@ -1,17 +1,19 @@
 """Segmentation jobs as use cases: submit one (deduplicated by its identity), and rescore every
-segmented slide after the model changed."""
+segmented slide after the model changed, and remove superseded jobs' files after their retention."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound, Unprocessable
+from service.errors import Conflict, DomainError, Gone, InvalidInput, NotAllowed, NotFound, Unprocessable
 from service.inference.tiling import TileGrid
 from service.loop.slides import check_dicomweb_source, local_name, parse_dicomweb
 from service.options import SegmentationOptions
@@ -168,10 +170,30 @@ def artifact_path(store: Store, job_id: str, name: str) -> Path:
         raise NotFound("artifact_not_found", f"unknown artifact {name!r}", {"known": list(ARTIFACTS)})
     if job.state != "succeeded":
         raise Conflict("job_not_finished", f"job is {job.state}; artifacts exist once it succeeded")
+    if job.expired_at is not None:
+        raise Gone(
+            "artifacts_expired",
+            f"a newer segmentation of {job.slide} replaced this job and its files were removed after "
+            "UGA_JOB_RETENTION_DAYS; use the slide's latest job (GET /v1/slides) or submit the slide again",
+        )
     path = store.job_dir(job_id) / ARTIFACTS[name]
     if not path.exists():
         raise NotFound("artifact_missing", f"{ARTIFACTS[name]} is missing from the job directory")
     return path
+
+
+def expire_superseded(store: Store, settings: Settings, now: float | None = None) -> list[str]:
+    """Remove the files of ended jobs that a newer segmentation of their slide replaced, once older
+    than UGA_JOB_RETENTION_DAYS (0: keep all). Rows stay (audit, lineage); their artifacts answer 410.
+    Files go first, then the mark: a crash in between is finished by the next pass."""
+    if settings.job_retention_days <= 0:
+        return []
+    cutoff = (time.time() if now is None else now) - settings.job_retention_days * 86400
+    expired = store.jobs.expirable(cutoff)
+    for job_id in expired:
+        shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
+        store.jobs.mark_expired(job_id)
+    return expired
 
 
 def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str) -> list[str]:

@@ -6,9 +6,9 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import Conflict, NotFound
+from service.loop.jobs import artifact_path
 from service.loop.slides import cached_slide, slide_name
 from service.store import Job, QueueItem, Store
-from service.vocabulary import ARTIFACTS
 from service.wsi.slide import open_slide
 
 
@@ -56,7 +56,7 @@ def item_mask(store: Store, item_id: str) -> np.ndarray:
 def model_mask(store: Store, job: Job, box: tuple[float, float, float, float]) -> np.ndarray:
     """The job's predicted tumour mask (bool) under a level-0 box of its slide, at the job's µm/px."""
     mpp, slide_mpp = job.summary["mpp"], job.summary["slide_mpp"]
-    with open_slide(store.job_dir(job.id) / ARTIFACTS["mask"]) as mask:  # its level 0 is the job's µm/px
+    with open_slide(artifact_path(store, job.id, "mask")) as mask:  # its level 0 is the job's µm/px
         to_mask = slide_mpp / mask.mpp
         return mask.read_box(*(v * to_mask for v in box), mpp)[..., 0] > 127
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from service.fsutil import atomic_write_json, commit_file
 from service.inference.pipeline import run_segmentation
 from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
-from service.loop.jobs import check_work
+from service.loop.jobs import check_work, expire_superseded
 from service.loop.model_holder import ModelHolder
 from service.loop.slides import locate_slide, pacs_client, parse_dicomweb
 from service.options import SegmentationOptions
@@ -32,6 +33,7 @@ from service.wsi.dicom import find_series, is_dicom
 log = logging.getLogger("uga.jobs")
 HEARTBEAT_S = 2.0
 RECOVER_EVERY_S = 5.0
+EXPIRE_EVERY_S = 600.0  # superseded jobs' files: retention is in days, a pass every 10 minutes is plenty
 STORE_ERRORS = (Unavailable, sqlite3.OperationalError)  # the store is down or busy for a moment
 
 
@@ -113,13 +115,17 @@ class JobWorker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        last_recover = 0.0
+        last_recover = last_expire = -math.inf
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_recover > RECOVER_EVERY_S:
                     last_recover = time.monotonic()
                     for job_id in self.store.jobs.recover_stale(self.settings.job_stale_s):
                         log.warning("job %s had no heartbeat for %.0fs: requeued", job_id, self.settings.job_stale_s)
+                if time.monotonic() - last_expire > EXPIRE_EVERY_S:
+                    last_expire = time.monotonic()
+                    if expired := expire_superseded(self.store, self.settings):
+                        log.info("removed the files of %d superseded jobs (UGA_JOB_RETENTION_DAYS)", len(expired))
                 job = self.store.jobs.claim(self.name) if self.models.loaded else None
             except Exception:  # noqa: BLE001 - the store may be briefly busy; keep the worker alive
                 log.exception("job worker: store error")

@@ -28,7 +28,7 @@ from service.vocabulary import (
     sql_in,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 
 def jobs_table(name: str) -> str:
@@ -55,7 +55,8 @@ def jobs_table(name: str) -> str:
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    heartbeat_at REAL
+    heartbeat_at REAL,
+    expired_at REAL                     -- when its files were removed (superseded; UGA_JOB_RETENTION_DAYS)
 );
 """
 
@@ -198,6 +199,7 @@ UPGRADES = {
     7: "ALTER TABLE jobs ADD COLUMN error_code TEXT;\n",
     8: "ALTER TABLE jobs ADD COLUMN site TEXT;\n",
     9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\nALTER TABLE jobs ADD COLUMN stow TEXT;\n",  # + deliveries
+    10: "ALTER TABLE jobs ADD COLUMN expired_at REAL;\n",
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

@@ -258,5 +258,25 @@ class JobRepository:
             )
         )
 
+    def expirable(self, finished_before: float, limit: int = 1000) -> list[str]:
+        """Ended jobs whose files retention may remove: finished before ``finished_before``, not yet
+        expired, not their slide's latest success (it serves the slide's queue and views), and not
+        holding a queue item a correction was made on (its mask is that correction's 'before')."""
+        rows = self.db.all(
+            "SELECT j.id FROM jobs j WHERE j.state IN ('succeeded', 'failed', 'cancelled')"
+            " AND j.finished_at < ? AND j.expired_at IS NULL"
+            " AND j.id <> COALESCE((SELECT k.id FROM jobs k WHERE k.slide = j.slide AND k.state = 'succeeded'"
+            " ORDER BY k.finished_at DESC LIMIT 1), '')"
+            " AND NOT EXISTS (SELECT 1 FROM corrections c JOIN queue_items q ON q.id = c.queue_item_id"
+            " WHERE q.job_id = j.id AND q.slide = c.slide)"
+            " ORDER BY j.finished_at LIMIT ?",
+            (finished_before, limit),
+        )
+        return [r["id"] for r in rows]
+
+    def mark_expired(self, job_id: str) -> None:
+        with self.db.transaction() as db:
+            db.execute("UPDATE jobs SET expired_at = ? WHERE id = ? AND expired_at IS NULL", (time.time(), job_id))
+
     def segmented_slides(self) -> list[str]:
         return [r["slide"] for r in self.db.all("SELECT DISTINCT slide FROM jobs WHERE state = 'succeeded'")]

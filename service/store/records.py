@@ -40,6 +40,7 @@ class Job:
     site: str | None = None  # one of UGA_SITES, or None
     callback: str | None = None  # one of UGA_CALLBACKS, told when the job ends
     stow: str | None = None  # one of UGA_PACS: the job's DICOM SEG is stored there (STOW-RS)
+    expired_at: float | None = None  # its files were removed by retention (a newer job replaced it)
 
     from_row = classmethod(_from)
 

@@ -108,7 +108,10 @@ def correction_outcome(cid: str, rt: Rt, base: Base, _: Viewer):
     return body
 
 
-@router.get("/corrections/{cid}/{name}.png", responses={200: {"content": {"image/png": {}}, "description": "PNG"}})
+PNG = {200: {"content": {"image/png": {}}, "description": "PNG"}, **errors(410)}
+
+
+@router.get("/corrections/{cid}/{name}.png", responses=PNG)
 def correction_file(cid: str, name: str, rt: Rt, _: Viewer):
     """image.png and mask.png as stored; before.png / after.png: the model's mask then and now (0/255)."""
     if name in ("before", "after"):  # looks the correction up itself

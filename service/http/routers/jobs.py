@@ -81,7 +81,7 @@ def get_job_view(job_id: str, rt: Rt, base: Base, _: Viewer) -> JobView:
 
 @router.get(
     "/jobs/{job_id}/artifacts/{name}",
-    responses={200: {"content": {m: {} for m in MEDIA.values()}, "description": "the artifact file"}, **errors(409)},
+    responses={200: {"content": {m: {} for m in MEDIA.values()}, "description": "the file"}, **errors(409, 410)},
 )
 def get_artifact(job_id: str, name: str, rt: Rt, _: Viewer):
     path = artifact_path(rt.store, job_id, name)

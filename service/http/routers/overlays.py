@@ -9,10 +9,10 @@ from service.http.schemas import errors
 from service.loop.overlays import overlay_index, overlay_png
 
 router = APIRouter(tags=["jobs"])
-PNG = {200: {"content": {"image/png": {}}, "description": "an RGBA PNG over the whole slide"}, **errors(409)}
+PNG = {200: {"content": {"image/png": {}}, "description": "an RGBA PNG over the whole slide"}, **errors(409, 410)}
 
 
-@router.get("/jobs/{job_id}/overlays", responses=errors(409))
+@router.get("/jobs/{job_id}/overlays", responses=errors(409, 410))
 def list_overlays(job_id: str, rt: Rt, base: Base, _: Viewer):
     """The job's overlays (predicted tumour outline, each uncertainty heat map): size, µm/px, the slide
     extent they cover in level-0 pixels, legends in words, links."""

@@ -52,7 +52,7 @@ def queue_item_image(item_id: str, rt: Rt, _: Viewer):
     return png_response(item_image(rt.store, rt.settings, item_id))
 
 
-@router.get("/queue/items/{item_id}/mask.png", responses=PNG)
+@router.get("/queue/items/{item_id}/mask.png", responses={**PNG, **errors(410)})
 def queue_item_mask(item_id: str, rt: Rt, _: Viewer):
     """The model's predicted tumour mask for the patch (0/255, same size as image.png)."""
     return png_response(item_mask(rt.store, item_id))
