@@ -14,7 +14,7 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is needed to read the Promethe
 
 RULE = Path(__file__).resolve().parent.parent / "k8s" / "components" / "alerts" / "prometheusrule.yaml"
 
-# alert -> (interval, eval time, series that must fire it, series (or a list of them) that must not)
+# alert -> (interval, eval time, series (or a list of them) that must fire it, series (or a list) that must not)
 CASES = {
     "UGAJobsFailing": (
         "1m",
@@ -79,6 +79,30 @@ CASES = {
         {'uga_runner_heartbeat_timestamp_seconds{pod="r"}': "0+60x5 300x30"},  # beats, then stops at 5 min
         {'uga_runner_heartbeat_timestamp_seconds{pod="r"}': "0+60x40"},
     ),
+    "UGADataVolumeFilling": (
+        "1m",
+        "2h",
+        [
+            {  # 100 GB, 8 GB free and falling slowly
+                'uga_data_volume_free_bytes{pod="r"}': "8e9-1e5x150",
+                'uga_data_volume_size_bytes{pod="r"}': "1e11x150",
+            },
+            {  # half free, but 12 GB an hour go: full within the day
+                'uga_data_volume_free_bytes{pod="r"}': "5e10-2e8x150",
+                'uga_data_volume_size_bytes{pod="r"}': "1e11x150",
+            },
+        ],
+        [
+            {  # half free, steady
+                'uga_data_volume_free_bytes{pod="r"}': "5e10x150",
+                'uga_data_volume_size_bytes{pod="r"}': "1e11x150",
+            },
+            {  # 30 % free, a slow fill (6 MB an hour: years to full)
+                'uga_data_volume_free_bytes{pod="r"}': "3e10-1e5x150",
+                'uga_data_volume_size_bytes{pod="r"}': "1e11x150",
+            },
+        ],
+    ),
     "UGAUncertaintyDrift": (
         "1h",
         "106h",
@@ -135,8 +159,9 @@ def test_the_alert_fires_on_its_series_and_not_on_healthy_ones(rules, tmp_path, 
         }
 
     test = tmp_path / "test.yaml"
+    firing = bad if isinstance(bad, list) else [bad]
     healthy = good if isinstance(good, list) else [good]
-    cases = [case(bad, True), *(case(g, False) for g in healthy)]
+    cases = [*(case(b, True) for b in firing), *(case(g, False) for g in healthy)]
     test.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": cases}))
     proc = subprocess.run(["promtool", "test", "rules", str(test)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

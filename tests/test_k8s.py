@@ -82,6 +82,8 @@ DASHBOARD_METRICS = {
     "uga_slides_out_of_distribution_total",
     "uga_callback_deliveries",
     "uga_http_request_duration_seconds_bucket",
+    "uga_data_volume_free_bytes",
+    "uga_data_volume_size_bytes",
 }
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_])((?:uga|bentoml)_[a-z0-9_]+)")
 

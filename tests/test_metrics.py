@@ -3,9 +3,12 @@ configured list, per-slide histograms, gate metrics, and which process exports t
 
 from __future__ import annotations
 
+import shutil
+
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from service.config import Settings
@@ -141,3 +144,12 @@ def test_the_runner_serves_metrics_and_the_store_metrics_only_when_it_is_the_exp
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert "uga_runner_heartbeat_timestamp_seconds " in text
     assert ('uga_jobs{state="succeeded"}' in text) == (exporter == "runner")
+
+
+def test_the_data_volume_is_exported_as_the_operating_system_reports_it(env):
+    families = {f.name: f for f in text_string_to_metric_families(store_metrics(env.runtime.store))}
+    free = families["uga_data_volume_free_bytes"].samples[0].value
+    size = families["uga_data_volume_size_bytes"].samples[0].value
+    usage = shutil.disk_usage(env.runtime.store.data_dir)
+    assert size == usage.total and 0 < free <= size
+    assert abs(free - usage.free) < 0.01 * size  # other writers on this machine move it a little

@@ -8,6 +8,7 @@ are never deleted. Labels carry states, reasons and model versions, never a slid
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -33,6 +34,7 @@ class StoreCollector:
         yield from self._models()
         yield from self._corrections()
         yield from self._finetune()
+        yield from self._volume()
 
     def _jobs(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("uga_jobs", "Segmentation jobs by state", labels=["state"])
@@ -101,6 +103,16 @@ class StoreCollector:
         gated = next((r for r in history if r.state in GATED_RUN_STATES and r.metrics), None)
         if gated is not None:
             yield from gate_families(gated)
+
+    def _volume(self) -> Iterator[Metric]:
+        """The data volume (jobs' maps, corrections, models; SQLite too): a full one refuses every write."""
+        usage = shutil.disk_usage(self.store.data_dir)
+        yield GaugeMetricFamily(
+            "uga_data_volume_free_bytes", "Free bytes on the data directory's volume", value=usage.free
+        )
+        yield GaugeMetricFamily(
+            "uga_data_volume_size_bytes", "Size of the data directory's volume in bytes", value=usage.total
+        )
 
 
 def gate_families(run: FinetuneRun) -> Iterator[Metric]:
