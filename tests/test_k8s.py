@@ -28,8 +28,8 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse rendered ma
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu", "scale-out")
-COMPONENTS = ("monitoring", "alerts", "network-policy", "ingress", "keda", "cloudnative-pg")
-SCALE_OUT_ONLY = ("keda", "cloudnative-pg")
+COMPONENTS = ("monitoring", "alerts", "network-policy", "ingress", "keda", "cloudnative-pg", "cloudnative-pg-backup")
+SCALE_OUT_ONLY = ("keda", "cloudnative-pg", "cloudnative-pg-backup")
 KUBECTL = shutil.which("kubectl")
 # Oldest supported cluster (preStop `sleep` needs 1.30) and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", None)
@@ -39,6 +39,8 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("postgresql.cnpg.io/v1", "Cluster"),
+    ("postgresql.cnpg.io/v1", "ScheduledBackup"),
+    ("barmancloud.cnpg.io/v1", "ObjectStore"),
 }
 NAMESPACE = "uga"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -402,6 +404,38 @@ def test_network_policy_denies_by_default_and_names_real_ports(overlay):
         peer for rule in policy["spec"]["egress"] if {p["port"] for p in rule["ports"]} == {5432} for peer in rule["to"]
     ]
     assert {"podSelector": {"matchLabels": {"cnpg.io/cluster": "uga-db"}}} in peers  # cloudnative-pg's own pods
+
+
+def test_the_database_pods_take_postgresql_from_the_uga_pods_only():
+    docs = render("scale-out", components=True)
+    policy = one(docs, "NetworkPolicy", "uga-db")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"cnpg.io/cluster": "uga-db"}}  # the operator's label
+    assert one(docs, "Cluster", "uga-db")["metadata"]["name"] == "uga-db"
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    [postgres] = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r["ports"]} == {5432}]
+    app_pods = [d["spec"]["template"]["metadata"]["labels"] for d in pods(docs)]
+    peers = [p["podSelector"] for p in postgres["from"]]
+    assert all(p.keys() == {"podSelector"} for p in postgres["from"])  # this namespace's pods, no namespace-wide rule
+    assert all(any(selects(s, labels) for s in peers) for labels in app_pods)  # serving and runner reach it
+    assert {"matchLabels": {"cnpg.io/cluster": "uga-db"}} in peers  # replication between instances
+    egress_ports = {p["port"] for r in policy["spec"]["egress"] for p in r["ports"]}
+    assert {53, 5432, 443} <= egress_ports  # DNS, replication, the API server and the object store
+
+
+def test_the_database_is_archived_to_an_object_store_and_backed_up_nightly():
+    docs = render("scale-out", components=True)
+    cluster, store = one(docs, "Cluster", "uga-db"), one(docs, "ObjectStore", "uga-db-backup")
+    [plugin] = cluster["spec"]["plugins"]
+    assert plugin["isWALArchiver"] is True and plugin["parameters"]["barmanObjectName"] == "uga-db-backup"
+    assert cluster["spec"]["instances"] >= 2  # the patch kept the component's Cluster whole
+    config = store["spec"]["configuration"]
+    assert config["destinationPath"].startswith("s3://") and config["endpointURL"].startswith("https://")
+    assert {v["name"] for v in config["s3Credentials"].values()} == {"uga-db-backup"}  # a Secret, never inline
+    assert re.fullmatch(r"\d+d", store["spec"]["retentionPolicy"])
+    nightly = one(docs, "ScheduledBackup", "uga-db-nightly")["spec"]
+    assert nightly["cluster"] == {"name": "uga-db"} and nightly["method"] == "plugin"
+    assert nightly["pluginConfiguration"]["name"] == plugin["name"]
+    assert len(nightly["schedule"].split()) == 6  # CloudNativePG's schedule has a seconds field
 
 
 def test_ingress_terminates_tls_and_matches_the_service_limits():
