@@ -530,6 +530,10 @@ def test_with_clients_listed_only_their_tokens_are_accepted(jwks, keys):
 
     assert v.verify(token(azp="uga-review")).name == "dr.house"
     assert v.verify(token(client_id="lis-bridge")).name == "dr.house"  # an RFC 9068 access token
+    assert v.verify(token(cid="uga-review")).name == "dr.house"  # Okta's access tokens
+    review = verifier(jwks, clients=frozenset({AUDIENCE}))  # the page's client id is the audience
+    assert review.verify(token()).name == "dr.house"  # an ID token without azp: its single audience
+    assert review.verify(token(aud=[AUDIENCE])).name == "dr.house"
     for other in (token(azp="billing-app"), token(client_id="billing-app"), token(), token(azp=["uga-review"])):
         with pytest.raises(Unauthenticated, match="UGA_OIDC_CLIENTS"):
             v.verify(other)

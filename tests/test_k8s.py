@@ -28,8 +28,17 @@ yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse rendered ma
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu", "scale-out")
-COMPONENTS = ("monitoring", "alerts", "network-policy", "ingress", "keda", "cloudnative-pg", "cloudnative-pg-backup")
-SCALE_OUT_ONLY = ("keda", "cloudnative-pg", "cloudnative-pg-backup")
+COMPONENTS = (
+    "monitoring",
+    "alerts",
+    "network-policy",
+    "ingress",
+    "keda",
+    "cloudnative-pg",
+    "cloudnative-pg-backup",
+    "cloudnative-pg-network-policy",
+)
+SCALE_OUT_ONLY = ("keda", "cloudnative-pg", "cloudnative-pg-backup", "cloudnative-pg-network-policy")
 KUBECTL = shutil.which("kubectl")
 # Oldest supported cluster (preStop `sleep` needs 1.30) and the newest schema bundled.
 K8S_VERSIONS = ("1.30.0", None)
@@ -418,8 +427,10 @@ def test_the_database_pods_take_postgresql_from_the_uga_pods_only():
     assert all(p.keys() == {"podSelector"} for p in postgres["from"])  # this namespace's pods, no namespace-wide rule
     assert all(any(selects(s, labels) for s in peers) for labels in app_pods)  # serving and runner reach it
     assert {"matchLabels": {"cnpg.io/cluster": "uga-db"}} in peers  # replication between instances
+    [status] = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r["ports"]} == {8000}]
+    assert {"podSelector": {"matchLabels": {"cnpg.io/cluster": "uga-db"}}} in status["from"]  # the primary's probe
     egress_ports = {p["port"] for r in policy["spec"]["egress"] for p in r["ports"]}
-    assert {53, 5432, 443} <= egress_ports  # DNS, replication, the API server and the object store
+    assert {53, 5432, 8000, 443} <= egress_ports  # DNS, replication, status, the API server and the object store
 
 
 def test_the_database_is_archived_to_an_object_store_and_backed_up_nightly():

@@ -166,8 +166,9 @@ def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_
     store.models.register(
         ModelVersion(version="ft-1", parent=base, sha256="x", path="/nowhere", status="candidate", created_at=0.0)
     )
+    store.runs.gated(run.id, "ft-1", {"passed": True, "duration_s": 12.5})
     assert runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id) is None
     runner.startup()  # the runner died before recording the run's end
     after = store.runs.get(run.id)
-    assert (after.state, after.candidate) == ("promoted", "ft-1")
+    assert (after.state, after.candidate, after.metrics) == ("promoted", "ft-1", {"passed": True, "duration_s": 12.5})
     assert store.models.current() == "ft-1" and store.models.get("ft-1").status == "promoted"

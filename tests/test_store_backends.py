@@ -19,7 +19,9 @@ import pytest
 from service.config import Settings
 from service.errors import Gone
 from service.http.errors import status_of
+from service.http.schemas import job_view
 from service.loop.jobs import artifact_path, expire_superseded
+from service.loop.worker import sweep_scratch
 from service.store import Correction, Store
 from service.store.db import SCHEMA_VERSION
 from service.store.records import ModelVersion
@@ -291,9 +293,9 @@ def test_a_schema_8_postgresql_store_is_upgraded_in_place(tmp_path, postgres):
         store.close()
 
 
-def test_retention_removes_only_superseded_jobs_files_and_their_artifacts_answer_410(stores, tmp_path):
-    """A slide's latest job, a job a correction was made on, and anything younger than the retention
-    keep their files; the rest lose them, keep their rows, and answer 410 artifacts_expired."""
+def test_retention_removes_only_long_superseded_jobs_files_and_their_artifacts_answer_410(stores, tmp_path):
+    """A job loses its files once a newer job of its slide has served for the retention, unless a
+    correction was made on it; its row stays, its artifacts answer 410, and asking again runs it again."""
     [store] = stores()
     settings = Settings(data_dir=tmp_path / "data", job_retention_days=30)
     day = 86400.0
@@ -309,18 +311,29 @@ def test_retention_removes_only_superseded_jobs_files_and_their_artifacts_answer
         (store.job_dir(job.id) / "mask.tif").write_bytes(b"mask")
         return job.id
 
-    old_a, latest_a = finished(1, "a.tif", 90), finished(2, "a.tif", 60)
-    corrected_b, latest_b = finished(3, "b.tif", 90, ("item-b",)), finished(4, "b.tif", 1)
-    young_c, latest_c = finished(5, "c.tif", 10), finished(6, "c.tif", 5)
+    old_a, latest_a = finished(1, "a.tif", 90), finished(2, "a.tif", 60)  # superseded 60 days ago
+    corrected_b, latest_b = finished(3, "b.tif", 90, ("item-b",)), finished(4, "b.tif", 40)
+    old_c, latest_c = finished(5, "c.tif", 400), finished(6, "c.tif", 5)  # old, but superseded 5 days ago
+    lone_d = finished(7, "d.tif", 400)  # nothing replaced it
     fix = Correction("c" * 64, "b.tif", 0, 0, 64, 64, 1.0, "dr.a", 0.2, 0, time.time(), queue_item_id="item-b")
     assert store.corrections.add(fix, "dr.a")
 
     assert expire_superseded(store, settings) == [old_a]
     assert not store.job_dir(old_a).exists() and store.jobs.get(old_a).expired_at is not None
-    for kept in (latest_a, corrected_b, latest_b, young_c, latest_c):
+    for kept in (latest_a, corrected_b, latest_b, old_c, latest_c, lone_d):
         assert (store.job_dir(kept) / "mask.tif").exists() and store.jobs.get(kept).expired_at is None
     with pytest.raises(Gone, match="UGA_JOB_RETENTION_DAYS") as gone:
         artifact_path(store, old_a, "mask")
     assert gone.value.code == "artifacts_expired" and status_of(gone.value) == 410
+    view = job_view(store.jobs.get(old_a), "/v1")
+    assert view.expired_at is not None and view.artifacts == {}  # no links to files that are gone
     assert expire_superseded(store, settings) == []  # a second pass finds nothing more
     assert expire_superseded(store, Settings(data_dir=tmp_path / "data", job_retention_days=0), time.time() * 2) == []
+
+    again, created = submit(store, 1, "a.tif")  # the same request as the expired job: a new run of it
+    assert created and again.id != old_a and again.state == "queued"
+    assert not store.jobs.mark_expired(corrected_b)  # a correction on it: never marked, whatever the caller
+
+    store.jobs.mark_expired(old_c)  # a crash between the mark and the removal of its files ...
+    sweep_scratch(store, older_than_s=0)  # ... is finished by the next start's sweep
+    assert not store.job_dir(old_c).exists() and (store.job_dir(latest_c) / "mask.tif").exists()

@@ -197,6 +197,16 @@ def _person(value: Any) -> str | None:
     return value
 
 
+def _authorized_party(claims: dict) -> object:
+    """The client a token was issued to: ``azp`` (OIDC), ``client_id`` (RFC 9068 access tokens),
+    ``cid`` (Okta); an ID token without ``azp`` names it as its single audience (OIDC Core 2)."""
+    for claim in ("azp", "client_id", "cid"):
+        if claim in claims:
+            return claims[claim]
+    aud = claims.get("aud")
+    return aud[0] if isinstance(aud, list) and len(aud) == 1 else aud if isinstance(aud, str) else None
+
+
 class OidcVerifier:
     """Validates the identity provider's JWTs against its JWKS (fetched, cached for a bounded time)."""
 
@@ -326,7 +336,7 @@ class OidcVerifier:
         except (PyJWTError, ValueError, TypeError):  # bad signature, undecodable, key of the wrong type
             raise Unauthenticated("bearer JWT signature or encoding is invalid") from None
         if self.clients:  # an audience shared by several apps: only the listed ones may call
-            party = claims.get("azp", claims.get("client_id"))  # OIDC ID token / RFC 9068 access token
+            party = _authorized_party(claims)
             if not isinstance(party, str) or party not in self.clients:
                 raise Unauthenticated(
                     f"bearer JWT was issued to client {str(party)[:64]!r}, not one in UGA_OIDC_CLIENTS"

@@ -122,6 +122,9 @@ class JobView(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict, description="artifact name -> URL")
     deduplicated: bool = Field(False, description="true when an identical earlier job was returned")
     cancel_requested: bool = Field(False, description="a cancel was asked for; the running job stops shortly")
+    expired_at: float | None = Field(
+        None, description="when retention removed its files (a newer job of the slide replaced it); no artifacts"
+    )
 
 
 class JobList(BaseModel):
@@ -190,7 +193,7 @@ def progress(done: int, total: int) -> dict:
 
 def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
     artifacts = {}
-    if job.state == "succeeded":
+    if job.state == "succeeded" and job.expired_at is None:
         made = {*(job.summary or {}).get("artifacts", {}), "summary"}  # what this job wrote (SEG: DICOM only)
         artifacts = {name: f"{base}/jobs/{job.id}/artifacts/{name}" for name in ARTIFACTS if name in made}
     return JobView(
@@ -210,6 +213,7 @@ def job_view(job: Job, base: str, deduplicated: bool = False) -> JobView:
         artifacts=artifacts,
         deduplicated=deduplicated,
         cancel_requested=bool(job.cancel_requested),
+        expired_at=job.expired_at,
     )
 
 

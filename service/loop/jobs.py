@@ -183,16 +183,16 @@ def artifact_path(store: Store, job_id: str, name: str) -> Path:
 
 
 def expire_superseded(store: Store, settings: Settings, now: float | None = None) -> list[str]:
-    """Remove the files of ended jobs that a newer segmentation of their slide replaced, once older
-    than UGA_JOB_RETENTION_DAYS (0: keep all). Rows stay (audit, lineage); their artifacts answer 410.
-    Files go first, then the mark: a crash in between is finished by the next pass."""
+    """Remove the files of jobs that a newer segmentation of their slide replaced more than
+    UGA_JOB_RETENTION_DAYS ago (0: keep all). Rows stay (audit, lineage); their artifacts answer 410.
+    The mark comes first (re-checking that no correction was made on the job meanwhile), then the
+    files: a crash in between leaves files that the next start's sweep removes."""
     if settings.job_retention_days <= 0:
         return []
     cutoff = (time.time() if now is None else now) - settings.job_retention_days * 86400
-    expired = store.jobs.expirable(cutoff)
+    expired = [job_id for job_id in store.jobs.expirable(cutoff) if store.jobs.mark_expired(job_id)]
     for job_id in expired:
         shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
-        store.jobs.mark_expired(job_id)
     return expired
 
 

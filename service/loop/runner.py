@@ -161,6 +161,7 @@ class Runner:
             log.exception("fine-tune run %s failed", run.id)
             runs.end(run.id, "failed", candidate=None, metrics={}, reason=f"{type(exc).__name__}: {exc}"[:300])
             return "failed"
+        runs.gated(run.id, candidate.version, dict(result))
         status = "rejected"
         if result.passed:
             reason = promote_candidate(self.registry, s, candidate.version, parent=parent, run=run.id)

@@ -56,11 +56,12 @@ class Lost(Exception):
 def sweep_scratch(store: Store, older_than_s: float = 300.0) -> int:
     """At start: remove what jobs that are not running left behind (crashed runs): their scratch
     (``.work-*``) and half-written files (``*.part``), and every file of a cancelled job (cancelled
-    while queued after an earlier attempt, or ended by stale recovery). Returns how many were removed.
+    while queued after an earlier attempt, or ended by stale recovery) or of one retention marked
+    expired (a crash between the mark and the removal). Returns how many were removed.
 
     Only what is untouched for ``older_than_s``: a job another worker claimed a moment ago is safe."""
     running = {j.id for j in store.jobs.list("running", 100_000)}
-    cancelled = {j.id for j in store.jobs.list("cancelled", 100_000)}
+    cancelled = {j.id for j in store.jobs.list("cancelled", 100_000)} | store.jobs.expired_ids()
     swept = 0
     for job_dir in list(store.jobs_dir.iterdir()):
         if job_dir.name in running:

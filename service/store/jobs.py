@@ -13,6 +13,14 @@ from service.store.records import Job
 from service.vocabulary import ACTIVE_JOB_STATES, JOB_STATES, RETRYABLE_JOB_STATES, WORKER_FAILURE_CODES, sql_in
 
 
+def corrected_on(job_id_column: str) -> str:
+    """SQL: a correction was made on one of the queue items of the job whose id is in that column."""
+    return (
+        "EXISTS (SELECT 1 FROM corrections c JOIN queue_items q ON q.id = c.queue_item_id"
+        f" WHERE q.job_id = {job_id_column} AND q.slide = c.slide)"
+    )
+
+
 class JobRepository:
     def __init__(self, db: Database):
         self.db = db
@@ -33,12 +41,17 @@ class JobRepository:
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
-        A failed or cancelled job with the same key is retried as a new job (its key is released). ``limits``
+        A failed or cancelled job with the same key, or one whose files retention removed, is run again as
+        a new job (its key is released). ``limits``
         (all, per caller) bound the jobs waiting or running: over either, TooBusy and nothing written.
         """
         with self.db.transaction() as db:
             existing = db.execute("SELECT * FROM jobs WHERE dedup_key = ?", (dedup_key,)).fetchone()
-            if existing is not None and existing["state"] not in RETRYABLE_JOB_STATES:
+            if (
+                existing is not None
+                and existing["state"] not in RETRYABLE_JOB_STATES
+                and existing["expired_at"] is None
+            ):
                 return self.get(existing["id"]), False
             if limits is not None:
                 self._check_limits(db, actor, *limits)
@@ -258,25 +271,32 @@ class JobRepository:
             )
         )
 
-    def expirable(self, finished_before: float, limit: int = 1000) -> list[str]:
-        """Ended jobs whose files retention may remove: finished before ``finished_before``, not yet
-        expired, not their slide's latest success (it serves the slide's queue and views), and not
-        holding a queue item a correction was made on (its mask is that correction's 'before')."""
+    def expirable(self, superseded_before: float, limit: int = 1000) -> list[str]:
+        """Successful jobs whose files retention may remove: a newer successful job of their slide
+        finished before ``superseded_before`` (so a slide's latest job is never one, and a queue keeps
+        its patches for the whole retention after a rescoring), and no correction was made on one of
+        their queue items (their mask is that correction's 'before')."""
         rows = self.db.all(
-            "SELECT j.id FROM jobs j WHERE j.state IN ('succeeded', 'failed', 'cancelled')"
-            " AND j.finished_at < ? AND j.expired_at IS NULL"
-            " AND j.id <> COALESCE((SELECT k.id FROM jobs k WHERE k.slide = j.slide AND k.state = 'succeeded'"
-            " ORDER BY k.finished_at DESC LIMIT 1), '')"
-            " AND NOT EXISTS (SELECT 1 FROM corrections c JOIN queue_items q ON q.id = c.queue_item_id"
-            " WHERE q.job_id = j.id AND q.slide = c.slide)"
-            " ORDER BY j.finished_at LIMIT ?",
-            (finished_before, limit),
+            "SELECT j.id FROM jobs j WHERE j.state = 'succeeded' AND j.expired_at IS NULL"
+            " AND EXISTS (SELECT 1 FROM jobs n WHERE n.slide = j.slide AND n.state = 'succeeded'"
+            " AND n.finished_at > j.finished_at AND n.finished_at < ?)"
+            f" AND NOT {corrected_on('j.id')} ORDER BY j.finished_at LIMIT ?",
+            (superseded_before, limit),
         )
         return [r["id"] for r in rows]
 
-    def mark_expired(self, job_id: str) -> None:
+    def mark_expired(self, job_id: str) -> bool:
+        """Mark the job's files as removed, unless a correction was made on it meanwhile (checked in the
+        same statement). True when marked: then, and only then, its files may go."""
         with self.db.transaction() as db:
-            db.execute("UPDATE jobs SET expired_at = ? WHERE id = ? AND expired_at IS NULL", (time.time(), job_id))
+            cur = db.execute(
+                f"UPDATE jobs SET expired_at = ? WHERE id = ? AND expired_at IS NULL AND NOT {corrected_on('jobs.id')}",
+                (time.time(), job_id),
+            )
+            return cur.rowcount == 1
+
+    def expired_ids(self) -> set[str]:
+        return {r["id"] for r in self.db.all("SELECT id FROM jobs WHERE expired_at IS NOT NULL")}
 
     def segmented_slides(self) -> list[str]:
         return [r["slide"] for r in self.db.all("SELECT DISTINCT slide FROM jobs WHERE state = 'succeeded'")]

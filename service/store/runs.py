@@ -52,6 +52,15 @@ class RunRepository:
                 "UPDATE finetune_runs SET progress_done = ?, heartbeat_at = ? WHERE id = ?", (done, time.time(), run_id)
             )
 
+    def gated(self, run_id: str, candidate: str, metrics: dict) -> None:
+        """The gate's measurements on the run's candidate, recorded before a promotion (which marks the
+        run promoted in its own transaction): a crash between the two leaves the run whole."""
+        with self.db.transaction() as db:
+            db.execute(
+                "UPDATE finetune_runs SET candidate = ?, metrics = ? WHERE id = ? AND state = 'running'",
+                (candidate, json.dumps(metrics), run_id),
+            )
+
     def end(self, run_id: str, state: str, *, candidate: str | None, metrics: dict | None, reason: str | None) -> None:
         with self.db.transaction() as db:
             db.execute(

@@ -58,7 +58,7 @@ def queue_item_mask(item_id: str, rt: Rt, _: Viewer):
     return png_response(item_mask(rt.store, item_id))
 
 
-@router.get("/queue/items/{item_id}/uncertainty.png", responses=PNG)
+@router.get("/queue/items/{item_id}/uncertainty.png", responses={**PNG, **errors(410)})
 def queue_item_uncertainty(item_id: str, rt: Rt, _: Viewer, measure: str | None = None):
     """The patch's uncertainty as a translucent heat map (RGBA, same size as image.png); default: the
     measure that ranked it. Colours and their meaning: the job's overlay legends."""
