@@ -118,7 +118,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     gate_min_heldout: int = Field(2, ge=1, description="held-out corrections needed before they gate promotion")
     runner_poll_s: float = Field(5.0, gt=0, description="runner: seconds between checks for work")
     store_metrics: Literal["serve", "runner"] = Field(
-        "serve", description="who exports the store-derived metrics: `serve` (one pod) or `runner` (replicas)"
+        "serve",
+        description="who exports the store-derived metrics: `serve` (one pod) or `runner` (replicas; the "
+        "default with UGA_DATABASE_URL)",
     )
     runner_metrics_host: str = Field("127.0.0.1", description="runner: bind address of its /metrics")
     runner_metrics_port: int = Field(9464, ge=0, le=65535, description="runner: port of its /metrics (0 = none)")
@@ -232,6 +234,14 @@ class Settings(BaseSettings, SegmentationDefaults):
                         f"{setting}: {entry.partition('=')[0].strip()} is plain http:// to {url.hostname}; use "
                         "https://, or set UGA_ALLOW_PLAIN_HTTP=true on a network you trust"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _one_store_metrics_exporter(self) -> Settings:
+        """Replicas sharing PostgreSQL would each export the store's metrics (every sum N times, and
+        KEDA's query would grow with the replicas it adds): the one runner exports them unless told."""
+        if self.database_url and "store_metrics" not in self.model_fields_set:
+            self.store_metrics = "runner"
         return self
 
     @model_validator(mode="after")

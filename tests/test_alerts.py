@@ -19,7 +19,13 @@ CASES = {
     "UGAJobsFailing": (
         "1m",
         "40m",
-        {'uga_job_failures_total{reason="unusable_slide",pod="a"}': "0+1x60"},
+        [
+            {'uga_job_failures_total{reason="unusable_slide",pod="a"}': "0+1x60"},
+            {  # three of each of two reasons in 30 min: six failures, though no reason alone passes 3
+                'uga_job_failures_total{reason="job_timeout",pod="a"}': "0+0.1x60",
+                'uga_job_failures_total{reason="internal_error",pod="a"}': "0+0.1x60",
+            },
+        ],
         {'uga_job_failures_total{reason="unusable_slide",pod="a"}': "5x60"},
     ),
     "UGAQueueBackingUp": (
@@ -78,6 +84,12 @@ CASES = {
         "30m",
         {'uga_runner_heartbeat_timestamp_seconds{pod="r"}': "0+60x5 300x30"},  # beats, then stops at 5 min
         {'uga_runner_heartbeat_timestamp_seconds{pod="r"}': "0+60x40"},
+    ),
+    "UGAStoreDown": (
+        "1m",
+        "20m",
+        {'uga_store_up{pod="r"}': "1x5 0x20"},
+        {'uga_store_up{pod="r"}': "1x5 0x2 1x20"},  # a blip of two minutes
     ),
     "UGADataVolumeFilling": (
         "1m",

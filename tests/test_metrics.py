@@ -3,7 +3,10 @@ configured list, per-slide histograms, gate metrics, and which process exports t
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -12,9 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.errors import Unavailable
+from service.http.metrics import forget_dead_processes, observe_segmentation
 from service.loop.runner import Runner
 from service.loop.store_metrics import gate_families, store_metrics
-from service.store import FinetuneRun
+from service.store import FinetuneRun, Job, Store
 from tests.inprocess import InProcessService
 from tests.server import free_port, hostile_slide_root, wait_job
 
@@ -153,3 +158,61 @@ def test_the_data_volume_is_exported_as_the_operating_system_reports_it(env):
     usage = shutil.disk_usage(env.runtime.store.data_dir)
     assert size == usage.total and 0 < free <= size
     assert abs(free - usage.free) < 0.01 * size  # other writers on this machine move it a little
+
+
+def test_a_rescoring_counts_as_work_but_not_as_an_arriving_slide():
+    """After a promotion every slide is segmented again: the drift and out-of-distribution signals
+    describe slides as they arrive, so a rescoring must not add them again."""
+    summary = {
+        "model_version": "v-metrics-test",
+        "timings_s": {"wall_s": 2.0},
+        "tiles": {"computed": 10},
+        "throughput": {"tiles_per_s": 5.0},
+        "tissue_area_mm2": 1.5,
+        "mean_uncertainty": {"uga": 0.4},
+        "tumour_fraction_of_tissue": 0.2,
+        "novelty": {"share_beyond_threshold": 0.5, "out_of_distribution": True},
+    }
+    labels = {"model_version": "v-metrics-test", "site": "none"}
+
+    def job(origin: str | None) -> Job:
+        return Job(id="j", slide="a.tif", options={}, model_version="v-metrics-test", state="succeeded",
+                   created_at=0.0, origin=origin)  # fmt: skip
+
+    tiles = sample("uga_tiles_processed_total")
+    observe_segmentation(job("rescoring"), summary)
+    assert sample("uga_tiles_processed_total") == tiles + 10  # the work is counted
+    assert sample("uga_slide_tumour_fraction_count", **labels) == 0
+    assert sample("uga_slides_out_of_distribution_total", **labels) == 0
+    assert sample("uga_slide_mean_uncertainty_count", measure="uga", **labels) == 0
+    for origin in ("client", None):  # None: a job from before origins were recorded
+        observe_segmentation(job(origin), summary)
+    assert sample("uga_slide_tumour_fraction_count", **labels) == 2
+    assert sample("uga_slides_out_of_distribution_total", **labels) == 2
+
+
+def test_a_killed_serving_process_stops_reporting_the_version_it_served(tmp_path):
+    """BentoML removes a worker's live-gauge files only on a clean exit: one killed by the OOM killer
+    would report 'serving v1' until the pod restarts, unless the next process forgets it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = os.getppid()  # pytest's parent: running, and not this process
+    for pid in (dead.pid, alive, os.getpid()):
+        (tmp_path / f"gauge_liveall_{pid}.db").write_bytes(b"")
+    (tmp_path / f"counter_{dead.pid}.db").write_bytes(b"")  # counters of the dead stay: their counts happened
+    assert forget_dead_processes(str(tmp_path)) == sorted([dead.pid, os.getpid()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{dead.pid}.db", f"gauge_liveall_{alive}.db"]
+    assert forget_dead_processes(str(tmp_path / "missing")) == []
+
+
+def test_a_store_outage_is_a_metric_not_a_failed_scrape(tmp_path, monkeypatch):
+    store = Store(tmp_path / "data")
+    assert "uga_store_up 1.0" in store_metrics(store)
+
+    def down():
+        raise Unavailable("store_unavailable", "cannot reach PostgreSQL")
+
+    monkeypatch.setattr(store.jobs, "counts", down)  # what the PostgreSQL backend raises when it is down
+    text = store_metrics(store)
+    assert "uga_store_up 0.0" in text and "uga_jobs" not in text  # no stale or made-up numbers
+    store.close()

@@ -246,7 +246,9 @@ def test_counters_in_prometheus_equal_the_store(deployment, loop):
     # the store's metrics come from the runner alone; per-process ones from the serving pod
     assert {s["metric"]["job"] for s in prometheus.query("uga_jobs")} == {"uga-runner"}
     assert {s["metric"]["job"] for s in prometheus.query("uga_tiles_processed_total")} == {"uga-serve"}
-    assert prometheus.value('sum(uga_slide_tumour_fraction_count{site="site-a"})') == 2  # baseline + rescoring
+    # the slide arrived once: the rescoring after the promotion is work, not a second arrival
+    assert prometheus.value('sum(uga_slide_tumour_fraction_count{site="site-a"})') == 1
+    assert prometheus.value("sum(uga_segmentation_duration_seconds_count)") == 2  # baseline + rescoring
     errors = 'sum(uga_http_requests_total{route="/v1/jobs/{job_id}", status_class="4xx"})'
     assert prometheus.value(errors) >= 1
     assert prometheus.value("sum(uga_last_gate_passed)") == 1

@@ -143,6 +143,7 @@ def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_pat
     runner.startup()  # e.g. after a crash between the promotion and its rescoring
     [new] = store.jobs.list("queued", 10)
     assert new.slide == "a.tif" and new.model_version == current and new.options == {"patch_um": 256}
+    assert new.origin == "rescoring" and old.origin == "client"  # the per-slide metrics count only arrivals
     runner.startup()  # a second start queues nothing more
     assert len(store.jobs.list("queued", 10)) == 1
 

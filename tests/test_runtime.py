@@ -148,3 +148,10 @@ def test_listed_clients_must_include_the_review_pages_own():
     with pytest.raises(ValidationError, match="UGA_OIDC_CLIENT_ID 'uga-review'"):
         Settings(**page, oidc_clients="lis-bridge")
     assert Settings(**page, oidc_clients="lis-bridge, uga-review").oidc_clients
+
+
+def test_with_a_shared_database_the_runner_exports_the_store_metrics_unless_told():
+    url = "postgresql://uga@db.hospital.lan/uga"
+    assert Settings().store_metrics == "serve"  # one pod on SQLite: its serving process
+    assert Settings(database_url=url).store_metrics == "runner"  # replicas: never once per replica
+    assert Settings(database_url=url, store_metrics="serve").store_metrics == "serve"  # the operator's call

@@ -7,13 +7,17 @@ slide or patient identifier, nor any value a caller chose (sites come from a con
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 from service.store import Job
 
 SEGMENTATION_SECONDS = Histogram(
     "uga_segmentation_duration_seconds",
-    "Wall time of one slide segmentation (engine + outputs)",
+    "Wall time of one slide segmentation: the ensemble over the tissue, then its maps, queue and overlay "
+    "(not a DICOMweb download, nor the DICOM SEG / FHIR outputs)",
     buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600),
 )
 TILES = Counter("uga_tiles_processed_total", "Tiles run through the ensemble")
@@ -74,6 +78,30 @@ REQUEST_SECONDS = Histogram(
 NO_SITE = "none"
 
 
+def forget_dead_processes(directory: str | None = None) -> list[int]:
+    """Drop the live-gauge files of serving processes that are gone (killed without a clean exit, e.g.
+    by the OOM killer), and this process's own (a reused pid): otherwise a dead process would report
+    the version it served as served until the pod restarts. Returns the pids forgotten."""
+    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory or not os.path.isdir(directory):
+        return []
+    pids = {int(p) for f in Path(directory).glob("gauge_live*_*.db") if (p := f.stem.rpartition("_")[2]).isdigit()}
+    gone = sorted(pid for pid in pids if pid == os.getpid() or not _running(pid))
+    for pid in gone:
+        multiprocess.mark_process_dead(pid, directory)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True
+
+
 def model_swapped(old: str | None, new: str) -> None:
     """This process now serves ``new`` (after its first load, ``old`` is None)."""
     if old is not None:
@@ -83,12 +111,15 @@ def model_swapped(old: str | None, new: str) -> None:
 
 
 def observe_segmentation(job: Job, summary: dict) -> None:
-    """Record one finished segmentation from its job and summary."""
+    """Record one finished segmentation from its job and summary. The per-slide histograms describe
+    slides as they arrive: a rescoring after a model change (every slide again) counts as work only."""
     site = job.site or NO_SITE
     SEGMENTATION_SECONDS.observe(summary["timings_s"]["wall_s"])
     TILES.inc(summary["tiles"]["computed"])
     TILES_PER_SECOND.set(summary["throughput"]["tiles_per_s"])
     TISSUE_MM2.inc(summary["tissue_area_mm2"])
+    if job.origin == "rescoring":
+        return
     for measure, value in summary["mean_uncertainty"].items():
         SLIDE_UNCERTAINTY.labels(summary["model_version"], measure, site).observe(value)
     if summary.get("tumour_fraction_of_tissue") is not None:

@@ -56,6 +56,8 @@ class Runtime:
             on_swap=metrics.model_swapped,
         )
         ensemble = models.load()
+        if forgotten := metrics.forget_dead_processes():
+            log.info("dropped the live metrics of %d serving processes that are gone: %s", len(forgotten), forgotten)
         metrics.model_swapped(None, ensemble.version)
         models.start_watch(settings.model_poll_s)
         log.info("serving model %s on %s", ensemble.version, ", ".join(ensemble.providers))

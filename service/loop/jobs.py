@@ -85,6 +85,7 @@ def submit_segmentation(
         site=site,
         callback=callback,
         stow=stow,
+        origin="client" if from_client else "rescoring",
     )
 
 

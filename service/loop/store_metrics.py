@@ -8,6 +8,7 @@ are never deleted. Labels carry states, reasons and model versions, never a slid
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from service.store import FinetuneRun, Store
 from service.vocabulary import GATED_RUN_STATES, PROMOTE_ACTIONS, ROLLBACK_ACTIONS
 
+log = logging.getLogger("uga.metrics")
 AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
@@ -29,12 +31,23 @@ class StoreCollector:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._jobs()
-        yield from self._queue()
-        yield from self._models()
-        yield from self._corrections()
-        yield from self._finetune()
-        yield from self._volume()
+        """Every family, or, when the store cannot be read, ``uga_store_up 0`` alone: a store outage
+        must not take the scrape (and the process's other metrics, or the runner's heartbeat) with it."""
+        try:
+            families = [
+                *self._jobs(),
+                *self._queue(),
+                *self._models(),
+                *self._corrections(),
+                *self._finetune(),
+                *self._volume(),
+            ]
+        except Exception:  # noqa: BLE001 - any store error: reported as a metric, the scrape goes on
+            log.warning("store metrics: the store cannot be read", exc_info=True)
+            families = []
+        up = float(bool(families))
+        yield GaugeMetricFamily("uga_store_up", "1 when the store could be read for this scrape", value=up)
+        yield from families
 
     def _jobs(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("uga_jobs", "Segmentation jobs by state", labels=["state"])

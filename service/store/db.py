@@ -56,7 +56,8 @@ def jobs_table(name: str) -> str:
     started_at REAL,
     finished_at REAL,
     heartbeat_at REAL,
-    expired_at REAL                     -- when its files were removed (superseded; UGA_JOB_RETENTION_DAYS)
+    expired_at REAL,                    -- when its files were removed (superseded; UGA_JOB_RETENTION_DAYS)
+    origin TEXT                         -- 'client' (or NULL: before origins) or 'rescoring' (after a model change)
 );
 """
 
@@ -199,7 +200,7 @@ UPGRADES = {
     7: "ALTER TABLE jobs ADD COLUMN error_code TEXT;\n",
     8: "ALTER TABLE jobs ADD COLUMN site TEXT;\n",
     9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\nALTER TABLE jobs ADD COLUMN stow TEXT;\n",  # + deliveries
-    10: "ALTER TABLE jobs ADD COLUMN expired_at REAL;\n",
+    10: "ALTER TABLE jobs ADD COLUMN expired_at REAL;\nALTER TABLE jobs ADD COLUMN origin TEXT;\n",
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

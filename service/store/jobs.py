@@ -38,6 +38,7 @@ class JobRepository:
         site: str | None = None,
         callback: str | None = None,
         stow: str | None = None,
+        origin: str = "client",
     ) -> tuple[Job, bool]:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
@@ -60,7 +61,7 @@ class JobRepository:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (id, dedup_key, slide, options, resolved, model_version, state, submitted_by,"
-                " created_at, site, callback, stow) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                " created_at, site, callback, stow, origin) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     dedup_key,
@@ -73,6 +74,7 @@ class JobRepository:
                     site,
                     callback,
                     stow,
+                    origin,
                 ),
             )
             audit(db, actor, "job.submit", job_id, {"slide": slide, "options": options})

@@ -41,6 +41,7 @@ class Job:
     callback: str | None = None  # one of UGA_CALLBACKS, told when the job ends
     stow: str | None = None  # one of UGA_PACS: the job's DICOM SEG is stored there (STOW-RS)
     expired_at: float | None = None  # its files were removed by retention (a newer job replaced it)
+    origin: str | None = None  # "rescoring": the system re-segmented the slide after a model change
 
     from_row = classmethod(_from)
 
