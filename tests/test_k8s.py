@@ -386,6 +386,14 @@ def test_podmonitor_scrapes_both_metrics_ports_of_every_uga_pod(overlay):
     assert endpoints == {("http", "/metrics"), ("metrics", "/metrics")}
     assert {p for p, _ in endpoints} <= port_names(docs)
     assert all(selects(pm["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"]) for d in pods(docs))
+    # the store's series (the runner's port) stay one series when the runner pod is replaced ...
+    [runner] = [e for e in pm["spec"]["podMetricsEndpoints"] if e["port"] == "metrics"]
+    relabel = runner["relabelings"]
+    assert {"action": "replace", "targetLabel": "instance", "replacement": "uga-runner"} in relabel
+    assert {"action": "labeldrop", "regex": "pod|container"} in relabel
+    # ... and only there: per-process series need their pod (the dashboard's "by pod" panels)
+    assert not [e for e in pm["spec"]["podMetricsEndpoints"] if e["port"] == "http" and e.get("relabelings")]
+    assert all(effective_env(docs, c)["UGA_STORE_METRICS"] == "runner" for _, c in containers(docs))
 
 
 def test_alerts_component_is_a_prometheusrule():
