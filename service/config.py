@@ -109,6 +109,11 @@ class Settings(BaseSettings, SegmentationDefaults):
         0, ge=0, description="hold every n-th correction out for early stopping (0: none)"
     )
     finetune_symmetric: bool = Field(False, description="augment the source replay as the corrections are")
+    finetune_source_bank: Path | None = Field(
+        None,
+        description="the baseline's source training bank (npz: images, masks, slides; `python -m models.train` "
+        "writes it): the runner then retrains each member on its part of it plus the corrections",
+    )
     finetune_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="runner's torch device")
     finetune_threads: int = Field(1, ge=1, description="torch threads of the runner (leave cores to serving)")
     holdout_every: int = Field(

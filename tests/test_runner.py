@@ -9,8 +9,14 @@ import sys
 import threading
 import time
 
+import numpy as np
+import pytest
+
 import service.loop.runner as runner_module
+from models.bank import save_bank
 from service.config import Settings
+from service.loop.candidate import build_candidate, finetune_budget
+from service.loop.corrections import write_correction_files
 from service.loop.runner import Runner
 from service.store import Correction, ModelVersion
 from tests.conftest import REPO
@@ -173,3 +179,65 @@ def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_
     after = store.runs.get(run.id)
     assert (after.state, after.candidate, after.metrics) == ("promoted", "ft-1", {"passed": True, "duration_s": 12.5})
     assert store.models.current() == "ft-1" and store.models.get("ft-1").status == "promoted"
+
+
+def _bank(path, n: int = 10, slides=True):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
+    masks = (rng.random((n, 256, 256)) > 0.7).astype(np.uint8)
+    save_bank(path, images, masks, np.arange(n) if slides else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p / "nowhere.npz", "cannot read"),
+        (lambda p: _bank(p / "noslides.npz", slides=False), "lacks slides"),
+        (lambda p: (p / "junk.npz").write_bytes(b"not a zip") and p / "junk.npz", "cannot read"),
+    ],
+)
+def test_an_unusable_source_bank_stops_the_runner_in_one_line(tmp_path, make, needle):
+    bank = make(tmp_path)
+    env = {**os.environ, "UGA_DATA_DIR": str(tmp_path / "data"), "UGA_FINETUNE_SOURCE_BANK": str(bank)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "runner", "--once"], env=env, capture_output=True, text=True, timeout=120
+    )
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.startswith("uga: error: UGA_FINETUNE_SOURCE_BANK: ") and needle in line
+
+
+@pytest.mark.slow
+def test_with_the_source_bank_the_runner_retrains_each_member_on_its_part_plus_the_corrections(tmp_path):
+    """The arm the protocol validated (bench/PROTOCOL.md, retrain): a real, tiny fine-tune of every
+    member of the shipped baseline, its card saying which arm made it."""
+    bank = _bank(tmp_path / "train-bank.npz")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        baseline_dir=REPO / "models" / "baseline",
+        finetune_source_bank=bank,
+        finetune_steps=1,
+        finetune_max_steps=1,
+        finetune_batch=2,
+        finetune_patch=64,
+    )
+    runner = Runner(settings)
+    base = runner.registry.ensure_baseline()
+    rng = np.random.default_rng(1)
+    train = []
+    for i in range(2):
+        write_correction_files(
+            settings.data_dir / "corrections",
+            _correction(i).id,
+            rng.integers(0, 255, (96, 96, 3), dtype=np.uint8),
+            rng.random((96, 96)) > 0.5,
+        )
+        train.append(_correction(i))
+    candidate = build_candidate(
+        runner.registry, settings, parent=base, train=train, used={}, run_id="r", seed=1,
+        progress=lambda done, total: None, device="cpu",
+    )  # fmt: skip
+    assert candidate.card["finetune"]["budget"]["retrain"] is True
+    assert (candidate.staging / "ensemble.onnx").is_file() and (candidate.staging / "members.pt").is_file()
+    without = Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline")
+    assert finetune_budget(without, 0).retrain is False  # no bank: the corrections-plus-replay arm

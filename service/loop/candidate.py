@@ -28,16 +28,34 @@ class Candidate:
         return self.card["version"]
 
 
-UNSET = ("seed", "retrain")  # FinetuneBudget fields with no setting
+UNSET = ("seed", "retrain")  # FinetuneBudget fields with no setting of their own
 
 
 def finetune_budget(settings: Settings, seed: int):
-    """The runner's fine-tune budget: each field from the setting ``finetune_<field>`` (the experiment's
-    retrain arm stays off: it needs the source training bank, which the service does not ship)."""
+    """The runner's fine-tune budget: each field from the setting ``finetune_<field>``; the paper's
+    retrain arm (the one the protocol validated) when the operator gives the source training bank."""
     from models.finetune import FinetuneBudget
 
     values = {f.name: getattr(settings, f"finetune_{f.name}") for f in fields(FinetuneBudget) if f.name not in UNSET}
-    return FinetuneBudget(**values, seed=seed)
+    return FinetuneBudget(**values, seed=seed, retrain=settings.finetune_source_bank is not None)
+
+
+def source_bank_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as the retrain arm's source training bank, or None when it can."""
+    import numpy as np
+
+    try:
+        with np.load(path) as bank:
+            missing = {"images", "masks", "slides"} - set(bank.files)
+            if missing:
+                return f"{path} lacks {', '.join(sorted(missing))} (write it with `python -m models.train`)"
+            images, masks, slides = bank["images"], bank["masks"], bank["slides"]
+    except Exception as exc:  # noqa: BLE001 - whatever makes it unreadable (no file, not a zip, a .npy): one line
+        return f"cannot read {path} as an npz bank: {exc}"
+    n = len(images)
+    if images.ndim != 4 or images.shape[3] != 3 or masks.shape != images.shape[:3] or slides.shape != (n,) or not n:
+        return f"{path}: images (N, H, W, 3), masks (N, H, W) and slides (N,) do not fit together"
+    return None
 
 
 def pairs(corrections_dir: Path, corrections: list[Correction]) -> tuple[list, list]:
@@ -58,14 +76,19 @@ def build_candidate(
     progress: Callable[[int, int], None],
     device: str,
 ) -> Candidate:
-    """Fine-tune every member of ``parent`` on ``train`` plus source replay; export into a staging dir."""
-    from models.bank import load_bank
+    """Fine-tune every member of ``parent`` on ``train`` plus source replay (or, with the source
+    training bank, retrain each on its part of it plus ``train``); export into a staging dir."""
+    from models.bank import load_bank, load_bank_slides
     from models.export import export_ensemble
     from models.finetune import finetune_members, save_members
 
     parent_dir = registry.path(parent)
     budget = finetune_budget(settings, seed)
     replay = load_bank(settings.baseline_dir / "replay.npz")
+    source = None
+    if budget.retrain:
+        bank = settings.finetune_source_bank
+        source = (*load_bank(bank), load_bank_slides(bank))
     members, ckpt = finetune_members(
         parent_dir / "members.pt",
         pairs(settings.data_dir / "corrections", train),
@@ -73,6 +96,7 @@ def build_candidate(
         budget,
         progress=progress,
         device=device,
+        source=source,
     )
     parent_card = read_card(parent_dir)
     stats = None

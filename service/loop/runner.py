@@ -17,7 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_http_server
 
 from service.config import Settings
-from service.loop.candidate import build_candidate
+from service.loop.candidate import build_candidate, source_bank_problem
 from service.loop.gate import gate_candidate
 from service.loop.jobs import enqueue_rescoring
 from service.loop.promotion import promote_candidate
@@ -193,6 +193,9 @@ def main(settings: Settings, once: bool = False) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.nice(5)
+    if settings.finetune_source_bank is not None and (why := source_bank_problem(settings.finetune_source_bank)):
+        print(f"uga: error: UGA_FINETUNE_SOURCE_BANK: {why}", file=sys.stderr)
+        return 2
     runner = Runner(settings)
     try:
         if not once:  # a one-shot run is over before anything would scrape it
