@@ -61,12 +61,12 @@ def sweep_scratch(store: Store, older_than_s: float = 300.0) -> int:
 
     Only what is untouched for ``older_than_s``: a job another worker claimed a moment ago is safe."""
     running = {j.id for j in store.jobs.list("running", 100_000)}
-    cancelled = {j.id for j in store.jobs.list("cancelled", 100_000)} | store.jobs.expired_ids()
+    discarded = {j.id for j in store.jobs.list("cancelled", 100_000)} | store.jobs.expired_ids()
     swept = 0
     for job_dir in list(store.jobs_dir.iterdir()):
         if job_dir.name in running:
             continue
-        leftovers = [job_dir] if job_dir.name in cancelled else [*job_dir.glob(".work-*"), *job_dir.glob("*.part")]
+        leftovers = [job_dir] if job_dir.name in discarded else [*job_dir.glob(".work-*"), *job_dir.glob("*.part")]
         for path in leftovers:
             try:
                 stale = time.time() - path.stat().st_mtime > older_than_s
