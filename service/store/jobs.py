@@ -43,8 +43,8 @@ class JobRepository:
         """Create a queued job, or return the existing one with the same key. Returns (job, created).
 
         A failed or cancelled job with the same key, or one whose files retention removed, is run again as
-        a new job (its key is released). ``limits``
-        (all, per caller) bound the jobs waiting or running: over either, TooBusy and nothing written.
+        a new job (its key is released). ``limits`` (all, per caller) bound the jobs waiting or running:
+        over either, TooBusy and nothing written.
         """
         with self.db.transaction() as db:
             existing = db.execute("SELECT * FROM jobs WHERE dedup_key = ?", (dedup_key,)).fetchone()
