@@ -224,9 +224,14 @@ def test_every_alert_rule_loads_and_evaluates(deployment, loop):
     for name, rule in loaded.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
         assert rule["lastEvaluation"] and not rule["lastEvaluation"].startswith("0001"), name
-    # a healthy loop fires none of ours; the replica alert needs kube-state-metrics, absent here
+    # a healthy loop fires none of ours; the replica alert needs kube-state-metrics, absent here, and
+    # the volume alert is about this host's disk, which the loop does not own: it may fire only if true
+    expected = {"UGANoReadyReplica"}
+    usage = shutil.disk_usage(deployment["server"].data_dir)
+    if usage.free / usage.total < 0.10:
+        expected.add("UGADataVolumeFilling")
     firing = {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
-    assert firing <= {"UGANoReadyReplica"}, firing
+    assert firing <= expected, firing
 
 
 def test_counters_in_prometheus_equal_the_store(deployment, loop):
