@@ -216,8 +216,10 @@ def test_4_swaps_under_steady_traffic_fail_no_request_and_rollback_is_audited(lo
     for t in threads:
         t.start()
     with server.client("admin") as c:
-        r = c.post("/v1/models/rollback")
+        r = c.post("/v1/models/rollback", params={"from": loop["new"]})
         assert r.status_code == 200 and r.json()["version"] == loop["baseline"]
+        r = c.post("/v1/models/rollback", params={"from": loop["new"]})  # a retry: nothing more rolled back
+        assert r.status_code == 409 and r.json()["error"]["code"] == "pointer_moved"
         wait_every_worker_serves(server.url, loop["baseline"], workers=2)
         job = c.post("/v1/jobs", json={"slide": "ood.tif", "options": {"patch_um": 512, "queue_size": 2}}).json()
         r = c.post(f"/v1/models/{loop['new']}/promote")

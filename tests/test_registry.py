@@ -68,6 +68,26 @@ def test_pointer_moves_atomically_with_history_and_rollback(registry):
     assert [a["action"] for a in registry.store.audit_log()][:2] == ["pointer.rollback", "pointer.promote"]
 
 
+def test_rolling_back_twice_goes_back_twice_and_a_retry_naming_its_version_rolls_back_once(registry):
+    from service.config import Settings
+    from service.errors import Conflict
+    from service.loop.promotion import rollback
+
+    settings = Settings(data_dir=registry.models_dir.parent)
+    base = registry.store.models.current()
+    v2, v3 = _register_copy(registry, "v2"), _register_copy(registry, "v3")
+    registry.store.models.move_pointer(v2, action="promote", actor="runner", expect=base)
+    registry.store.models.move_pointer(v3, action="promote", actor="runner", expect=v2)
+    assert rollback(registry, settings, actor="dr.admin", from_version=v3).version == v2
+    with pytest.raises(Conflict) as retried:  # the same request again (its answer was lost): refused, not v2 -> base
+        rollback(registry, settings, actor="dr.admin", from_version=v3)
+    assert retried.value.code == "pointer_moved" and registry.store.models.current() == v2
+    assert rollback(registry, settings, actor="dr.admin").version == base  # back again, not forward to v3
+    with pytest.raises(Conflict) as bottom:
+        rollback(registry, settings, actor="dr.admin")
+    assert bottom.value.code == "nothing_to_roll_back" and registry.store.models.current() == base
+
+
 def test_hot_swap_follows_the_pointer(registry):
     holder = ModelHolder(registry, threads=1)
     first = holder.load()

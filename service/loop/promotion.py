@@ -48,10 +48,15 @@ def move_current(
     return registry.versions.get(version)
 
 
-def rollback(registry: Registry, settings: Settings, *, actor: str) -> ModelVersion:
-    """Move 'current' back to the version that was current before it (compare-and-set on the current
-    version it was computed from, so a promotion landing meanwhile is not undone by it)."""
+def rollback(registry: Registry, settings: Settings, *, actor: str, from_version: str | None = None) -> ModelVersion:
+    """Move 'current' back to the version it replaced when it was promoted (compare-and-set on the
+    current version it was computed from, so a promotion landing meanwhile is not undone by it).
+    With ``from_version`` only from that version: a retried request does not roll back twice."""
     current = registry.versions.current()
+    if from_version is not None and current != from_version:
+        raise Conflict(
+            "pointer_moved", f"the current version is {current}, not {from_version}: nothing rolled back; look again"
+        )
     target = registry.versions.rollback_target()
     if target is None:
         raise Conflict("nothing_to_roll_back", "the current version has no predecessor")

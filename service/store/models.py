@@ -7,7 +7,7 @@ import time
 
 from service.store.db import Database, audit
 from service.store.records import ModelVersion
-from service.vocabulary import PointerAction
+from service.vocabulary import ROLLBACK_ACTIONS, PointerAction
 
 
 class ModelRepository:
@@ -91,10 +91,13 @@ class ModelRepository:
         return self.db.all("SELECT * FROM pointer_history ORDER BY id DESC LIMIT ?", (limit,))
 
     def rollback_target(self) -> str | None:
-        """The version that was current before the current one."""
+        """The version the current one replaced when it last moved forward (a promotion or the first
+        pointer), so rolling back twice goes back twice instead of undoing the first rollback."""
+        marks = ", ".join("?" * len(ROLLBACK_ACTIONS))
         return self.db.scalar(
             "SELECT previous FROM pointer_history WHERE version = (SELECT version FROM model_pointer WHERE id = 1)"
-            " ORDER BY id DESC LIMIT 1"
+            f" AND action NOT IN ({marks}) ORDER BY id DESC LIMIT 1",
+            ROLLBACK_ACTIONS,
         )
 
     def count_actions(self, actions: tuple[str, ...]) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from service.http.deps import Admin, Rt, Viewer
 from service.http.schemas import ModelList, ModelView, errors, model_view
@@ -35,7 +37,11 @@ def promote(version: str, rt: Rt, who: Admin) -> ModelView:
 
 
 @router.post("/models/rollback", response_model=ModelView, responses=errors(409))
-def rollback_model(rt: Rt, who: Admin) -> ModelView:
-    """Move the pointer back to the version that was current before this one."""
-    target = rollback(rt.registry, rt.settings, actor=who.name)
+def rollback_model(
+    rt: Rt,
+    who: Admin,
+    from_version: Annotated[str | None, Query(alias="from", max_length=128)] = None,
+) -> ModelView:
+    """Move the pointer back to the version the current one replaced (``?from=``: only from that one)."""
+    target = rollback(rt.registry, rt.settings, actor=who.name, from_version=from_version)
     return model_view(target, target.version)
