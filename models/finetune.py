@@ -53,14 +53,25 @@ def planned_steps(budget: FinetuneBudget, masks: list[np.ndarray], mpp: float = 
     return int(np.clip(round(budget.steps_per_mm2 * area_mm2), budget.steps, max(budget.steps, budget.max_steps)))
 
 
+def held_indices(n: int, every: int) -> list[int]:
+    """Which of ``n`` corrections early stopping holds out: every ``every``-th (none when ``every`` is 0
+    or there are fewer than ``every``)."""
+    if every <= 0 or n < every:
+        return []
+    return [i for i in range(n) if i % every == every - 1]
+
+
 def split_holdout(corrections: tuple[list, list], every: int) -> tuple[tuple[list, list], tuple[list, list] | None]:
-    """Every ``every``-th correction held out (none when ``every`` is 0 or there are fewer than ``every``)."""
+    """(trained, held out for early stopping) of ``corrections``; None for the second when none is held."""
     images, masks = corrections
-    if every <= 0 or len(images) < every:
+    held = set(held_indices(len(images), every))
+    if not held:
         return corrections, None
-    keep = [i for i in range(len(images)) if i % every != every - 1]
-    held = [i for i in range(len(images)) if i % every == every - 1]
-    return ([images[i] for i in keep], [masks[i] for i in keep]), ([images[i] for i in held], [masks[i] for i in held])
+    keep = [i for i in range(len(images)) if i not in held]
+    return ([images[i] for i in keep], [masks[i] for i in keep]), (
+        [images[i] for i in sorted(held)],
+        [masks[i] for i in sorted(held)],
+    )
 
 
 MAX_AREA_UNITS = 16  # a correction of 1024² px or more gets 16 times the crops of a 256² one

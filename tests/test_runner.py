@@ -15,7 +15,7 @@ import pytest
 import service.loop.runner as runner_module
 from models.bank import save_bank
 from service.config import Settings
-from service.loop.candidate import build_candidate, finetune_budget
+from service.loop.candidate import build_candidate, corrections_used, finetune_budget
 from service.loop.corrections import write_correction_files
 from service.loop.runner import Runner
 from service.store import Correction, ModelVersion
@@ -99,6 +99,34 @@ def test_a_rejected_candidates_corrections_are_trained_on_again_until_the_model_
     )
     assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(1).id]
     assert store.corrections.unused_for_training("ft-rejected") == []  # that version did learn it
+
+
+def test_corrections_that_only_early_stopped_a_run_are_trained_on_by_the_next(tmp_path):
+    runner = _runner(tmp_path)
+    runner.settings.finetune_holdout_every = 2
+    store, base = runner.store, runner.store.models.current()
+    for i in range(1, 5):
+        store.corrections.add(_correction(i), "dr.a")
+    used = corrections_used(runner.settings, store.corrections.unused_for_training(base), [])
+    assert used == {
+        "train": [_correction(1).id, _correction(3).id],
+        "early_stop": [_correction(2).id, _correction(4).id],  # split_holdout's every 2nd: never trained on
+        "holdout": [],
+    }
+    store.models.register(
+        ModelVersion(
+            version="ft-1",
+            parent=base,
+            sha256="x",
+            path="/nowhere",
+            status="promoted",
+            corrections=used,
+            created_at=time.time(),
+        )
+    )
+    store.models.move_pointer("ft-1", action="promote", actor="runner", expect=base)
+    assert [c.id for c in store.corrections.unused_for_training("ft-1")] == used["early_stop"]
+    assert store.corrections.unseen() == []  # used by a run: they do not start another on their own
 
 
 def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkeypatch):

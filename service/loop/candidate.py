@@ -58,6 +58,19 @@ def source_bank_problem(path: Path) -> str | None:
     return None
 
 
+def corrections_used(settings: Settings, train: list[Correction], holdout: list[Correction]) -> dict[str, list[str]]:
+    """A run's corrections by role: trained on; kept out of training to early-stop it (so not learned:
+    a later run trains on them); held out for the gate."""
+    from models.finetune import held_indices
+
+    early = set(held_indices(len(train), settings.finetune_holdout_every))
+    return {
+        "train": [c.id for i, c in enumerate(train) if i not in early],
+        "early_stop": [c.id for i, c in enumerate(train) if i in early],
+        "holdout": [c.id for c in holdout],
+    }
+
+
 def pairs(corrections_dir: Path, corrections: list[Correction]) -> tuple[list, list]:
     """(images, masks) of stored corrections."""
     loaded = [load_pair(corrections_dir, c.id) for c in corrections]

@@ -17,7 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_http_server
 
 from service.config import Settings
-from service.loop.candidate import build_candidate, source_bank_problem
+from service.loop.candidate import build_candidate, corrections_used, source_bank_problem
 from service.loop.gate import gate_candidate
 from service.loop.jobs import enqueue_rescoring
 from service.loop.promotion import promote_candidate
@@ -124,7 +124,7 @@ class Runner:
         parent = self.store.models.current()
         train = self.store.corrections.unused_for_training(parent)
         holdout = self.store.corrections.held_out()
-        used = {"train": [c.id for c in train], "holdout": [c.id for c in holdout]}
+        used = corrections_used(s, train, holdout)
         runs.start(run.id, parent, used, total=s.finetune_steps * self.registry.members(parent))
         if not train:
             runs.end(run.id, "rejected", candidate=None, metrics={}, reason="no new training corrections")

@@ -9,6 +9,8 @@ from service.store.db import Database, audit
 from service.store.queue import SET_STATUS
 from service.store.records import Correction
 
+USED_ROLES = ("train", "early_stop", "holdout")  # how a run used a correction (its record and card)
+
 
 class CorrectionRepository:
     def __init__(self, db: Database):
@@ -44,8 +46,9 @@ class CorrectionRepository:
     def ids(self) -> set[str]:
         return {r["id"] for r in self.db.all("SELECT id FROM corrections")}
 
-    def seen(self, roles: tuple[str, ...] = ("train", "holdout")) -> set[str]:
-        """Ids of corrections some registered version used in ``roles`` (trained on / held out)."""
+    def seen(self, roles: tuple[str, ...] = USED_ROLES) -> set[str]:
+        """Ids of corrections some registered version used in ``roles`` (trained on, early-stopped on,
+        held out)."""
         seen: set[str] = set()
         for r in self.db.all("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
             used = r["corrections"]
@@ -61,7 +64,7 @@ class CorrectionRepository:
         for r in self.db.all(
             "SELECT corrections FROM finetune_runs WHERE state IN ('promoted', 'rejected') AND corrections IS NOT NULL"
         ):
-            for role in ("train", "holdout"):
+            for role in USED_ROLES:
                 seen.update(r["corrections"].get(role, []))
         return [c for c in self.list(1_000_000) if c.id not in seen]
 
