@@ -88,6 +88,26 @@ def test_rolling_back_twice_goes_back_twice_and_a_retry_naming_its_version_rolls
     assert bottom.value.code == "nothing_to_roll_back" and registry.store.models.current() == base
 
 
+def test_a_candidate_with_non_finite_outputs_is_rejected_by_the_gate_and_kept_with_the_reason(registry, monkeypatch):
+    import service.loop.gate as gate_module
+    from service.config import Settings
+    from service.inference.ensemble import ModelError
+    from service.loop.candidate import Candidate
+
+    def nan_outputs(ensemble):
+        raise ModelError(f"model {ensemble.version} produces non-finite or out-of-range outputs")
+
+    monkeypatch.setattr(gate_module, "check_outputs_finite", nan_outputs)
+    staging = registry.stage()
+    shutil.copy(BASELINE / "ensemble.onnx", staging / "ensemble.onnx")
+    card = finetuned_card(read_card(BASELINE), version="ft-nan", sha256="n" * 64, parent="p", finetune={"run": "r"})
+    settings = Settings(data_dir=registry.models_dir.parent, baseline_dir=BASELINE)
+    result = gate_module.gate_candidate(registry, settings, Candidate(staging, card), parent="p", holdout=[])
+    assert not result.passed and result["finite"] is False and "non-finite" in result["reasons"][0]
+    version, reason = registry.commit_gated(staging, card, result, {"train": ["c"], "holdout": []})
+    assert version.status == "rejected" and "non-finite" in reason
+
+
 def test_hot_swap_follows_the_pointer(registry):
     holder = ModelHolder(registry, threads=1)
     first = holder.load()

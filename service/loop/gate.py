@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.config import Settings
-from service.inference.ensemble import Ensemble, Predictor, check_outputs_finite, load_ensemble
+from service.inference.ensemble import Ensemble, ModelError, Predictor, check_outputs_finite, load_ensemble
 from service.inference.evaluation import pairs_overlap
 from service.loop.candidate import Candidate, pairs
 from service.loop.registry import Registry
@@ -66,7 +66,10 @@ def gate_candidate(
 
     threads = settings.finetune_threads
     staged = Ensemble(candidate.staging / "ensemble.onnx", candidate.version, threads=threads)
-    check_outputs_finite(staged)
+    try:
+        check_outputs_finite(staged)
+    except ModelError as exc:  # a model that cannot be served is the gate's "no", kept with its reason
+        return GateResult(finite=False, heldout_corrections=len(holdout), passed=False, reasons=[str(exc)])
     current = load_ensemble(registry.path(parent), threads=threads)
     return gate(
         current,
