@@ -147,6 +147,45 @@ def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkey
     assert 1 <= failed <= 3 and runner.failures == failed
 
 
+def _runner_with_one_run(tmp_path, monkeypatch, fault: BaseException, trigger: str = "admin"):
+    """A runner whose build stages a version, then meets ``fault``; one ``trigger`` run requested."""
+    runner = _runner(tmp_path)
+
+    def build_then_fail(registry, *args, **kwargs):
+        (registry.stage() / "ensemble.onnx").write_bytes(b"half an export")
+        raise fault
+
+    monkeypatch.setattr(runner_module, "build_candidate", build_then_fail)
+    runner.store.corrections.add(_correction(1), "dr.a")
+    run, _ = runner.store.runs.request(trigger, "dr.admin")
+    return runner, run
+
+
+def test_a_failed_run_leaves_no_staged_files_behind(tmp_path, monkeypatch):
+    runner, run = _runner_with_one_run(tmp_path, monkeypatch, OSError(28, "No space left on device"))
+    assert runner.execute(run) == "failed"
+    assert list(runner.registry.models_dir.glob(".staging-*")) == []  # its space is back before the retry
+    assert "No space left" in runner.store.runs.get(run.id).reason
+
+
+def test_an_admin_run_stopped_by_sigterm_is_requested_again(tmp_path, monkeypatch):
+    runner, run = _runner_with_one_run(tmp_path, monkeypatch, InterruptedError("runner stopping"))
+    assert runner.execute(run) == "failed"
+    assert list(runner.registry.models_dir.glob(".staging-*")) == []
+    assert runner.store.runs.get(run.id).state == "failed"
+    redo = runner.next_run()
+    assert redo is not None and redo.id != run.id and (redo.trigger, redo.requested_by) == ("admin", "dr.admin")
+
+
+def test_a_run_ended_by_another_runner_keeps_that_outcome(tmp_path):
+    runner = _runner(tmp_path)
+    run, _ = runner.store.runs.request("threshold", "runner")
+    runner.store.runs.start(run.id, runner.store.models.current(), {}, total=1)
+    runner.store.runs.fail_interrupted()  # a second runner took over (a lost lease) and failed it
+    runner.store.runs.end(run.id, "rejected", candidate="ft-1", metrics={}, reason="late")
+    assert runner.store.runs.get(run.id).state == "failed"
+
+
 def test_a_second_runner_is_refused_while_one_holds_the_lease(tmp_path):
     runner = _runner(tmp_path)
     release = runner.store.try_lease(runner_module.LEASE)

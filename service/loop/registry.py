@@ -141,15 +141,23 @@ class Registry:
         and the promoting ``run``'s outcome are set in the same transaction."""
         return self.versions.move_pointer(version, action=action, actor=actor, expect=expect, status=status, run=run)
 
+    def discard_staging(self) -> list[str]:
+        """Remove staging directories: versions never committed (a failed or crashed run; one runner
+        builds at a time, it holds the lease)."""
+        removed = []
+        for d in self.models_dir.glob(".staging-*"):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+        return removed
+
     def sweep(self) -> list[str]:
         """Remove staging directories (crashed runs), and move version directories that the store does
         not know to ``orphans/models`` (a crash before register, or a store that is not this one's)."""
-        removed = []
+        removed = self.discard_staging()
         for d in self.models_dir.iterdir():
             if d.name.startswith(".staging-"):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d.name)
-            elif self.versions.get(d.name) is None:
+                continue
+            if self.versions.get(d.name) is None:
                 quarantine(d, self.models_dir.parent, "models")
                 removed.append(d.name)
         return removed

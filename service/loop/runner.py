@@ -154,11 +154,13 @@ class Runner:
             result = gate_candidate(self.registry, s, candidate, parent=parent, holdout=holdout)
             result["duration_s"] = round(time.time() - t0, 1)
             _, reason = self.registry.commit_gated(candidate.staging, candidate.card, result, used)
-        except InterruptedError:
-            runs.end(run.id, "failed", candidate=None, metrics={}, reason="runner stopped mid-run")
+        except InterruptedError:  # a stop (SIGTERM: a rolling update): an admin's request is asked again
+            self.registry.discard_staging()
+            runs.interrupt(run.id, "runner stopped mid-run")
             return "failed"
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the loop continues
             log.exception("fine-tune run %s failed", run.id)
+            self.registry.discard_staging()  # a full volume gets its space back before the retry
             runs.end(run.id, "failed", candidate=None, metrics={}, reason=f"{type(exc).__name__}: {exc}"[:300])
             return "failed"
         runs.gated(run.id, candidate.version, dict(result))

@@ -62,13 +62,15 @@ class RunRepository:
             )
 
     def end(self, run_id: str, state: str, *, candidate: str | None, metrics: dict | None, reason: str | None) -> None:
+        """A running run's outcome (a run another runner already ended, e.g. failed at its start, stays so)."""
         with self.db.transaction() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE finetune_runs SET state = ?, candidate = ?, metrics = ?, reason = ?, finished_at = ?"
-                " WHERE id = ?",
+                " WHERE id = ? AND state = 'running'",
                 (state, candidate, json.dumps(metrics or {}), reason, time.time(), run_id),
             )
-            audit(db, "runner", f"finetune.{state}", run_id, {"candidate": candidate, "reason": reason})
+            if cur.rowcount:
+                audit(db, "runner", f"finetune.{state}", run_id, {"candidate": candidate, "reason": reason})
 
     def list(self, limit: int = 50) -> list[FinetuneRun]:
         rows = self.db.all("SELECT * FROM finetune_runs ORDER BY created_at DESC LIMIT ?", (limit,))
@@ -78,15 +80,21 @@ class RunRepository:
         return FinetuneRun.from_row(self.db.one("SELECT * FROM finetune_runs WHERE id = ?", (run_id,)))
 
     def fail_interrupted(self) -> list[FinetuneRun]:
-        """At runner start: runs left 'running' by a dead runner are failed. An admin's request is not
-        lost with them: it is requested again (in the same transaction), so the work is redone."""
+        """At runner start: runs left 'running' by a dead runner are failed (see ``interrupt``)."""
+        return self.interrupt(None, "runner stopped mid-run (restarted)")
+
+    def interrupt(self, run_id: str | None, reason: str) -> list[FinetuneRun]:
+        """Fail the running run ``run_id`` (None: every running run) that a stop cut short. An admin's
+        request is not lost with it: it is requested again (in the same transaction), so the work is redone."""
         with self.db.transaction() as db:
-            rows = db.execute("SELECT id FROM finetune_runs WHERE state = 'running'").fetchall()
+            only = "" if run_id is None else " AND id = ?"
+            rows = db.execute(
+                f"SELECT id FROM finetune_runs WHERE state = 'running'{only}", () if run_id is None else (run_id,)
+            ).fetchall()
             for r in rows:
                 db.execute(
-                    "UPDATE finetune_runs SET state = 'failed', reason = 'runner stopped mid-run (restarted)',"
-                    " finished_at = ? WHERE id = ?",
-                    (time.time(), r["id"]),
+                    "UPDATE finetune_runs SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
+                    (reason, time.time(), r["id"]),
                 )
             failed = [self.get(r["id"]) for r in rows]
             if any(run.trigger == "admin" for run in failed):
