@@ -248,6 +248,33 @@ def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_
     assert store.models.current() == "ft-1" and store.models.get("ft-1").status == "promoted"
 
 
+def test_a_crash_between_the_gate_and_the_promotion_redoes_the_run(tmp_path):
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    store.corrections.add(_correction(1), "dr.a")
+    run, _ = store.runs.request("threshold", "runner")
+    used = {"train": [_correction(1).id], "holdout": []}
+    store.runs.start(run.id, base, used, total=10)
+    store.models.register(  # commit_gated registered the passed candidate ... and the runner died
+        ModelVersion(
+            version="ft-1",
+            parent=base,
+            sha256="x",
+            path="/nowhere",
+            status="candidate",
+            corrections=used,
+            created_at=0.0,
+        )
+    )
+    assert runner.next_run() is None  # its corrections count as used: nothing would redo the run
+    runner.startup()
+    assert store.models.get("ft-1").status == "rejected" and "stopped" in store.models.get("ft-1").reason
+    assert store.models.current() == base
+    redo = runner.next_run()
+    assert redo is not None and redo.trigger == "recovery"
+    assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(1).id]  # trained again
+
+
 def _bank(path, n: int = 10, slides=True):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)

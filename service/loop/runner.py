@@ -88,6 +88,13 @@ class Runner:
         for name in self.registry.sweep():
             log.warning("moved aside unregistered model directory %s (interrupted run)", name)
         current = self.store.models.current()
+        stranded = [v.version for v in self.store.models.list() if v.status == "candidate" and v.version != current]
+        for version in stranded:  # gated, but the runner stopped before the pointer moved: redo the run
+            why = "the runner stopped between its gate and its promotion; its corrections train with the next run"
+            self.store.models.set_status(version, "rejected", why, actor="runner")
+            log.warning("candidate %s was never promoted (runner stopped): rejected, run requested again", version)
+        if stranded:
+            self.store.runs.request("recovery", "runner")
         if current and (again := enqueue_rescoring(self.store, self.settings, current, "runner")):
             log.warning("%d slides not yet segmented by %s (a rescoring cut short): queued", len(again), current)
 
