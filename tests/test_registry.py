@@ -182,6 +182,34 @@ def test_gate_passes_an_equal_model_and_rejects_a_worse_one_with_reasons(baselin
     assert few.passed and few["heldout_dice"] is None and "fewer than 2" in few["heldout_note"]
 
 
+class LeaningToNormal:
+    """The baseline's probabilities pulled towards 'normal' by ``pull`` (0: the baseline itself)."""
+
+    members = 5
+
+    def __init__(self, inner, pull: float):
+        self.inner, self.pull, self.version = inner, pull, f"pull-{pull}"
+
+    def predict(self, tiles):
+        return (1 - self.pull) * self.inner.predict(tiles) + self.pull * np.float32(0.01)
+
+
+def test_source_holdout_drops_do_not_add_up_over_promotions(baseline):
+    from service.inference.evaluation import pairs_overlap
+
+    bank = load_bank(BASELINE / "holdout.npz")
+    bank = (bank[0][:6], bank[1][:6])
+    drifted, further = LeaningToNormal(baseline, 0.3), LeaningToNormal(baseline, 0.45)
+    base, cur, cand = (pairs_overlap(m, *bank)[0].dice for m in (baseline, drifted, further))
+    assert base > cur > cand
+    margin = (cur - cand) + (base - cur) / 2  # within the margin of the current, not of the baseline
+    step = gate(drifted, further, bank, ([], []), margin=margin, min_heldout=2)
+    assert step.passed
+    total = gate(drifted, further, bank, ([], []), margin=margin, min_heldout=2, baseline=baseline)
+    assert not total.passed and "below the baseline's" in total["reasons"][0]
+    assert total["source_holdout_dice"]["baseline"] == round(base, 4)
+
+
 def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(registry):
     holder = ModelHolder(registry, threads=1)
     served = holder.load().version

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from service.config import Settings
-from service.inference.ensemble import Ensemble, ModelError, Predictor, check_outputs_finite, load_ensemble
+from service.inference.ensemble import (
+    Ensemble,
+    ModelError,
+    Predictor,
+    check_outputs_finite,
+    load_ensemble,
+    read_card,
+)
 from service.inference.evaluation import pairs_overlap
 from service.loop.candidate import Candidate, pairs
 from service.loop.registry import Registry
@@ -28,22 +35,30 @@ def gate(
     *,
     margin: float,
     min_heldout: int,
+    baseline: Predictor | None = None,
 ) -> GateResult:
-    """Promotion rule: finite outputs; source-holdout Dice drop <= margin; not worse on held-out corrections."""
+    """Promotion rule: finite outputs; source-holdout Dice drop <= margin from the current version and,
+    when ``current`` is a fine-tune, from the shipped ``baseline`` (drops do not add up over
+    promotions); not worse on held-out corrections."""
     images, masks = holdout_bank
     cur_src, cur_ok = pairs_overlap(current, images, masks)
     cand_src, cand_ok = pairs_overlap(candidate, images, masks)
+    source = {"current": round(cur_src.dice, 4), "candidate": round(cand_src.dice, 4)}
+    base_src = pairs_overlap(baseline, images, masks)[0] if baseline is not None else None
+    if base_src is not None:
+        source["baseline"] = round(base_src.dice, 4)
     result = GateResult(
-        finite=cand_ok,
-        source_holdout_dice={"current": round(cur_src.dice, 4), "candidate": round(cand_src.dice, 4)},
-        margin=margin,
-        heldout_corrections=len(heldout_pairs[0]),
+        finite=cand_ok, source_holdout_dice=source, margin=margin, heldout_corrections=len(heldout_pairs[0])
     )
     reasons = []
     if not cand_ok:
         reasons.append("candidate outputs are not finite")
     if cand_src.dice < cur_src.dice - margin:
         reasons.append(f"source holdout Dice dropped {cur_src.dice:.3f} -> {cand_src.dice:.3f} (margin {margin})")
+    if base_src is not None and cand_src.dice < base_src.dice - margin:
+        reasons.append(
+            f"source holdout Dice {cand_src.dice:.3f} is more than {margin} below the baseline's {base_src.dice:.3f}"
+        )
     if len(heldout_pairs[0]) >= min_heldout:
         cur_h, _ = pairs_overlap(current, *heldout_pairs)
         cand_h, _ = pairs_overlap(candidate, *heldout_pairs)
@@ -71,6 +86,9 @@ def gate_candidate(
     except ModelError as exc:  # a model that cannot be served is the gate's "no", kept with its reason
         return GateResult(finite=False, heldout_corrections=len(holdout), passed=False, reasons=[str(exc)])
     current = load_ensemble(registry.path(parent), threads=threads)
+    baseline = None
+    if read_card(settings.baseline_dir)["version"] != parent:  # a fine-tune's fine-tune: also against the root
+        baseline = load_ensemble(settings.baseline_dir, threads=threads)
     return gate(
         current,
         staged,
@@ -78,4 +96,5 @@ def gate_candidate(
         pairs(settings.data_dir / "corrections", holdout),
         margin=settings.gate_margin,
         min_heldout=settings.gate_min_heldout,
+        baseline=baseline,
     )
