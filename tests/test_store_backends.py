@@ -167,7 +167,8 @@ def test_fine_tune_runs_and_tokens(stores):
     same, created_again = b.runs.request("threshold", "runner")
     assert created and not created_again and same.id == run.id
     b.runs.start(run.id, "v1", {"train": ["c1"], "holdout": []}, total=10)
-    b.runs.progress(run.id, 4)
+    b.runs.progress(run.id, 4, 12)  # the fine-tune's own total (steps scaled with corrected area)
+    assert (a.runs.get(run.id).progress_done, a.runs.get(run.id).progress_total) == (4, 12)
     b.runs.end(run.id, "promoted", candidate="v2", metrics={"passed": True, "duration_s": 1.5}, reason=None)
     ended = a.runs.get(run.id)
     assert ended.state == "promoted" and ended.metrics["duration_s"] == 1.5 and ended.corrections["train"] == ["c1"]

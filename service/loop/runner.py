@@ -143,7 +143,7 @@ class Runner:
                 raise InterruptedError("runner stopping")
             if time.monotonic() - last[0] > 1.0 or done == total:
                 last[0] = time.monotonic()
-                runs.progress(run.id, done)
+                runs.progress(run.id, done, total)
                 self.beat()
 
         try:

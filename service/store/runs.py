@@ -46,10 +46,12 @@ class RunRepository:
                 (parent, json.dumps(corrections), total, now, now, run_id),
             )
 
-    def progress(self, run_id: str, done: int) -> None:
+    def progress(self, run_id: str, done: int, total: int) -> None:
+        """Steps done of ``total`` (the fine-tune's own count: it may scale steps with corrected area)."""
         with self.db.transaction() as db:
             db.execute(
-                "UPDATE finetune_runs SET progress_done = ?, heartbeat_at = ? WHERE id = ?", (done, time.time(), run_id)
+                "UPDATE finetune_runs SET progress_done = ?, progress_total = ?, heartbeat_at = ? WHERE id = ?",
+                (done, total, time.time(), run_id),
             )
 
     def gated(self, run_id: str, candidate: str, metrics: dict) -> None:
