@@ -117,7 +117,7 @@ class Settings(BaseSettings, SegmentationDefaults):
     finetune_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="runner's torch device")
     finetune_threads: int = Field(1, ge=1, description="torch threads of the runner (leave cores to serving)")
     holdout_every: int = Field(
-        5, ge=0, description="every n-th correction (by hash) is held out for the gate; 0 = none"
+        5, ge=0, description="every n-th corrected region (by hash of slide and region) is held out for the gate"
     )
     gate_margin: float = Field(0.03, ge=0, le=1, description="allowed drop of Dice on the frozen source holdout")
     gate_min_heldout: int = Field(2, ge=1, description="held-out corrections needed before they gate promotion")

@@ -17,6 +17,7 @@ from service.loop.corrections import (
     build_record,
     correction_id,
     decode_png_mask,
+    held_out_for_gate,
     load_pair,
     rasterize_geojson,
     sweep_orphans,
@@ -179,6 +180,30 @@ def test_acknowledged_correction_survives_reopen_and_is_idempotent(tmp_path):
     assert [c.id for c in again.corrections.list()] == [cid]
     image, m = load_pair(root, cid)
     assert m.sum() == 16 and image.shape == (16, 16, 3)
+
+
+def test_the_same_region_corrected_again_keeps_its_gate_role():
+    masks = [np.zeros((16, 16), bool) for _ in range(8)]
+    for i, m in enumerate(masks):
+        m[: i + 1] = True  # eight different answers for one region (other pathologists, later models)
+    for x in range(0, 40 * 32, 32):
+        region = Region(x, 0, 32, 32, 1.0)
+        roles = {
+            build_record(
+                correction_id("a.tif", region, m),
+                "a.tif",
+                region,
+                m,
+                annotator="a",
+                queue_item_id=None,
+                proposed_by="v1",
+                holdout_every=3,
+            ).holdout
+            for m in masks
+        }
+        assert len(roles) == 1, region  # never trained on by one correction and gated on by another
+    drawn = [held_out_for_gate("a.tif", Region(x, 0, 32, 32, 1.0), 3) for x in range(0, 300 * 32, 32)]
+    assert 0.2 < np.mean(drawn) < 0.47  # about one region in three
 
 
 def test_a_polygon_whose_fill_would_take_seconds_is_refused_at_once():

@@ -230,10 +230,14 @@ def rasterize_geojson(
     return np.asarray(canvas) > 0
 
 
+def _region_bytes(slide: str, region: Region) -> bytes:
+    return json.dumps([slide, region.x, region.y, region.width, region.height, round(region.mpp, 6)]).encode()
+
+
 def correction_id(slide: str, region: Region, mask: np.ndarray) -> str:
     """Content hash: the same mask for the same region of the same slide is the same correction."""
     h = hashlib.sha256()
-    h.update(json.dumps([slide, region.x, region.y, region.width, region.height, round(region.mpp, 6)]).encode())
+    h.update(_region_bytes(slide, region))
     h.update(np.packbits(mask.astype(bool)).tobytes())
     h.update(str(mask.shape).encode())
     return h.hexdigest()[:32]
@@ -301,7 +305,7 @@ def build_record(
     holdout_every: int,
     model_dice: float | None = None,
 ) -> Correction:
-    """The correction's record; every ``holdout_every``-th by hash is held out for the gate."""
+    """The correction's record; every ``holdout_every``-th region by hash is held out for the gate."""
     return Correction(
         id=cid,
         slide=slide,
@@ -314,10 +318,17 @@ def build_record(
         proposed_by_version=proposed_by,
         annotator=annotator,
         tumour_fraction=round(float(mask.mean()), 6),
-        holdout=int(holdout_every > 0 and int(cid[:8], 16) % holdout_every == 0),
+        holdout=int(held_out_for_gate(slide, region, holdout_every)),
         created_at=time.time(),
         model_dice=None if model_dice is None else round(model_dice, 6),
     )
+
+
+def held_out_for_gate(slide: str, region: Region, every: int) -> bool:
+    """Every ``every``-th region (by hash of the slide and the region, not of the mask) is held out:
+    the same region corrected again (another pathologist, a later model's queue) keeps its role, so
+    no crop is both trained on and gated on."""
+    return every > 0 and int(hashlib.sha256(_region_bytes(slide, region)).hexdigest()[:8], 16) % every == 0
 
 
 def load_mask(root: Path, cid: str) -> np.ndarray:
