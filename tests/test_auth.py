@@ -135,6 +135,7 @@ def finetune_as(svc, authorization: str) -> tuple[int, str | None, dict]:
     assert r.status_code == 202, r.text  # a new run, so a new audit row
     run_id = r.json()["id"]
     rows = [a for a in svc.runtime.store.audit_log(1000) if a["action"] == "finetune.request" and a["target"] == run_id]
+    svc.runtime.store.runs.start(run_id, "v", {}, total=1)  # as a runner would, then it ends
     svc.runtime.store.runs.end(run_id, "failed", candidate=None, metrics=None, reason="closed by test")
     assert len(rows) == 1
     return r.status_code, rows[0]["actor"], r.json()
