@@ -131,6 +131,17 @@ def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back
     assert registry.store.models.pointer_history()[0]["action"] == "auto-rollback"
 
 
+def test_a_lagging_worker_that_fails_to_load_moves_the_pointer_to_the_version_replaced_not_to_its_own(registry):
+    holder = ModelHolder(registry, threads=1)
+    served = holder.load().version
+    good = _register_copy(registry, "v2")
+    registry.store.models.move_pointer(good, action="promote", actor="t")  # the other workers load v2 ...
+    bad = _register_copy(registry, "broken", corrupt=True)
+    registry.store.models.move_pointer(bad, action="promote", actor="t")  # ... this one had not yet
+    assert holder.sync() is False and holder.current().version == served
+    assert registry.store.models.current() == good  # not back past v2 to what this worker served
+
+
 def test_commit_makes_a_durable_registered_version_that_is_never_written_again(registry):
     base = registry.store.models.current()
     staging = registry.stage()

@@ -77,10 +77,12 @@ class ModelHolder:
                 ens = self._load(target)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
                 reason = f"failed to load: {exc}".splitlines()[0][:300]
-                log.error("model %s %s; staying on %s and moving the pointer back", target, reason, served)
+                # back to the version ``target`` replaced (this worker may lag behind it, serving an older one)
+                back = self.registry.versions.rollback_target() or served
+                log.error("model %s %s; staying on %s and moving the pointer back to %s", target, reason, served, back)
                 self.registry.versions.set_status(target, "failed", reason)
-                if served:
-                    self.registry.move_pointer(served, action="auto-rollback", actor="system", expect=target)
+                if back:
+                    self.registry.move_pointer(back, action="auto-rollback", actor="system", expect=target)
                 return False
             self._ensemble = ens
         log.info("hot swap: %s -> %s", served, target)
