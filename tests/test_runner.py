@@ -188,8 +188,8 @@ def test_a_run_ended_by_another_runner_keeps_that_outcome(tmp_path):
 
 def test_a_second_runner_is_refused_while_one_holds_the_lease(tmp_path):
     runner = _runner(tmp_path)
-    release = runner.store.try_lease(runner_module.LEASE)
-    assert release is not None
+    lease = runner.store.try_lease(runner_module.LEASE)
+    assert lease is not None
     env = {**os.environ, "UGA_DATA_DIR": str(tmp_path / "data"), "UGA_RUNNER_METRICS_PORT": "0"}
     once = subprocess.run(
         [sys.executable, "-m", "service.cli", "runner", "--once"], env=env, capture_output=True, text=True, timeout=120
@@ -197,7 +197,20 @@ def test_a_second_runner_is_refused_while_one_holds_the_lease(tmp_path):
     assert once.returncode == 2 and once.stderr.strip().splitlines() == [
         "uga: error: another runner is running (it holds the runner lease); let it work"
     ]
-    release()
+    lease.release()
+
+
+def test_a_runner_that_lost_its_lease_stops_and_touches_nothing(tmp_path, monkeypatch):
+    from service.store import Lease
+
+    runner, run = _runner_with_one_run(tmp_path, monkeypatch, AssertionError("never built"))
+    monkeypatch.setattr(runner_module, "build_candidate", lambda *a, **k: pytest.fail("a run started"))
+    still = [True]
+    runner.lease = Lease(release=lambda: None, held=lambda: still[0])
+    assert runner.holds_lease()
+    still[0] = False  # the database connection that held it is gone
+    runner.serve_forever()  # returns at once: no run taken
+    assert runner.lost_lease and runner.store.runs.get(run.id).state == "requested"
 
 
 def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_path, source_slide):

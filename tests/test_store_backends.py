@@ -132,16 +132,35 @@ def test_the_model_pointer_is_a_compare_and_set_across_replicas(stores):
 
 def test_one_process_of_the_deployment_holds_the_runner_lease(stores):
     a, b = stores(2)
-    release = a.try_lease("runner")
-    assert release is not None
+    lease = a.try_lease("runner")
+    assert lease is not None and lease.held()
     assert b.try_lease("runner") is None  # a second runner, on this host or another: refused
     other = b.try_lease("other")
     assert other is not None  # leases are by name
-    other()
-    release()  # the first runner ends
+    other.release()
+    lease.release()  # the first runner ends
+    assert not lease.held()
     again = b.try_lease("runner")
     assert again is not None
-    again()
+    again.release()
+
+
+def test_a_postgres_lease_is_lost_with_its_connection_and_says_so(stores, database_url):
+    if not database_url:
+        pytest.skip("a SQLite lease is a file lock: it cannot be lost while the process lives")
+    import psycopg
+
+    a, b = stores(2)
+    lease = a.try_lease("runner")
+    with psycopg.connect(database_url, autocommit=True) as admin:  # a failover ends every session
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    assert not lease.held()  # the runner learns it is no longer the one
+    again = b.try_lease("runner")
+    assert again is not None  # and another can take over
+    again.release()
 
 
 def test_corrections_are_idempotent_by_content_hash_and_audited(stores):

@@ -23,7 +23,7 @@ from service.loop.jobs import enqueue_rescoring
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
 from service.loop.store_metrics import StoreCollector
-from service.store import FinetuneRun, Store
+from service.store import FinetuneRun, Lease, Store
 from service.vocabulary import GATED_RUN_STATES
 
 log = logging.getLogger("uga.runner")
@@ -38,6 +38,8 @@ class Runner:
         self.store = Store.open(settings)
         self.registry = Registry(self.store, settings.data_dir, settings.baseline_dir)
         self._stop = threading.Event()
+        self.lease: Lease | None = None  # the deployment's runner lease, once main() holds it
+        self.lost_lease = False
         self.failures = 0  # consecutive failed runs: the next waits runner_poll_s × 2^failures (≤ 1 h)
         self.metrics = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.metrics)
@@ -108,10 +110,21 @@ class Runner:
             return run
         return None
 
+    def holds_lease(self) -> bool:
+        """Still the one runner (a PostgreSQL lease goes with its connection); if not, stop working:
+        another runner may have taken over, and its startup failed this one's run."""
+        if self.lease is None or self.lease.held():
+            return True
+        if not self.lost_lease:
+            log.error("the runner lease was lost (database connection gone): stopping; a restart waits for it")
+        self.lost_lease = True
+        self._stop.set()
+        return False
+
     def serve_forever(self) -> None:
         self.startup()
         log.info("runner ready (threshold %d corrections)", self.settings.finetune_min_corrections)
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.holds_lease():
             self.beat()
             run = self.next_run()
             if run is None:
@@ -143,6 +156,8 @@ class Runner:
                 raise InterruptedError("runner stopping")
             if time.monotonic() - last[0] > 1.0 or done == total:
                 last[0] = time.monotonic()
+                if not self.holds_lease():
+                    raise InterruptedError("runner lease lost")
                 runs.progress(run.id, done, total)
                 self.beat()
 
@@ -160,8 +175,12 @@ class Runner:
             )
             result = gate_candidate(self.registry, s, candidate, parent=parent, holdout=holdout)
             result["duration_s"] = round(time.time() - t0, 1)
+            if not self.holds_lease():  # another runner may own this run now: register and promote nothing
+                raise InterruptedError("runner lease lost")
             _, reason = self.registry.commit_gated(candidate.staging, candidate.card, result, used)
         except InterruptedError:  # a stop (SIGTERM: a rolling update): an admin's request is asked again
+            if self.lost_lease:  # the files and the run may be another runner's now: touch nothing
+                return "failed"
             self.registry.discard_staging()
             runs.interrupt(run.id, "runner stopped mid-run")
             return "failed"
@@ -218,22 +237,23 @@ def main(settings: Settings, once: bool = False) -> int:
         return 2
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
-    release = runner.store.try_lease(LEASE)
-    if release is None and once:
+    lease = runner.store.try_lease(LEASE)
+    if lease is None and once:
         print("uga: error: another runner is running (it holds the runner lease); let it work", file=sys.stderr)
         return 2
-    while release is None and not runner._stop.is_set():  # a rolling update: the old runner is still ending
+    while lease is None and not runner._stop.is_set():  # a rolling update: the old runner is still ending
         log.warning("another runner holds the runner lease: waiting for it to stop")
         runner.pause(max(settings.runner_poll_s, 5.0))
-        release = runner.store.try_lease(LEASE)
-    if release is None:
+        lease = runner.store.try_lease(LEASE)
+    if lease is None:
         return 0
+    runner.lease = lease
     try:
         if once:
             runner.startup()
             run = runner.next_run()
             return 0 if run is None or runner.execute(run) in GATED_RUN_STATES else 1
         runner.serve_forever()
-        return 0
+        return 1 if runner.lost_lease else 0
     finally:
-        release()
+        lease.release()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.store.corrections import CorrectionRepository
-from service.store.db import StoreError, open_database
+from service.store.db import Lease, StoreError, open_database
 from service.store.deliveries import DeliveryRepository
 from service.store.jobs import JobRepository
 from service.store.models import ModelRepository
@@ -25,6 +25,7 @@ __all__ = [
     "Delivery",
     "FinetuneRun",
     "Job",
+    "Lease",
     "ModelVersion",
     "QueueItem",
     "Store",
@@ -63,8 +64,8 @@ class Store:
     def writable(self) -> bool:
         return self.db.writable()
 
-    def try_lease(self, name: str):
-        """The release of the deployment-wide lease ``name`` if this process now holds it, else None."""
+    def try_lease(self, name: str) -> Lease | None:
+        """The deployment-wide lease ``name`` if this process now holds it, else None."""
         return self.db.try_lease(name)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -344,10 +345,10 @@ class Database:
             conn.close()
             self._local.conn = None
 
-    def try_lease(self, name: str) -> Callable[[], None] | None:
+    def try_lease(self, name: str) -> Lease | None:
         """Hold the deployment-wide lease ``name`` (one holder at a time, until its process ends or it
-        calls the release it gets back); None while another holds it. Here: an exclusive lock on a
-        file beside the database, which every process of a one-host deployment shares."""
+        releases it); None while another holds it. Here: an exclusive lock on a file beside the
+        database, which every process of a one-host deployment shares."""
         locks = self.path.parent / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         handle = open(locks / f"{name}.lease", "a")  # noqa: SIM115 - held open for the lease's lifetime
@@ -356,7 +357,16 @@ class Database:
         except BlockingIOError:
             handle.close()
             return None
-        return handle.close  # closing the file drops the lock
+        return Lease(release=handle.close, held=lambda: not handle.closed)  # closing the file drops the lock
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A deployment-wide lease this process holds: ``release()`` gives it up; ``held()`` says whether
+    it still holds it (a PostgreSQL lease goes with its connection, e.g. in a database failover)."""
+
+    release: Callable[[], None]
+    held: Callable[[], bool]
 
 
 def open_database(data_dir: Path, url: str | None = None, pool_size: int = 8, timeout_s: float = 10.0):

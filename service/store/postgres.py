@@ -18,14 +18,14 @@ import re
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from service.errors import Unavailable
-from service.store.db import SCHEMA, SCHEMA_VERSION, UPGRADES, StoreError, decode, statements
+from service.store.db import SCHEMA, SCHEMA_VERSION, UPGRADES, Lease, StoreError, decode, statements
 
 FIRST_VERSION = 8  # PostgreSQL stores began at schema 8: only UPGRADES after it apply to them
 WRITE_LOCK = 0x5547_4101  # "UGA" + 1: held by every change
@@ -205,10 +205,10 @@ class PostgresDatabase:
         except Exception:  # noqa: BLE001 - whatever the driver or the pool raised: not ready
             return False
 
-    def try_lease(self, name: str) -> Callable[[], None] | None:
+    def try_lease(self, name: str) -> Lease | None:
         """Hold the deployment-wide lease ``name`` (one holder across every host, until its process ends
-        or it calls the release it gets back); None while another holds it. Here: a session advisory
-        lock on a connection of its own, outside the pool, released when that connection closes."""
+        or it releases it); None while another holds it. Here: a session advisory lock on a connection
+        of its own, outside the pool, released when that connection closes or breaks."""
         import psycopg
 
         key = LEASE_BASE + zlib.crc32(name.encode()) % 0x10000
@@ -216,7 +216,14 @@ class PostgresDatabase:
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             conn.close()
             return None
-        return conn.close
+
+        def held() -> bool:
+            try:  # the lock is this session's: a broken or replaced connection no longer holds it
+                return bool(conn.execute("SELECT 1").fetchone()) and not conn.closed
+            except psycopg.Error:
+                return False
+
+        return Lease(release=conn.close, held=held)
 
     def close(self) -> None:
         self.pool.close()
