@@ -69,6 +69,23 @@ def _correction(i: int, holdout: int = 0):
     )
 
 
+def _register(store, version: str, status: str, corrections: dict | None = None, reason: str | None = None) -> None:
+    """A registered fine-tune of the current version (no files: the store's view alone)."""
+    parent = store.models.current()
+    store.models.register(
+        ModelVersion(
+            version=version,
+            parent=parent,
+            sha256="x",
+            path="/nowhere",
+            status=status,
+            reason=reason,
+            corrections=corrections,
+            created_at=time.time(),
+        )
+    )
+
+
 def test_held_out_corrections_alone_start_one_run_not_an_endless_row_of_them(tmp_path):
     runner = _runner(tmp_path)
     runner.settings.finetune_min_corrections = 1
@@ -85,18 +102,7 @@ def test_a_rejected_candidates_corrections_are_trained_on_again_until_the_model_
     store, base = runner.store, runner.store.models.current()
     store.corrections.add(_correction(1), "dr.a")
     rejected = {"train": [_correction(1).id], "holdout": []}
-    store.models.register(
-        ModelVersion(
-            version="ft-rejected",
-            parent=base,
-            sha256="x",
-            path="/nowhere",
-            status="rejected",
-            reason="worse on the holdout",
-            corrections=rejected,
-            created_at=time.time(),
-        )
-    )
+    _register(store, "ft-rejected", "rejected", rejected, reason="worse on the holdout")
     assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(1).id]
     assert store.corrections.unused_for_training("ft-rejected") == []  # that version did learn it
 
@@ -113,17 +119,7 @@ def test_corrections_that_only_early_stopped_a_run_are_trained_on_by_the_next(tm
         "early_stop": [_correction(2).id, _correction(4).id],  # split_holdout's every 2nd: never trained on
         "holdout": [],
     }
-    store.models.register(
-        ModelVersion(
-            version="ft-1",
-            parent=base,
-            sha256="x",
-            path="/nowhere",
-            status="promoted",
-            corrections=used,
-            created_at=time.time(),
-        )
-    )
+    _register(store, "ft-1", "promoted", used)
     store.models.move_pointer("ft-1", action="promote", actor="runner", expect=base)
     assert [c.id for c in store.corrections.unused_for_training("ft-1")] == used["early_stop"]
     assert store.corrections.unseen() == []  # used by a run: they do not start another on their own
@@ -250,9 +246,7 @@ def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_
     store, base = runner.store, runner.store.models.current()
     run, _ = store.runs.request("threshold", "runner")
     store.runs.start(run.id, base, {"train": [], "holdout": []}, total=10)
-    store.models.register(
-        ModelVersion(version="ft-1", parent=base, sha256="x", path="/nowhere", status="candidate", created_at=0.0)
-    )
+    _register(store, "ft-1", "candidate")
     store.runs.gated(run.id, "ft-1", {"passed": True, "duration_s": 12.5})
     assert runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id) is None
     runner.startup()  # the runner died before recording the run's end
@@ -268,17 +262,7 @@ def test_a_crash_between_the_gate_and_the_promotion_redoes_the_run(tmp_path):
     run, _ = store.runs.request("threshold", "runner")
     used = {"train": [_correction(1).id], "holdout": []}
     store.runs.start(run.id, base, used, total=10)
-    store.models.register(  # commit_gated registered the passed candidate ... and the runner died
-        ModelVersion(
-            version="ft-1",
-            parent=base,
-            sha256="x",
-            path="/nowhere",
-            status="candidate",
-            corrections=used,
-            created_at=0.0,
-        )
-    )
+    _register(store, "ft-1", "candidate", used)  # commit_gated registered the passed candidate; the runner died
     assert runner.next_run() is None  # its corrections count as used: nothing would redo the run
     runner.startup()
     assert store.models.get("ft-1").status == "rejected" and "stopped" in store.models.get("ft-1").reason
