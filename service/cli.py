@@ -11,6 +11,7 @@ Entry points extend it, so this package imports nothing from ``models.data``:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sqlite3
@@ -18,12 +19,16 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from service.config import get_settings, settings_error
 from service.errors import DomainError
 from service.vocabulary import MEASURES, SCORINGS, SELECTIONS
+
+if TYPE_CHECKING:
+    from service.options import SegmentationOptions
 
 EXIT_USAGE = 2
 COMMANDS_GROUP = "uga.commands"
@@ -32,6 +37,35 @@ DEMO_SLIDE_GROUP = "uga.demo_slide"
 
 class CliError(Exception):
     """Shown as one line on stderr, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are the CLI's one line (no usage block): what was wrong and
+    where to look."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(EXIT_USAGE, f"uga: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (1-65535)")
+    return int(value)
+
+
+def _workers(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of workers (1-64)")
+    return int(value)
+
+
+def _ip_address(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)") from None
 
 
 def _positive(value: str) -> float:
@@ -61,20 +95,16 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
-
-    from service.inference.ensemble import load_ensemble
-    from service.inference.pipeline import run_segmentation
-    from service.loop.jobs import check_work
+def segment_options(args: argparse.Namespace, out: Path) -> SegmentationOptions:
+    """The segmentation options of ``args``, checked before any work (CliError / DomainError)."""
     from service.options import SegmentationOptions
 
-    s = get_settings()
     if args.queue < 1:
         raise CliError("--queue must be at least 1")
-    ensemble = load_ensemble(args.model, providers=s.providers, threads=s.ort_threads)
-    opts = SegmentationOptions.resolve(
-        s,
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is not a directory (a file); give a directory, created if missing")
+    return SegmentationOptions.resolve(
+        get_settings(),
         {
             "mpp": args.mpp,
             "slide_mpp": args.slide_mpp,
@@ -87,6 +117,18 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
             "patch_um": args.patch_um,
         },
     )
+
+
+def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from service.inference.ensemble import load_ensemble
+    from service.inference.pipeline import run_segmentation
+    from service.loop.jobs import check_work
+
+    s = get_settings()
+    opts = segment_options(args, out)
+    ensemble = load_ensemble(args.model, providers=s.providers, threads=s.ort_threads)
     check_work(s, slide, opts)  # the service's limits: UGA_MAX_JOB_TILES, UGA_MAX_CORRECTION_PX
     bars: list[tqdm] = []  # created on the first tile, so refused input prints no bar
 
@@ -224,7 +266,6 @@ def _token_store(create: bool):
     data_dir = settings.data_dir
     if not create and not settings.database_url and not (data_dir / "uga.sqlite").exists():
         raise CliError(f"no store in {data_dir}: set UGA_DATA_DIR to the service's data directory")
-    data_dir.mkdir(parents=True, exist_ok=True)
     try:
         return Store.open(settings)
     except sqlite3.DatabaseError as exc:
@@ -339,7 +380,7 @@ def cmd_runner(args: argparse.Namespace) -> int:
     s = get_settings()
     if args.check:
         ok, message = runner.check(s)
-        print(message, file=sys.stdout if ok else sys.stderr)
+        print(message if ok else f"uga: error: runner unhealthy: {message}", file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     return runner.main(s, once=args.once)
 
@@ -356,7 +397,7 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uga", description="Uncertainty-guided annotation for slides")
+    parser = OneLineParser(prog="uga", description="Uncertainty-guided annotation for slides")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("segment", help="segment one slide: mask, uncertainty maps, ranked review queue")
     p.add_argument("slide", type=Path)
@@ -366,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_commands(sub)  # after segment, so `uga -h` lists make-slides and demo where it always has
     s = get_settings()
     p = sub.add_parser("serve", help="start the HTTP service (bentoml serve) with embedded defaults")
-    p.add_argument("--host", default=s.host)
-    p.add_argument("--port", type=int, default=s.port)
-    p.add_argument("--workers", type=int, default=s.workers)
+    p.add_argument("--host", type=_ip_address, default=s.host, help="bind address (an IP address)")
+    p.add_argument("--port", type=_port, default=s.port)
+    p.add_argument("--workers", type=_workers, default=s.workers)
     p.add_argument("--demo-slide", action="store_true", help="put a demo slide into the slide root first")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("runner", help="background fine-tune runner (corrections -> candidate -> gate -> promote)")
@@ -381,14 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.store import StoreError
+
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # a refused database: our one line, not its retries
     try:
         args = build_parser().parse_args(argv)  # the options' defaults come from the settings
         return args.func(args)
-    except (CliError, DomainError) as exc:  # anything else is a bug: its traceback is shown
+    except (CliError, DomainError, StoreError) as exc:  # anything else is a bug: its traceback is shown
         print(f"uga: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as exc:  # a setting in the environment is invalid
         print(f"uga: error: {settings_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.DatabaseError as exc:
+        print(
+            f"uga: error: the store cannot be read ({exc}); is UGA_DATA_DIR a service's data directory?",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except OSError as exc:  # a path that is a file, read-only, missing: the environment, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"uga: error: {where}{exc.strerror or exc} (check UGA_DATA_DIR, UGA_SLIDE_ROOT and the paths given)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("uga: interrupted", file=sys.stderr)

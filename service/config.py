@@ -31,7 +31,7 @@ class Settings(BaseSettings, SegmentationDefaults):
     """Service configuration. Every field is ``UGA_<NAME>`` in the environment, including the
     segmentation defaults inherited from ``SegmentationDefaults`` (mpp, tile, ..., min_tissue)."""
 
-    model_config = SettingsConfigDict(env_prefix="UGA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="UGA_", extra="ignore", allow_inf_nan=False)
 
     # storage
     data_dir: Path = Field(Path("data"), description="data directory: SQLite store, jobs, artifacts")
@@ -98,7 +98,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     finetune_min_corrections: int = Field(5, ge=1, description="new corrections that start a fine-tune run")
     finetune_steps: int = Field(40, ge=1, description="optimiser steps per ensemble member per run")
     finetune_batch: int = Field(8, ge=1, le=64, description="fine-tune batch size")
-    finetune_patch: int = Field(128, ge=64, le=512, description="fine-tune crop side, pixels (multiple of 8)")
+    finetune_patch: int = Field(
+        128, ge=64, le=512, multiple_of=8, description="fine-tune crop side, pixels (multiple of 8)"
+    )
     finetune_lr: float = Field(3e-4, gt=0, description="fine-tune learning rate")
     finetune_replay_share: float = Field(0.5, ge=0, lt=1, description="share of each batch replayed from source")
     finetune_steps_per_mm2: float = Field(
@@ -164,6 +166,20 @@ class Settings(BaseSettings, SegmentationDefaults):
     overlay_max_px: int = Field(
         2048, ge=256, le=8192, description="longest side of a job's overlay images (outline, heat maps), pixels"
     )
+
+    @field_validator("data_dir", "slide_root", "baseline_dir", mode="before")
+    @classmethod
+    def _path_given(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # '' would be the working directory
+            raise ValueError("is empty: give a directory (unset it for the default)")
+        return value
+
+    @field_validator("data_dir", "slide_root")
+    @classmethod
+    def _not_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a directory")
+        return value
 
     @model_validator(mode="after")
     def _slide_root_in_data_dir(self) -> Settings:

@@ -94,6 +94,42 @@ def test_a_store_that_is_not_a_database_is_one_line(tmp_path):
     assert_refused(uga("tokens", "list", env={"UGA_DATA_DIR": str(tmp_path)}), "cannot be read")
 
 
+MISTAKES = [  # (arguments, environment, what the one line must say); cwd is an empty directory with a file f
+    ([], {}, "required: command"),
+    (["frob"], {}, "invalid choice"),
+    (["segment", "x.svs"], {}, "required: --out"),
+    (["segment", "x.svs", "--out", "o", "--frobnicate"], {}, "unrecognized arguments"),
+    (["segment", "x.svs", "--out", "o", "--queue", "1.5"], {}, "invalid int value"),
+    (["serve", "--port", "99999"], {}, "not a port"),
+    (["serve", "--workers", "0"], {}, "number of workers"),
+    (["serve", "--host", "no such host"], {}, "not an IP address"),
+    (["make-slides", "--out", "o", "--seed", "-1"], {}, "not a seed"),
+    (["demo", "--queue", "0", "--quiet"], {}, "--queue"),  # before the demo slide is built
+    (["demo", "--out", "f", "--quiet"], {}, "not a directory"),
+    (["tokens", "list"], {"UGA_DATA_DIR": "f"}, "is a file"),
+    (["serve"], {"UGA_SLIDE_ROOT": "f"}, "is a file"),
+    (["tokens", "add", "al", "--role", "viewer"], {"UGA_DATA_DIR": ""}, "is empty"),
+    (["tokens", "list"], {"UGA_MIN_FREE_MB": "inf"}, "finite number"),
+    (["tokens", "list"], {"UGA_FINETUNE_PATCH": "100"}, "multiple of 8"),
+    (["tokens", "list"], {"UGA_DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db"}, "cannot connect"),
+]
+
+
+@pytest.mark.parametrize("args, env, needle", MISTAKES, ids=[" ".join(m[0]) + str(m[1]) for m in MISTAKES])
+def test_every_mistake_is_one_line_and_changes_nothing(tmp_path, args, env, needle):
+    (tmp_path / "f").write_text("a file")
+    assert_refused(uga(*args, cwd=tmp_path, env={"UGA_DATABASE_TIMEOUT_S": "1", **env}), needle)
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]  # no store, data directory or output made
+
+
+def test_the_runner_check_never_makes_a_store_where_there_is_none(tmp_path):
+    proc = uga("runner", "--check", cwd=tmp_path, env={"UGA_DATA_DIR": "typo"})
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "uga: error: runner unhealthy: no store in typo (is UGA_DATA_DIR the deployment's data directory?)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_centre_for_make_slides(tmp_path):
     assert_refused(uga("make-slides", "--out", tmp_path, "--centre", "mars"), "unknown centre")
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.cli import CliError, add_segment_options, print_summary, run_segment
+from service.cli import CliError, add_segment_options, print_summary, run_segment, segment_options
 from service.config import get_settings
 
 DEMO_SEED = 7
@@ -40,6 +40,12 @@ def build_demo_slide(path: Path) -> None:
         _build_demo(path, "mixed")
 
 
+def _seed(value: str) -> int:
+    if not value.isdigit() or int(value) >= 2**32:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a seed (an integer from 0 to 2**32 - 1)")
+    return int(value)
+
+
 def cmd_make_slides(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -50,6 +56,8 @@ def cmd_make_slides(args: argparse.Namespace) -> int:
         raise CliError(f"unknown centre {unknown[0]!r}; choose from {', '.join(CENTRES)}")
     if args.count < 1:
         raise CliError("--count must be at least 1")
+    if args.seed + args.count > 2**32:
+        raise CliError("--seed plus --count must stay below 2**32")
     args.out.mkdir(parents=True, exist_ok=True)
     sources = _sources()
     jobs = [(c, i) for c in args.centre for i in range(args.count)]
@@ -68,10 +76,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(f"unknown centre {args.centre!r}; choose from {', '.join(CENTRES)}")
     s = get_settings()
     slide = s.data_dir / "demo" / f"demo-{args.centre}.tif"
+    out = args.out or s.data_dir / "demo" / f"result-{args.centre}"
+    segment_options(args, out)  # refused options refuse before the slide is built
     if not slide.exists():
         print(f"building demo slide {slide} (centre {args.centre!r}) ...", file=sys.stderr)
         _build_demo(slide, args.centre)
-    out = args.out or s.data_dir / "demo" / f"result-{args.centre}"
     summary = run_segment(slide, out, args)
     print_summary(summary, out)
     return 0
@@ -84,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--centre", nargs="+", default=["source"], help="centres (source, stain, blur, ...)")
     p.add_argument("--size", choices=["test-small", "demo", "bench", "bench-large"], default="test-small")
     p.add_argument("--count", type=int, default=1, help="slides per centre")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="first slide's seed (0 to 2**32 - 1 minus --count)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_slides)
     p = sub.add_parser("demo", help="build an out-of-domain demo slide (once) and segment it")

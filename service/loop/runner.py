@@ -202,6 +202,8 @@ class Runner:
 def check(settings: Settings, stale_s: float = 600.0) -> tuple[bool, str]:
     """Liveness for Kubernetes: the runner's loop has beaten lately (once it has started), the store
     opens, and a running run has a recent heartbeat."""
+    if not settings.database_url and not (settings.data_dir / "uga.sqlite").is_file():  # never make one here
+        return False, f"no store in {settings.data_dir} (is UGA_DATA_DIR the deployment's data directory?)"
     alive = settings.data_dir / ALIVE
     if alive.exists() and (age := time.time() - alive.stat().st_mtime) > stale_s:
         return False, f"the runner's loop has not beaten for {age:.0f} s (stuck?)"

@@ -39,8 +39,8 @@ class Store:
     def __init__(self, data_dir: Path, database_url: str | None = None, pool_size: int = 8, timeout_s: float = 10.0):
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
+        self.db = open_database(self.data_dir, database_url, pool_size, timeout_s)  # refused: nothing made
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.db = open_database(self.data_dir, database_url, pool_size, timeout_s)
         self.db_path = self.db.path
         self.jobs = JobRepository(self.db)
         self.queue = QueueRepository(self.db)

@@ -261,6 +261,7 @@ class Database:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._migrate()
 
