@@ -424,9 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from service.store import StoreError
 
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # a refused database: our one line, not its retries
     try:
         args = build_parser().parse_args(argv)  # the options' defaults come from the settings
+        if args.command != "runner":  # a refused database: our one line, not its retries (the runner logs them)
+            logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         return args.func(args)
     except (CliError, DomainError, StoreError) as exc:  # anything else is a bug: its traceback is shown
         print(f"uga: error: {exc}", file=sys.stderr)
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except sqlite3.DatabaseError as exc:
         print(
-            f"uga: error: the store cannot be read ({exc}); is UGA_DATA_DIR a service's data directory?",
+            f"uga: error: the SQLite store failed ({exc}); is UGA_DATA_DIR a service's data directory?",
             file=sys.stderr,
         )
         return EXIT_USAGE

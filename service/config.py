@@ -174,6 +174,16 @@ class Settings(BaseSettings, SegmentationDefaults):
             raise ValueError("is empty: give a directory (unset it for the default)")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError("must be an IP address to bind to (127.0.0.1, 0.0.0.0, ::)") from None
+
     @field_validator("data_dir", "slide_root")
     @classmethod
     def _not_a_file(cls, value: Path | None) -> Path | None:

@@ -219,6 +219,12 @@ def test_source_holdout_drops_do_not_add_up_over_promotions(baseline):
     total = gate(drifted, further, bank, ([], []), margin=margin, min_heldout=2, baseline=baseline)
     assert not total.passed and "below the baseline's" in total["reasons"][0]
     assert total["source_holdout_dice"]["baseline"] == round(base, 4)
+    # a current version already below the bound (promoted by hand): the loop goes on, but never lower
+    far = margin / 4
+    assert gate(further, further, bank, ([], []), margin=far, min_heldout=2, baseline=baseline).passed
+    assert not gate(
+        further, LeaningToNormal(baseline, 0.5), bank, ([], []), margin=far, min_heldout=2, baseline=baseline
+    ).passed
 
 
 def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(registry):

@@ -272,6 +272,66 @@ def test_a_crash_between_the_gate_and_the_promotion_redoes_the_run(tmp_path):
     assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(1).id]  # trained again
 
 
+def test_a_runner_that_loses_its_lease_during_the_gate_registers_and_promotes_nothing(tmp_path, monkeypatch):
+    from service.inference.ensemble import read_card
+    from service.loop.candidate import Candidate
+    from service.loop.gate import GateResult
+    from service.loop.registry import finetuned_card
+    from service.store import Lease
+
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    held = [True]
+    runner.lease = Lease(release=lambda: None, held=lambda: held[0])
+
+    def build(registry, settings, **kw):
+        staging = registry.stage()
+        shutil.copy(REPO / "models" / "baseline" / "ensemble.onnx", staging / "ensemble.onnx")
+        card = finetuned_card(
+            read_card(settings.baseline_dir),
+            version="ft-x",
+            sha256="f" * 64,
+            parent=base,
+            finetune={"run": kw["run_id"]},
+        )
+        return Candidate(staging, card)
+
+    def gate_while_the_connection_goes(*args, **kwargs):
+        held[0] = False
+        return GateResult(passed=True, reasons=[])
+
+    monkeypatch.setattr(runner_module, "build_candidate", build)
+    monkeypatch.setattr(runner_module, "gate_candidate", gate_while_the_connection_goes)
+    store.corrections.add(_correction(1), "dr.a")
+    run, _ = store.runs.request("admin", "dr.admin")
+    assert runner.execute(run) == "failed" and runner.lost_lease
+    assert store.models.current() == base and store.models.get("ft-x") is None
+    assert store.runs.get(run.id).state == "running"  # left to the runner that took over: its startup fails it
+    assert len(list(runner.registry.models_dir.glob(".staging-*"))) == 1  # and sweeps this
+
+
+def test_a_run_another_runner_has_ended_promotes_nothing(tmp_path):
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    run, _ = store.runs.request("threshold", "runner")
+    store.runs.start(run.id, base, {"train": [], "holdout": []}, total=1)
+    _register(store, "ft-1", "candidate")
+    store.runs.fail_interrupted()  # the runner that took over failed it
+    reason = runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id)
+    assert reason is not None and "another runner" in reason
+    assert store.models.current() == base and store.runs.get(run.id).state == "failed"
+
+
+def test_a_candidate_an_admin_promoted_and_rolled_back_is_not_taken_for_a_stranded_one(tmp_path):
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    _register(store, "ft-1", "candidate")
+    store.models.move_pointer("ft-1", action="manual-promote", actor="dr.admin")
+    store.models.move_pointer(base, action="rollback", actor="dr.admin")
+    runner.startup()
+    assert store.models.get("ft-1").status == "candidate" and runner.next_run() is None
+
+
 def _bank(path, n: int = 10, slides=True):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)

@@ -39,7 +39,8 @@ def gate(
 ) -> GateResult:
     """Promotion rule: finite outputs; source-holdout Dice drop <= margin from the current version and,
     when ``current`` is a fine-tune, from the shipped ``baseline`` (drops do not add up over
-    promotions); not worse on held-out corrections."""
+    promotions; a current version already below that must not drop at all); not worse on held-out
+    corrections."""
     images, masks = holdout_bank
     cur_src, cur_ok = pairs_overlap(current, images, masks)
     cand_src, cand_ok = pairs_overlap(candidate, images, masks)
@@ -55,7 +56,8 @@ def gate(
         reasons.append("candidate outputs are not finite")
     if cand_src.dice < cur_src.dice - margin:
         reasons.append(f"source holdout Dice dropped {cur_src.dice:.3f} -> {cand_src.dice:.3f} (margin {margin})")
-    if base_src is not None and cand_src.dice < base_src.dice - margin:
+    # within the margin of the baseline; a current version already below that may not drop further
+    if base_src is not None and cand_src.dice < min(base_src.dice - margin, cur_src.dice):
         reasons.append(
             f"source holdout Dice {cand_src.dice:.3f} is more than {margin} below the baseline's {base_src.dice:.3f}"
         )

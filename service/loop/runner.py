@@ -90,7 +90,11 @@ class Runner:
         for name in self.registry.sweep():
             log.warning("moved aside unregistered model directory %s (interrupted run)", name)
         current = self.store.models.current()
-        stranded = [v.version for v in self.store.models.list() if v.status == "candidate" and v.version != current]
+        stranded = [  # gated, never current (an admin may have promoted and rolled back a candidate: not it)
+            v.version
+            for v in self.store.models.list()
+            if v.status == "candidate" and v.version != current and not self.store.models.was_current(v.version)
+        ]
         for version in stranded:  # gated, but the runner stopped before the pointer moved: redo the run
             why = "the runner stopped between its gate and its promotion; its corrections train with the next run"
             self.store.models.set_status(version, "rejected", why, actor="runner")
@@ -145,7 +149,7 @@ class Runner:
         train = self.store.corrections.unused_for_training(parent)
         holdout = self.store.corrections.held_out()
         used = corrections_used(s, train, holdout)
-        runs.start(run.id, parent, used, total=s.finetune_steps * self.registry.members(parent))
+        runs.start(run.id, parent, used, total=0)  # the fine-tune plans its steps (by corrected area): then known
         if not train:
             runs.end(run.id, "rejected", candidate=None, metrics={}, reason="no new training corrections")
             return "rejected"
@@ -186,11 +190,14 @@ class Runner:
             return "failed"
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the loop continues
             log.exception("fine-tune run %s failed", run.id)
-            self.registry.discard_staging()  # a full volume gets its space back before the retry
+            if self.holds_lease():  # else the staging directories may be the new runner's
+                self.registry.discard_staging()  # a full volume gets its space back before the retry
             runs.end(run.id, "failed", candidate=None, metrics={}, reason=f"{type(exc).__name__}: {exc}"[:300])
             return "failed"
         runs.gated(run.id, candidate.version, dict(result))
         status = "rejected"
+        if result.passed and not self.holds_lease():  # the new runner rejects it as stranded and redoes the run
+            return "failed"
         if result.passed:
             reason = promote_candidate(self.registry, s, candidate.version, parent=parent, run=run.id)
             status = "promoted" if reason is None else "rejected"

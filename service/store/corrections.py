@@ -51,7 +51,7 @@ class CorrectionRepository:
         held out)."""
         seen: set[str] = set()
         for r in self.db.all("SELECT corrections FROM model_versions WHERE corrections IS NOT NULL"):
-            used = r["corrections"]
+            used = r["corrections"] or {}  # a JSON null: a version registered without a record
             for role in roles:
                 seen.update(used.get(role, []))
         return seen

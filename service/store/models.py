@@ -65,6 +65,10 @@ class ModelRepository:
             previous = cur[0] if cur else None
             if (expect is not None and previous != expect) or previous == version:
                 return False
+            if run is not None:  # a run another runner has ended (it lost its lease) promotes nothing
+                state = db.execute("SELECT state FROM finetune_runs WHERE id = ?", (run,)).fetchone()
+                if state is None or state[0] != "running":
+                    return False
             now = time.time()
             db.execute(
                 "INSERT INTO model_pointer (id, version, changed_at) VALUES (1, ?, ?)"
@@ -85,7 +89,12 @@ class ModelRepository:
                     " WHERE id = ? AND state = 'running'",
                     (version, now, run),
                 )
+                audit(db, actor or "system", "finetune.promoted", run, {"candidate": version, "reason": None})
             return True
+
+    def was_current(self, version: str) -> bool:
+        """Whether the pointer ever pointed at ``version``."""
+        return self.db.scalar("SELECT COUNT(*) FROM pointer_history WHERE version = ?", (version,)) > 0
 
     def pointer_history(self, limit: int = 50) -> list[dict]:
         return self.db.all("SELECT * FROM pointer_history ORDER BY id DESC LIMIT ?", (limit,))
