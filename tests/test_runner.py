@@ -125,6 +125,25 @@ def test_corrections_that_only_early_stopped_a_run_are_trained_on_by_the_next(tm
     assert store.corrections.unseen() == []  # used by a run: they do not start another on their own
 
 
+def test_corrections_no_run_has_used_take_the_current_hold_out_rule_at_the_runners_start(tmp_path):
+    from dataclasses import replace
+
+    from service.loop.corrections import gate_role
+
+    runner = _runner(tmp_path)
+    store = runner.store
+    runner.settings.holdout_every = 2
+    stored = [replace(_correction(i), x=64 * i) for i in range(12)]  # drawn by an earlier rule: all trained on
+    for c in stored:
+        store.corrections.add(c, "dr.a")
+    _register(store, "ft-old", "rejected", {"train": [stored[0].id], "holdout": []})  # one already used
+    runner.startup()
+    roles = {c.id: c.holdout for c in store.corrections.list()}
+    assert roles[stored[0].id] == 0  # a used correction keeps the role it was used in
+    assert all(roles[c.id] == gate_role(c, 2) for c in stored[1:])
+    assert 0 < sum(roles.values()) < 11  # some held out now, not all
+
+
 def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise FileNotFoundError("corrections/abc/image.png")

@@ -331,6 +331,12 @@ def held_out_for_gate(slide: str, region: Region, every: int) -> bool:
     return every > 0 and int(hashlib.sha256(_region_bytes(slide, region)).hexdigest()[:8], 16) % every == 0
 
 
+def gate_role(correction: Correction, every: int) -> int:
+    """A stored correction's hold-out (1) or training (0) role under the current rule."""
+    region = Region(correction.x, correction.y, correction.width, correction.height, correction.mpp)
+    return int(held_out_for_gate(correction.slide, region, every))
+
+
 def load_mask(root: Path, cid: str) -> np.ndarray:
     """The mask (uint8 0/1) of a stored correction."""
     return (np.asarray(Image.open(root / cid / "mask.png")) > 127).astype(np.uint8)

@@ -96,6 +96,13 @@ class CorrectionRepository:
         )
         return [(r["proposed_by_version"], r["model_dice"]) for r in rows]
 
+    def set_holdout(self, changes: dict[str, int]) -> None:
+        """Set the gate role (1: held out) of corrections, by id; one transaction, audited."""
+        with self.db.transaction() as db:
+            for cid, holdout in changes.items():
+                db.execute("UPDATE corrections SET holdout = ? WHERE id = ?", (holdout, cid))
+                audit(db, "runner", "correction.holdout", cid, {"holdout": holdout})
+
     def held_out(self) -> list[Correction]:
         rows = self.db.all("SELECT * FROM corrections WHERE holdout = 1 ORDER BY created_at")
         return [Correction.from_row(r) for r in rows]
