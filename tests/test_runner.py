@@ -54,7 +54,7 @@ def _correction(i: int, holdout: int = 0):
     return Correction(
         id=f"{i:032d}",
         slide="a.tif",
-        x=0,
+        x=64 * i,  # one region each
         y=0,
         width=8,
         height=8,
@@ -126,14 +126,13 @@ def test_corrections_that_only_early_stopped_a_run_are_trained_on_by_the_next(tm
 
 
 def test_corrections_no_run_has_used_take_the_current_hold_out_rule_at_the_runners_start(tmp_path):
-    from dataclasses import replace
 
     from service.loop.corrections import gate_role
 
     runner = _runner(tmp_path)
     store = runner.store
     runner.settings.holdout_every = 2
-    stored = [replace(_correction(i), x=64 * i) for i in range(12)]  # drawn by an earlier rule: all trained on
+    stored = [_correction(i) for i in range(12)]  # drawn by an earlier rule: all trained on
     for c in stored:
         store.corrections.add(c, "dr.a")
     _register(store, "ft-old", "rejected", {"train": [stored[0].id], "holdout": []})  # one already used
