@@ -126,7 +126,6 @@ def test_corrections_that_only_early_stopped_a_run_are_trained_on_by_the_next(tm
 
 
 def test_corrections_no_run_has_used_take_the_current_hold_out_rule_at_the_runners_start(tmp_path):
-
     from service.loop.corrections import gate_role
 
     runner = _runner(tmp_path)
