@@ -258,12 +258,18 @@ def test_the_liveness_probe_fails_when_the_runners_loop_stops_beating(tmp_path):
     assert not ok and "has not beaten" in why
 
 
-def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_path):
+def _run_with_a_gated_candidate(tmp_path):
+    """A runner, its store, the baseline, and a running run whose candidate ft-1 passed its gate."""
     runner = _runner(tmp_path)
     store, base = runner.store, runner.store.models.current()
     run, _ = store.runs.request("threshold", "runner")
     store.runs.start(run.id, base, {"train": [], "holdout": []}, total=10)
     _register(store, "ft-1", "candidate")
+    return runner, store, base, run
+
+
+def test_a_crash_right_after_a_promotion_leaves_the_run_promoted_not_failed(tmp_path):
+    runner, store, base, run = _run_with_a_gated_candidate(tmp_path)
     store.runs.gated(run.id, "ft-1", {"passed": True, "duration_s": 12.5})
     assert runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id) is None
     runner.startup()  # the runner died before recording the run's end
@@ -328,11 +334,7 @@ def test_a_runner_that_loses_its_lease_during_the_gate_registers_and_promotes_no
 
 
 def test_a_run_another_runner_has_ended_promotes_nothing(tmp_path):
-    runner = _runner(tmp_path)
-    store, base = runner.store, runner.store.models.current()
-    run, _ = store.runs.request("threshold", "runner")
-    store.runs.start(run.id, base, {"train": [], "holdout": []}, total=1)
-    _register(store, "ft-1", "candidate")
+    runner, store, base, run = _run_with_a_gated_candidate(tmp_path)
     store.runs.fail_interrupted()  # the runner that took over failed it
     reason = runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id)
     assert reason is not None and "another runner" in reason
