@@ -123,10 +123,6 @@ class Registry:
         )
         return version, reason
 
-    def members(self, version: str) -> int:
-        """How many ensemble members the version has (a fine-tune trains each)."""
-        return int(read_card(self.path(version))["recipe"]["members"])
-
     def move_pointer(
         self,
         version: str,
