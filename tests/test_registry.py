@@ -241,6 +241,27 @@ def test_source_holdout_drops_do_not_add_up_over_promotions(baseline):
     ).passed
 
 
+@pytest.mark.slow
+def test_a_fine_tune_of_a_fine_tune_is_gated_against_the_baseline_too(registry):
+    from service.config import Settings
+    from service.loop.candidate import Candidate
+    from service.loop.gate import gate_candidate
+
+    settings = Settings(data_dir=registry.models_dir.parent, baseline_dir=BASELINE, finetune_threads=2)
+    base = registry.store.models.current()
+    v2 = _register_copy(registry, "v2")
+
+    def gated(parent: str) -> dict:
+        staging = registry.stage()
+        shutil.copy(BASELINE / "ensemble.onnx", staging / "ensemble.onnx")
+        card = finetuned_card(read_card(BASELINE), version="c", sha256="c" * 64, parent=parent, finetune={})
+        return gate_candidate(registry, settings, Candidate(staging, card), parent=parent, holdout=[])
+
+    assert "baseline" not in gated(base)["source_holdout_dice"]  # the baseline's own fine-tune: once is enough
+    against_root = gated(v2)
+    assert against_root.passed and against_root["source_holdout_dice"]["baseline"] > 0
+
+
 def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(registry):
     holder = ModelHolder(registry, threads=1)
     served = holder.load().version
