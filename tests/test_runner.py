@@ -333,6 +333,27 @@ def test_a_runner_that_loses_its_lease_during_the_gate_registers_and_promotes_no
     assert len(list(runner.registry.models_dir.glob(".staging-*"))) == 1  # and sweeps this
 
 
+def test_a_runner_that_loses_its_lease_mid_training_stops_at_its_next_progress_report(tmp_path, monkeypatch):
+    from service.store import Lease
+
+    runner = _runner(tmp_path)
+    held = [True]
+    runner.lease = Lease(release=lambda: None, held=lambda: held[0])
+
+    def train(registry, settings, *, progress, **kwargs):
+        (registry.stage() / "members.pt").write_bytes(b"half a checkpoint")
+        held[0] = False  # the database connection goes while the members train
+        progress(1, 10)
+        pytest.fail("training went on without the lease")
+
+    monkeypatch.setattr(runner_module, "build_candidate", train)
+    runner.store.corrections.add(_correction(1), "dr.a")
+    run, _ = runner.store.runs.request("admin", "dr.admin")
+    assert runner.execute(run) == "failed" and runner.lost_lease
+    assert runner.store.runs.get(run.id).state == "running"  # the new runner's to fail and redo
+    assert len(list(runner.registry.models_dir.glob(".staging-*"))) == 1  # nor removed: maybe the new one's
+
+
 def test_a_run_another_runner_has_ended_promotes_nothing(tmp_path):
     runner, store, base, run = _run_with_a_gated_candidate(tmp_path)
     store.runs.fail_interrupted()  # the runner that took over failed it
