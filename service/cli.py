@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.config import get_settings, settings_error
+from service.config import bind_address, get_settings, settings_error
 from service.errors import DomainError
 from service.vocabulary import MEASURES, SCORINGS, SELECTIONS
 
@@ -60,12 +60,10 @@ def _workers(value: str) -> int:
 
 
 def _ip_address(value: str) -> str:
-    import ipaddress
-
     try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)") from None
+        return bind_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(value: str) -> float:

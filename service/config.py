@@ -18,6 +18,16 @@ MAX_SITES = 64  # each site is a label value on a few histograms: keep the serie
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def bind_address(value: str) -> str:
+    """``value`` as the IP address `uga serve` binds to (bentoml takes no host name), or a ValueError."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address to bind to (127.0.0.1, 0.0.0.0, ::)") from None
+
+
 def is_tls_or_loopback(value: str) -> bool:
     """An https:// URL, or http:// to this host only: what credentials and signing keys may cross."""
     url = urlsplit(value)
@@ -177,12 +187,7 @@ class Settings(BaseSettings, SegmentationDefaults):
     @field_validator("host")
     @classmethod
     def _bind_address(cls, value: str) -> str:
-        import ipaddress
-
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError("must be an IP address to bind to (127.0.0.1, 0.0.0.0, ::)") from None
+        return bind_address(value)
 
     @field_validator("data_dir", "slide_root")
     @classmethod
