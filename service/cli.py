@@ -47,16 +47,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"uga: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _port(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port (1-65535)")
-    return int(value)
+def _within_setting(field: str, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer within the bounds of the setting ``field`` (one source of them)."""
+    from service.config import Settings
 
+    bounds = Settings.model_fields[field].metadata
+    lo = next(b.ge for b in bounds if hasattr(b, "ge"))
+    hi = next(b.le for b in bounds if hasattr(b, "le"))
 
-def _workers(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 64:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of workers (1-64)")
-    return int(value)
+    def parse(value: str) -> int:
+        if not value.isdigit() or not lo <= int(value) <= hi:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what} ({lo}-{hi})")
+        return int(value)
+
+    return parse
 
 
 def _ip_address(value: str) -> str:
@@ -406,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = get_settings()
     p = sub.add_parser("serve", help="start the HTTP service (bentoml serve) with embedded defaults")
     p.add_argument("--host", type=_ip_address, default=s.host, help="bind address (an IP address)")
-    p.add_argument("--port", type=_port, default=s.port)
-    p.add_argument("--workers", type=_workers, default=s.workers)
+    p.add_argument("--port", type=_within_setting("port", "a port"), default=s.port)
+    p.add_argument("--workers", type=_within_setting("workers", "a number of workers"), default=s.workers)
     p.add_argument("--demo-slide", action="store_true", help="put a demo slide into the slide root first")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("runner", help="background fine-tune runner (corrections -> candidate -> gate -> promote)")
