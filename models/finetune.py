@@ -126,18 +126,20 @@ def finetune_members(
     progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
     source: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+    mpp: float = 1.0,
 ) -> tuple[list[UNet], dict]:
     """Continue every member of ``parent_weights`` on the corrections (augmented) plus replay, or,
     with ``budget.retrain``, on the corrections plus its own part of ``source`` (the training bank:
     images, masks, slide of each patch), randomly cropped as the baseline was trained, every 256² px
     of either equally likely. Without corrections (the experiment's control) each member trains on
-    that replay or source part alone, for ``budget.steps``."""
+    that replay or source part alone, for ``budget.steps``. ``mpp``: the corrections' µm/px (their area
+    sets the steps)."""
     if budget.retrain and source is None:
         raise ValueError("the retrain arm needs the source training bank (images, masks, slides)")
     torch.set_num_threads(max(1, budget.threads))
     members, ckpt = load_members(parent_weights)
     train, held = split_holdout(corrections, budget.holdout_every)
-    steps = planned_steps(budget, train[1])
+    steps = planned_steps(budget, train[1], mpp)
     images = masks = None  # no corrections (a control run): each member goes on on its replay alone
     if train[0]:
         images, masks = crop_bank(*train, budget.patch, per_image=32, seed=budget.seed)

@@ -210,3 +210,32 @@ def test_a_polygon_whose_fill_would_take_seconds_is_refused_at_once():
     zigzag = [[float(i % 2) * 4000, float(i)] for i in range(0, 40_000, 1)]  # edges spanning ~all rows each
     zigzag = [[x, (i % 2) * 4095.0] for i, (x, _) in enumerate(zigzag)] + [[0.0, 0.0]]
     assert code_of(rasterize_geojson, _poly([zigzag]), (4096, 4096)) == "polygons_too_complex"
+
+
+def test_corrections_from_jobs_at_another_resolution_reach_the_model_at_its_own(tmp_path):
+    """A job may run at any µm/px; the model learns (and is gated) at the one it was trained at, so a
+    correction made at 2 µm/px is upsampled to the model's 1 µm/px, its tumour area unchanged."""
+    from service.loop.candidate import pairs
+
+    store = Store(tmp_path / "data")
+    root = tmp_path / "data" / "corrections"
+    stored = []
+    for mpp, side in ((1.0, 64), (2.0, 32), (0.5, 128)):  # the same 64 µm square at three resolutions
+        mask = np.zeros((side, side), bool)
+        mask[: side // 2, : side // 4] = True  # its top-left eighth is tumour
+        image = np.where(mask[..., None], (120, 60, 150), (230, 150, 190)).astype(np.uint8)
+        region = Region(0, 0, 64, 64, mpp)
+        cid = correction_id("a.tif", region, mask)
+        write_correction_files(root, cid, image, mask)
+        record = build_record(
+            cid, "a.tif", region, mask, annotator="ann", queue_item_id=None, proposed_by="v1", holdout_every=0
+        )
+        store.corrections.add(record, "ann")
+        stored.append(record)
+    images, masks = pairs(root, stored, 1.0)
+    assert [m.shape for m in masks] == [(64, 64)] * 3 and [i.shape for i in images] == [(64, 64, 3)] * 3
+    for image, mask in zip(images, masks, strict=True):
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+        assert abs(mask.mean() - 1 / 8) < 0.02  # the drawn tumour, at the model's scale
+        assert image[5, 5].tolist() == [120, 60, 150] and image[60, 60].tolist() == [230, 150, 190]
+    np.testing.assert_array_equal(pairs(root, stored[:1], 1.0)[1][0], load_pair(root, stored[0].id)[1])

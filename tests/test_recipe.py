@@ -115,6 +115,21 @@ def test_fine_tune_steps_grow_with_the_corrected_area_within_their_bounds():
     assert planned_steps(by_area, [patch] * 2) == 40  # never below the fixed steps
     assert planned_steps(by_area, [patch] * 25) == round(60 * 25 * 0.065536)
     assert planned_steps(by_area, [patch] * 100) == 200  # capped
+    assert planned_steps(by_area, [patch] * 100, mpp=0.5) == round(60 * 25 * 0.065536)  # 0.5 µm/px: a quarter
+
+
+def test_the_fine_tune_counts_corrected_area_at_the_corrections_resolution(monkeypatch, tmp_path):
+    import models.finetune as ft
+
+    recipe = {"base": 4, "depth": 2, "folds": 1, "seed": 0}
+    monkeypatch.setattr(ft, "load_members", lambda _p: ([UNet(base=4, depth=2, groups=2)], {"recipe": recipe}))
+    steps = []
+    monkeypatch.setattr(ft, "fit_member", lambda member, *a, **kw: steps.append(kw["steps"]))
+    corrections = tuple(list(x) for x in _patches(40, 256, seed=3))  # 40 patches of 256² px
+    budget = ft.FinetuneBudget(steps=10, patch=64, steps_per_mm2=100, max_steps=1000)
+    for mpp in (1.0, 1.5):
+        ft.finetune_members(tmp_path / "m.pt", corrections, _patches(4, 64), budget, mpp=mpp)
+    assert steps == [round(100 * 40 * 0.065536), round(100 * 40 * 0.065536 * 2.25)]
 
 
 def test_every_nth_correction_is_held_out_and_none_when_there_are_too_few():

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from service.config import Settings
 from service.inference.ensemble import read_card
 from service.loop.corrections import load_pair
@@ -71,10 +73,30 @@ def corrections_used(settings: Settings, train: list[Correction], holdout: list[
     }
 
 
-def pairs(corrections_dir: Path, corrections: list[Correction]) -> tuple[list, list]:
-    """(images, masks) of stored corrections."""
-    loaded = [load_pair(corrections_dir, c.id) for c in corrections]
+def pairs(corrections_dir: Path, corrections: list[Correction], mpp: float) -> tuple[list, list]:
+    """(images, masks) of stored corrections at ``mpp`` µm/px, the model's: a correction made on a job
+    run at another resolution is resampled, so the model is trained and gated at the scale it sees."""
+    loaded = [at_mpp(*load_pair(corrections_dir, c.id), c.mpp, mpp) for c in corrections]
     return [p[0] for p in loaded], [p[1] for p in loaded]
+
+
+def input_mpp(card: dict) -> float:
+    """The µm/px a version was trained at (its card's ``input_mpp``; 1.0, the paper's, when unnamed)."""
+    return float(card.get("input_mpp") or 1.0)
+
+
+def at_mpp(image: np.ndarray, mask: np.ndarray, mpp: float, target_mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (RGB uint8) and ``mask`` (0/1) of ``mpp`` µm/px resampled to ``target_mpp``: the image
+    smoothed before it shrinks, the mask by majority of its area."""
+    if abs(mpp / target_mpp - 1) < 1e-6:
+        return image, mask
+    from skimage.transform import resize
+
+    shape = tuple(max(1, round(n * mpp / target_mpp)) for n in mask.shape)
+    shrink = mpp < target_mpp
+    image = resize(image, shape, order=1, anti_aliasing=shrink, preserve_range=True)
+    area = resize(mask.astype(np.float32), shape, order=1, anti_aliasing=shrink, preserve_range=True)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), (area >= 0.5).astype(np.uint8)
 
 
 def build_candidate(
@@ -102,16 +124,17 @@ def build_candidate(
     if budget.retrain:
         bank = settings.finetune_source_bank
         source = (*load_bank(bank), load_bank_slides(bank))
+    parent_card = read_card(parent_dir)
     members, ckpt = finetune_members(
         parent_dir / "members.pt",
-        pairs(settings.data_dir / "corrections", train),
+        pairs(settings.data_dir / "corrections", train, input_mpp(parent_card)),
         replay,
         budget,
         progress=progress,
         device=device,
         source=source,
+        mpp=input_mpp(parent_card),
     )
-    parent_card = read_card(parent_dir)
     stats = None
     if parent_card.get("novelty"):  # the members' features moved: refit their source statistics on the replay
         from models.novelty import novelty_for

@@ -14,7 +14,7 @@ from service.inference.ensemble import (
     read_card,
 )
 from service.inference.evaluation import pairs_overlap
-from service.loop.candidate import Candidate, pairs
+from service.loop.candidate import Candidate, input_mpp, pairs
 from service.loop.registry import Registry
 from service.store import Correction
 
@@ -95,7 +95,7 @@ def gate_candidate(
         current,
         staged,
         load_bank(settings.baseline_dir / "holdout.npz"),
-        pairs(settings.data_dir / "corrections", holdout),
+        pairs(settings.data_dir / "corrections", holdout, input_mpp(read_card(registry.path(parent)))),
         margin=settings.gate_margin,
         min_heldout=settings.gate_min_heldout,
         baseline=baseline,
