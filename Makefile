@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,serve,dev,bench
 SERVE_EXTRAS ?= cpu,serve
 
-.PHONY: setup setup-serve serve demo runner test test-fast lint bench train image image-gpu clean
+.PHONY: setup setup-serve serve demo runner test test-fast lint bench train image image-gpu lock clean
 
 # Two install levels in one venv: serving only (ONNX Runtime, BentoML: no torch, no test tools), or
 # everything (training, tests). Each stamp is remade when pyproject.toml changes.
@@ -35,11 +35,11 @@ runner: setup                 ## the fine-tune runner next to `make serve` (need
 	$(BIN)/uga runner
 
 test: setup                   ## the whole test suite (what CI runs)
-	$(BIN)/ruff check service models tests bench
+	$(BIN)/ruff check service models tests bench image
 	$(BIN)/python -m pytest -q
 
 test-fast: setup              ## everything but the e2e and slow tests (no server or runner processes), 2 processes, < 2 min
-	$(BIN)/ruff check service models tests bench
+	$(BIN)/ruff check service models tests bench image
 	$(BIN)/python -m pytest -q -m "not e2e and not slow" -n 2 --dist loadfile
 
 bench: setup                  ## engine benchmark (prints a table)
@@ -53,6 +53,9 @@ image: setup-serve            ## OCI images with podman, offline: localhost/uga-
 
 image-gpu: setup-serve        ## the GPU serving image (onnxruntime-gpu): localhost/uga-serve-gpu:VERSION
 	PY=$(BIN)/python image/build.sh gpu
+
+lock: setup-serve             ## rewrite image/locks/ (each image's wheels by version and sha256) after a dependency changed
+	$(BIN)/python image/lock.py serve runner gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

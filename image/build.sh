@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the UGA Serve OCI images offline with podman (no Docker daemon, no registry):
 #   1. a Debian bookworm base made with mmdebstrap (python3, venv, CA certificates, C++ runtime),
-#   2. every Python dependency as a wheel, downloaded on the host (pip wheel, from the package index),
-#   3. images installed from those wheels with --network=none (image/Containerfile).
+#   2. every Python dependency as a wheel, downloaded on the host from the package index: exactly the
+#      versions and sha256 hashes of image/locks/<variant>.txt (written by image/lock.py, make lock),
+#   3. images installed from those wheels with --network=none and --require-hashes (image/Containerfile).
 #
 #   image/build.sh            serve + runner        (localhost/uga-serve:VERSION, localhost/uga-runner:VERSION)
 #   image/build.sh gpu        the GPU serving image (localhost/uga-serve-gpu:VERSION; needs onnxruntime-gpu)
@@ -31,6 +32,16 @@ BASE=localhost/uga-base:bookworm
 VARIANTS=${*:-serve runner}
 
 fail() { echo "image: error: $*" >&2; exit 2; }
+image_for() {
+  case "$1" in
+    serve) echo "localhost/uga-serve:$VERSION" ;;
+    runner) echo "localhost/uga-runner:$VERSION" ;;
+    gpu) echo "localhost/uga-serve-gpu:$VERSION" ;;
+    *) fail "unknown variant $1 (serve, runner, gpu)" ;;
+  esac
+}
+
+for variant in $VARIANTS; do image_for "$variant" >/dev/null; done
 for tool in podman mmdebstrap; do
   command -v "$tool" >/dev/null || fail "$tool not found: apt-get install podman buildah mmdebstrap runc"
 done
@@ -61,30 +72,21 @@ fi
 probe=$(podman run --rm -p 127.0.0.1::9 "$BASE" true 2>&1) \
   || fail "podman cannot run containers on this machine: $(echo "$probe" | tail -1)"
 
-extras_for() {
-  case "$1" in
-    serve) echo "cpu,serve" ;;
-    runner) echo "cpu,train" ;;
-    gpu) echo "gpu,serve" ;;
-    *) fail "unknown variant $1 (serve, runner, gpu)" ;;
-  esac
-}
-image_for() {
-  case "$1" in
-    serve) echo "localhost/uga-serve:$VERSION" ;;
-    runner) echo "localhost/uga-runner:$VERSION" ;;
-    gpu) echo "localhost/uga-serve-gpu:$VERSION" ;;
-  esac
-}
-
-# One wheel directory for all variants (the build context); this project as a wheel too.
-rm -rf "$OUT/context" && mkdir -p "$OUT/context/wheels"
+# One wheel directory for all variants (the build context): exactly the wheels of each variant's
+# lock (image/locks/, by version and sha256; make lock rewrites them), and this project as a wheel.
+rm -rf "$OUT/context" && mkdir -p "$OUT/context/wheels" "$OUT/context/locks"
+rm -f "$OUT/wheels/uga_serve-"*.whl
 for variant in $VARIANTS; do
-  step "wheels for $variant ($(extras_for "$variant"))"
-  "$PY" -m pip wheel --quiet --disable-pip-version-check -w "$OUT/wheels" ".[$(extras_for "$variant")]" \
-    > "$OUT/pip.log" 2>&1 \
-    || { tail -5 "$OUT/pip.log" >&2; fail "could not get the wheels for $variant (is the package index reachable?)"; }
+  lock=image/locks/$variant.txt
+  [ -f "$lock" ] || fail "no $lock: run make lock"
+  step "wheels for $variant ($lock)"
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --require-hashes \
+    -d "$OUT/wheels" -r "$lock" > "$OUT/pip.log" 2>&1 \
+    || { tail -5 "$OUT/pip.log" >&2; fail "could not get the wheels of $lock (is the package index reachable? a hash mismatch: see $OUT/pip.log)"; }
+  cp "$lock" "$OUT/context/locks/"
 done
+"$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$OUT/wheels" . > "$OUT/pip.log" 2>&1 \
+  || { tail -5 "$OUT/pip.log" >&2; fail "could not build the uga-serve wheel"; }
 cp -l "$OUT/wheels/"*.whl "$OUT/context/wheels/" 2>/dev/null || cp "$OUT/wheels/"*.whl "$OUT/context/wheels/"
 
 : > "$OUT/sizes.txt"
@@ -92,7 +94,7 @@ for variant in $VARIANTS; do
   image=$(image_for "$variant")
   step "build $image"
   podman build --quiet --no-cache --network=none --pull=never -f image/Containerfile \
-    --build-arg BASE="$BASE" --build-arg EXTRAS="$(extras_for "$variant")" --build-arg ROLE="$variant" \
+    --build-arg BASE="$BASE" --build-arg ROLE="$variant" \
     --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" --build-arg MODEL_VERSION="$MODEL_VERSION" \
     -t "$image" -t "$image-$REV_TAG" "$OUT/context" >/dev/null  # also by commit: a rebuild is a new tag
   size=$(podman image inspect "$image" --format '{{.Size}}')

@@ -195,6 +195,23 @@ def test_images_are_non_root_labelled_and_carry_only_what_their_role_needs(image
         assert compilers.returncode != 0 and not compilers.stdout.strip(), compilers.stdout
 
 
+def test_each_image_holds_exactly_the_wheels_its_lock_pins(images):
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    from tests.test_image_lock import LOCKS, read_lock
+
+    listing = "import json, importlib.metadata as m; print(json.dumps({d.name: d.version for d in m.distributions()}))"
+    for role, image in images.items():
+        installed = json.loads(podman("run", "--rm", image, "python", "-c", listing).stdout)
+        installed = {canonicalize_name(name): Version(v) for name, v in installed.items()}
+        assert installed.pop("uga-serve") == Version(version())
+        pins = read_lock(LOCKS / f"{role}.txt")
+        if "setuptools" not in pins:
+            installed.pop("setuptools", None)  # the venv's own, from Debian's python3-venv
+        assert installed == pins, role
+
+
 def test_the_pod_segments_ingests_fine_tunes_promotes_and_swaps(pod):
     with pod.client("annotator") as c:
         r = c.post("/v1/jobs", json={"slide": "ood.tif", "options": {"patch_um": 256, "queue_size": 5}})
