@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -188,6 +189,60 @@ def test_an_admin_run_stopped_by_sigterm_is_requested_again(tmp_path, monkeypatc
     assert runner.store.runs.get(run.id).state == "failed"
     redo = runner.next_run()
     assert redo is not None and redo.id != run.id and (redo.trigger, redo.requested_by) == ("admin", "dr.admin")
+
+
+@pytest.mark.e2e
+def test_a_real_runner_sent_sigterm_mid_training_exits_cleanly_and_its_admin_run_is_asked_again(tmp_path):
+    """What Kubernetes does on every rollout: SIGTERM to `uga runner` while it trains. The process
+    ends by itself (exit 0, lease released), removes its staged files, and an admin's run is
+    requested again for the next runner."""
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        write_correction_files(
+            runner.settings.data_dir / "corrections",
+            _correction(i).id,
+            rng.integers(0, 255, (96, 96, 3), dtype=np.uint8),
+            rng.random((96, 96)) > 0.5,
+        )
+        store.corrections.add(_correction(i), "dr.a")
+    run, _ = store.runs.request("admin", "dr.admin")
+    env = {
+        **os.environ,
+        "UGA_DATA_DIR": str(runner.settings.data_dir),
+        "UGA_RUNNER_METRICS_PORT": "0",
+        "UGA_FINETUNE_STEPS": "100000",  # far longer than the test waits
+        "UGA_FINETUNE_MAX_STEPS": "100000",
+        "UGA_RUNNER_POLL_S": "0.5",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "runner"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.time() + 180
+        while not ((r := store.runs.get(run.id)).state == "running" and (r.progress_done or 0) > 0):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"no progress before SIGTERM:\n{_output(proc)}")
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, _output(proc)
+    finally:
+        proc.kill()
+    stopped = store.runs.get(run.id)
+    assert (stopped.state, stopped.reason) == ("failed", "runner stopped mid-run")
+    assert list(runner.registry.models_dir.glob(".staging-*")) == []
+    assert store.models.current() == base and [v.version for v in store.models.list()] == [base]
+    redo = runner.next_run()
+    assert redo is not None and redo.id != run.id and (redo.trigger, redo.requested_by) == ("admin", "dr.admin")
+    lease = store.try_lease(runner_module.LEASE)  # released on the way out
+    assert lease is not None
+    lease.release()
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.kill()
+    return proc.communicate()[0].decode(errors="replace")[-3000:]
 
 
 def test_a_run_ended_by_another_runner_keeps_that_outcome(tmp_path):
