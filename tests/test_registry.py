@@ -118,10 +118,13 @@ def test_hot_swap_follows_the_pointer(registry):
 
 
 def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry):
-    holder = ModelHolder(registry, threads=1)
+    holder = ModelHolder(registry, threads=1, load_attempts=3)
     served = holder.load().version
     bad = _register_copy(registry, "broken", corrupt=True)
     registry.store.models.move_pointer(bad, action="promote", actor="t")
+    for _ in range(2):  # this worker's own trouble, perhaps: the deployment keeps the version meanwhile
+        assert holder.sync() is False and holder.current().version == served
+        assert registry.store.models.current() == bad and registry.store.models.get(bad).status != "failed"
     assert holder.sync() is False
     assert holder.current().version == served
     assert registry.store.models.current() == served
@@ -131,8 +134,27 @@ def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back
     assert registry.store.models.pointer_history()[0]["action"] == "auto-rollback"
 
 
+def test_a_worker_that_fails_once_to_load_a_good_version_tries_again_and_fails_it_for_no_one(registry, monkeypatch):
+    holder = ModelHolder(registry, threads=1, load_attempts=3)
+    served = holder.load().version
+    good = _register_copy(registry, "v2")
+    registry.store.models.move_pointer(good, action="promote", actor="t")
+    real_load, failures = holder._load, iter([MemoryError("cannot allocate 1.2 GB")])
+
+    def load_once_short_of_memory(version):
+        if (fault := next(failures, None)) is not None:
+            raise fault
+        return real_load(version)
+
+    monkeypatch.setattr(holder, "_load", load_once_short_of_memory)
+    assert holder.sync() is False and holder.current().version == served
+    assert holder.sync() is True and holder.current().version == good
+    assert registry.store.models.current() == good and registry.store.models.get(good).status != "failed"
+    assert [h["action"] for h in registry.store.models.pointer_history()][0] == "promote"
+
+
 def test_a_lagging_worker_that_fails_to_load_moves_the_pointer_to_the_version_replaced_not_to_its_own(registry):
-    holder = ModelHolder(registry, threads=1)
+    holder = ModelHolder(registry, threads=1, load_attempts=1)
     served = holder.load().version
     good = _register_copy(registry, "v2")
     registry.store.models.move_pointer(good, action="promote", actor="t")  # the other workers load v2 ...
@@ -263,7 +285,7 @@ def test_a_fine_tune_of_a_fine_tune_is_gated_against_the_baseline_too(registry):
 
 
 def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(registry):
-    holder = ModelHolder(registry, threads=1)
+    holder = ModelHolder(registry, threads=1, load_attempts=1)
     served = holder.load().version
     partial = _register_copy(registry, "partial", truncate=True)
     registry.store.models.move_pointer(partial, action="promote", actor="t")

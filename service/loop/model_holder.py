@@ -17,7 +17,8 @@ class ModelHolder:
 
     A watcher thread polls the store's pointer; a new version is loaded and warmed *before* the
     reference is switched (between requests: in-flight work keeps its own reference). A version that
-    fails to load is marked failed and the pointer is moved back to the version being served.
+    fails to load ``load_attempts`` polls in a row (once may be this replica's passing trouble: memory,
+    a volume hiccup) is marked failed for the deployment and the pointer is moved back.
     """
 
     def __init__(
@@ -27,8 +28,11 @@ class ModelHolder:
         providers: str = "auto",
         threads: int = 0,
         on_swap: Callable[[str | None, str], None] | None = None,
+        load_attempts: int = 3,
     ):
         self.registry, self.providers, self.threads = registry, providers, threads
+        self.load_attempts = load_attempts
+        self._failed_loads: tuple[str, int] = ("", 0)  # (version, failures in a row)
         self._ensemble: Ensemble | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -77,6 +81,12 @@ class ModelHolder:
                 ens = self._load(target)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
                 reason = f"failed to load: {exc}".splitlines()[0][:300]
+                failures = self._failed_loads[1] + 1 if self._failed_loads[0] == target else 1
+                self._failed_loads = (target, failures)
+                if failures < self.load_attempts:
+                    log.warning("model %s %s (attempt %d of %d); staying on %s", target, reason, failures,
+                                self.load_attempts, served)  # fmt: skip
+                    return False
                 # back to the version ``target`` replaced (this worker may lag behind it, serving an older one)
                 back = self.registry.versions.rollback_target() or served
                 log.error("model %s %s; staying on %s and moving the pointer back to %s", target, reason, served, back)
@@ -85,6 +95,7 @@ class ModelHolder:
                     self.registry.move_pointer(back, action="auto-rollback", actor="system", expect=target)
                 return False
             self._ensemble = ens
+            self._failed_loads = ("", 0)
         log.info("hot swap: %s -> %s", served, target)
         if self.on_swap:
             self.on_swap(served, target)
