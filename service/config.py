@@ -104,8 +104,8 @@ class Settings(BaseSettings, SegmentationDefaults):
     min_free_mb: float = Field(256.0, ge=0, description="/readyz fails when the data volume has less free space, MiB")
     job_stale_s: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")
     model_poll_s: float = Field(1.0, gt=0, le=10, description="how often each worker checks the current-model pointer")
-    model_load_attempts: int = Field(
-        3, ge=1, le=100, description="polls in a row a new version may fail to load on a worker before it is failed"
+    model_load_retry_s: float = Field(
+        30.0, ge=0, le=3600, description="how long a worker retries a new version that fails to load before failing it"
     )
     # human-in-the-loop
     finetune_min_corrections: int = Field(5, ge=1, description="new corrections that start a fine-tune run")

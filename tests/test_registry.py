@@ -117,14 +117,26 @@ def test_hot_swap_follows_the_pointer(registry):
     assert holder.current().version == "v2" and first.version != "v2"  # in-flight work kept `first`
 
 
-def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry):
-    holder = ModelHolder(registry, threads=1, load_attempts=3)
+class Clock:
+    """model_holder's time.monotonic, moved by hand."""
+
+    def __init__(self, monkeypatch):
+        import service.loop.model_holder as holder_module
+
+        self.now = 1000.0
+        monkeypatch.setattr(holder_module.time, "monotonic", lambda: self.now)
+
+
+def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry, monkeypatch):
+    clock = Clock(monkeypatch)
+    holder = ModelHolder(registry, threads=1, load_retry_s=60)
     served = holder.load().version
     bad = _register_copy(registry, "broken", corrupt=True)
     registry.store.models.move_pointer(bad, action="promote", actor="t")
-    for _ in range(2):  # this worker's own trouble, perhaps: the deployment keeps the version meanwhile
+    for clock.now in (1000.0, 1059.0):  # this worker's own trouble, perhaps: the deployment keeps the version
         assert holder.sync() is False and holder.current().version == served
         assert registry.store.models.current() == bad and registry.store.models.get(bad).status != "failed"
+    clock.now = 1060.0
     assert holder.sync() is False
     assert holder.current().version == served
     assert registry.store.models.current() == served
@@ -135,7 +147,7 @@ def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back
 
 
 def test_a_worker_that_fails_once_to_load_a_good_version_tries_again_and_fails_it_for_no_one(registry, monkeypatch):
-    holder = ModelHolder(registry, threads=1, load_attempts=3)
+    holder = ModelHolder(registry, threads=1, load_retry_s=30)
     served = holder.load().version
     good = _register_copy(registry, "v2")
     registry.store.models.move_pointer(good, action="promote", actor="t")
@@ -153,8 +165,25 @@ def test_a_worker_that_fails_once_to_load_a_good_version_tries_again_and_fails_i
     assert [h["action"] for h in registry.store.models.pointer_history()][0] == "promote"
 
 
+def test_a_version_promoted_again_after_a_rollback_gets_its_whole_retry_time_again(registry, monkeypatch):
+    clock = Clock(monkeypatch)
+    holder = ModelHolder(registry, threads=1, load_retry_s=60)
+    served = holder.load().version
+    bad = _register_copy(registry, "broken", corrupt=True)
+    registry.store.models.move_pointer(bad, action="promote", actor="t")
+    assert holder.sync() is False  # fails here at t = 1000 ...
+    registry.store.models.move_pointer(served, action="rollback", actor="admin")  # ... an admin goes back
+    clock.now = 1030.0
+    assert holder.sync() is False
+    registry.store.models.move_pointer(bad, action="promote", actor="admin")  # and tries it once more
+    clock.now = 1100.0  # 100 s after the first failure, but the first of this promotion
+    assert holder.sync() is False and registry.store.models.get(bad).status != "failed"
+    clock.now = 1160.0
+    assert holder.sync() is False and registry.store.models.get(bad).status == "failed"
+
+
 def test_a_lagging_worker_that_fails_to_load_moves_the_pointer_to_the_version_replaced_not_to_its_own(registry):
-    holder = ModelHolder(registry, threads=1, load_attempts=1)
+    holder = ModelHolder(registry, threads=1, load_retry_s=0)
     served = holder.load().version
     good = _register_copy(registry, "v2")
     registry.store.models.move_pointer(good, action="promote", actor="t")  # the other workers load v2 ...
@@ -285,7 +314,7 @@ def test_a_fine_tune_of_a_fine_tune_is_gated_against_the_baseline_too(registry):
 
 
 def test_a_version_whose_file_is_not_what_the_registry_recorded_is_never_served(registry):
-    holder = ModelHolder(registry, threads=1, load_attempts=1)
+    holder = ModelHolder(registry, threads=1, load_retry_s=0)
     served = holder.load().version
     partial = _register_copy(registry, "partial", truncate=True)
     registry.store.models.move_pointer(partial, action="promote", actor="t")

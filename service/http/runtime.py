@@ -54,7 +54,7 @@ class Runtime:
             providers=settings.providers,
             threads=settings.ort_threads,
             on_swap=metrics.model_swapped,
-            load_attempts=settings.model_load_attempts,
+            load_retry_s=settings.model_load_retry_s,
         )
         ensemble = models.load()
         if forgotten := metrics.forget_dead_processes():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from service.inference.ensemble import Ensemble, ModelError, check_outputs_finite, load_ensemble
@@ -17,8 +18,9 @@ class ModelHolder:
 
     A watcher thread polls the store's pointer; a new version is loaded and warmed *before* the
     reference is switched (between requests: in-flight work keeps its own reference). A version that
-    fails to load ``load_attempts`` polls in a row (once may be this replica's passing trouble: memory,
-    a volume hiccup) is marked failed for the deployment and the pointer is moved back.
+    this process has failed to load on every poll for ``load_retry_s`` (a failure may be this replica's
+    passing trouble: memory, a volume hiccup) is marked failed for the deployment and the pointer is
+    moved back.
     """
 
     def __init__(
@@ -28,11 +30,11 @@ class ModelHolder:
         providers: str = "auto",
         threads: int = 0,
         on_swap: Callable[[str | None, str], None] | None = None,
-        load_attempts: int = 3,
+        load_retry_s: float = 30.0,
     ):
         self.registry, self.providers, self.threads = registry, providers, threads
-        self.load_attempts = load_attempts
-        self._failed_loads: tuple[str, int] = ("", 0)  # (version, failures in a row)
+        self.load_retry_s = load_retry_s
+        self._failing: tuple[str, float] | None = None  # (version, monotonic time of its first failure in a row)
         self._ensemble: Ensemble | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -76,17 +78,20 @@ class ModelHolder:
         with self._lock:
             served = self.version
             if target is None or target == served:
+                self._failing = None  # a later promotion of a version that failed here starts afresh
                 return False
             try:
                 ens = self._load(target)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
                 reason = f"failed to load: {exc}".splitlines()[0][:300]
-                failures = self._failed_loads[1] + 1 if self._failed_loads[0] == target else 1
-                self._failed_loads = (target, failures)
-                if failures < self.load_attempts:
-                    log.warning("model %s %s (attempt %d of %d); staying on %s", target, reason, failures,
-                                self.load_attempts, served)  # fmt: skip
+                if self._failing is None or self._failing[0] != target:
+                    self._failing = (target, time.monotonic())
+                failing_s = time.monotonic() - self._failing[1]
+                if failing_s < self.load_retry_s:
+                    log.warning("model %s %s (failing for %.0f of %.0f s); staying on %s", target, reason,
+                                failing_s, self.load_retry_s, served)  # fmt: skip
                     return False
+                self._failing = None
                 # back to the version ``target`` replaced (this worker may lag behind it, serving an older one)
                 back = self.registry.versions.rollback_target() or served
                 log.error("model %s %s; staying on %s and moving the pointer back to %s", target, reason, served, back)
@@ -95,7 +100,7 @@ class ModelHolder:
                     self.registry.move_pointer(back, action="auto-rollback", actor="system", expect=target)
                 return False
             self._ensemble = ens
-            self._failed_loads = ("", 0)
+            self._failing = None
         log.info("hot swap: %s -> %s", served, target)
         if self.on_swap:
             self.on_swap(served, target)
