@@ -232,10 +232,38 @@ def test_corrections_from_jobs_at_another_resolution_reach_the_model_at_its_own(
         )
         store.corrections.add(record, "ann")
         stored.append(record)
-    images, masks = pairs(root, stored, 1.0)
+    images, masks = pairs(root, stored, 1.0, max_side=4096)
     assert [m.shape for m in masks] == [(64, 64)] * 3 and [i.shape for i in images] == [(64, 64, 3)] * 3
     for image, mask in zip(images, masks, strict=True):
         assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
         assert abs(mask.mean() - 1 / 8) < 0.02  # the drawn tumour, at the model's scale
         assert image[5, 5].tolist() == [120, 60, 150] and image[60, 60].tolist() == [230, 150, 190]
-    np.testing.assert_array_equal(pairs(root, stored[:1], 1.0)[1][0], load_pair(root, stored[0].id)[1])
+    np.testing.assert_array_equal(pairs(root, stored[:1], 1.0, 4096)[1][0], load_pair(root, stored[0].id)[1])
+
+
+def test_a_thin_tumour_shrunk_below_the_models_pixels_keeps_its_place():
+    """A 2 px wide tumour line at 0.25 µm/px covers at most half of a 1 µm/px pixel: it stays where it
+    was drawn instead of turning the clinician's correction into 'all benign'."""
+    from service.loop.candidate import at_mpp
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 30:32] = 1
+    image = np.full((64, 64, 3), 200, np.uint8)
+    _, small = at_mpp(image, mask, 0.25, 1.0, max_side=4096)
+    assert small.shape == (16, 16) and small.any()
+    assert set(np.flatnonzero(small.any(axis=0))) <= {7, 8}  # the line's column, 30-31 / 4
+    empty = at_mpp(image, np.zeros_like(mask), 0.25, 1.0, 4096)[1]
+    assert not empty.any()  # no tumour drawn: none made
+
+
+def test_a_correction_too_large_at_the_models_resolution_is_used_through_a_window_on_its_tumour():
+    """4 µm/px to 1 µm/px multiplies each side by 4: a 64 px correction with max_side 64 is read through
+    its 16 px window around the tumour, resampled to 64 px, never 256 (memory stays bounded)."""
+    from service.loop.candidate import at_mpp
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[40:48, 50:58] = 1  # tumour near the lower right
+    image = np.where(mask[..., None] > 0, (120, 60, 150), (230, 150, 190)).astype(np.uint8)
+    big_image, big_mask = at_mpp(image, mask, 4.0, 1.0, max_side=64)
+    assert big_mask.shape == (64, 64) and big_image.shape == (64, 64, 3)
+    assert abs(big_mask.mean() - (8 * 8) / (16 * 16)) < 0.05  # the whole tumour, inside the window

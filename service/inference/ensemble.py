@@ -127,6 +127,11 @@ def read_card(model_dir: Path) -> dict:
         raise ModelError(f"model card {path} is not valid JSON: {exc}") from None
 
 
+def input_mpp(card: dict) -> float:
+    """The µm/px a version was trained at (its card's ``input_mpp``; 1.0, the paper's, when unnamed)."""
+    return float(card.get("input_mpp") or 1.0)
+
+
 def load_ensemble(
     model_dir: Path, *, providers: str = "auto", threads: int = 0, expect_sha256: str | None = None
 ) -> Ensemble:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from service.config import Settings
-from service.inference.ensemble import read_card
+from service.inference.ensemble import input_mpp, read_card
 from service.loop.corrections import load_pair
 from service.loop.registry import Registry, finetuned_card
 from service.store import Correction
@@ -73,30 +74,51 @@ def corrections_used(settings: Settings, train: list[Correction], holdout: list[
     }
 
 
-def pairs(corrections_dir: Path, corrections: list[Correction], mpp: float) -> tuple[list, list]:
+def pairs(corrections_dir: Path, corrections: list[Correction], mpp: float, max_side: int) -> tuple[list, list]:
     """(images, masks) of stored corrections at ``mpp`` µm/px, the model's: a correction made on a job
-    run at another resolution is resampled, so the model is trained and gated at the scale it sees."""
-    loaded = [at_mpp(*load_pair(corrections_dir, c.id), c.mpp, mpp) for c in corrections]
+    run at another resolution is resampled, so the model is trained and gated at the scale it sees
+    (at most ``max_side`` px a side: see ``at_mpp``)."""
+    loaded = [at_mpp(*load_pair(corrections_dir, c.id), c.mpp, mpp, max_side) for c in corrections]
     return [p[0] for p in loaded], [p[1] for p in loaded]
 
 
-def input_mpp(card: dict) -> float:
-    """The µm/px a version was trained at (its card's ``input_mpp``; 1.0, the paper's, when unnamed)."""
-    return float(card.get("input_mpp") or 1.0)
+def at_mpp(
+    image: np.ndarray, mask: np.ndarray, mpp: float, target_mpp: float, max_side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (RGB uint8) and ``mask`` (0/1) of ``mpp`` µm/px resampled to ``target_mpp``.
 
-
-def at_mpp(image: np.ndarray, mask: np.ndarray, mpp: float, target_mpp: float) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` (RGB uint8) and ``mask`` (0/1) of ``mpp`` µm/px resampled to ``target_mpp``: the image
-    smoothed before it shrinks, the mask by majority of its area."""
-    if abs(mpp / target_mpp - 1) < 1e-6:
+    The image is smoothed as it shrinks; a mask pixel is tumour where tumour covers at least half of
+    it, and a tumour too thin to cover half of any pixel keeps its best-covered pixels (a clinician's
+    "tumour here" never turns into "all benign"). A correction that would exceed ``max_side`` px a
+    side is used through its window of that size around its tumour (the fine-tune samples at most
+    ``MAX_AREA_UNITS`` × 256² px of any correction anyway), so memory stays bounded."""
+    scale = mpp / target_mpp
+    if abs(scale - 1) < 1e-6:
         return image, mask
-    from skimage.transform import resize
+    window = max(1, int(max_side / scale))  # the most source px whose resampled side fits max_side
+    image, mask = _window(image, mask, window)
+    rows, cols = mask.shape
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))  # PIL: (width, height)
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    cover = np.asarray(Image.fromarray(mask.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+    tumour = cover >= 0.5
+    if mask.any() and not tumour.any():
+        tumour = cover >= cover.max() * 0.999
+    return resized, tumour.astype(np.uint8)
 
-    shape = tuple(max(1, round(n * mpp / target_mpp)) for n in mask.shape)
-    shrink = mpp < target_mpp
-    image = resize(image, shape, order=1, anti_aliasing=shrink, preserve_range=True)
-    area = resize(mask.astype(np.float32), shape, order=1, anti_aliasing=shrink, preserve_range=True)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), (area >= 0.5).astype(np.uint8)
+
+def _window(image: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``side`` px a side of the pair, centred on the mask's tumour (its centre when none)."""
+    rows, cols = mask.shape
+    if rows <= side and cols <= side:
+        return image, mask
+
+    def start(weights: np.ndarray, n: int) -> int:
+        centre = (np.arange(n) * weights).sum() / weights.sum() if weights.any() else n / 2
+        return int(np.clip(round(centre - side / 2), 0, max(0, n - side)))
+
+    y, x = start(mask.sum(axis=1), rows), start(mask.sum(axis=0), cols)
+    return image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
 
 
 def build_candidate(
@@ -127,7 +149,7 @@ def build_candidate(
     parent_card = read_card(parent_dir)
     members, ckpt = finetune_members(
         parent_dir / "members.pt",
-        pairs(settings.data_dir / "corrections", train, input_mpp(parent_card)),
+        pairs(settings.data_dir / "corrections", train, input_mpp(parent_card), settings.max_correction_px),
         replay,
         budget,
         progress=progress,

@@ -10,11 +10,12 @@ from service.inference.ensemble import (
     ModelError,
     Predictor,
     check_outputs_finite,
+    input_mpp,
     load_ensemble,
     read_card,
 )
 from service.inference.evaluation import pairs_overlap
-from service.loop.candidate import Candidate, input_mpp, pairs
+from service.loop.candidate import Candidate, pairs
 from service.loop.registry import Registry
 from service.store import Correction
 
@@ -88,6 +89,7 @@ def gate_candidate(
     except ModelError as exc:  # a model that cannot be served is the gate's "no", kept with its reason
         return GateResult(finite=False, heldout_corrections=len(holdout), passed=False, reasons=[str(exc)])
     current = load_ensemble(registry.path(parent), threads=threads)
+    current_card = read_card(registry.path(parent))
     baseline = None
     if read_card(settings.baseline_dir)["version"] != parent:  # a fine-tune's fine-tune: also against the root
         baseline = load_ensemble(settings.baseline_dir, threads=threads)
@@ -95,7 +97,7 @@ def gate_candidate(
         current,
         staged,
         load_bank(settings.baseline_dir / "holdout.npz"),
-        pairs(settings.data_dir / "corrections", holdout, input_mpp(read_card(registry.path(parent)))),
+        pairs(settings.data_dir / "corrections", holdout, input_mpp(current_card), settings.max_correction_px),
         margin=settings.gate_margin,
         min_heldout=settings.gate_min_heldout,
         baseline=baseline,
