@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "image"))
-from lock import EXTRAS, LOCKS  # noqa: E402
+from lock import EXTRAS, LOCKS, lock_inputs, requirements  # noqa: E402
 
 ENTRY = re.compile(r"^([A-Za-z0-9._-]+)==(\S+) \\\n    --hash=sha256:([0-9a-f]{64})$", re.M)
 
@@ -32,18 +31,14 @@ def read_lock(path: Path) -> dict[str, Version]:
     return pins
 
 
-def required(extras: str) -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = list(project["dependencies"])
-    for extra in extras.split(","):
-        reqs += project["optional-dependencies"][extra]
-    return [Requirement(r) for r in reqs]
-
-
 @pytest.mark.parametrize("variant", sorted(EXTRAS))
 def test_each_lock_pins_every_dependency_of_its_role_by_version_and_hash(variant):
-    pins = read_lock(LOCKS / f"{variant}.txt")
-    for req in required(EXTRAS[variant]):
+    path = LOCKS / f"{variant}.txt"
+    pins = read_lock(path)
+    assert f"# inputs: {lock_inputs(EXTRAS[variant])}\n" in path.read_text(), (
+        f"pyproject.toml's dependencies for {variant} changed since {path.name} was written: run make lock"
+    )
+    for req in map(Requirement, requirements(EXTRAS[variant])):
         name = canonicalize_name(req.name)
         assert name in pins, f"{req} is not in image/locks/{variant}.txt: run make lock"
         assert req.specifier.contains(pins[name], prereleases=True), (
@@ -67,3 +62,11 @@ def test_lock_refuses_an_unknown_variant_in_one_line():
     done = subprocess.run([sys.executable, str(ROOT / "image" / "lock.py"), "servr"], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip() == "lock: error: unknown variant servr (known: serve, runner, gpu)"
+
+
+def test_lock_refuses_a_host_unlike_the_images(monkeypatch):
+    import lock
+
+    assert lock.host_problem() is None  # this machine: Linux x86_64, CPython 3.11, as the images
+    monkeypatch.setattr(lock.platform, "machine", lambda: "aarch64")
+    assert "this is linux aarch64 cpython 3.11" in lock.host_problem()
