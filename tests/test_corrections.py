@@ -267,3 +267,25 @@ def test_a_correction_too_large_at_the_models_resolution_is_used_through_a_windo
     big_image, big_mask = at_mpp(image, mask, 4.0, 1.0, max_side=64)
     assert big_mask.shape == (64, 64) and big_image.shape == (64, 64, 3)
     assert abs(big_mask.mean() - (8 * 8) / (16 * 16)) < 0.05  # the whole tumour, inside the window
+
+
+def test_a_correction_over_an_earlier_ones_tissue_takes_that_ones_gate_role():
+    from service.loop.corrections import gate_role, region_of
+
+    def record(slide, region, earlier=()):
+        mask = np.zeros((region.height, region.width), bool)
+        return build_record(
+            correction_id(slide, region, mask), slide, region, mask, annotator="a", queue_item_id=None,
+            proposed_by="v1", holdout_every=2, earlier=earlier,
+        )  # fmt: skip
+
+    first = record("a.tif", Region(0, 0, 32, 32, 1.0))
+    for dx in range(1, 32):  # shifted over it: whatever its own hash says, it follows the first
+        region = Region(dx, 8, 32, 32, 1.0)
+        assert record("a.tif", region, [first]).holdout == first.holdout
+    for region, slide in ((Region(32, 0, 32, 32, 1.0), "a.tif"), (Region(0, 0, 32, 32, 1.0), "b.tif")):
+        alone = gate_role(slide, region, [], 2)  # touching its edge, or on another slide: its own hash
+        assert record(slide, region, [first]).holdout == alone
+    roles = {gate_role("a.tif", Region(dx, 0, 32, 32, 1.0), [], 2) for dx in range(1, 32)}
+    assert roles == {0, 1}  # so the shifted ones above really were pulled to the first one's role
+    assert region_of(first) == Region(0, 0, 32, 32, 1.0)

@@ -127,7 +127,7 @@ def test_corrections_that_only_early_stopped_a_run_are_trained_on_by_the_next(tm
 
 
 def test_corrections_no_run_has_used_take_the_current_hold_out_rule_at_the_runners_start(tmp_path):
-    from service.loop.corrections import gate_role
+    from service.loop.corrections import gate_role, region_of
 
     runner = _runner(tmp_path)
     store = runner.store
@@ -139,8 +139,33 @@ def test_corrections_no_run_has_used_take_the_current_hold_out_rule_at_the_runne
     runner.startup()
     roles = {c.id: c.holdout for c in store.corrections.list()}
     assert roles[stored[0].id] == 0  # a used correction keeps the role it was used in
-    assert all(roles[c.id] == gate_role(c, 2) for c in stored[1:])
+    assert all(roles[c.id] == gate_role(c.slide, region_of(c), [], 2) for c in stored[1:])
     assert 0 < sum(roles.values()) < 11  # some held out now, not all
+
+
+def test_an_unused_correction_over_an_earlier_ones_tissue_takes_its_role_at_the_runners_start(tmp_path):
+    """A later queue's patch shifted over a corrected one: whatever the hash says, it is gated on if the
+    first was, trained on if the first was (no tissue on both sides of the gate)."""
+    from dataclasses import replace
+
+    from service.loop.corrections import held_out_for_gate, region_of
+
+    runner = _runner(tmp_path)
+    runner.settings.holdout_every = 2
+    first = _correction(0)
+    shifted = next(
+        c
+        for dx in range(1, 8)
+        if held_out_for_gate("a.tif", region_of(c := replace(_correction(1), id="s" * 32, x=dx)), 2)
+        != held_out_for_gate("a.tif", region_of(first), 2)
+    )  # overlaps `first`, and its own hash would give it the other role
+    apart = _correction(5)
+    for c in (first, shifted, apart):
+        runner.store.corrections.add(c, "dr.a")
+    runner.startup()
+    roles = {c.id: c.holdout for c in runner.store.corrections.list()}
+    assert roles[shifted.id] == roles[first.id] == int(held_out_for_gate("a.tif", region_of(first), 2))
+    assert roles[apart.id] == int(held_out_for_gate("a.tif", region_of(apart), 2))
 
 
 def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkeypatch):

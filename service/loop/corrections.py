@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -304,8 +304,10 @@ def build_record(
     proposed_by: str | None,
     holdout_every: int,
     model_dice: float | None = None,
+    earlier: Iterable[Correction] = (),
 ) -> Correction:
-    """The correction's record; every ``holdout_every``-th region by hash is held out for the gate."""
+    """The correction's record and its gate role (``gate_role``, against the ``earlier`` corrections
+    of its slide)."""
     return Correction(
         id=cid,
         slide=slide,
@@ -318,7 +320,7 @@ def build_record(
         proposed_by_version=proposed_by,
         annotator=annotator,
         tumour_fraction=round(float(mask.mean()), 6),
-        holdout=int(held_out_for_gate(slide, region, holdout_every)),
+        holdout=gate_role(slide, region, earlier, holdout_every),
         created_at=time.time(),
         model_dice=None if model_dice is None else round(model_dice, 6),
     )
@@ -331,10 +333,47 @@ def held_out_for_gate(slide: str, region: Region, every: int) -> bool:
     return every > 0 and int(hashlib.sha256(_region_bytes(slide, region)).hexdigest()[:8], 16) % every == 0
 
 
-def gate_role(correction: Correction, every: int) -> int:
-    """A stored correction's hold-out (1) or training (0) role under the current rule."""
-    region = Region(correction.x, correction.y, correction.width, correction.height, correction.mpp)
-    return int(held_out_for_gate(correction.slide, region, every))
+def gate_role(slide: str, region: Region, earlier: Iterable[Correction], every: int) -> int:
+    """Held out for the gate (1) or trained on (0): the role of the first of the ``earlier``
+    corrections (in arrival order) whose box overlaps the region on the same slide, so that no
+    tissue is both trained on and gated on (a later model's queue patch shifted over a corrected one);
+    otherwise every ``every``-th region by hash. (A region overlapping two earlier corrections of
+    different roles takes the first one's.)"""
+    for c in earlier:
+        if c.slide == slide and _overlap(region, c):
+            return c.holdout
+    return int(held_out_for_gate(slide, region, every))
+
+
+def redrawn_roles(corrections: list[Correction], redraw: set[str], every: int) -> dict[str, int]:
+    """New roles of the corrections in ``redraw`` (those no run has used) under the rule ``every``,
+    taken in arrival order as ``gate_role`` takes them; the others keep theirs. Only changes."""
+    by_slide: dict[str, list[Correction]] = {}
+    changes = {}
+    for c in sorted(corrections, key=lambda c: c.created_at):
+        earlier = by_slide.setdefault(c.slide, [])
+        if c.id in redraw:
+            role = gate_role(c.slide, region_of(c), earlier, every)
+            if role != c.holdout:
+                changes[c.id] = role
+                c = replace(c, holdout=role)
+        earlier.append(c)
+    return changes
+
+
+def region_of(c: Correction) -> Region:
+    """The region a stored correction covers."""
+    return Region(c.x, c.y, c.width, c.height, c.mpp)
+
+
+def _overlap(region: Region, c: Correction) -> bool:
+    """The two level-0 boxes share some area."""
+    return (
+        region.x < c.x + c.width
+        and c.x < region.x + region.width
+        and region.y < c.y + c.height
+        and c.y < region.y + region.height
+    )
 
 
 def load_mask(root: Path, cid: str) -> np.ndarray:

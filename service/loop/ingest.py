@@ -91,6 +91,7 @@ def ingest_correction(
         proposed_by=proposed_by,
         holdout_every=settings.holdout_every,
         model_dice=model_agreement(store, proposing_job, region, mask),
+        earlier=store.corrections.on_slide(slide),
     )
     with correction_lock(settings.data_dir, cid):  # the same correction sent concurrently: one writer
         existing = store.corrections.get(cid)

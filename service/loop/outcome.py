@@ -8,7 +8,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.errors import NotFound
-from service.loop.corrections import Region, load_mask
+from service.loop.corrections import load_mask, region_of
 from service.loop.ingest import model_agreement
 from service.loop.review import model_mask
 from service.store import Correction, Job, Store
@@ -34,10 +34,6 @@ def correction_jobs(store: Store, c: Correction) -> tuple[Job | None, Job | None
     return before, after
 
 
-def _region(c: Correction) -> Region:
-    return Region(c.x, c.y, c.width, c.height, c.mpp)
-
-
 def outcome(store: Store, settings: Settings, cid: str) -> dict:
     """Dice of the model's mask against the correction before and (where re-segmented) after."""
     c = get_correction(store, cid)
@@ -47,7 +43,7 @@ def outcome(store: Store, settings: Settings, cid: str) -> dict:
     def side(job: Job | None) -> dict | None:
         if job is None:
             return None
-        agreement = model_agreement(store, job, _region(c), mask.astype(bool))
+        agreement = model_agreement(store, job, region_of(c), mask.astype(bool))
         return {"job_id": job.id, "model_version": job.model_version, "dice": agreement}
 
     return {"correction": cid, "slide": c.slide, "before": side(before), "after": side(after)}

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_
 
 from service.config import Settings
 from service.loop.candidate import build_candidate, corrections_used, source_bank_problem
-from service.loop.corrections import gate_role
+from service.loop.corrections import redrawn_roles
 from service.loop.gate import gate_candidate
 from service.loop.jobs import enqueue_rescoring
 from service.loop.promotion import promote_candidate
@@ -91,7 +91,8 @@ class Runner:
         for name in self.registry.sweep():
             log.warning("moved aside unregistered model directory %s (interrupted run)", name)
         every = self.settings.holdout_every  # corrections no run has used yet take the current rule
-        redrawn = {c.id: role for c in self.store.corrections.unseen() if (role := gate_role(c, every)) != c.holdout}
+        unseen = {c.id for c in self.store.corrections.unseen()}
+        redrawn = redrawn_roles(self.store.corrections.list(1_000_000), unseen, every)
         if redrawn:
             self.store.corrections.set_holdout(redrawn)
             log.warning("%d unused corrections took the current hold-out rule", len(redrawn))

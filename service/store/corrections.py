@@ -40,6 +40,11 @@ class CorrectionRepository:
         rows = self.db.all("SELECT * FROM corrections ORDER BY created_at LIMIT ?", (limit,))
         return [Correction.from_row(r) for r in rows]
 
+    def on_slide(self, slide: str) -> list[Correction]:
+        """The slide's corrections in arrival order."""
+        rows = self.db.all("SELECT * FROM corrections WHERE slide = ? ORDER BY created_at", (slide,))
+        return [Correction.from_row(r) for r in rows]
+
     def count(self) -> int:
         return int(self.db.scalar("SELECT COUNT(*) FROM corrections"))
 
