@@ -320,6 +320,27 @@ def test_serving_probes_and_runner_liveness(docs):
     assert env["UGA_RUNNER_METRICS_HOST"] == "0.0.0.0"
 
 
+def test_callbacks_in_the_configmap_never_stop_the_runner_which_cannot_read_their_secret(docs, monkeypatch):
+    """The operator configures UGA_CALLBACKS in the ConfigMap and UGA_CALLBACK_SECRET in uga-secrets,
+    which only the serving container reads: the runner's settings must still load."""
+    import copy
+
+    from service.config import Settings
+
+    docs = copy.deepcopy(docs)
+    _, runner = named(docs, "uga-runner")
+    [ref] = [s["configMapRef"]["name"] for s in runner["envFrom"] if "configMapRef" in s]
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref]
+    config["data"]["UGA_CALLBACKS"] = "lis=https://lis.example.org/uga-events"
+    assert not any("secretRef" in s for s in runner["envFrom"])
+    for name in [n for n in os.environ if n.startswith("UGA_")]:
+        monkeypatch.delenv(name)
+    for name, value in effective_env(docs, runner).items():
+        if name.startswith("UGA_") and value is not None:
+            monkeypatch.setenv(name, value)
+    assert Settings().callbacks == ""
+
+
 def test_config_values(docs, overlay):
     for _, c in containers(docs):
         env = effective_env(docs, c)
