@@ -127,12 +127,18 @@ class Clock:
         monkeypatch.setattr(holder_module.time, "monotonic", lambda: self.now)
 
 
-def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry, monkeypatch):
+def _a_broken_version_promoted(registry, monkeypatch, retry_s: float):
+    """(clock, holder serving the current version, that version, a corrupt version now promoted)."""
     clock = Clock(monkeypatch)
-    holder = ModelHolder(registry, threads=1, load_retry_s=60)
+    holder = ModelHolder(registry, threads=1, load_retry_s=retry_s)
     served = holder.load().version
     bad = _register_copy(registry, "broken", corrupt=True)
     registry.store.models.move_pointer(bad, action="promote", actor="t")
+    return clock, holder, served, bad
+
+
+def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry, monkeypatch):
+    clock, holder, served, bad = _a_broken_version_promoted(registry, monkeypatch, retry_s=60)
     for clock.now in (1000.0, 1059.0):  # this worker's own trouble, perhaps: the deployment keeps the version
         assert holder.sync() is False and holder.current().version == served
         assert registry.store.models.current() == bad and registry.store.models.get(bad).status != "failed"
@@ -166,11 +172,7 @@ def test_a_worker_that_fails_once_to_load_a_good_version_tries_again_and_fails_i
 
 
 def test_a_version_promoted_again_after_a_rollback_gets_its_whole_retry_time_again(registry, monkeypatch):
-    clock = Clock(monkeypatch)
-    holder = ModelHolder(registry, threads=1, load_retry_s=60)
-    served = holder.load().version
-    bad = _register_copy(registry, "broken", corrupt=True)
-    registry.store.models.move_pointer(bad, action="promote", actor="t")
+    clock, holder, served, bad = _a_broken_version_promoted(registry, monkeypatch, retry_s=60)
     assert holder.sync() is False  # fails here at t = 1000 ...
     registry.store.models.move_pointer(served, action="rollback", actor="admin")  # ... an admin goes back
     clock.now = 1030.0
