@@ -188,7 +188,9 @@ class HostilePacs:
 
     repeat: every QIDO page is the same three instances, whatever the offset; endless: every page is new;
     not_json: QIDO answers HTML; no_uids: results without a SOP Instance UID; not_dicom: QIDO is fine,
-    WADO answers bytes that are no DICOM."""
+    WADO answers bytes that are no DICOM; traversal: QIDO lists UIDs that are paths; faithful: WADO
+    answers the instance asked for; other_series: an instance of another study and series; redirect:
+    WADO redirects elsewhere."""
 
     def __init__(self, mode: str):
         import http.server
@@ -212,11 +214,27 @@ class HostilePacs:
                     count = 3 if outer.mode in ("repeat", "not_dicom") else 1000
                     uid = {"vr": "UI", "Value": []} if outer.mode == "no_uids" else None
                     results = [{"00080018": uid or {"vr": "UI", "Value": [f"1.2.3.{first + i}"]}} for i in range(count)]
-                    if outer.mode == "not_dicom" and offset:
+                    if outer.mode == "traversal":
+                        paths = ("1.2.3.0", "../../../x", "/tmp/x")
+                        results = [{"00080018": {"vr": "UI", "Value": [v]}} for v in paths]
+                    if outer.mode in ("not_dicom", "traversal", *SINGLE) and offset:
                         results = []
+                    if outer.mode in SINGLE:
+                        results = results[:1]
                     self._answer(200, "application/dicom+json", json.dumps(results).encode())
                 elif outer.mode == "not_json":
                     self._answer(200, "text/html", b"<html>login</html>")
+                elif outer.mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif outer.mode in ("faithful", "other_series"):
+                    study, series, sop = url.path.split("/")[-5::2]
+                    if outer.mode == "other_series":
+                        study, series = "9.9", "9.9.9"
+                    kind = 'multipart/related; type="application/dicom"; boundary=b'
+                    self._answer(200, kind, b"--b\r\n\r\n" + _instance(study, series, sop) + b"\r\n--b--")
                 else:
                     self._answer(
                         200, 'multipart/related; type="application/dicom"; boundary=b', b"--b\r\n\r\nnot dicom\r\n--b--"
@@ -241,6 +259,29 @@ class HostilePacs:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+SINGLE = ("faithful", "other_series", "redirect")  # modes that list one instance
+
+
+def _instance(study: str, series: str, sop: str) -> bytes:
+    """A small Part 10 DICOM instance with these UIDs."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.77.1.6", sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -281,6 +322,41 @@ def test_answers_that_are_not_dicomweb_fail_with_a_reason_and_leave_nothing(host
         pacs.fetch_series("1.2", "1.2.3", folder, max_bytes=2**20)
     assert refused.value.code == code and "hostile" in refused.value.message
     assert not folder.parent.exists() or not any(folder.parent.iterdir())  # no series, no .part left
+
+
+@pytest.mark.parametrize("hostile", ["traversal"], indirect=True)
+def test_instance_uids_that_are_paths_are_refused_before_anything_is_written_or_fetched(hostile, tmp_path):
+    from service.integrations.dicomweb import PacsError
+
+    folder = tmp_path / "cache" / "hostile" / "1.2" / "1.2.3"
+    with hostile.client() as pacs, pytest.raises(PacsError) as refused:
+        pacs.fetch_series("1.2", "1.2.3", folder, max_bytes=2**20)
+    assert refused.value.code == "pacs_error" and "not a DICOM UID: '../../../x'" in refused.value.message
+    assert hostile.requests == 1  # the listing only: no download of any instance it listed
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+@pytest.mark.parametrize(
+    ("hostile", "message"),
+    [("other_series", "not the series asked for"), ("redirect", "redirected an instance download")],
+    indirect=["hostile"],
+)
+def test_a_download_that_is_not_the_instance_asked_for_fails_and_leaves_nothing(hostile, message, tmp_path):
+    from service.integrations.dicomweb import PacsError
+
+    folder = tmp_path / "hostile" / "1.2" / "1.2.3"
+    with hostile.client() as pacs, pytest.raises(PacsError) as refused:
+        pacs.fetch_series("1.2", "1.2.3", folder, max_bytes=2**20)
+    assert refused.value.code == "pacs_error" and message in refused.value.message
+    assert not folder.parent.exists() or not any(folder.parent.iterdir())
+
+
+@pytest.mark.parametrize("hostile", ["faithful"], indirect=True)
+def test_the_instance_asked_for_is_cached_under_its_uid(hostile, tmp_path):
+    folder = tmp_path / "hostile" / "1.2" / "1.2.3"
+    with hostile.client() as pacs:
+        assert pacs.fetch_series("1.2", "1.2.3", folder, max_bytes=2**20) == folder
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".dcm") == ["1.2.3.0.dcm"]
 
 
 @pytest.mark.parametrize("hostile", ["repeat"], indirect=True)

@@ -59,8 +59,13 @@ def parse_endpoints(setting: str) -> dict[str, PacsEndpoint]:
     return endpoints
 
 
+def is_uid(value: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (so also a safe file and URL part)."""
+    return 0 < len(value) <= 64 and UID.fullmatch(value) is not None
+
+
 def check_uid(kind: str, value: str) -> str:
-    if not (0 < len(value) <= 64 and UID.fullmatch(value)):
+    if not is_uid(value):
         raise InvalidInput(
             "invalid_uid", f"{kind} must be a DICOM UID (digits and dots, at most 64), not {value[:70]!r}"
         )
@@ -133,7 +138,12 @@ class Pacs:
                     study_instance_uid=study, series_instance_uid=series, limit=PAGE, offset=offset
                 ),
             )
-            new = [u for u in map(_sop_uid, page) if u and u not in uids]
+            listed = [u for u in map(_sop_uid, page) if u]
+            if bad := next((u for u in listed if not is_uid(u)), None):  # it names a file and a URL path here
+                raise PacsError(
+                    "pacs_error", f"{self.endpoint.name} listed an instance UID that is not a DICOM UID: {bad[:70]!r}"
+                )
+            new = [u for u in listed if u not in uids]
             uids.update(dict.fromkeys(new))
             if len(uids) > MAX_SERIES_FILES:
                 raise PacsError(
@@ -163,6 +173,7 @@ class Pacs:
                     f"instance {sop}",
                     lambda sop=sop, path=path, left=left: self._download(study, series, sop, path, left, check),
                 )
+                _check_identity(path, (study, series, sop), self.endpoint.name)
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
                 written += path.stat().st_size
@@ -185,7 +196,13 @@ class Pacs:
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
         raw = path.with_name(path.name + ".multipart")
         try:
-            with self.session.get(url, headers={"Accept": accept}, stream=True) as response:
+            with self.session.get(url, headers={"Accept": accept}, stream=True, allow_redirects=False) as response:
+                if response.is_redirect:  # never carry the PACS login, nor the download, elsewhere
+                    raise PacsError(
+                        "pacs_error",
+                        f"{self.endpoint.name} redirected an instance download ({response.status_code}); set UGA_PACS "
+                        "to the DICOMweb root it redirects to",
+                    )
                 response.raise_for_status()
                 boundary = _boundary(response.headers.get("Content-Type", ""), self.endpoint.name)
                 size = 0
@@ -250,6 +267,25 @@ def _first_part(raw: Path, boundary: bytes, out: Path, pacs: str) -> None:
             dataset.save_as(out, enforce_file_format=True)
         except Exception as exc:  # noqa: BLE001 - whatever the bytes were, they are not a DICOM instance
             raise PacsError("pacs_error", f"{pacs}: the answer is not DICOM ({type(exc).__name__})") from None
+
+
+def _check_identity(path: Path, asked: tuple[str, str, str], pacs: str) -> None:
+    """The downloaded instance is the one asked for: its study, series and SOP Instance UIDs (a PACS that
+    ignored the request must not have another patient's slide segmented and filed under this one)."""
+    import pydicom
+
+    tags = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        got = tuple(str(dataset.get(tag, "")) for tag in tags)
+    except Exception as exc:  # noqa: BLE001 - unreadable header: not the instance asked for either
+        raise PacsError("pacs_error", f"{pacs}: an instance's header does not read ({type(exc).__name__})") from None
+    if got != asked:
+        raise PacsError(
+            "pacs_error",
+            f"{pacs} answered instance {got[2][:64]} of series {got[1][:64]} (study {got[0][:64]}) when asked for "
+            f"instance {asked[2]} of series {asked[1]} (study {asked[0]}): not the series asked for",
+        )
 
 
 def _sop_uid(found: object) -> str | None:
