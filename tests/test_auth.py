@@ -22,7 +22,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi.testclient import TestClient
 
 from service.cli import ensure_tokens
-from service.http.auth import Authenticator, AuthUnavailable, NoRole, OidcVerifier, Unauthenticated, bearer
+from service.http.auth import (
+    Authenticator,
+    AuthUnavailable,
+    NoRole,
+    OidcVerifier,
+    SharedTokens,
+    Unauthenticated,
+    bearer,
+)
 from service.store import Store
 from service.store.db import SCHEMA, SCHEMA_VERSION
 from tests.conftest import REPO
@@ -350,13 +358,23 @@ def test_a_valid_jwt_is_accepted_and_the_person_recorded(svc, keys):
     assert r.status_code == 200, r.text
     admin = jwt.encode(claims(roles=["uga-admin"]), keys["idp"], algorithm="RS256", headers={"kid": "k1"})
     status, actor, _ = finetune_as(svc, f"bearer {admin}")
-    assert status == 202 and actor == "dr.house"
+    assert status == 202 and actor == "oidc:dr.house"
+
+
+def test_an_idp_user_is_never_taken_for_a_named_or_shared_token_holder_of_the_same_name(jwks, keys):
+    """IdPs may let people choose preferred_username: 'alice' or 'annotator:1a2b3c4d' from the IdP is
+    not the named-token user alice nor a shared annotator token (ownership, audit, corrections)."""
+    v = verifier(jwks)
+    shared = SharedTokens([("annotator", "s3cret-shared-token")]).match("s3cret-shared-token")
+    for name in ("alice", shared.name):
+        token = jwt.encode(claims(preferred_username=name), keys["idp"], algorithm="RS256", headers={"kid": "k1"})
+        assert v.verify(token).name == f"oidc:{name}" != name
 
 
 def test_an_es256_jwt_is_accepted(svc, keys):
     token = jwt.encode(claims(roles=["uga-admin"]), keys["ec"], algorithm="ES256", headers={"kid": "ec1"})
     status, actor, _ = finetune_as(svc, f"Bearer {token}")
-    assert status == 202 and actor == "dr.house"
+    assert status == 202 and actor == "oidc:dr.house"
 
 
 def test_the_highest_mapped_role_wins_and_unmapped_roles_are_ignored(svc, keys):
@@ -377,7 +395,7 @@ def test_the_subject_names_the_person_when_the_name_claim_is_absent(svc, keys):
         claims(preferred_username=None, roles=["uga-admin"]), keys["idp"], algorithm="RS256", headers={"kid": "k1"}
     )
     status, actor, _ = finetune_as(svc, f"Bearer {token}")
-    assert status == 202 and actor == "f1b2c3-subject"
+    assert status == 202 and actor == "oidc:f1b2c3-subject"
 
 
 def _unsigned(header: dict, payload: dict, sign=None) -> str:
@@ -471,7 +489,7 @@ def test_jwks_is_cached_for_a_bounded_time(jwks, keys):
     v = verifier(jwks, jwks_cache_s=0.5)
     before = jwks.fetches
     for _ in range(5):
-        assert v.verify(token).name == "dr.house"
+        assert v.verify(token).name == "oidc:dr.house"
     assert jwks.fetches == before + 1
     time.sleep(0.7)
     v.verify(token)
@@ -529,13 +547,13 @@ def test_with_clients_listed_only_their_tokens_are_accepted(jwks, keys):
     def token(**c):
         return jwt.encode(claims(**c), keys["idp"], algorithm="RS256", headers={"kid": "k1"})
 
-    assert v.verify(token(azp="uga-review")).name == "dr.house"
-    assert v.verify(token(client_id="lis-bridge")).name == "dr.house"  # an RFC 9068 access token
-    assert v.verify(token(cid="uga-review")).name == "dr.house"  # Okta's access tokens
+    assert v.verify(token(azp="uga-review")).name == "oidc:dr.house"
+    assert v.verify(token(client_id="lis-bridge")).name == "oidc:dr.house"  # an RFC 9068 access token
+    assert v.verify(token(cid="uga-review")).name == "oidc:dr.house"  # Okta's access tokens
     review = verifier(jwks, clients=frozenset({AUDIENCE}))  # the page's client id is the audience
-    assert review.verify(token()).name == "dr.house"  # an ID token without azp: its single audience
-    assert review.verify(token(aud=[AUDIENCE])).name == "dr.house"
+    assert review.verify(token()).name == "oidc:dr.house"  # an ID token without azp: its single audience
+    assert review.verify(token(aud=[AUDIENCE])).name == "oidc:dr.house"
     for other in (token(azp="billing-app"), token(client_id="billing-app"), token(), token(azp=["uga-review"])):
         with pytest.raises(Unauthenticated, match="UGA_OIDC_CLIENTS"):
             v.verify(other)
-    assert verifier(jwks).verify(token(azp="billing-app")).name == "dr.house"  # unset: any client of the audience
+    assert verifier(jwks).verify(token(azp="billing-app")).name == "oidc:dr.house"  # unset: any client of the audience

@@ -262,8 +262,8 @@ def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):
         page.goto(f"{srv.url}/review")
         page.click("#oidc-button")  # to the identity provider and back
         # null-safe: while the browser is on the identity provider's page there is no #who to read
-        page.wait_for_function("() => document.getElementById('who')?.textContent.includes('dr.house')")
-        assert page.inner_text("#who") == "dr.house · annotator"
+        page.wait_for_function("() => document.getElementById('who')?.textContent.includes('oidc:dr.house')")
+        assert page.inner_text("#who") == "oidc:dr.house · annotator"
         assert "code=" not in page.url and not page.is_visible("#sign-in")  # the code left the address bar
         # the API answered the JWT: the slide list (fetched after the user) comes back empty
         page.wait_for_function(

@@ -188,6 +188,9 @@ def _claim(claims: dict[str, Any], path: str) -> Any:
     return value
 
 
+OIDC_PREFIX = "oidc:"  # an IdP user's name in audit, ownership and corrections: oidc:<name claim>
+
+
 def _person(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
@@ -352,7 +355,9 @@ class OidcVerifier:
                 f"the identity provider's token grants no role of this service: its {self.roles_claim!r} claim "
                 f"holds none of {', '.join(sorted(self.role_map))} (UGA_OIDC_ROLE_MAP)"
             )
-        return Principal(name, max(mapped, key=ROLES.index))
+        # its own namespace: a named token's user ('alice') or a shared token ('annotator:1a2b3c4d') is
+        # never the same person as an IdP user who calls themselves that
+        return Principal(f"{OIDC_PREFIX}{name}", max(mapped, key=ROLES.index))
 
 
 class Authenticator:
