@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.config import bind_address, get_settings, settings_error
+from service.config import LOOPBACK, bind_address, get_settings, settings_error
 from service.errors import DomainError
 from service.vocabulary import MEASURES, SCORINGS, SELECTIONS
 
@@ -238,6 +238,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run `bentoml serve` with the embedded defaults (local data dir, SQLite, shipped baseline)."""
     build_demo = _demo_slide_builder() if args.demo_slide else None
     s = get_settings()
+    if s.auth_disabled and args.host not in LOOPBACK:
+        raise CliError(
+            f"UGA_AUTH_DISABLED=true makes every caller admin: serve on 127.0.0.1, not {args.host}, or configure tokens"
+        )
     env = dict(os.environ)
     data_dir, slide_root = s.data_dir.resolve(), s.slide_root.resolve()
     slide_root.mkdir(parents=True, exist_ok=True)

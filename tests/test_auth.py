@@ -557,3 +557,22 @@ def test_with_clients_listed_only_their_tokens_are_accepted(jwks, keys):
         with pytest.raises(Unauthenticated, match="UGA_OIDC_CLIENTS"):
             v.verify(other)
     assert verifier(jwks).verify(token(azp="billing-app")).name == "oidc:dr.house"  # unset: any client of the audience
+
+
+def test_with_authentication_off_only_this_machine_may_call(tmp_path):
+    """UGA_AUTH_DISABLED (a local trial) makes every caller admin: a request naming another host (DNS
+    rebinding) or sent by a page of another origin (a site the user visits) is refused before it acts."""
+    service = InProcessService(tmp_path / "data", tmp_path, auth_disabled=True)
+    try:
+        with TestClient(service.app, base_url="http://127.0.0.1:3000", raise_server_exceptions=False) as c:
+            assert c.get("/v1/finetune/runs").status_code == 200  # curl, a script: no Origin
+            assert c.post("/v1/finetune", headers={"Origin": "http://localhost:3000"}).status_code == 202
+            refused = {
+                "not_local": c.get("/v1/finetune/runs", headers={"Host": "attacker.example:3000"}),
+                "cross_site": c.post("/v1/models/rollback", headers={"Origin": "https://attacker.example"}),
+            }
+            for code, r in refused.items():
+                assert (r.status_code, r.json()["error"]["code"]) == (403, code), r.text
+            assert [h["action"] for h in service.runtime.store.models.pointer_history()] == ["init"]
+    finally:
+        service.close()

@@ -103,6 +103,7 @@ MISTAKES = [  # (arguments, environment, what the one line must say); cwd is an 
     (["serve", "--port", "99999"], {}, "not a port"),
     (["serve", "--workers", "0"], {}, "number of workers"),
     (["serve", "--host", "no such host"], {}, "not an IP address"),
+    (["serve", "--host", "0.0.0.0"], {"UGA_AUTH_DISABLED": "true"}, "serve on 127.0.0.1, not 0.0.0.0"),
     (["make-slides", "--out", "o", "--seed", "-1"], {}, "not a seed"),
     (["demo", "--queue", "0", "--quiet"], {}, "--queue"),  # before the demo slide is built
     (["demo", "--out", "f", "--quiet"], {}, "not a directory"),

@@ -9,17 +9,20 @@ parsed or decoded. The route's dependency then reads the principal the middlewar
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+from service.config import LOOPBACK
 from service.http.auth import AuthFailure, Principal
 from service.http.errors import HttpError, error_response
 from service.http.runtime import Runtime
 
 PRINCIPAL = "uga_principal"  # key in the ASGI scope's state
+HEADERS_READ = (b"authorization", b"host", b"origin")  # all that is read of a request before it is allowed
 
 
 def runtime_of(app) -> Runtime:
@@ -33,8 +36,10 @@ def runtime(request: Request) -> Runtime:
     return runtime_of(request.app)
 
 
-def authorise(rt: Runtime, authorization: str | None, role: str) -> Principal:
+def authorise(rt: Runtime, authorization: str | None, role: str, host: str | None, origin: str | None) -> Principal:
     """The caller's principal if it holds ``role``; HttpError (401 / 403 / 503) otherwise."""
+    if rt.auth.disabled:
+        check_local_caller(host, origin)
     try:
         principal = rt.auth.authenticate(authorization)
     except AuthFailure as exc:  # a refused JWT (401), no mapped role (403), keys unreachable (503)
@@ -46,12 +51,30 @@ def authorise(rt: Runtime, authorization: str | None, role: str) -> Principal:
     return principal
 
 
+def check_local_caller(host: str | None, origin: str | None) -> None:
+    """With authentication off every caller is admin, so only this machine may call: a request must
+    name a loopback host (no DNS rebinding) and, when a browser sends one, a loopback origin (no
+    cross-site request from a page the user happens to visit)."""
+    if _hostname(host) not in LOOPBACK:
+        raise HttpError(403, "not_local", "authentication is off (UGA_AUTH_DISABLED): only 127.0.0.1 may call")
+    if origin is not None and _hostname(urlsplit(origin).netloc) not in LOOPBACK:
+        raise HttpError(403, "cross_site", "authentication is off (UGA_AUTH_DISABLED): cross-site requests refused")
+
+
+def _hostname(netloc: str | None) -> str | None:
+    try:
+        return urlsplit(f"//{netloc}").hostname if netloc else None
+    except ValueError:  # an unparsable Host header
+        return None
+
+
 def require(role: str):
     def dependency(request: Request) -> Principal:
         principal = request.scope.get("state", {}).get(PRINCIPAL)
         if principal is not None and principal.allows(role):
             return principal
-        return authorise(runtime(request), request.headers.get("authorization"), role)
+        h = request.headers
+        return authorise(runtime(request), h.get("authorization"), role, h.get("host"), h.get("origin"))
 
     dependency.uga_role = role
     return dependency
@@ -83,9 +106,11 @@ class AuthFirst:
         if scope["type"] != "http" or (role := self.role_for(scope)) is None:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        authorization, host, origin = (
+            headers[name].decode("latin-1") if name in headers else None for name in HEADERS_READ
+        )
         try:  # in a thread: a JWKS fetch or a store lookup must never block the event loop
-            principal = await run_in_threadpool(authorise, runtime_of(self.api), authorization, role)
+            principal = await run_in_threadpool(authorise, runtime_of(self.api), authorization, role, host, origin)
         except HttpError as exc:
             return await error_response(exc.status, exc.code, exc.message, exc.details)(scope, receive, send)
         scope.setdefault("state", {})[PRINCIPAL] = principal
