@@ -324,9 +324,22 @@ def test_a_bug_is_a_logged_json_500_with_a_request_id(env, monkeypatch, caplog):
     assert logged and logged[0].exc_info and logged[0].exc_info[0] is ValueError  # the traceback is in the log
 
 
+def test_every_answer_forbids_sniffing_and_framing(env):
+    with env.client("viewer") as c:
+        answers = [c.get("/v1/models"), c.get("/v1/no-such"), c.post("/v1/finetune"), c.get("/v1/jobs/x")]
+    with env.client(None) as c:
+        answers.append(c.get("/v1/models"))
+    assert [r.status_code for r in answers] == [200, 404, 403, 404, 401]
+    for r in answers:
+        assert (r.headers["x-content-type-options"], r.headers["x-frame-options"]) == ("nosniff", "DENY")
+
+
 def test_openapi_documents_every_status_and_the_correction_bodies(env):
     with env.client(None) as c:
         paths = c.get("/v1/openapi.json").json()["paths"]
+        for page in ("/v1/docs", "/v1/redoc"):  # pages that would load Swagger UI / ReDoc from a CDN
+            r = c.get(page)
+            assert r.status_code == 404 and r.json()["error"]["message"].endswith("see /v1/openapi.json")
     for route in ("/queue/items/{item_id}/correction", "/corrections"):
         op = paths[route]["post"]
         assert {"image/png", "application/geo+json"} <= set(op["requestBody"]["content"])

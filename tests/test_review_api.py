@@ -69,7 +69,7 @@ def test_tiles_are_the_slide_through_openslide_deep_zoom(env, finished, source_s
         top = info["levels"] - 1  # full resolution: tile (1, 1) starts at 254 - 1 overlap
         r = c.get(f"{info['links']['tiles']}{top}/1_1.jpeg")
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
-        assert r.headers["cache-control"].startswith("private")
+        assert r.headers["cache-control"] == "no-store"  # patient data: never in a disk cache
         tile = _image(r).astype(int)
     with openslide.OpenSlide(str(source_slide)) as ref:
         expected = np.asarray(ref.read_region((253, 253), 0, (256, 256)).convert("RGB")).astype(int)
@@ -207,7 +207,7 @@ def test_the_review_page_is_served_with_its_vendored_viewer_and_a_strict_policy(
         page = c.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in page.headers["content-security-policy"]
-        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
         scripts = re.findall(r'<script src="([^"]+)"', page.text)
         assert scripts == ["vendor/openseadragon/openseadragon.min.js", "review.js"]  # no CDN
         for src in scripts:

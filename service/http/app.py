@@ -10,6 +10,7 @@ from starlette.routing import Match
 from service.errors import NotFound
 from service.http.deps import AuthFirst
 from service.http.errors import BodyLimit, BodyLimits, CleanUrl, ErrorBoundary, error_response, install_handlers
+from service.http.headers import CommonHeaders
 from service.http.request_metrics import RequestMetrics
 from service.http.routers import corrections, deliveries, finetune, health, jobs, me, models, overlays, queue, slides
 from service.http.schemas import COMMON_ERRORS
@@ -21,6 +22,10 @@ def create_app(limits: BodyLimits, body_timeout_s: float = 30.0, body_total_s: f
         version="0.1.0",
         description="Uncertainty-guided annotation for whole-slide segmentation",
         responses=COMMON_ERRORS,
+        # FastAPI's docs pages load Swagger UI / ReDoc from a public CDN, on the review page's origin:
+        # none here. The schema stays at /v1/openapi.json (any OpenAPI viewer, or the client generator).
+        docs_url=None,
+        redoc_url=None,
     )
     routers = (
         jobs.router,
@@ -40,6 +45,7 @@ def create_app(limits: BodyLimits, body_timeout_s: float = 30.0, body_total_s: f
     uploads = [route for route in routes if route.endpoint in corrections.UPLOADS]
     app.add_middleware(BodyLimit, limits=limits, upload_routes=uploads, timeout_s=body_timeout_s, total_s=body_total_s)
     app.add_middleware(ErrorBoundary)
+    app.add_middleware(CommonHeaders)  # on refusals and errors too
     app.add_middleware(RequestMetrics, routes=routes)  # outermost: refusals are counted too
     install_handlers(app)
     for router in routers:
@@ -52,6 +58,6 @@ def create_app(limits: BodyLimits, body_timeout_s: float = 30.0, body_total_s: f
         if allowed:  # the path exists, the method does not
             message = f"{request.method} is not allowed on /v1/{path}; use {' or '.join(allowed)}"
             return error_response(405, "method_not_allowed", message, {"allow": allowed}, {"Allow": ", ".join(allowed)})
-        raise NotFound("not_found", f"no such endpoint /v1/{path}; see /v1/docs")
+        raise NotFound("not_found", f"no such endpoint /v1/{path}; see /v1/openapi.json")
 
     return app

@@ -36,6 +36,7 @@ def page_headers(token_url: str | None = None) -> dict[bytes, bytes]:
     return {
         b"content-security-policy": POLICY.format(idp=idp).encode(),
         b"x-content-type-options": b"nosniff",
+        b"x-frame-options": b"DENY",  # frame-ancestors 'none' for browsers that ignore CSP (IE mode)
         b"referrer-policy": b"no-referrer",
         b"cache-control": b"no-cache",  # revalidate: a new release's page is used at once
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.http.deps import Base, Rt, Viewer
+from service.http.routers.slides import TILE_CACHE
 from service.http.schemas import errors
 from service.loop.overlays import overlay_index, overlay_png
 
@@ -22,4 +23,4 @@ def list_overlays(job_id: str, rt: Rt, base: Base, _: Viewer):
 @router.get("/jobs/{job_id}/overlays/{name}.png", responses=PNG)
 def get_overlay(job_id: str, name: str, rt: Rt, _: Viewer):
     data = overlay_png(rt.store, rt.settings, rt.tiles.cache, job_id, name)
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(data, media_type="image/png", headers={"Cache-Control": TILE_CACHE})

@@ -10,7 +10,9 @@ from service.http.deps import Base, Rt, Viewer
 from service.loop.viewing import segmented_slides, slide_dzi, slide_info, slide_tile
 
 router = APIRouter(tags=["slides"])
-TILE_CACHE = "private, max-age=300"  # a browser may keep a tile briefly; it is never shared between callers
+# Slide pixels are patient data: never written to a (shared workstation's) disk cache; the viewer
+# keeps the tiles it shows in memory, and the server's tile cache makes a refetch cheap.
+TILE_CACHE = "no-store"
 
 
 @router.get("/slides")
