@@ -118,27 +118,27 @@ def test_hot_swap_follows_the_pointer(registry):
 
 
 class Clock:
-    """model_holder's time.monotonic, moved by hand."""
+    """A monotonic clock moved by hand."""
 
-    def __init__(self, monkeypatch):
-        import service.loop.model_holder as holder_module
-
+    def __init__(self):
         self.now = 1000.0
-        monkeypatch.setattr(holder_module.time, "monotonic", lambda: self.now)
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def _a_broken_version_promoted(registry, monkeypatch, retry_s: float):
+def _a_broken_version_promoted(registry, retry_s: float):
     """(clock, holder serving the current version, that version, a corrupt version now promoted)."""
-    clock = Clock(monkeypatch)
-    holder = ModelHolder(registry, threads=1, load_retry_s=retry_s)
+    clock = Clock()
+    holder = ModelHolder(registry, threads=1, load_retry_s=retry_s, clock=clock)
     served = holder.load().version
     bad = _register_copy(registry, "broken", corrupt=True)
     registry.store.models.move_pointer(bad, action="promote", actor="t")
     return clock, holder, served, bad
 
 
-def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry, monkeypatch):
-    clock, holder, served, bad = _a_broken_version_promoted(registry, monkeypatch, retry_s=60)
+def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back(registry):
+    clock, holder, served, bad = _a_broken_version_promoted(registry, retry_s=60)
     for clock.now in (1000.0, 1059.0):  # this worker's own trouble, perhaps: the deployment keeps the version
         assert holder.sync() is False and holder.current().version == served
         assert registry.store.models.current() == bad and registry.store.models.get(bad).status != "failed"
@@ -171,8 +171,8 @@ def test_a_worker_that_fails_once_to_load_a_good_version_tries_again_and_fails_i
     assert [h["action"] for h in registry.store.models.pointer_history()][0] == "promote"
 
 
-def test_a_version_promoted_again_after_a_rollback_gets_its_whole_retry_time_again(registry, monkeypatch):
-    clock, holder, served, bad = _a_broken_version_promoted(registry, monkeypatch, retry_s=60)
+def test_a_version_promoted_again_after_a_rollback_gets_its_whole_retry_time_again(registry):
+    clock, holder, served, bad = _a_broken_version_promoted(registry, retry_s=60)
     assert holder.sync() is False  # fails here at t = 1000 ...
     registry.store.models.move_pointer(served, action="rollback", actor="admin")  # ... an admin goes back
     clock.now = 1030.0

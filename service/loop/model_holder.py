@@ -31,9 +31,10 @@ class ModelHolder:
         threads: int = 0,
         on_swap: Callable[[str | None, str], None] | None = None,
         load_retry_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.registry, self.providers, self.threads = registry, providers, threads
-        self.load_retry_s = load_retry_s
+        self.load_retry_s, self.clock = load_retry_s, clock
         self._failing: tuple[str, float] | None = None  # (version, monotonic time of its first failure in a row)
         self._ensemble: Ensemble | None = None
         self._lock = threading.Lock()
@@ -85,8 +86,8 @@ class ModelHolder:
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
                 reason = f"failed to load: {exc}".splitlines()[0][:300]
                 if self._failing is None or self._failing[0] != target:
-                    self._failing = (target, time.monotonic())
-                failing_s = time.monotonic() - self._failing[1]
+                    self._failing = (target, self.clock())
+                failing_s = self.clock() - self._failing[1]
                 if failing_s < self.load_retry_s:
                     log.warning("model %s %s (failing for %.0f of %.0f s); staying on %s", target, reason,
                                 failing_s, self.load_retry_s, served)  # fmt: skip
