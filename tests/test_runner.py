@@ -451,12 +451,21 @@ def _bank(path, n: int = 10, slides=True):
     return path
 
 
+def _misfit_bank(path):
+    """Masks one pixel wider than their images."""
+    np.savez_compressed(
+        path, images=np.zeros((2, 8, 8, 3), np.uint8), masks=np.zeros((2, 8, 9), np.uint8), slides=np.arange(2)
+    )
+    return path
+
+
 @pytest.mark.parametrize(
     "make, needle",
     [
         (lambda p: p / "nowhere.npz", "cannot read"),
         (lambda p: _bank(p / "noslides.npz", slides=False), "lacks slides"),
         (lambda p: (p / "junk.npz").write_bytes(b"not a zip") and p / "junk.npz", "cannot read"),
+        (lambda p: _misfit_bank(p / "misfit.npz"), "do not fit together"),
     ],
 )
 def test_an_unusable_source_bank_stops_the_runner_in_one_line(tmp_path, make, needle):

@@ -44,21 +44,37 @@ def finetune_budget(settings: Settings, seed: int):
 
 
 def source_bank_problem(path: Path) -> str | None:
-    """Why ``path`` cannot serve as the retrain arm's source training bank, or None when it can."""
-    import numpy as np
-
+    """Why ``path`` cannot serve as the retrain arm's source training bank, or None when it can. Reads
+    the arrays' headers only (a bank of gigabytes is not decompressed to check it)."""
     try:
-        with np.load(path) as bank:
-            missing = {"images", "masks", "slides"} - set(bank.files)
-            if missing:
-                return f"{path} lacks {', '.join(sorted(missing))} (write it with `python -m models.train`)"
-            images, masks, slides = bank["images"], bank["masks"], bank["slides"]
+        shapes = _npz_shapes(path)
     except Exception as exc:  # noqa: BLE001 - whatever makes it unreadable (no file, not a zip, a .npy): one line
         return f"cannot read {path} as an npz bank: {exc}"
-    n = len(images)
-    if images.ndim != 4 or images.shape[3] != 3 or masks.shape != images.shape[:3] or slides.shape != (n,) or not n:
+    missing = {"images", "masks", "slides"} - set(shapes)
+    if missing:
+        return f"{path} lacks {', '.join(sorted(missing))} (write it with `python -m models.train`)"
+    images, masks, slides = shapes["images"], shapes["masks"], shapes["slides"]
+    n = images[0] if images else 0
+    if len(images) != 4 or images[3] != 3 or masks != images[:3] or slides != (n,) or not n:
         return f"{path}: images (N, H, W, 3), masks (N, H, W) and slides (N,) do not fit together"
     return None
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{array name: shape} of an ``.npz`` from each array's ``.npy`` header."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    shapes = {}
+    with zipfile.ZipFile(path) as bank:
+        for name in bank.namelist():
+            if name.endswith(".npy"):
+                with bank.open(name) as f:
+                    version = npy.read_magic(f)
+                    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shapes[name.removesuffix(".npy")] = header(f)[0]
+    return shapes
 
 
 def corrections_used(settings: Settings, train: list[Correction], holdout: list[Correction]) -> dict[str, list[str]]:
