@@ -566,12 +566,14 @@ def test_with_authentication_off_only_this_machine_may_call(tmp_path):
     try:
         with TestClient(service.app, base_url="http://127.0.0.1:3000", raise_server_exceptions=False) as c:
             assert c.get("/v1/finetune/runs").status_code == 200  # curl, a script: no Origin
-            assert c.post("/v1/finetune", headers={"Origin": "http://localhost:3000"}).status_code == 202
-            refused = {
-                "not_local": c.get("/v1/finetune/runs", headers={"Host": "attacker.example:3000"}),
-                "cross_site": c.post("/v1/models/rollback", headers={"Origin": "https://attacker.example"}),
-            }
-            for code, r in refused.items():
+            assert c.post("/v1/finetune", headers={"Origin": "http://127.0.0.1:3000"}).status_code == 202  # its page
+            refused = [
+                ("not_local", c.get("/v1/finetune/runs", headers={"Host": "attacker.example:3000"})),
+                ("cross_site", c.post("/v1/models/rollback", headers={"Origin": "https://attacker.example"})),
+                ("cross_site", c.post("/v1/models/rollback", headers={"Origin": "http://localhost:8888"})),
+                ("cross_site", c.post("/v1/models/rollback", headers={"Origin": "null"})),
+            ]
+            for code, r in refused:
                 assert (r.status_code, r.json()["error"]["code"]) == (403, code), r.text
             assert [h["action"] for h in service.runtime.store.models.pointer_history()] == ["init"]
     finally:

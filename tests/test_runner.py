@@ -168,6 +168,26 @@ def test_an_unused_correction_over_an_earlier_ones_tissue_takes_its_role_at_the_
     assert roles[apart.id] == int(held_out_for_gate("a.tif", region_of(apart), 2))
 
 
+def test_overlapping_corrections_ingested_side_by_side_share_one_role_before_a_run_uses_them(tmp_path, monkeypatch):
+    """Two replicas ingest overlapping corrections at once: each drew its own role. The run's start
+    redraws them before it reads which to train on and which to gate on."""
+    from dataclasses import replace
+
+    from service.loop.corrections import held_out_for_gate, region_of
+
+    runner, run = _runner_with_one_run(tmp_path, monkeypatch, RuntimeError("stop after the redraw"))
+    runner.settings.holdout_every = 2
+    first = replace(_correction(0), id="f" * 32)
+    first = replace(first, holdout=int(held_out_for_gate("a.tif", region_of(first), 2)))
+    shifted = replace(_correction(2), id="s" * 32, x=4, created_at=first.created_at)  # the same instant
+    shifted = replace(shifted, holdout=1 - first.holdout)  # its own draw: the other role
+    for c in (first, shifted):
+        runner.store.corrections.add(c, "dr.a")
+    runner.execute(run)
+    roles = {c.id: c.holdout for c in runner.store.corrections.list()}
+    assert roles[shifted.id] == roles[first.id] == first.holdout
+
+
 def test_a_run_that_fails_fast_is_retried_after_a_growing_pause(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise FileNotFoundError("corrections/abc/image.png")
@@ -451,11 +471,11 @@ def _bank(path, n: int = 10, slides=True):
     return path
 
 
-def _misfit_bank(path):
-    """Masks one pixel wider than their images."""
-    np.savez_compressed(
-        path, images=np.zeros((2, 8, 8, 3), np.uint8), masks=np.zeros((2, 8, 9), np.uint8), slides=np.arange(2)
-    )
+def _misfit_bank(path, image_type=np.uint8):
+    """Masks one pixel wider than their images; with another ``image_type``, the same size but that type."""
+    width = 9 if image_type == np.uint8 else 8
+    images, masks = np.zeros((2, 8, 8, 3), image_type), np.zeros((2, 8, width), np.uint8)
+    np.savez_compressed(path, images=images, masks=masks, slides=np.arange(2))
     return path
 
 
@@ -466,6 +486,7 @@ def _misfit_bank(path):
         (lambda p: _bank(p / "noslides.npz", slides=False), "lacks slides"),
         (lambda p: (p / "junk.npz").write_bytes(b"not a zip") and p / "junk.npz", "cannot read"),
         (lambda p: _misfit_bank(p / "misfit.npz"), "do not fit together"),
+        (lambda p: _misfit_bank(p / "float.npz", image_type=np.float32), "must be uint8"),
     ],
 )
 def test_an_unusable_source_bank_stops_the_runner_in_one_line(tmp_path, make, needle):

@@ -53,11 +53,12 @@ def authorise(rt: Runtime, authorization: str | None, role: str, host: str | Non
 
 def check_local_caller(host: str | None, origin: str | None) -> None:
     """With authentication off every caller is admin, so only this machine may call: a request must
-    name a loopback host (no DNS rebinding) and, when a browser sends one, a loopback origin (no
-    cross-site request from a page the user happens to visit)."""
+    name a loopback host (no DNS rebinding; HTTP/1.0 without Host is refused too) and, when a browser
+    sends an origin, come from this very origin (no request from a page the user happens to visit,
+    nor from another local server's page)."""
     if _hostname(host) not in LOOPBACK:
         raise HttpError(403, "not_local", "authentication is off (UGA_AUTH_DISABLED): only 127.0.0.1 may call")
-    if origin is not None and _hostname(urlsplit(origin).netloc) not in LOOPBACK:
+    if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
         raise HttpError(403, "cross_site", "authentication is off (UGA_AUTH_DISABLED): cross-site requests refused")
 
 

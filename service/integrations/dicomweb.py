@@ -197,7 +197,7 @@ class Pacs:
         raw = path.with_name(path.name + ".multipart")
         try:
             with self.session.get(url, headers={"Accept": accept}, stream=True, allow_redirects=False) as response:
-                if response.is_redirect:  # never carry the PACS login, nor the download, elsewhere
+                if response.is_redirect:  # instances come from the configured PACS address only
                     raise PacsError(
                         "pacs_error",
                         f"{self.endpoint.name} redirected an instance download ({response.status_code}); set UGA_PACS "

@@ -45,36 +45,43 @@ def finetune_budget(settings: Settings, seed: int):
 
 def source_bank_problem(path: Path) -> str | None:
     """Why ``path`` cannot serve as the retrain arm's source training bank, or None when it can. Reads
-    the arrays' headers only (a bank of gigabytes is not decompressed to check it)."""
+    the arrays' headers only (a bank of gigabytes is not decompressed to check it; damage inside an
+    array shows at the first run, which then fails with the reason)."""
     try:
-        shapes = _npz_shapes(path)
+        arrays = _npz_headers(path)
     except Exception as exc:  # noqa: BLE001 - whatever makes it unreadable (no file, not a zip, a .npy): one line
         return f"cannot read {path} as an npz bank: {exc}"
-    missing = {"images", "masks", "slides"} - set(shapes)
+    missing = {"images", "masks", "slides"} - set(arrays)
     if missing:
         return f"{path} lacks {', '.join(sorted(missing))} (write it with `python -m models.train`)"
-    images, masks, slides = shapes["images"], shapes["masks"], shapes["slides"]
+    (images, image_type), (masks, mask_type), (slides, slide_type) = (arrays[k] for k in ("images", "masks", "slides"))
     n = images[0] if images else 0
     if len(images) != 4 or images[3] != 3 or masks != images[:3] or slides != (n,) or not n:
         return f"{path}: images (N, H, W, 3), masks (N, H, W) and slides (N,) do not fit together"
+    if image_type != np.uint8 or mask_type != np.uint8 or slide_type.kind not in "iu":
+        kinds = f"{image_type}, {mask_type}, {slide_type}"
+        return f"{path}: images and masks must be uint8 and slides integers, not {kinds}"
     return None
 
 
-def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{array name: shape} of an ``.npz`` from each array's ``.npy`` header."""
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{array name: (shape, dtype)} of an ``.npz`` from each array's ``.npy`` header."""
     import zipfile
 
     from numpy.lib import format as npy
 
-    shapes = {}
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    arrays = {}
     with zipfile.ZipFile(path) as bank:
         for name in bank.namelist():
             if name.endswith(".npy"):
                 with bank.open(name) as f:
                     version = npy.read_magic(f)
-                    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-                    shapes[name.removesuffix(".npy")] = header(f)[0]
-    return shapes
+                    if version not in readers:
+                        raise ValueError(f"{name} is .npy format {version[0]}.{version[1]} (1.0 or 2.0 expected)")
+                    shape, _, dtype = readers[version](f)
+                    arrays[name.removesuffix(".npy")] = (shape, dtype)
+    return arrays
 
 
 def corrections_used(settings: Settings, train: list[Correction], holdout: list[Correction]) -> dict[str, list[str]]:

@@ -350,7 +350,7 @@ def redrawn_roles(corrections: list[Correction], redraw: set[str], every: int) -
     taken in arrival order as ``gate_role`` takes them; the others keep theirs. Only changes."""
     by_slide: dict[str, list[Correction]] = {}
     changes = {}
-    for c in sorted(corrections, key=lambda c: c.created_at):
+    for c in sorted(corrections, key=lambda c: (c.created_at, c.id)):  # the store's arrival order
         earlier = by_slide.setdefault(c.slide, [])
         if c.id in redraw:
             role = gate_role(c.slide, region_of(c), earlier, every)

@@ -84,18 +84,22 @@ class Runner:
         want = self.settings.finetune_device
         return ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
 
+    def redraw_gate_roles(self) -> None:
+        """Corrections no run has used yet take the current hold-out rule (UGA_HOLDOUT_EVERY) and the
+        role of an earlier correction they overlap: also those two replicas ingested side by side."""
+        unseen = {c.id for c in self.store.corrections.unseen()}
+        redrawn = redrawn_roles(self.store.corrections.list(1_000_000), unseen, self.settings.holdout_every)
+        if redrawn:
+            self.store.corrections.set_holdout(redrawn)
+            log.warning("%d unused corrections took a new gate role (hold-out rule, overlaps)", len(redrawn))
+
     def startup(self) -> None:
         self.registry.ensure_baseline()
         for run in self.store.runs.fail_interrupted():
             log.warning("run %s was interrupted by a runner crash: marked failed, work will be redone", run.id)
         for name in self.registry.sweep():
             log.warning("moved aside unregistered model directory %s (interrupted run)", name)
-        every = self.settings.holdout_every  # corrections no run has used yet take the current rule
-        unseen = {c.id for c in self.store.corrections.unseen()}
-        redrawn = redrawn_roles(self.store.corrections.list(1_000_000), unseen, every)
-        if redrawn:
-            self.store.corrections.set_holdout(redrawn)
-            log.warning("%d unused corrections took the current hold-out rule", len(redrawn))
+        self.redraw_gate_roles()
         current = self.store.models.current()
         stranded = [  # gated, never current (an admin may have promoted and rolled back a candidate: not it)
             v.version
@@ -152,6 +156,7 @@ class Runner:
         """One fine-tune run from start to promote / reject / fail. Returns the final state."""
         s, runs = self.settings, self.store.runs
         t0 = time.time()
+        self.redraw_gate_roles()  # overlapping corrections ingested at once each drew their own role
         parent = self.store.models.current()
         train = self.store.corrections.unused_for_training(parent)
         holdout = self.store.corrections.held_out()

@@ -37,12 +37,12 @@ class CorrectionRepository:
             return True
 
     def list(self, limit: int = 1000) -> list[Correction]:
-        rows = self.db.all("SELECT * FROM corrections ORDER BY created_at LIMIT ?", (limit,))
+        rows = self.db.all("SELECT * FROM corrections ORDER BY created_at, id LIMIT ?", (limit,))
         return [Correction.from_row(r) for r in rows]
 
     def on_slide(self, slide: str) -> list[Correction]:
         """The slide's corrections in arrival order."""
-        rows = self.db.all("SELECT * FROM corrections WHERE slide = ? ORDER BY created_at", (slide,))
+        rows = self.db.all("SELECT * FROM corrections WHERE slide = ? ORDER BY created_at, id", (slide,))
         return [Correction.from_row(r) for r in rows]
 
     def count(self) -> int:
@@ -90,7 +90,7 @@ class CorrectionRepository:
         """Training corrections the ``current`` model has not learned: none of its ancestors was trained
         on them. A rejected candidate's corrections stay here, to be trained on with the next ones."""
         used = self.trained_into(current)
-        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at")
+        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at, id")
         return [Correction.from_row(r) for r in rows if r["id"] not in used]
 
     def agreement(self) -> list[tuple[str, float]]:
@@ -109,5 +109,5 @@ class CorrectionRepository:
                 audit(db, "runner", "correction.holdout", cid, {"holdout": holdout})
 
     def held_out(self) -> list[Correction]:
-        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 1 ORDER BY created_at")
+        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 1 ORDER BY created_at, id")
         return [Correction.from_row(r) for r in rows]
