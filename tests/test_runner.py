@@ -90,6 +90,7 @@ def _register(store, version: str, status: str, corrections: dict | None = None,
 def test_held_out_corrections_alone_start_one_run_not_an_endless_row_of_them(tmp_path):
     runner = _runner(tmp_path)
     runner.settings.finetune_min_corrections = 1
+    runner.settings.holdout_every = 1  # every region held out, as this one was drawn
     runner.store.corrections.add(_correction(1, holdout=1), "dr.a")
     run = runner.next_run()
     assert run is not None and runner.execute(run) == "rejected"  # nothing to train on
