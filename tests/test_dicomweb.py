@@ -190,7 +190,7 @@ class HostilePacs:
     not_json: QIDO answers HTML; no_uids: results without a SOP Instance UID; not_dicom: QIDO is fine,
     WADO answers bytes that are no DICOM; traversal: QIDO lists UIDs that are paths; faithful: WADO
     answers the instance asked for; other_series: an instance of another study and series; redirect:
-    WADO redirects elsewhere."""
+    WADO redirects elsewhere; deflated: the instance asked for, deflated."""
 
     def __init__(self, mode: str):
         import http.server
@@ -229,12 +229,13 @@ class HostilePacs:
                     self.send_header("Location", "http://127.0.0.1:9/elsewhere")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                elif outer.mode in ("faithful", "other_series"):
+                elif outer.mode in ("faithful", "other_series", "deflated"):
                     study, series, sop = url.path.split("/")[-5::2]
                     if outer.mode == "other_series":
                         study, series = "9.9", "9.9.9"
                     kind = 'multipart/related; type="application/dicom"; boundary=b'
-                    self._answer(200, kind, b"--b\r\n\r\n" + _instance(study, series, sop) + b"\r\n--b--")
+                    body = _instance(study, series, sop, deflated=outer.mode == "deflated")
+                    self._answer(200, kind, b"--b\r\n\r\n" + body + b"\r\n--b--")
                 else:
                     self._answer(
                         200, 'multipart/related; type="application/dicom"; boundary=b', b"--b\r\n\r\nnot dicom\r\n--b--"
@@ -261,20 +262,20 @@ class HostilePacs:
         self.server.server_close()
 
 
-SINGLE = ("faithful", "other_series", "redirect")  # modes that list one instance
+SINGLE = ("faithful", "other_series", "redirect", "deflated")  # modes that list one instance
 
 
-def _instance(study: str, series: str, sop: str) -> bytes:
-    """A small Part 10 DICOM instance with these UIDs."""
+def _instance(study: str, series: str, sop: str, deflated: bool = False) -> bytes:
+    """A small Part 10 DICOM instance with these UIDs (deflated: in the Deflated Explicit VR LE syntax)."""
     import io
 
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.77.1.6", sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop
@@ -338,7 +339,11 @@ def test_instance_uids_that_are_paths_are_refused_before_anything_is_written_or_
 
 @pytest.mark.parametrize(
     ("hostile", "message"),
-    [("other_series", "not the series asked for"), ("redirect", "redirected an instance download")],
+    [
+        ("other_series", "not the series asked for"),
+        ("redirect", "redirected an instance download"),
+        ("deflated", "sent a deflated instance"),
+    ],
     indirect=["hostile"],
 )
 def test_a_download_that_is_not_the_instance_asked_for_fails_and_leaves_nothing(hostile, message, tmp_path):

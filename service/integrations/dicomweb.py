@@ -273,11 +273,17 @@ def _check_identity(path: Path, asked: tuple[str, str, str], pacs: str) -> None:
     """The downloaded instance is the one asked for: its study, series and SOP Instance UIDs (a PACS that
     ignored the request must not have another patient's slide segmented and filed under this one)."""
     import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     tags = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
     try:
+        syntax = pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID")
+        if syntax == DeflatedExplicitVRLittleEndian:  # reading any of it would inflate all of it in memory
+            raise PacsError("pacs_error", f"{pacs} sent a deflated instance; whole-slide images are never deflated")
         dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
         got = tuple(str(dataset.get(tag, "")) for tag in tags)
+    except PacsError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unreadable header: not the instance asked for either
         raise PacsError("pacs_error", f"{pacs}: an instance's header does not read ({type(exc).__name__})") from None
     if got != asked:
