@@ -251,6 +251,7 @@ def test_bomb_file_is_small_and_claims_a_huge_single_level(bomb_tiff):
     s.close()
 
 
+@pytest.mark.slow  # 11 s: a whole-slide read of the bomb
 def test_tissue_mask_and_whole_slide_read_of_the_bomb_stay_bounded(bomb_tiff):
     m = measure_bomb(bomb_tiff)
     assert m["levels"] == 1 and m["mpp"] == pytest.approx(BOMB_MPP)
