@@ -76,6 +76,26 @@ def test_a_failed_change_writes_nothing(tmp_path):
     assert store.jobs.get("x") is None and store.jobs.counts()["queued"] == 0
 
 
+def test_a_failed_commit_releases_the_write_lock(tmp_path):
+    """A COMMIT that fails (here a deferred foreign key; in life a full disk) rolls back: the
+    connection takes the next change, and other processes are not locked out."""
+    store = Store(tmp_path / "data")
+    with store.db.transaction() as db:
+        db.execute("CREATE TABLE parent (id TEXT PRIMARY KEY)")
+        db.execute("CREATE TABLE child (p TEXT REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError), store.db.transaction() as db:
+        db.execute("INSERT INTO child VALUES ('missing')")  # checked only at COMMIT
+    assert not store.db.conn().in_transaction
+    assert store.db.scalar("SELECT COUNT(*) FROM child") == 0
+    other = sqlite3.connect(store.db.path, timeout=0.5)
+    other.execute("BEGIN IMMEDIATE")  # "database is locked" while the failed change held it
+    other.execute("ROLLBACK")
+    other.close()
+    with store.db.transaction() as db:
+        db.execute("INSERT INTO parent VALUES ('p')")
+    assert store.db.scalar("SELECT COUNT(*) FROM parent") == 1
+
+
 def _open(path: str, start: float) -> str:
     while time.time() < start:
         pass

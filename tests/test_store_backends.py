@@ -180,6 +180,38 @@ def test_a_failed_change_writes_nothing(stores):
     assert store.db.scalar("SELECT COUNT(*) FROM audit WHERE action = 'probe'") == 0
 
 
+@pytest.mark.e2e
+def test_postgres_changes_run_read_committed_whatever_the_servers_default(postgres, tmp_path):
+    """Under a REPEATABLE READ default each change's snapshot would predate the write lock, and
+    check-then-write steps (one open fine-tune run, one correction per hash) would read stale rows."""
+    import psycopg
+
+    url = postgres.new_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        name = conn.execute("SELECT current_database()").fetchone()[0]
+        conn.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SHOW transaction_isolation").fetchone()[0] == "repeatable read"
+    a, b = Store(tmp_path / "a", url), Store(tmp_path / "b", url)
+    try:
+        with a.db.transaction() as db:
+            assert db.execute("SHOW transaction_isolation").fetchone()["transaction_isolation"] == "read committed"
+        answer: list = []
+        with a.db.transaction() as db:  # a requests a run and holds the write lock while b asks too
+            db.execute(
+                "INSERT INTO finetune_runs (id, state, trigger, requested_by, created_at)"
+                " VALUES ('first', 'requested', 'admin', 'x', 1.0)"
+            )
+            asking = threading.Thread(target=lambda: answer.append(b.runs.request("admin", "y")))
+            asking.start()
+            time.sleep(0.5)  # b waits for the lock (its snapshot, under the default, taken now)
+        asking.join(10)
+        assert answer and answer[0][0].id == "first" and answer[0][1] is False
+    finally:
+        a.close()
+        b.close()
+
+
 def test_fine_tune_runs_and_tokens(stores):
     a, b = stores(2)
     run, created = a.runs.request("admin", "alice")

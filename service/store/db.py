@@ -284,10 +284,11 @@ class Database:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full, I/O error) may leave it open: never hold the lock
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def one(self, sql: str, args: tuple | list = ()) -> dict | None:
         return decode(self.conn().execute(sql, args).fetchone())

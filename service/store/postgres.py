@@ -93,6 +93,15 @@ class _Connection:
             cursor.executemany(translate(sql), [_args(r) for r in rows])
 
 
+def _read_committed(conn: Any) -> None:
+    """Every change begins READ COMMITTED, whatever the server's default: each statement after the
+    write lock must see what the previous holder committed (under REPEATABLE READ the snapshot
+    predates the lock, and check-then-write steps read stale rows)."""
+    from psycopg import IsolationLevel
+
+    conn.isolation_level = IsolationLevel.READ_COMMITTED
+
+
 class PostgresDatabase:
     """A pool of connections to one PostgreSQL database, shared by every replica and the runner."""
 
@@ -120,6 +129,7 @@ class PostgresDatabase:
                 min_size=1,
                 max_size=pool_size,
                 kwargs={"autocommit": True, "row_factory": _row_factory},
+                configure=_read_committed,
                 open=True,
                 timeout=timeout_s,  # longest wait for a connection: then the store is unavailable
                 name="uga",
