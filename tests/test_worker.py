@@ -89,11 +89,82 @@ def test_the_start_sweep_removes_a_cancelled_jobs_files_and_half_written_ones_bu
             out.mkdir(parents=True)
             (out / "mask.tif").write_bytes(b"x")
             (out / "mask.tif.part").write_bytes(b"y")
+            (out / ".attempt-0123").mkdir()  # a crashed attempt's unpublished outputs
+            (out / ".attempt-0123" / "mask.tif").write_bytes(b"z")
         assert (
-            sweep_scratch(store, older_than_s=0) == 2
-        )  # the cancelled job's folder; the .part an earlier attempt of the queued one left
+            sweep_scratch(store, older_than_s=0) == 3
+        )  # the cancelled job's folder; the .part and the attempt an earlier run of the queued one left
         assert not store.job_dir(jobs["cancelled"].id).exists()
         assert sorted(p.name for p in store.job_dir(jobs["queued"].id).iterdir()) == ["mask.tif"]
-        assert sorted(p.name for p in store.job_dir(jobs["running"].id).iterdir()) == ["mask.tif", "mask.tif.part"]
+        running = sorted(p.name for p in store.job_dir(jobs["running"].id).iterdir())
+        assert running == [".attempt-0123", "mask.tif", "mask.tif.part"]
+    finally:
+        store.close()
+
+
+class Loaded:
+    """A model holder whose model is never used: the pipeline is replaced in the test below."""
+
+    loaded = True
+
+    def sync(self) -> None:
+        pass
+
+    def current(self):
+        return None
+
+
+def test_a_worker_that_lost_its_job_never_touches_the_files_of_the_worker_that_took_it(tmp_path, monkeypatch):
+    """Worker A is cut off past UGA_JOB_STALE_S; B reclaims the job and finishes it. A's outputs,
+    written afterwards, must not land over B's: they stay in A's attempt and go with it."""
+    store = Store(tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", slide_root=tmp_path)
+    (tmp_path / "a.tif").write_bytes(b"not read: the pipeline is replaced")
+    job, _ = store.jobs.submit(slide="a.tif", options={}, resolved={}, model_version="v", dedup_key="a", actor="t")
+    assert store.jobs.claim("A").id == job.id
+    final = store.job_dir(job.id)
+
+    def a_runs_while_b_takes_over(slide, out, *args, **kwargs):
+        store.db.conn().execute("UPDATE jobs SET worker = 'B' WHERE id = ?", (job.id,))  # recovered, claimed by B
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "mask.tif").write_bytes(b"B's mask")
+        assert store.jobs.finish(job.id, "B", {"model_version": "v2", "artifacts": {}}, [])
+        out.mkdir(parents=True, exist_ok=True)  # as the pipeline does
+        (out / "mask.tif").write_bytes(b"A's mask")
+        (out / "queue.json").write_text("[]")
+        return {"model_version": "v1", "artifacts": {"queue": "queue.json", "mask": "mask.tif"}}
+
+    monkeypatch.setattr("service.loop.worker.run_segmentation", a_runs_while_b_takes_over)
+    try:
+        JobWorker(store, settings, Loaded(), "A")._run(store.jobs.get(job.id))
+        assert (final / "mask.tif").read_bytes() == b"B's mask"
+        assert sorted(p.name for p in final.iterdir()) == ["mask.tif"]  # no report, no attempt left behind
+        assert store.jobs.get(job.id).model_version == "v2"
+    finally:
+        store.close()
+
+
+def test_a_finished_job_publishes_its_outputs_and_replaces_an_unfinished_attempts(tmp_path, monkeypatch):
+    store = Store(tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", slide_root=tmp_path)
+    (tmp_path / "a.tif").write_bytes(b"not read")
+    job, _ = store.jobs.submit(slide="a.tif", options={}, resolved={}, model_version="v", dedup_key="a", actor="t")
+    final = store.job_dir(job.id)
+    final.mkdir(parents=True)
+    (final / "segmentation.dcm").write_bytes(b"from a run that crashed while publishing")
+
+    def pipeline(slide, out, *args, **kwargs):
+        out.mkdir(parents=True, exist_ok=True)  # as the pipeline does
+        (out / "mask.tif").write_bytes(b"mask")
+        (out / "queue.json").write_text("[]")
+        return {"model_version": "v", "artifacts": {"queue": "queue.json", "mask": "mask.tif"}}
+
+    monkeypatch.setattr("service.loop.worker.run_segmentation", pipeline)
+    monkeypatch.setattr("service.loop.worker.diagnostic_report", lambda *a: {"resourceType": "DiagnosticReport"})
+    try:
+        assert store.jobs.claim("A").id == job.id
+        JobWorker(store, settings, Loaded(), "A")._run(store.jobs.get(job.id))
+        assert store.jobs.get(job.id).state == "succeeded"
+        assert sorted(p.name for p in final.iterdir()) == ["mask.tif", "queue.json", "report.fhir.json", "summary.json"]
     finally:
         store.close()

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from service.config import Settings
 from service.errors import DomainError, Unavailable
-from service.fsutil import atomic_write_json, commit_file
+from service.fsutil import atomic_write_json, commit_file, fsync_dir
 from service.inference.pipeline import run_segmentation
 from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
@@ -33,6 +35,7 @@ from service.wsi.dicom import find_series, is_dicom
 log = logging.getLogger("uga.jobs")
 HEARTBEAT_S = 2.0
 RECOVER_EVERY_S = 5.0
+ATTEMPT_PREFIX = ".attempt-"  # jobs/<id>/.attempt-*: one run's outputs until its finish publishes them
 EXPIRE_EVERY_S = 600.0  # superseded jobs' files: retention is in days, a pass every 10 minutes is plenty
 STORE_ERRORS = (Unavailable, sqlite3.OperationalError)  # the store is down or busy for a moment
 
@@ -66,7 +69,11 @@ def sweep_scratch(store: Store, older_than_s: float = 300.0) -> int:
     for job_dir in list(store.jobs_dir.iterdir()):
         if job_dir.name in running:
             continue
-        leftovers = [job_dir] if job_dir.name in discarded else [*job_dir.glob(".work-*"), *job_dir.glob("*.part")]
+        leftovers = (
+            [job_dir]
+            if job_dir.name in discarded
+            else [*job_dir.glob(".work-*"), *job_dir.glob("*.part"), *job_dir.glob(f"{ATTEMPT_PREFIX}*")]
+        )
         for path in leftovers:
             try:
                 stale = time.time() - path.stat().st_mtime > older_than_s
@@ -194,25 +201,26 @@ class JobWorker:
 
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
+        attempt = self.store.job_dir(job.id) / f"{ATTEMPT_PREFIX}{uuid.uuid4().hex[:12]}"  # this run's own outputs
         try:
             self.models.sync()  # a job claimed right after a pointer move runs on the new version
             slide = locate_slide(self.settings, job.slide, check)  # a DICOMweb series: fetched into the cache
             if parse_dicomweb(job.slide):
                 check_work(self.settings, slide, self.options(job))  # limits of a series known only now
-            out = self.store.job_dir(job.id)
             ensemble = self.models.current()  # pinned: the whole job runs on this version
             summary = run_segmentation(
                 slide,
-                out,
+                attempt,
                 ensemble,
                 self.options(job),
                 slide_key=job.slide,
                 progress=progress,
                 exclude=self.store.queue.handled(job.slide),
             )
-            queue = json.loads((Path(out) / summary["artifacts"]["queue"]).read_text())
-            write_hospital_outputs(job, slide, Path(out), summary, self.settings, lambda: self._still_mine(job))
-            if jobs.finish(job.id, self.name, summary, queue):
+            queue = json.loads((attempt / summary["artifacts"]["queue"]).read_text())
+            write_hospital_outputs(job, slide, attempt, summary, self.settings, lambda: self._still_mine(job))
+            final = self.store.job_dir(job.id)
+            if jobs.finish(job.id, self.name, summary, queue, publish=lambda: publish_attempt(attempt, final)):
                 if self.on_success:
                     self.on_success(job, summary)
             elif (now := jobs.get(job.id)) is not None and now.cancel_requested and now.worker == self.name:
@@ -239,7 +247,8 @@ class JobWorker:
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job, never lost
             log.exception("job %s failed", job.id)
             self._fail(job, f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
-        finally:  # the pipeline removed its own scratch; another worker may own the job's directory now
+        finally:  # published, or never to be: another worker may own the job's directory now
+            shutil.rmtree(attempt, ignore_errors=True)
             beat_stop.set()
             self.current_job = None
 
@@ -253,6 +262,19 @@ class JobWorker:
             raise Lost()
         if answer:
             raise CancelRequested()
+
+
+def publish_attempt(attempt: Path, final: Path) -> None:
+    """Move an attempt's outputs (each already durable) into the job's directory, replacing what an
+    earlier, unfinished attempt may have left there; called inside the store's finish."""
+    produced = {p.name for p in attempt.iterdir() if p.is_file()}
+    for old in final.iterdir():
+        if old.is_file() and not old.name.startswith(".") and old.name not in produced:
+            old.unlink()
+    for name in sorted(produced):
+        os.replace(attempt / name, final / name)
+    fsync_dir(final)
+    fsync_dir(final.parent)  # the job's directory itself may be new
 
 
 def write_hospital_outputs(

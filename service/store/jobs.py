@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 from service.errors import Conflict, TooBusy
 from service.store.db import Database, audit
@@ -182,9 +183,13 @@ class JobRepository:
                 enqueue_job_event(db, job_id)
             return cur.rowcount == 1
 
-    def finish(self, job_id: str, worker: str, summary: dict, queue: list[dict]) -> bool:
+    def finish(
+        self, job_id: str, worker: str, summary: dict, queue: list[dict], publish: Callable[[], None] | None = None
+    ) -> bool:
         """Record success and the job's queue in one transaction. False if the job was taken away or its
-        cancel was requested meanwhile (a cancel acknowledged to a caller wins over a late finish)."""
+        cancel was requested meanwhile (a cancel acknowledged to a caller wins over a late finish).
+        ``publish`` (moving the outputs into place) runs inside it, once the job is known to be
+        ``worker``'s: a worker that lost the job never touches the files of the one that took it."""
         with self.db.transaction() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'succeeded', summary = ?, model_version = ?, finished_at = ?,"
@@ -200,6 +205,8 @@ class JobRepository:
                 [(q["id"], job_id, slide, q["rank"], q["score"], q["measure"], json.dumps(q)) for q in queue],
             )
             enqueue_job_event(db, job_id)
+            if publish is not None:
+                publish()
             return True
 
     def fail(self, job_id: str, worker: str | None, error: str, code: str = "internal_error") -> None:
