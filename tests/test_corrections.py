@@ -162,6 +162,25 @@ def test_crash_between_files_and_row_leaves_no_correction(tmp_path):
     assert kept.name.startswith(cid) and (kept / "mask.png").exists()  # a wrong store must not cost data
 
 
+def test_writing_a_correction_that_is_already_in_place_never_removes_it(tmp_path):
+    """Another host ingested the same correction a moment ago (its lock is not ours) and answered
+    201: our write keeps its folder; a folder with other content is moved aside, never deleted."""
+    root = tmp_path / "data" / "corrections"
+    image = np.full((32, 32, 3), 200, np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[8:16, 8:16] = True
+    cid = correction_id("a.tif", Region(0, 0, 32, 32, 1.0), mask)
+    first = write_correction_files(root, cid, image, mask)
+    inode = first.stat().st_ino
+    assert write_correction_files(root, cid, image, mask).stat().st_ino == inode  # kept, not replaced
+    assert sorted(p.name for p in root.iterdir()) == [cid]  # no temp left either
+    changed = np.full((32, 32, 3), 90, np.uint8)  # the slide changed under its name
+    write_correction_files(root, cid, changed, mask)
+    assert load_pair(root, cid)[0][0, 0].tolist() == [90, 90, 90]
+    [aside] = (tmp_path / "data" / "orphans" / "corrections").iterdir()
+    assert load_pair(aside.parent, aside.name)[0][0, 0].tolist() == [200, 200, 200]
+
+
 def test_acknowledged_correction_survives_reopen_and_is_idempotent(tmp_path):
     store = Store(tmp_path / "data")
     root = tmp_path / "data" / "corrections"

@@ -265,27 +265,39 @@ def correction_lock(data_dir: Path, cid: str) -> Iterator[None]:
 def write_correction_files(root: Path, cid: str, image: np.ndarray, mask: np.ndarray) -> Path:
     """image.png + mask.png in ``root/cid``: built in a temp dir, fsynced, renamed into place.
 
-    Call under ``correction_lock``: an existing ``root/cid`` without a database row is an orphan of a
-    crash and is replaced.
+    Call under ``correction_lock``. An existing ``root/cid`` was renamed into place whole: with the
+    same files it is kept (a crash before its row, or another host's ingest of the same correction,
+    which may have been acknowledged); with other files (the slide changed under its name) it is
+    moved to the orphans, never deleted.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / cid
+    files = {"image.png": _png_bytes(image), "mask.png": _png_bytes(np.where(mask, 255, 0).astype(np.uint8))}
+    if final.is_dir() and all(_same_file(final / name, data) for name, data in files.items()):
+        return final
     tmp = Path(tempfile.mkdtemp(prefix=f".{cid}.", dir=root))
     try:
-        for name, arr in (("image.png", image), ("mask.png", np.where(mask, 255, 0).astype(np.uint8))):
+        for name, data in files.items():
             with open(tmp / name, "wb") as f:
-                f.write(_png_bytes(arr))
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         fsync_dir(tmp)
-        if final.exists():  # an orphan from an earlier crash between files and row: replace it
-            shutil.rmtree(final)
+        if final.exists():
+            quarantine(final, root.parent, "corrections")
         os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _same_file(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def read_crop(slide: Slide, region: Region) -> np.ndarray:
