@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.config import Settings
-from service.errors import Gone
+from service.errors import Conflict, Gone
 from service.http.errors import status_of
 from service.http.schemas import job_view
 from service.loop.jobs import artifact_path, expire_superseded
@@ -100,6 +100,9 @@ def test_a_dead_workers_job_is_requeued_and_finished_by_another_replica(stores):
     assert [i.id for i in a.queue.pending("a.tif", 5)] == ["q1"]
     assert a.queue.set_status("a.tif", "q1", "corrected", "annotator")
     assert a.queue.status_counts()["corrected"] == 1 and a.queue.pending("a.tif", 5) == []
+    with pytest.raises(Conflict):  # a skip that looked before the correction committed (another replica)
+        b.queue.set_status("a.tif", "q1", "skipped", "other")
+    assert a.queue.status_counts()["corrected"] == 1
 
 
 def test_a_replica_whose_clock_runs_ahead_does_not_requeue_a_live_job(stores, monkeypatch):
@@ -112,6 +115,20 @@ def test_a_replica_whose_clock_runs_ahead_does_not_requeue_a_live_job(stores, mo
     monkeypatch.setattr(time, "time", lambda: host_clock() + 3600)  # host b's clock is an hour ahead
     assert b.jobs.recover_stale(stale_after_s=60) == []
     assert a.jobs.heartbeat(job.id, "host-a") is False  # still host-a's, not cancelled
+
+
+def test_a_replica_whose_clock_runs_ahead_does_not_take_a_delivery_being_sent(stores, monkeypatch):
+    a, b = stores(2)
+    job, _ = a.jobs.submit(
+        slide="a.tif", options={}, resolved={}, model_version="v1", dedup_key="k", actor="x", callback="lis"
+    )
+    a.jobs.claim("w")
+    a.jobs.fail(job.id, "w", "boom", "internal_error")  # its end event is due
+    lease = a.deliveries.claim(lease_s=30.0)
+    assert lease is not None
+    host_clock = time.time
+    monkeypatch.setattr(time, "time", lambda: host_clock() + 3600)  # host b's clock is an hour ahead
+    assert b.deliveries.claim(lease_s=30.0) is None  # a's lease is live on the database's clock
 
 
 def test_the_model_pointer_is_a_compare_and_set_across_replicas(stores):

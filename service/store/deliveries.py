@@ -76,19 +76,21 @@ class DeliveryRepository:
         return [Delivery.from_row(r) for r in rows]
 
     def claim(self, lease_s: float) -> Delivery | None:
-        """Lease the most overdue delivery (pending and due, or sending with an expired lease)."""
-        now = time.time()
-        due = "(state = 'pending' AND next_at <= ?) OR (state = 'sending' AND lease_until < ?)"
-        if self.db.scalar(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1", (now, now)) is None:
+        """Lease the most overdue delivery (pending and due, or sending with an expired lease). Leases
+        run on the database's clock, as job heartbeats do: a host whose clock runs ahead cannot take
+        a delivery another is still sending."""
+        now = self.db.now
+        due = f"(state = 'pending' AND next_at <= {now}) OR (state = 'sending' AND lease_until < {now})"
+        if self.db.scalar(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1") is None:
             return None  # the common case, every second in every process: a read, not a write lock
         with self.db.transaction() as db:
             row = db.execute(
-                "UPDATE deliveries SET state = 'sending', lease_until = ?, attempts = attempts + 1"
+                f"UPDATE deliveries SET state = 'sending', lease_until = {now} + ?, attempts = attempts + 1"
                 f" WHERE id = (SELECT id FROM deliveries WHERE {due} ORDER BY next_at LIMIT 1"
                 + self.db.skip_locked
                 + ")"
                 " RETURNING id",
-                (now + lease_s, now, now),
+                (lease_s,),
             ).fetchone()
         return self.get(row["id"]) if row else None
 

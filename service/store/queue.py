@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+from service.errors import Conflict
 from service.store.db import Database, audit
 from service.store.records import QueueItem
 from service.vocabulary import ITEM_STATUSES
@@ -64,6 +65,8 @@ class QueueRepository:
             ).fetchone()
             if prev is not None and prev["status"] == status:
                 return False
+            if prev is not None and prev["status"] == "corrected":  # committed since the caller looked
+                raise Conflict("already_corrected", "this patch already has a correction; it cannot be skipped")
             db.execute(SET_STATUS, (slide, item_id, status, actor, time.time()))
             audit(db, actor, f"queue.{status}", item_id, {"slide": slide})
             return True
