@@ -152,6 +152,23 @@ def test_a_version_that_fails_to_load_is_never_served_and_the_pointer_moves_back
     assert registry.store.models.pointer_history()[0]["action"] == "auto-rollback"
 
 
+def test_marking_a_version_failed_and_moving_the_pointer_back_is_one_change(registry, monkeypatch):
+    """A crash (here: an error) at the pointer move must not leave the current version 'failed' with
+    nothing moving the pointer back: neither happens, and the next sync does both."""
+    clock, holder, served, bad = _a_broken_version_promoted(registry, retry_s=0)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("process killed here")
+
+    monkeypatch.setattr("service.store.models._move_pointer", crash)
+    with pytest.raises(RuntimeError):
+        holder.sync()
+    assert registry.store.models.current() == bad and registry.store.models.get(bad).status != "failed"
+    monkeypatch.undo()
+    assert holder.sync() is False
+    assert registry.store.models.current() == served and registry.store.models.get(bad).status == "failed"
+
+
 def test_a_worker_that_fails_once_to_load_a_good_version_tries_again_and_fails_it_for_no_one(registry, monkeypatch):
     holder = ModelHolder(registry, threads=1, load_retry_s=30)
     served = holder.load().version

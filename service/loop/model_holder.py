@@ -96,9 +96,7 @@ class ModelHolder:
                 # back to the version ``target`` replaced (this worker may lag behind it, serving an older one)
                 back = self.registry.versions.rollback_target() or served
                 log.error("model %s %s; staying on %s and moving the pointer back to %s", target, reason, served, back)
-                self.registry.versions.set_status(target, "failed", reason)
-                if back:
-                    self.registry.move_pointer(back, action="auto-rollback", actor="system", expect=target)
+                self.registry.versions.fail_and_roll_back(target, reason, back)
                 return False
             self._ensemble = ens
             self._failing = None

@@ -61,36 +61,15 @@ class ModelRepository:
         and set its ``status`` and the fine-tune ``run``'s outcome in the same transaction when given
         (a promotion is one change: a crash right after it cannot leave the run 'failed')."""
         with self.db.transaction() as db:
-            cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
-            previous = cur[0] if cur else None
-            if (expect is not None and previous != expect) or previous == version:
-                return False
-            if run is not None:  # a run another runner has ended (it lost its lease) promotes nothing
-                state = db.execute("SELECT state FROM finetune_runs WHERE id = ?", (run,)).fetchone()
-                if state is None or state[0] != "running":
-                    return False
-            now = time.time()
-            db.execute(
-                "INSERT INTO model_pointer (id, version, changed_at) VALUES (1, ?, ?)"
-                " ON CONFLICT (id) DO UPDATE SET version = excluded.version, changed_at = excluded.changed_at",
-                (version, now),
-            )
-            db.execute(
-                "INSERT INTO pointer_history (version, previous, action, actor, at) VALUES (?, ?, ?, ?, ?)",
-                (version, previous, action, actor, now),
-            )
-            audit(db, actor or "system", f"pointer.{action}", version, {"previous": previous})
-            if status is not None:
-                db.execute("UPDATE model_versions SET status = ?, reason = NULL WHERE version = ?", (status, version))
-                audit(db, actor or "system", f"model.{status}", version, {"reason": None})
-            if run is not None:
-                db.execute(
-                    "UPDATE finetune_runs SET state = 'promoted', candidate = ?, finished_at = ?"
-                    " WHERE id = ? AND state = 'running'",
-                    (version, now, run),
-                )
-                audit(db, actor or "system", "finetune.promoted", run, {"candidate": version, "reason": None})
-            return True
+            return _move_pointer(db, version, action, actor, expect, status, run)
+
+    def fail_and_roll_back(self, version: str, reason: str, back: str | None) -> bool:
+        """Mark ``version`` failed and, if it is still current, point back to ``back``: one change, so a
+        crash cannot leave the current version 'failed' with nothing moving the pointer back."""
+        with self.db.transaction() as db:
+            db.execute("UPDATE model_versions SET status = 'failed', reason = ? WHERE version = ?", (reason, version))
+            audit(db, "system", "model.failed", version, {"reason": reason})
+            return bool(back) and _move_pointer(db, back, "auto-rollback", "system", version, None, None)
 
     def was_current(self, version: str) -> bool:
         """Whether the pointer ever pointed at ``version``."""
@@ -112,3 +91,39 @@ class ModelRepository:
     def count_actions(self, actions: tuple[str, ...]) -> int:
         marks = ", ".join("?" * len(actions))
         return int(self.db.scalar(f"SELECT COUNT(*) FROM pointer_history WHERE action IN ({marks})", actions))
+
+
+def _move_pointer(
+    db, version: str, action: str, actor: str | None, expect: str | None, status: str | None, run: str | None
+) -> bool:
+    """ModelRepository.move_pointer's change, inside the caller's transaction."""
+    cur = db.execute("SELECT version FROM model_pointer WHERE id = 1").fetchone()
+    previous = cur[0] if cur else None
+    if (expect is not None and previous != expect) or previous == version:
+        return False
+    if run is not None:  # a run another runner has ended (it lost its lease) promotes nothing
+        state = db.execute("SELECT state FROM finetune_runs WHERE id = ?", (run,)).fetchone()
+        if state is None or state[0] != "running":
+            return False
+    now = time.time()
+    db.execute(
+        "INSERT INTO model_pointer (id, version, changed_at) VALUES (1, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET version = excluded.version, changed_at = excluded.changed_at",
+        (version, now),
+    )
+    db.execute(
+        "INSERT INTO pointer_history (version, previous, action, actor, at) VALUES (?, ?, ?, ?, ?)",
+        (version, previous, action, actor, now),
+    )
+    audit(db, actor or "system", f"pointer.{action}", version, {"previous": previous})
+    if status is not None:
+        db.execute("UPDATE model_versions SET status = ?, reason = NULL WHERE version = ?", (status, version))
+        audit(db, actor or "system", f"model.{status}", version, {"reason": None})
+    if run is not None:
+        db.execute(
+            "UPDATE finetune_runs SET state = 'promoted', candidate = ?, finished_at = ?"
+            " WHERE id = ? AND state = 'running'",
+            (version, now, run),
+        )
+        audit(db, actor or "system", "finetune.promoted", run, {"candidate": version, "reason": None})
+    return True
