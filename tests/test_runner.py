@@ -339,6 +339,45 @@ def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_pat
     assert len(store.jobs.list("queued", 10)) == 1
 
 
+def test_an_admins_rescoring_cut_short_by_a_store_outage_is_finished_by_the_running_runner(
+    tmp_path, source_slide, monkeypatch
+):
+    """The pointer moved, then the store went away before every slide was queued: the slide is not
+    skipped as if it were unusable, and the runner queues it on its next poll, not at its next start."""
+    from service.errors import Unavailable
+    from service.loop import jobs as jobs_module
+    from service.loop.promotion import move_current
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(source_slide, slides / "a.tif")
+    settings = Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline", slide_root=slides)
+    runner = Runner(settings)
+    runner.registry.ensure_baseline()
+    store, baseline = runner.store, runner.store.models.current()
+    runner.startup()
+    job, _ = store.jobs.submit(
+        slide="a.tif", options={"patch_um": 256}, resolved={}, model_version=baseline, dedup_key="k", actor="t"
+    )
+    store.jobs.claim("w")
+    assert store.jobs.finish(job.id, "w", {"model_version": baseline}, [])
+    newer = "v2"
+    _register(store, newer, "candidate")
+    real_submit = jobs_module.submit_segmentation
+
+    def store_gone(*args, **kwargs):
+        raise Unavailable("store_unavailable", "the database is unreachable; retry shortly")
+
+    monkeypatch.setattr(jobs_module, "submit_segmentation", store_gone)
+    with pytest.raises(Unavailable):
+        move_current(runner.registry, settings, newer, action="manual-promote", actor="admin")
+    assert store.models.current() == newer and store.jobs.list("queued", 10) == []
+    monkeypatch.setattr(jobs_module, "submit_segmentation", real_submit)
+    runner.keep_queues_current()  # what its loop does between runs
+    [queued] = store.jobs.list("queued", 10)
+    assert queued.slide == "a.tif" and queued.model_version == newer and queued.origin == "rescoring"
+
+
 def test_the_liveness_probe_fails_when_the_runners_loop_stops_beating(tmp_path):
     runner = _runner(tmp_path)
     assert runner_module.check(runner.settings) == (True, "ok")  # not started yet: nothing to judge

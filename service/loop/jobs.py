@@ -217,6 +217,8 @@ def enqueue_rescoring(store: Store, settings: Settings, version: str, actor: str
                 site=latest.site if latest.site in settings.site_names else None,
             )
         except DomainError as exc:  # the slide is gone or unusable: its old queue stays readable
+            if exc.code == "store_unavailable":
+                raise  # not the slide's fault: the caller retries (the runner, on its next poll)
             log.warning("slide %s not rescored: %s", slide, exc.message)
             continue
         if new:

@@ -21,6 +21,7 @@ from service.loop.candidate import build_candidate, corrections_used, source_ban
 from service.loop.corrections import redrawn_roles
 from service.loop.gate import gate_candidate
 from service.loop.jobs import enqueue_rescoring
+from service.loop.worker import STORE_ERRORS
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
 from service.loop.store_metrics import StoreCollector
@@ -42,6 +43,7 @@ class Runner:
         self.lease: Lease | None = None  # the deployment's runner lease, once main() holds it
         self.lost_lease = False
         self.failures = 0  # consecutive failed runs: the next waits runner_poll_s × 2^failures (≤ 1 h)
+        self.rescored_for: str | None = None  # the version every slide's queue was last brought to
         self.metrics = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.metrics)
         self.heartbeat = Gauge(
@@ -112,8 +114,23 @@ class Runner:
             log.warning("candidate %s was never promoted (runner stopped): rejected, run requested again", version)
         if stranded:
             self.store.runs.request("recovery", "runner")
-        if current and (again := enqueue_rescoring(self.store, self.settings, current, "runner")):
+        self.keep_queues_current()
+
+    def keep_queues_current(self) -> None:
+        """Queue rescoring of every slide not yet segmented by the current version, whenever that
+        version is new to this runner: a promotion's or an admin's rescoring cut short (a crash, the
+        store gone for a moment) is finished here, not left until the runner restarts."""
+        current = self.store.models.current()
+        if not current or current == self.rescored_for:
+            return
+        try:
+            again = enqueue_rescoring(self.store, self.settings, current, "runner")
+        except STORE_ERRORS as exc:
+            log.warning("rescoring for %s not queued yet (%s); next poll", current, exc)
+            return
+        if again:
             log.warning("%d slides not yet segmented by %s (a rescoring cut short): queued", len(again), current)
+        self.rescored_for = current
 
     def next_run(self) -> FinetuneRun | None:
         """The oldest requested run, or a new one when enough unseen corrections wait."""
@@ -143,6 +160,7 @@ class Runner:
             self.beat()
             run = self.next_run()
             if run is None:
+                self.keep_queues_current()
                 self.pause(self.settings.runner_poll_s)
                 continue
             state = self.execute(run)
