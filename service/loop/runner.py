@@ -21,10 +21,10 @@ from service.loop.candidate import build_candidate, corrections_used, source_ban
 from service.loop.corrections import redrawn_roles
 from service.loop.gate import gate_candidate
 from service.loop.jobs import enqueue_rescoring
-from service.loop.worker import STORE_ERRORS
 from service.loop.promotion import promote_candidate
 from service.loop.registry import Registry
 from service.loop.store_metrics import StoreCollector
+from service.loop.worker import STORE_ERRORS
 from service.store import FinetuneRun, Lease, Store
 from service.vocabulary import GATED_RUN_STATES
 
