@@ -4,6 +4,7 @@ stays quiet on healthy ones (`promtool test rules` on synthetic series)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,10 +65,18 @@ CASES = {
     "UGASlidesOutOfDistribution": (
         "10m",
         "7h",
-        {  # 6 slides an hour, 2 of them flagged
-            'uga_slide_novelty_share_count{site="a"}': "0+1x60",
-            'uga_slides_out_of_distribution_total{site="a"}': "0+0.3333x60",
-        },
+        [
+            {  # 6 slides an hour, 2 of them flagged
+                'uga_slide_novelty_share_count{site="a"}': "0+1x60",
+                'uga_slides_out_of_distribution_total{site="a"}': "0+0.3333x60",
+            },
+            {  # a new site, a quarter of all slides, every one flagged: 25 % of all, not more
+                'uga_slide_novelty_share_count{site="a"}': "0+1x60",
+                'uga_slides_out_of_distribution_total{site="a"}': "0x60",
+                'uga_slide_novelty_share_count{site="b"}': "0+0.3333x60",
+                'uga_slides_out_of_distribution_total{site="b"}': "0+0.3333x60",
+            },
+        ],
         [
             {  # as many slides, 1 in 12 flagged
                 'uga_slide_novelty_share_count{site="a"}': "0+1x60",
@@ -122,14 +131,28 @@ CASES = {
     "UGAUncertaintyDrift": (
         "1h",
         "106h",
-        {
-            'uga_slide_mean_uncertainty_count{measure="uga"}': "0+10x108",
-            'uga_slide_mean_uncertainty_sum{measure="uga"}': "0+10x96 980+20x11",  # 1.0 bit a slide, then 2.0
-        },
-        {
-            'uga_slide_mean_uncertainty_count{measure="uga"}': "0+10x108",
-            'uga_slide_mean_uncertainty_sum{measure="uga"}': "0+10x96 980+12x11",  # then 1.2: within 50 %
-        },
+        [
+            {
+                'uga_slide_mean_uncertainty_count{measure="uga",site="a"}': "0+10x108",
+                'uga_slide_mean_uncertainty_sum{measure="uga",site="a"}': "0+10x96 980+20x11",  # 1.0 bit, then 2.0
+            },
+            {  # a new site from hour 96, a sixth of the slides, at 2.0 bits: all sites' mean moves to 1.17
+                'uga_slide_mean_uncertainty_count{measure="uga",site="a"}': "0+10x108",
+                'uga_slide_mean_uncertainty_sum{measure="uga",site="a"}': "0+10x108",
+                'uga_slide_mean_uncertainty_count{measure="uga",site="b"}': "_x96 0+2x11",
+                'uga_slide_mean_uncertainty_sum{measure="uga",site="b"}': "_x96 0+4x11",
+            },
+        ],
+        [
+            {
+                'uga_slide_mean_uncertainty_count{measure="uga",site="a"}': "0+10x108",
+                'uga_slide_mean_uncertainty_sum{measure="uga",site="a"}': "0+10x96 980+12x11",  # 1.2: within 50 %
+            },
+            {  # a quiet night, then one slide at 1.6 bits: one slide is not drift
+                'uga_slide_mean_uncertainty_count{measure="uga",site="a"}': "0+10x94 940x10 941x3",
+                'uga_slide_mean_uncertainty_sum{measure="uga",site="a"}': "0+10x94 940x10 941.6x3",
+            },
+        ],
     ),
 }
 
@@ -153,6 +176,7 @@ def test_every_alert_has_a_case():
     assert alerts == set(CASES)
 
 
+PER_SITE = {"UGAUncertaintyDrift", "UGASlidesOutOfDistribution"}  # one alert per site, labelled with it
 SLOW_CASES = {"UGAUncertaintyDrift"}  # 106 h of series for promtool to evaluate: 12 s
 
 
@@ -164,7 +188,15 @@ def test_the_alert_fires_on_its_series_and_not_on_healthy_ones(rules, tmp_path, 
     rule = next(
         r for g in yaml.safe_load(RULE.read_text())["spec"]["groups"] for r in g["rules"] if r.get("alert") == alert
     )
-    expected = {"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}
+
+    def expected(series: dict) -> dict:
+        """The rule's labels and annotations; a per-site alert also names the site (in these cases,
+        the last one in alphabetical order: the one that drifts)."""
+        if alert not in PER_SITE:
+            return {"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}
+        site = sorted(set(re.findall(r'site="(\w+)"', " ".join(series))))[-1]
+        notes = {k: v.replace("{{ $labels.site }}", site) for k, v in rule["annotations"].items()}
+        return {"exp_labels": {**rule["labels"], "site": site}, "exp_annotations": notes}
 
     def case(series: dict, firing: bool) -> dict:
         return {
@@ -174,7 +206,7 @@ def test_the_alert_fires_on_its_series_and_not_on_healthy_ones(rules, tmp_path, 
                 {
                     "eval_time": at,
                     "alertname": alert,
-                    "exp_alerts": [expected] if firing else [],
+                    "exp_alerts": [expected(series)] if firing else [],
                 }
             ],
         }
@@ -183,7 +215,8 @@ def test_the_alert_fires_on_its_series_and_not_on_healthy_ones(rules, tmp_path, 
     firing = bad if isinstance(bad, list) else [bad]
     healthy = good if isinstance(good, list) else [good]
     cases = [*(case(b, True) for b in firing), *(case(g, False) for g in healthy)]
-    test.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": cases}))
+    every = "1m" if interval == "1m" else "10m"  # rule evaluations: days of series at 1m cost minutes
+    test.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": every, "tests": cases}))
     proc = subprocess.run(["promtool", "test", "rules", str(test)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
