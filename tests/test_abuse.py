@@ -287,10 +287,13 @@ def test_request_metrics_are_labelled_by_route_template_not_by_what_callers_send
             c.get(f"/v1/jobs/MRN-{n:08d}")  # looks like a record number
             c.get(f"/v1/invented-{n}/path")
             httpx.get(f"{server.url}/also-invented-{n}")
+        c.get("/v1/openapi.json")
+    httpx.get(f"{server.url}/review/")
+    httpx.get(f"{server.url}/review/vendor/invented-{n}.js")
     text = httpx.get(f"{server.url}/metrics").text
     assert "MRN-" not in text and "invented-" not in text and job_id not in text
     endpoints = set(re.findall(r'endpoint="([^"]*)"', text))
-    assert {"/v1/jobs/{job_id}", "/v1/{unknown}", "/{unknown}"} <= endpoints
+    assert {"/v1/jobs/{job_id}", "/v1/{unknown}", "/{unknown}", "/v1/openapi.json", "/review/{path}"} <= endpoints
     assert len(endpoints) < 40  # bounded by the routes, not by the requests
 
 

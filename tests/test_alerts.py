@@ -26,6 +26,10 @@ CASES = {
                 'uga_job_failures_total{reason="job_timeout",pod="a"}': "0+0.1x60",
                 'uga_job_failures_total{reason="internal_error",pod="a"}': "0+0.1x60",
             },
+            {  # five PACS failures between two scrapes: a reason never seen before starts its series at 5
+                'uga_job_failures_total{reason="unusable_slide",pod="a"}': "0x60",
+                'uga_job_failures_total{reason="pacs_unreachable",pod="a"}': "_x30 5x30",
+            },
         ],
         {'uga_job_failures_total{reason="unusable_slide",pod="a"}': "5x60"},
     ),

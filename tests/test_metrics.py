@@ -191,6 +191,30 @@ def test_a_rescoring_counts_as_work_but_not_as_an_arriving_slide():
     assert sample("uga_slides_out_of_distribution_total", **labels) == 2
 
 
+def test_a_slide_without_tissue_is_counted_apart_not_as_a_certain_tumour_free_slide():
+    """A blank slide (or a stain the tissue mask misses) has means of 0 over no tissue: in the drift
+    and out-of-distribution histograms it would read as certain and in distribution."""
+    summary = {
+        "model_version": "v-blank-test",
+        "timings_s": {"wall_s": 1.0},
+        "tiles": {"computed": 0},
+        "throughput": {"tiles_per_s": 0.0},
+        "tissue_area_mm2": 0.0,
+        "mean_uncertainty": {"uga": 0.0},
+        "tumour_fraction_of_tissue": 0.0,
+        "novelty": {"share_beyond_threshold": 0.0, "out_of_distribution": False},
+    }
+    job = Job(id="j", slide="blank.tif", options={}, model_version="v-blank-test", state="succeeded",
+              created_at=0.0, origin="client", site=None)  # fmt: skip
+    blank = sample("uga_slides_without_tissue_total", site="none")
+    observe_segmentation(job, summary)
+    assert sample("uga_slides_without_tissue_total", site="none") == blank + 1
+    labels = {"model_version": "v-blank-test", "site": "none"}
+    assert sample("uga_slide_mean_uncertainty_count", measure="uga", **labels) == 0
+    assert sample("uga_slide_tumour_fraction_count", **labels) == 0
+    assert sample("uga_slide_novelty_share_count", **labels) == 0
+
+
 def test_a_killed_serving_process_stops_reporting_the_version_it_served(tmp_path):
     """BentoML removes a worker's live-gauge files only on a clean exit: one killed by the OOM killer
     would report 'serving v1' until the pod restarts, unless the next process forgets it."""

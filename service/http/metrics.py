@@ -16,9 +16,10 @@ from service.store import Job
 
 SEGMENTATION_SECONDS = Histogram(
     "uga_segmentation_duration_seconds",
-    "Wall time of one slide segmentation: the ensemble over the tissue, then its maps, queue and overlay "
-    "(not a DICOMweb download, nor the DICOM SEG / FHIR outputs)",
-    buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600),
+    "Wall time of one successful slide segmentation: the ensemble over the tissue, then its maps, queue and "
+    "overlay (not a DICOMweb download, nor the DICOM SEG / FHIR outputs; a job that timed out or failed is "
+    "in uga_job_failures_total)",
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600, 5400, 7200, 14400),  # UGA_MAX_JOB_S: 7200 s default
 )
 TILES = Counter("uga_tiles_processed_total", "Tiles run through the ensemble")
 TILES_PER_SECOND = Gauge(
@@ -56,6 +57,12 @@ SLIDES_OUT_OF_DISTRIBUTION = Counter(
     "uga_slides_out_of_distribution",
     "Slides flagged out of distribution (novelty share above the model's flag share), by model version and site",
     ["model_version", "site"],
+)
+SLIDES_WITHOUT_TISSUE = Counter(
+    "uga_slides_without_tissue",
+    "Slides in which no tissue was found (blank, or a stain the tissue mask misses), by site: kept out of the "
+    "per-slide histograms, where they would read as certain, tumour-free and in distribution",
+    ["site"],
 )
 SWAPS = Counter("uga_model_swaps_total", "Hot swaps of the served model (per serving process)")
 MODEL_SERVED = Gauge(
@@ -119,6 +126,9 @@ def observe_segmentation(job: Job, summary: dict) -> None:
     TILES_PER_SECOND.set(summary["throughput"]["tiles_per_s"])
     TISSUE_MM2.inc(summary["tissue_area_mm2"])
     if job.origin == "rescoring":
+        return
+    if summary["tissue_area_mm2"] <= 0:
+        SLIDES_WITHOUT_TISSUE.labels(site).inc()
         return
     for measure, value in summary["mean_uncertainty"].items():
         SLIDE_UNCERTAINTY.labels(summary["model_version"], measure, site).observe(value)

@@ -21,6 +21,7 @@ from starlette.routing import Match
 from service.http.metrics import observe_request
 
 REAL_PATH = "uga.real_path"
+REVIEW, OPENAPI = "/review", "/openapi.json"  # served beside the API's routes
 SYSTEM_PATHS = frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"})
 
 
@@ -31,7 +32,11 @@ def route_templates(routes: Sequence[APIRoute], prefix: str) -> Callable[[str], 
     def template_of(path: str) -> str:
         if path == prefix or path.startswith(prefix + "/"):
             sub = path[len(prefix) :] or "/"
+            if sub == OPENAPI:
+                return prefix + OPENAPI
             return next((t for regex, t in compiled if regex.match(sub)), prefix + "/{unknown}")
+        if path == REVIEW or path.startswith(REVIEW + "/"):
+            return REVIEW + "/{path}"  # the review page and its files: one label
         return path if path in SYSTEM_PATHS else "/{unknown}"
 
     return template_of
