@@ -36,8 +36,11 @@ CASES = {
     "UGAQueueBackingUp": (
         "1m",
         "50m",
-        {'uga_oldest_queued_job_age_seconds{pod="a"}': "0+60x60"},
-        {'uga_oldest_queued_job_age_seconds{pod="a"}': "0+10x60"},
+        {'uga_oldest_queued_job_age_seconds{origin="client",pod="a"}': "0+60x60"},
+        {  # a promotion's rescoring backlog, clients' jobs served first
+            'uga_oldest_queued_job_age_seconds{origin="client",pod="a"}': "0+10x60",
+            'uga_oldest_queued_job_age_seconds{origin="rescoring",pod="a"}': "0+60x60",
+        },
     ),
     "UGANoReadyReplica": (
         "1m",

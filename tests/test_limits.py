@@ -44,7 +44,8 @@ def test_active_jobs_are_limited_per_caller_and_in_all_with_retry_after(tmp_path
             r = c.post("/v1/jobs", json={"slide": "a.tif", "options": {"queue_size": 5}})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert _jobs(service) == 2
-        age = re.search(r"^uga_oldest_queued_job_age_seconds (\S+)$", store_metrics(service.runtime.store), re.M)
+        age_line = r'^uga_oldest_queued_job_age_seconds\{origin="client"\} (\S+)$'
+        age = re.search(age_line, store_metrics(service.runtime.store), re.M)
         assert age and float(age[1]) > 0  # two jobs wait: no worker runs here
     finally:
         service.close()

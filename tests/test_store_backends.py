@@ -131,6 +131,21 @@ def test_a_replica_whose_clock_runs_ahead_does_not_take_a_delivery_being_sent(st
     assert b.deliveries.claim(lease_s=30.0) is None  # a's lease is live on the database's clock
 
 
+def test_a_clients_job_is_claimed_before_an_earlier_rescoring_and_their_waits_are_apart(stores):
+    """After a promotion every slide is queued again: a pathologist's new slide must not wait behind them."""
+    [store] = stores()
+    rescoring, _ = store.jobs.submit(
+        slide="old.tif", options={}, resolved={}, model_version="v2", dedup_key="r", actor=None, origin="rescoring"
+    )
+    time.sleep(0.01)
+    client, _ = submit(store, 1, slide="new.tif")
+    ages = store.jobs.oldest_queued_age_s()
+    assert ages["rescoring"] > ages["client"] > 0
+    assert store.jobs.claim("w").id == client.id
+    assert store.jobs.oldest_queued_age_s()["client"] == 0.0
+    assert store.jobs.claim("w").id == rescoring.id
+
+
 def test_the_model_pointer_is_a_compare_and_set_across_replicas(stores):
     a, b, c = stores(3)
     for version in ("v1", "v2", "v3"):

@@ -54,11 +54,15 @@ class StoreCollector:
         for state, n in self.store.jobs.counts().items():
             jobs.add_metric([state], n)
         yield jobs
-        yield GaugeMetricFamily(
+        age = GaugeMetricFamily(
             "uga_oldest_queued_job_age_seconds",
-            "How long the oldest queued job has waited (0 when none waits)",
-            value=self.store.jobs.oldest_queued_age_s(),
+            "How long the oldest queued job has waited (0 when none waits), by origin: a client's, or a "
+            "rescoring after a model change (every slide again; clients' jobs run first)",
+            labels=["origin"],
         )
+        for origin, seconds in self.store.jobs.oldest_queued_age_s().items():
+            age.add_metric([origin], seconds)
+        yield age
         failures = CounterMetricFamily("uga_job_failures", "Failed jobs by reason code", labels=["reason"])
         for reason, n in self.store.jobs.failure_counts().items():
             failures.add_metric([reason], n)

@@ -119,14 +119,16 @@ class JobRepository:
         return counts
 
     def claim(self, worker: str) -> Job | None:
-        """Atomically take the oldest queued job for ``worker``."""
+        """Atomically take the oldest queued job for ``worker``: a client's before any rescoring (after a
+        promotion every slide is queued again; a new slide must not wait behind them)."""
         now = time.time()
         with self.db.transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET state = 'running', worker = ?, started_at = ?, heartbeat_at = "
                 + self.db.now
                 + ", attempts = attempts + 1, progress_done = 0"
-                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued'"
+                " ORDER BY CASE WHEN origin = 'rescoring' THEN 1 ELSE 0 END, created_at LIMIT 1"
                 + self.db.skip_locked
                 + ") RETURNING id",
                 (worker, now),
@@ -228,10 +230,14 @@ class JobRepository:
         )
         return dict.fromkeys(WORKER_FAILURE_CODES, 0) | {r["code"]: r["n"] for r in rows}
 
-    def oldest_queued_age_s(self) -> float:
-        """Seconds the oldest queued job has waited (0 when none waits)."""
-        oldest = self.db.scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'")
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+    def oldest_queued_age_s(self) -> dict[str, float]:
+        """Seconds the oldest queued job of each origin (client, rescoring) has waited (0 when none waits)."""
+        rows = self.db.all(
+            "SELECT CASE WHEN origin = 'rescoring' THEN 'rescoring' ELSE 'client' END AS origin,"
+            " MIN(created_at) AS oldest FROM jobs WHERE state = 'queued' GROUP BY 1"
+        )
+        ages = {"client": 0.0, "rescoring": 0.0}
+        return ages | {r["origin"]: max(0.0, time.time() - r["oldest"]) for r in rows}
 
     def requeue(self, job_id: str, worker: str) -> None:
         """Give a running job back to the queue (clean shutdown of its worker)."""
