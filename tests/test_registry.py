@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -234,7 +236,11 @@ def test_commit_makes_a_durable_registered_version_that_is_never_written_again(r
 def test_unregistered_model_dirs_are_swept(registry):
     (registry.models_dir / ".staging-123").mkdir()
     (registry.models_dir / "ft-half-written").mkdir()
+    (registry.models_dir / "ft-just-renamed").mkdir()  # another runner may register it any moment now
+    old = time.time() - 3600
+    os.utime(registry.models_dir / "ft-half-written", (old, old))
     assert sorted(registry.sweep()) == [".staging-123", "ft-half-written"]
+    assert (registry.models_dir / "ft-just-renamed").is_dir()
     assert [p.name.rsplit("-", 1)[0] for p in (registry.models_dir.parent / "orphans" / "models").iterdir()] == [
         "ft-half-written"  # an unknown version is moved aside (the store may be the wrong one); staging goes
     ]

@@ -146,12 +146,16 @@ class Registry:
             removed.append(d.name)
         return removed
 
-    def sweep(self) -> list[str]:
+    def sweep(self, older_than_s: float = 600.0) -> list[str]:
         """Remove staging directories (crashed runs), and move version directories that the store does
-        not know to ``orphans/models`` (a crash before register, or a store that is not this one's)."""
+        not know to ``orphans/models`` (a crash before register, or a store that is not this one's).
+        A version directory younger than ``older_than_s`` stays: a runner that lost its lease a moment
+        ago may be between renaming it into place and registering it."""
         removed = self.discard_staging()
         for d in self.models_dir.iterdir():
             if d.name.startswith(".staging-"):
+                continue
+            if time.time() - d.stat().st_mtime < older_than_s:
                 continue
             if self.versions.get(d.name) is None:
                 quarantine(d, self.models_dir.parent, "models")
