@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.errors import Unavailable
-from service.http.metrics import forget_dead_processes, observe_segmentation
+from service.http.metrics import forget_dead_processes, model_swapped, observe_segmentation
 from service.loop.runner import Runner
 from service.loop.store_metrics import gate_families, store_metrics
 from service.store import FinetuneRun, Job, Store
@@ -213,6 +213,19 @@ def test_a_slide_without_tissue_is_counted_apart_not_as_a_certain_tumour_free_sl
     assert sample("uga_slide_mean_uncertainty_count", measure="uga", **labels) == 0
     assert sample("uga_slide_tumour_fraction_count", **labels) == 0
     assert sample("uga_slide_novelty_share_count", **labels) == 0
+
+
+def test_a_new_versions_per_slide_series_start_at_zero_for_every_site():
+    """A series born at its first slide already holds it, and increase() never counts a first value:
+    a new site's first flagged slide would be invisible to the out-of-distribution alert."""
+    model_swapped(None, "v-primed-test", ("north", "south"))
+    for site in ("north", "south", "none"):
+        labels = {"model_version": "v-primed-test", "site": site}
+        assert REGISTRY.get_sample_value("uga_slides_out_of_distribution_total", labels) == 0
+        assert REGISTRY.get_sample_value("uga_slide_novelty_share_count", labels) == 0
+        assert REGISTRY.get_sample_value("uga_slide_tumour_fraction_count", labels) == 0
+        assert REGISTRY.get_sample_value("uga_slide_mean_uncertainty_count", {**labels, "measure": "uga"}) == 0
+        assert REGISTRY.get_sample_value("uga_slides_without_tissue_total", {"site": site}) is not None
 
 
 def test_a_killed_serving_process_stops_reporting_the_version_it_served(tmp_path):

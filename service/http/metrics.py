@@ -13,6 +13,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
 
 from service.store import Job
+from service.vocabulary import MEASURES
 
 SEGMENTATION_SECONDS = Histogram(
     "uga_segmentation_duration_seconds",
@@ -109,12 +110,21 @@ def _running(pid: int) -> bool:
     return True
 
 
-def model_swapped(old: str | None, new: str) -> None:
-    """This process now serves ``new`` (after its first load, ``old`` is None)."""
+def model_swapped(old: str | None, new: str, sites: tuple[str, ...] = ()) -> None:
+    """This process now serves ``new`` (after its first load, ``old`` is None). The per-slide series of
+    ``new`` start at 0 for every configured site: a series born at its first slide would already hold
+    that slide, which ``increase()`` never counts (a new site's first flagged slide, say)."""
     if old is not None:
         SWAPS.inc()
         MODEL_SERVED.labels(old).set(0)
     MODEL_SERVED.labels(new).set(1)
+    for site in (*sites, NO_SITE):
+        for measure in MEASURES:
+            SLIDE_UNCERTAINTY.labels(new, measure, site)
+        SLIDE_TUMOUR_FRACTION.labels(new, site)
+        SLIDE_NOVELTY_SHARE.labels(new, site)
+        SLIDES_OUT_OF_DISTRIBUTION.labels(new, site)
+        SLIDES_WITHOUT_TISSUE.labels(site)
 
 
 def observe_segmentation(job: Job, summary: dict) -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
+from functools import partial
 
 from service.config import Settings
 from service.http import metrics
@@ -53,13 +54,13 @@ class Runtime:
             registry,
             providers=settings.providers,
             threads=settings.ort_threads,
-            on_swap=metrics.model_swapped,
+            on_swap=partial(metrics.model_swapped, sites=settings.site_names),
             load_retry_s=settings.model_load_retry_s,
         )
         ensemble = models.load()
         if forgotten := metrics.forget_dead_processes():
             log.info("dropped the live metrics of %d serving processes that are gone: %s", len(forgotten), forgotten)
-        metrics.model_swapped(None, ensemble.version)
+        metrics.model_swapped(None, ensemble.version, settings.site_names)
         models.start_watch(settings.model_poll_s)
         log.info("serving model %s on %s", ensemble.version, ", ".join(ensemble.providers))
         worker = JobWorker(
