@@ -19,6 +19,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def durable_dir(directory: Path) -> Path:
+    """``directory``, created if missing with each new level synced into its parent (a power cut must
+    not take a folder whose files were acknowledged)."""
+    directory = Path(directory)
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        fsync_dir(d.parent)
+    return directory
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a torn one."""
     path = Path(path)

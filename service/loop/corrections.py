@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from service.errors import InvalidInput, Unprocessable
-from service.fsutil import fsync_dir, quarantine
+from service.fsutil import durable_dir, fsync_dir, quarantine
 from service.store import Correction
 from service.wsi.slide import Slide, box_window
 
@@ -270,7 +270,7 @@ def write_correction_files(root: Path, cid: str, image: np.ndarray, mask: np.nda
     which may have been acknowledged); with other files (the slide changed under its name) it is
     moved to the orphans, never deleted.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    durable_dir(root)
     final = root / cid
     files = {"image.png": _png_bytes(image), "mask.png": _png_bytes(np.where(mask, 255, 0).astype(np.uint8))}
     if final.is_dir() and all(_same_file(final / name, data) for name, data in files.items()):

@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.fsutil import atomic_write_json, fsync_dir, quarantine
+from service.fsutil import atomic_write_json, durable_dir, fsync_dir, quarantine
 from service.inference.ensemble import ModelError, read_card
 from service.store import ModelVersion, Store
 from service.vocabulary import PointerAction
@@ -38,7 +38,7 @@ class Registry:
     def __init__(self, store: Store, data_dir: Path, baseline_dir: Path):
         self.store, self.baseline_dir = store, Path(baseline_dir)
         self.models_dir = Path(data_dir) / "models"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        durable_dir(self.models_dir)
 
     @property
     def versions(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from service.fsutil import durable_dir
 from service.store.corrections import CorrectionRepository
 from service.store.db import Lease, StoreError, open_database
 from service.store.deliveries import DeliveryRepository
@@ -40,7 +41,7 @@ class Store:
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.db = open_database(self.data_dir, database_url, pool_size, timeout_s)  # refused: nothing made
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        durable_dir(self.jobs_dir)
         self.db_path = self.db.path
         self.jobs = JobRepository(self.db)
         self.queue = QueueRepository(self.db)
