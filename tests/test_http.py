@@ -324,7 +324,7 @@ def test_a_bug_is_a_logged_json_500_with_a_request_id(env, monkeypatch, caplog):
     assert logged and logged[0].exc_info and logged[0].exc_info[0] is ValueError  # the traceback is in the log
 
 
-def test_every_answer_forbids_sniffing_and_framing(env):
+def test_every_answer_forbids_sniffing_framing_and_caching(env):
     with env.client("viewer") as c:
         answers = [c.get("/v1/models"), c.get("/v1/no-such"), c.post("/v1/finetune"), c.get("/v1/jobs/x")]
     with env.client(None) as c:
@@ -332,6 +332,7 @@ def test_every_answer_forbids_sniffing_and_framing(env):
     assert [r.status_code for r in answers] == [200, 404, 403, 404, 401]
     for r in answers:
         assert (r.headers["x-content-type-options"], r.headers["x-frame-options"]) == ("nosniff", "DENY")
+        assert r.headers["cache-control"] == "no-store"
 
 
 def test_openapi_documents_every_status_and_the_correction_bodies(env):

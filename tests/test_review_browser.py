@@ -196,6 +196,49 @@ def test_unsaved_edits_are_kept_until_the_reviewer_lets_them_go(server, browser)
     page.close()
 
 
+def test_a_drawing_survives_a_reload_and_an_empty_mask_is_never_sent_by_a_slip(server, browser):
+    """The drawing not yet sent is kept in the tab (a reload, an expired sign-in): reopened, it is
+    back and submits as drawn. A patch marked "no tumour at all" (an empty mask) asks first."""
+    p = Page(browser, server, "annotator")
+    page = p.page
+    page.on("dialog", lambda d: d.accept() if d.type == "beforeunload" else None)
+    page.wait_for_function("() => document.querySelectorAll('#queue li').length >= 2")
+    page.click("#queue li >> nth=0")
+    page.wait_for_selector("#editor[data-ready=true]")
+    item = page.get_attribute("#editor", "data-item")
+    page.keyboard.press("c")
+    page.keyboard.press("b")
+    page.mouse.move(*p.canvas_point(30, 200))
+    page.mouse.down()
+    page.mouse.move(*p.canvas_point(220, 200), steps=8)
+    page.mouse.up()
+    page.reload()  # signed in again from the tab's session
+    page.wait_for_selector("#viewer[data-ready=true]", timeout=30_000)
+    page.click(f"#queue li[data-item='{item}']")
+    page.wait_for_selector(f"#editor[data-ready=true][data-item='{item}']")
+    assert "not sent is back" in page.inner_text("#status")
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.getElementById('editor').dataset.item !== '{item}'")
+    with server.client("viewer") as c:
+        [stored] = [x for x in c.get("/v1/corrections").json()["corrections"] if x["queue_item_id"] == item]
+        mask = _png(c.get(f"/v1/corrections/{stored['id']}/mask.png").content) > 127
+    assert mask[200, 60:190].all() and mask[100, 60:190].sum() == 0  # the stroke, drawn before the reload
+
+    page.wait_for_selector("#editor[data-ready=true]")
+    other = page.get_attribute("#editor", "data-item")
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    page.keyboard.press("c")
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(500)
+    assert asked and "no tumour at all" in asked[0]
+    assert page.get_attribute("#editor", "data-item") == other  # nothing sent: still on that patch
+    with server.client("viewer") as c:
+        assert c.get(f"/v1/queue/items/{other}").json()["status"] == "pending"
+    assert not p.problems, p.problems
+    page.close()
+
+
 def test_a_viewer_can_look_but_not_correct(server, browser):
     p = Page(browser, server, "viewer")
     page = p.page

@@ -1,8 +1,9 @@
-"""Headers every API response carries, whatever answered it: no content sniffing, never framed."""
+"""Headers every API response carries, whatever answered it: no content sniffing, never framed, never
+kept in a browser's or proxy's cache (slide names, patches and masks are patient data)."""
 
 from __future__ import annotations
 
-COMMON = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"))
+COMMON = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"cache-control", b"no-store"))
 
 
 class CommonHeaders:

@@ -189,6 +189,13 @@
       say("No segmented slides yet: submit a job first (POST /v1/jobs).");
       return;
     }
+    if (state.item && state.viewer) {
+      // signed in again (an expired token) with a patch open: keep it and its drawing, renew the tiles' token
+      select.value = state.slide.slide;
+      if (state.viewer.setAjaxHeaders) state.viewer.setAjaxHeaders({ Authorization: `Bearer ${state.token}` });
+      say(`Signed in again: patch #${state.item.rank} and your drawing are as you left them`);
+      return;
+    }
     const wanted = new URLSearchParams(location.hash.slice(1)).get("slide");
     select.value = slides.some((s) => s.slide === wanted) ? wanted : slides[0].slide;
     await openSlide(select.value);
@@ -462,6 +469,7 @@
     busy: false,
   };
   const MAX_UNDO = 50;
+  const SEND_TIMEOUT_MS = 30000; // a decision not answered by then is reported, the drawing kept
 
   // Unsaved edits: the mask differs from the model's (what "Model is correct" would send).
   function dirty() {
@@ -472,8 +480,41 @@
 
   // Before leaving a patch with unsaved edits: true to go on (the edits are dropped), false to stay.
   function mayLeave() {
-    return !dirty() || window.confirm(`Patch #${state.item.rank} has edits that are not submitted. Discard them?`);
+    if (!dirty()) return true;
+    if (!window.confirm(`Patch #${state.item.rank} has edits that are not submitted. Discard them?`)) return false;
+    dropDraft(state.item.id);
+    return true;
   }
+
+  // Unsent drawings survive a reload, a lost network or an expired sign-in: kept per patch in this
+  // tab's sessionStorage (packed bits) until the patch is decided or its edits are discarded.
+  const draftKey = (itemId) => `uga-review-draft:${state.me ? state.me.name : ""}:${itemId}`;
+  function saveDraft() {
+    if (!state.item || !ed.mask) return;
+    try {
+      if (!dirty()) return sessionStorage.removeItem(draftKey(state.item.id));
+      const packed = new Uint8Array(Math.ceil(ed.mask.length / 8));
+      for (let i = 0; i < ed.mask.length; i++) if (ed.mask[i]) packed[i >> 3] |= 1 << (i & 7);
+      let bits = "";
+      for (let i = 0; i < packed.length; i += 8192) bits += String.fromCharCode(...packed.subarray(i, i + 8192));
+      sessionStorage.setItem(draftKey(state.item.id), JSON.stringify({ w: ed.w, h: ed.h, bits: btoa(bits) }));
+    } catch (_) {
+      /* storage full or off: the drawing stays in memory only */
+    }
+  }
+  function loadDraft(itemId) {
+    try {
+      const draft = JSON.parse(sessionStorage.getItem(draftKey(itemId)) || "null");
+      if (!draft || draft.w !== ed.w || draft.h !== ed.h) return null;
+      const bits = atob(draft.bits);
+      const mask = new Uint8Array(ed.w * ed.h);
+      for (let i = 0; i < mask.length; i++) mask[i] = (bits.charCodeAt(i >> 3) >> (i & 7)) & 1;
+      return mask;
+    } catch (_) {
+      return null;
+    }
+  }
+  const dropDraft = (itemId) => sessionStorage.removeItem(draftKey(itemId));
   window.addEventListener("beforeunload", (event) => {
     if (dirty()) event.preventDefault();
   });
@@ -543,6 +584,11 @@
     ed.undo = [];
     ed.redo = [];
     ed.polygon = [];
+    const draft = loadDraft(item.id);
+    if (draft) {
+      ed.undo.push(ed.mask); // undo goes back to the model's mask
+      ed.mask = draft;
+    }
     layoutCanvases(image);
     $("inset-image").src = image.src;
     $("inset-heat").src = heatUrl;
@@ -554,6 +600,7 @@
     $("editor").dataset.item = item.id;
     $("editor").dataset.openMs = String(Math.round(performance.now() - opened)); // to drawable (bench_review)
     $("mask-canvas").focus();
+    if (draft) say(`Patch #${item.rank}: your drawing that was not sent is back; submit it or undo it`);
   }
 
   function closeEditor({ force = false } = {}) {
@@ -658,6 +705,7 @@
     ed.redo.push(ed.mask);
     ed.mask = ed.undo.pop();
     render();
+    saveDraft();
   }
 
   function redo() {
@@ -665,6 +713,7 @@
     ed.undo.push(ed.mask);
     ed.mask = ed.redo.pop();
     render();
+    saveDraft();
   }
 
   function stamp(cx, cy, value) {
@@ -717,6 +766,7 @@
     }
     ed.polygon = [];
     render();
+    saveDraft();
   }
 
   function patchPoint(event) {
@@ -726,7 +776,7 @@
 
   const canvas = $("mask-canvas");
   canvas.addEventListener("pointerdown", (event) => {
-    if (!state.me || !state.me.can_correct || event.button !== 0) return;
+    if (!state.item || !state.me || !state.me.can_correct || event.button !== 0) return; // loading: no strokes
     const [x, y] = patchPoint(event);
     if (ed.tool === "polygon") {
       if (event.detail >= 2) return; // the double-click's second press: closed by dblclick
@@ -745,6 +795,7 @@
   });
   for (const kind of ["pointerup", "pointercancel"]) {
     canvas.addEventListener(kind, () => {
+      if (ed.drawing) saveDraft();
       ed.drawing = false;
       ed.last = null;
     });
@@ -767,6 +818,7 @@
     snapshot();
     ed.mask.fill(0);
     render();
+    saveDraft();
   });
 
   function maskPng() {
@@ -796,11 +848,19 @@
       const what = action === "skip" ? "Skip this patch" : "Send the model's mask";
       if (!window.confirm(`${what} and discard your edits to patch #${state.item.rank}?`)) return;
     }
+    const empty = action !== "skip" && !(action === "accept" ? ed.model : ed.mask).some((v) => v);
+    if (empty && !window.confirm(`Store patch #${state.item.rank} as containing no tumour at all? It trains the model.`)) {
+      return;
+    }
     ed.busy = true;
     const item = state.item;
+    const sending = new AbortController();
+    const timer = setTimeout(() => sending.abort(), SEND_TIMEOUT_MS);
+    for (const id of ["accept", "skip", "submit"]) $(id).disabled = true;
+    say(`Sending patch #${item.rank} …`);
     try {
       if (action === "skip") {
-        await api(`/queue/items/${item.id}/skip`, { method: "POST" });
+        await api(`/queue/items/${item.id}/skip`, { method: "POST", signal: sending.signal });
         say(`Patch #${item.rank} skipped`);
       } else {
         const body = action === "accept" ? ed.modelPng : await maskPng();
@@ -808,6 +868,7 @@
           method: "POST",
           headers: { "Content-Type": "image/png" },
           body,
+          signal: sending.signal,
         });
         const record = await response.json();
         const what = action === "accept" ? "model's mask confirmed" : "correction stored";
@@ -815,10 +876,22 @@
         $("editor").dataset.lastCorrection = record.id;
         remember(record.id);
       }
+      dropDraft(item.id);
+      ed.model = ed.mask.slice(); // stored: leaving it now discards nothing
+      clearTimeout(timer);
       await nextItem(item);
     } catch (err) {
-      say(`Patch #${item.rank}: ${err.message}`, true);
+      const why =
+        err.name === "AbortError"
+          ? `no answer within ${SEND_TIMEOUT_MS / 1000} s`
+          : err instanceof TypeError
+            ? "the service could not be reached (network)"
+            : err.message;
+      const kept = state.item === item ? "; your drawing is kept: try again (Enter)" : "";
+      say(`Patch #${item.rank} not decided: ${why}${kept}`, true);
     } finally {
+      clearTimeout(timer);
+      for (const id of ["accept", "skip", "submit"]) $(id).disabled = false;
       ed.busy = false;
     }
   }
