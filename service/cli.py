@@ -244,6 +244,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     env = dict(os.environ)
     data_dir, slide_root = s.data_dir.resolve(), s.slide_root.resolve()
+    fresh = not s.database_url and not (data_dir / "uga.sqlite").exists()
+    if fresh and not (s.baseline_dir / "card.json").is_file():  # a store with versions no longer needs it
+        raise CliError(f"no model card in {s.baseline_dir}: set UGA_BASELINE_DIR to a model directory")
+    if not _can_listen(args.host, args.port):  # before anything is made: users, tokens, the demo slide
+        raise CliError(f"port {args.port} on {args.host} is in use (another `uga serve`?): pick another with --port")
     slide_root.mkdir(parents=True, exist_ok=True)
     env.update(UGA_DATA_DIR=str(data_dir), UGA_SLIDE_ROOT=str(slide_root), UGA_WORKERS=str(args.workers))
     if not (s.auth_tokens_file or s.auth_tokens or s.auth_disabled or s.oidc_issuer):
@@ -262,6 +267,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"uga: serving on http://{args.host}:{args.port} (data {data_dir}, slides {slide_root})", file=sys.stderr)
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def _can_listen(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (as bentoml will, with SO_REUSEADDR)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _token_store(create: bool):

@@ -109,6 +109,7 @@ MISTAKES = [  # (arguments, environment, what the one line must say); cwd is an 
     (["demo", "--out", "f", "--quiet"], {}, "not a directory"),
     (["tokens", "list"], {"UGA_DATA_DIR": "f"}, "is a file"),
     (["serve"], {"UGA_SLIDE_ROOT": "f"}, "is a file"),
+    (["serve"], {"UGA_BASELINE_DIR": "nowhere"}, "no model card in nowhere"),
     (["tokens", "add", "al", "--role", "viewer"], {"UGA_DATA_DIR": ""}, "is empty"),
     (["tokens", "list"], {"UGA_MIN_FREE_MB": "inf"}, "finite number"),
     (["tokens", "list"], {"UGA_FINETUNE_PATCH": "100"}, "multiple of 8"),
@@ -126,6 +127,18 @@ def test_every_mistake_is_one_line_and_changes_nothing(tmp_path, args, env, need
     (tmp_path / "f").write_text("a file")
     assert_refused(uga(*args, cwd=tmp_path, env={"UGA_DATABASE_TIMEOUT_S": "1", **env}), needle)
     assert [p.name for p in tmp_path.iterdir()] == ["f"]  # no store, data directory or output made
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_makes_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = uga("serve", "--port", port, cwd=tmp_path, env={"UGA_DATA_DIR": "data", "UGA_SLIDE_ROOT": "slides"})
+    assert_refused(proc, f"port {port} on 127.0.0.1 is in use")
+    assert list(tmp_path.iterdir()) == []  # no store, no users, no token file
 
 
 def test_the_runner_check_never_makes_a_store_where_there_is_none(tmp_path):
