@@ -14,6 +14,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -124,6 +125,7 @@ def segment_options(args: argparse.Namespace, out: Path) -> SegmentationOptions:
 def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
+    from service.fsutil import publish_outputs
     from service.inference.ensemble import load_ensemble
     from service.inference.pipeline import run_segmentation
     from service.loop.jobs import check_work
@@ -135,16 +137,26 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     bars: list[tqdm] = []  # created on the first tile, so refused input prints no bar
 
     def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="tile", desc=slide.name, disable=args.quiet, file=sys.stderr))
-        bars[0].n = done
-        bars[0].refresh()
+        if not bars:  # a log (stderr not a terminal) gets a line every 30 s, not 10 redraws a second
+            every = 0.1 if sys.stderr.isatty() else 30.0
+            bar = tqdm(
+                total=total, unit="tile", desc=slide.name, disable=args.quiet, file=sys.stderr, mininterval=every
+            )
+            bars.append(bar)
+        bars[0].update(done - bars[0].n)
 
+    created = not out.exists()
+    attempt = out / f".attempt-{os.getpid()}"  # outputs move into --out only once all are written
     try:
-        return run_segmentation(slide, out, ensemble, opts, progress=progress)
+        summary = run_segmentation(slide, attempt, ensemble, opts, progress=progress)
+        publish_outputs(attempt, out)
+        return summary
     finally:
         for bar in bars:
             bar.close()
+        shutil.rmtree(attempt, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused or interrupted: nothing made
 
 
 def print_summary(summary: dict, out: Path) -> None:

@@ -30,6 +30,21 @@ def durable_dir(directory: Path) -> Path:
     return directory
 
 
+def publish_outputs(staging: Path, final: Path, remove_stale: bool = False) -> None:
+    """Move a run's output files (each already durable) from ``staging`` into ``final``, so a run cut
+    short never leaves a mix of old and new outputs there. ``remove_stale``: also remove the files of
+    ``final`` this run did not make (a job's own directory; never a user's output directory)."""
+    produced = {p.name for p in staging.iterdir() if p.is_file()}
+    if remove_stale:
+        for old in final.iterdir():
+            if old.is_file() and not old.name.startswith(".") and old.name not in produced:
+                old.unlink()
+    for name in sorted(produced):
+        os.replace(staging / name, final / name)
+    fsync_dir(final)
+    fsync_dir(final.parent)  # ``final`` itself may be new
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a torn one."""
     path = Path(path)

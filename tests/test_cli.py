@@ -40,6 +40,29 @@ def test_segment_writes_outputs_and_prints_summary(cmu_svs, tmp_path):
     assert summary["queue"]["size"] == 3
 
 
+@pytest.mark.slow  # three runs on a real slide: 20 s
+def test_a_run_cut_short_leaves_the_previous_outputs_whole(cmu_svs, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the maps were written (here: while the text outputs are written) must not leave a
+    mix of this run's files and the last one's, nor delete any of the last one's."""
+    from service import cli
+    from service.inference import outputs
+
+    out = tmp_path / "o"
+    args = ["segment", str(cmu_svs), "--out", str(out), "--queue", "3", "--patch-um", "256", "--quiet"]
+    assert cli.main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "write_text_artifacts", interrupted)
+    assert cli.main([*args[:-1], "--uncertainty", "entropy", "--quiet"]) == 130  # "uga: interrupted"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no attempt folder left either
+    fresh = tmp_path / "fresh"
+    assert cli.main(["segment", str(cmu_svs), "--out", str(fresh), "--quiet"]) == 130
+    assert not fresh.exists()  # nothing made
+
+
 def test_missing_file(tmp_path):
     assert_refused(uga("segment", tmp_path / "nope.svs", "--out", tmp_path / "o"), "not found")
     assert not (tmp_path / "o").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sqlite3
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import DomainError, Unavailable
-from service.fsutil import atomic_write_json, commit_file, fsync_dir
+from service.fsutil import atomic_write_json, commit_file, publish_outputs
 from service.inference.pipeline import run_segmentation
 from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
@@ -220,7 +219,9 @@ class JobWorker:
             queue = json.loads((attempt / summary["artifacts"]["queue"]).read_text())
             write_hospital_outputs(job, slide, attempt, summary, self.settings, lambda: self._still_mine(job))
             final = self.store.job_dir(job.id)
-            if jobs.finish(job.id, self.name, summary, queue, publish=lambda: publish_attempt(attempt, final)):
+            if jobs.finish(
+                job.id, self.name, summary, queue, publish=lambda: publish_outputs(attempt, final, remove_stale=True)
+            ):
                 if self.on_success:
                     self.on_success(job, summary)
             elif (now := jobs.get(job.id)) is not None and now.cancel_requested and now.worker == self.name:
@@ -262,19 +263,6 @@ class JobWorker:
             raise Lost()
         if answer:
             raise CancelRequested()
-
-
-def publish_attempt(attempt: Path, final: Path) -> None:
-    """Move an attempt's outputs (each already durable) into the job's directory, replacing what an
-    earlier, unfinished attempt may have left there; called inside the store's finish."""
-    produced = {p.name for p in attempt.iterdir() if p.is_file()}
-    for old in final.iterdir():
-        if old.is_file() and not old.name.startswith(".") and old.name not in produced:
-            old.unlink()
-    for name in sorted(produced):
-        os.replace(attempt / name, final / name)
-    fsync_dir(final)
-    fsync_dir(final.parent)  # the job's directory itself may be new
 
 
 def write_hospital_outputs(
