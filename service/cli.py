@@ -418,6 +418,8 @@ def cmd_runner(args: argparse.Namespace) -> int:
         ok, message = runner.check(s)
         print(message if ok else f"uga: error: runner unhealthy: {message}", file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
+    if args.once and not s.database_url and not (s.data_dir / "uga.sqlite").exists():  # a typo, not a deployment
+        raise CliError(f"no store in {s.data_dir}: set UGA_DATA_DIR to the service's data directory")
     return runner.main(s, once=args.once)
 
 

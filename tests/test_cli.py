@@ -63,6 +63,12 @@ def test_a_run_cut_short_leaves_the_previous_outputs_whole(cmu_svs, tmp_path, mo
     assert not fresh.exists()  # nothing made
 
 
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "p.svs")
+    assert_refused(uga("segment", tmp_path / "p.svs", "--out", tmp_path / "o"), "not a regular file")
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_file(tmp_path):
     assert_refused(uga("segment", tmp_path / "nope.svs", "--out", tmp_path / "o"), "not found")
     assert not (tmp_path / "o").exists()
@@ -133,6 +139,7 @@ MISTAKES = [  # (arguments, environment, what the one line must say); cwd is an 
     (["tokens", "list"], {"UGA_DATA_DIR": "f"}, "is a file"),
     (["serve"], {"UGA_SLIDE_ROOT": "f"}, "is a file"),
     (["serve"], {"UGA_BASELINE_DIR": "nowhere"}, "no model card in nowhere"),
+    (["runner", "--once"], {"UGA_DATA_DIR": "typo"}, "no store in typo"),
     (["tokens", "add", "al", "--role", "viewer"], {"UGA_DATA_DIR": ""}, "is empty"),
     (["tokens", "list"], {"UGA_MIN_FREE_MB": "inf"}, "finite number"),
     (["tokens", "list"], {"UGA_FINETUNE_PATCH": "100"}, "multiple of 8"),

@@ -19,7 +19,7 @@ from service.config import Settings
 from service.loop.candidate import build_candidate, corrections_used, finetune_budget
 from service.loop.corrections import write_correction_files
 from service.loop.runner import Runner
-from service.store import Correction, ModelVersion
+from service.store import Correction, ModelVersion, Store
 from tests.conftest import REPO
 
 
@@ -531,6 +531,7 @@ def _misfit_bank(path, image_type=np.uint8):
 )
 def test_an_unusable_source_bank_stops_the_runner_in_one_line(tmp_path, make, needle):
     bank = make(tmp_path)
+    Store(tmp_path / "data").close()  # the deployment's store (`--once` refuses a data directory without one)
     env = {**os.environ, "UGA_DATA_DIR": str(tmp_path / "data"), "UGA_FINETUNE_SOURCE_BANK": str(bank)}
     proc = subprocess.run(
         [sys.executable, "-m", "service.cli", "runner", "--once"], env=env, capture_output=True, text=True, timeout=120

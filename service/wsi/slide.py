@@ -118,6 +118,8 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Slide:
     path = Path(path)
     if not path.exists():
         raise SlideNotFound(f"slide not found: {path.name}")
+    if not path.is_dir() and not path.is_file():  # a pipe would block the first read forever
+        raise SlideError(f"{path.name} is not a regular file (a pipe or a device); give the slide file itself")
     if is_dicom(path):
         return _open_dicom(path, slide_mpp)
     if path.is_dir():
