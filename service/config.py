@@ -18,6 +18,21 @@ MAX_SITES = 64  # each site is a label value on a few histograms: keep the serie
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _check_postgres_url(url: str) -> None:
+    """A ValueError naming what is wrong with a postgresql:// URL (never echoing its password)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # a serving install without PostgreSQL support: the store says so when it opens
+        return
+    try:
+        parts = conninfo_to_dict(url)
+    except Exception as exc:  # noqa: BLE001 - psycopg's ProgrammingError; its text may quote the URL
+        reason = str(exc).split(" in URI")[0].splitlines()[0]
+        raise ValueError(f"is not a valid postgresql:// URL ({reason})") from None
+    if not all(p.isdigit() for p in str(parts.get("port", "0")).split(",")):
+        raise ValueError(f"port {parts['port']!r} is not a number")
+
+
 def bind_address(value: str) -> str:
     """``value`` as the IP address `uga serve` binds to (bentoml takes no host name), or a ValueError."""
     import ipaddress
@@ -234,6 +249,8 @@ class Settings(BaseSettings, SegmentationDefaults):
     def _check_database(cls, value: str | None) -> str | None:
         if value and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL (leave it unset for SQLite in UGA_DATA_DIR)")
+        if value:
+            _check_postgres_url(value)
         return value or None
 
     @field_validator("sites")
@@ -322,7 +339,8 @@ def settings_error(exc: ValidationError) -> str:
     """One line naming the environment variable at fault: ``UGA_PORT: Input should be ...``."""
     first = exc.errors()[0]
     where = "_".join(str(p) for p in first["loc"]).upper()
-    return f"{'UGA_' + where if where else 'settings'}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's wording of our own ValueErrors
+    return f"{'UGA_' + where if where else 'settings'}: {message}"
 
 
 @lru_cache

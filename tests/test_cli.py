@@ -140,6 +140,8 @@ MISTAKES = [  # (arguments, environment, what the one line must say); cwd is an 
     (["serve"], {"UGA_SLIDE_ROOT": "f"}, "is a file"),
     (["serve"], {"UGA_BASELINE_DIR": "nowhere"}, "no model card in nowhere"),
     (["runner", "--once"], {"UGA_DATA_DIR": "typo"}, "no store in typo"),
+    (["tokens", "list"], {"UGA_DATABASE_URL": "postgresql://u:secret@[bad"}, "not a valid postgresql:// URL"),
+    (["tokens", "list"], {"UGA_DATABASE_URL": "postgresql://u:secret@h:five/db"}, "port 'five' is not a number"),
     (["tokens", "add", "al", "--role", "viewer"], {"UGA_DATA_DIR": ""}, "is empty"),
     (["tokens", "list"], {"UGA_MIN_FREE_MB": "inf"}, "finite number"),
     (["tokens", "list"], {"UGA_FINETUNE_PATCH": "100"}, "multiple of 8"),
