@@ -116,6 +116,7 @@ def test_the_probe_model_directory_serves_and_loads_as_batchnorm_members(tmp_pat
     )
 
 
+@pytest.mark.slow  # 4 s: a benchmark lever, not the product
 def test_frozen_norm_takes_its_statistics_from_the_calibration_tiles_layer_by_layer():
     members = bl.members()[:1]
     images = np.load(bl.MODEL / "replay.npz")["images"][:8]

@@ -57,6 +57,7 @@ def test_a_novelty_graph_needs_its_threshold_on_the_card(tmp_path):
         load_ensemble(write_model_dir(tmp_path, members, features=stats))
 
 
+@pytest.mark.slow  # 10 s: a whole slide through the novelty head
 def test_a_slide_gets_a_novelty_map_a_verdict_and_a_diverse_queue(tmp_path, source_slide):
     members = tiny_members()
     stats, card = novelty_for(members, noise_tiles(16))

@@ -79,9 +79,9 @@ class DeliveryRepository:
         """Lease the most overdue delivery (pending and due, or sending with an expired lease). Leases
         run on the database's clock, as job heartbeats do: a host whose clock runs ahead cannot take
         a delivery another is still sending."""
-        now = self.db.now
-        due = f"(state = 'pending' AND next_at <= {now}) OR (state = 'sending' AND lease_until < {now})"
-        if self.db.scalar(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1") is None:
+        now = self.db.now  # next_at is the writing host's clock (a retry's time); leases are the database's
+        due = f"(state = 'pending' AND next_at <= ?) OR (state = 'sending' AND lease_until < {now})"
+        if self.db.scalar(f"SELECT 1 FROM deliveries WHERE {due} LIMIT 1", (time.time(),)) is None:
             return None  # the common case, every second in every process: a read, not a write lock
         with self.db.transaction() as db:
             row = db.execute(
@@ -90,7 +90,7 @@ class DeliveryRepository:
                 + self.db.skip_locked
                 + ")"
                 " RETURNING id",
-                (lease_s,),
+                (lease_s, time.time()),
             ).fetchone()
         return self.get(row["id"]) if row else None
 
