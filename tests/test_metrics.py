@@ -160,19 +160,25 @@ def test_the_data_volume_is_exported_as_the_operating_system_reports_it(env):
     assert abs(free - usage.free) < 0.01 * size  # other writers on this machine move it a little
 
 
+def _summary(version: str, tissue_mm2: float) -> dict:
+    """A finished job's summary as the worker reports it (no tissue: every mean 0, as the pipeline writes)."""
+    some = tissue_mm2 > 0
+    return {
+        "model_version": version,
+        "timings_s": {"wall_s": 2.0},
+        "tiles": {"computed": 10 if some else 0},
+        "throughput": {"tiles_per_s": 5.0 if some else 0.0},
+        "tissue_area_mm2": tissue_mm2,
+        "mean_uncertainty": {"uga": 0.4 if some else 0.0},
+        "tumour_fraction_of_tissue": 0.2 if some else 0.0,
+        "novelty": {"share_beyond_threshold": 0.5 if some else 0.0, "out_of_distribution": some},
+    }
+
+
 def test_a_rescoring_counts_as_work_but_not_as_an_arriving_slide():
     """After a promotion every slide is segmented again: the drift and out-of-distribution signals
     describe slides as they arrive, so a rescoring must not add them again."""
-    summary = {
-        "model_version": "v-metrics-test",
-        "timings_s": {"wall_s": 2.0},
-        "tiles": {"computed": 10},
-        "throughput": {"tiles_per_s": 5.0},
-        "tissue_area_mm2": 1.5,
-        "mean_uncertainty": {"uga": 0.4},
-        "tumour_fraction_of_tissue": 0.2,
-        "novelty": {"share_beyond_threshold": 0.5, "out_of_distribution": True},
-    }
+    summary = _summary("v-metrics-test", tissue_mm2=1.5)
     labels = {"model_version": "v-metrics-test", "site": "none"}
 
     def job(origin: str | None) -> Job:
@@ -194,16 +200,7 @@ def test_a_rescoring_counts_as_work_but_not_as_an_arriving_slide():
 def test_a_slide_without_tissue_is_counted_apart_not_as_a_certain_tumour_free_slide():
     """A blank slide (or a stain the tissue mask misses) has means of 0 over no tissue: in the drift
     and out-of-distribution histograms it would read as certain and in distribution."""
-    summary = {
-        "model_version": "v-blank-test",
-        "timings_s": {"wall_s": 1.0},
-        "tiles": {"computed": 0},
-        "throughput": {"tiles_per_s": 0.0},
-        "tissue_area_mm2": 0.0,
-        "mean_uncertainty": {"uga": 0.0},
-        "tumour_fraction_of_tissue": 0.0,
-        "novelty": {"share_beyond_threshold": 0.0, "out_of_distribution": False},
-    }
+    summary = _summary("v-blank-test", tissue_mm2=0.0)
     job = Job(id="j", slide="blank.tif", options={}, model_version="v-blank-test", state="succeeded",
               created_at=0.0, origin="client", site=None)  # fmt: skip
     blank = sample("uga_slides_without_tissue_total", site="none")

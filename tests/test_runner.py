@@ -318,13 +318,18 @@ def test_a_runner_that_lost_its_lease_stops_and_touches_nothing(tmp_path, monkey
     assert runner.lost_lease and runner.store.runs.get(run.id).state == "requested"
 
 
-def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_path, source_slide):
+def _runner_with_a_slide(tmp_path, source_slide) -> Runner:
+    """A runner on the shipped baseline, with slide ``a.tif`` in its slide root."""
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(source_slide, slides / "a.tif")
-    settings = Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline", slide_root=slides)
-    runner = Runner(settings)
+    runner = Runner(Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline", slide_root=slides))
     runner.registry.ensure_baseline()
+    return runner
+
+
+def test_a_rescoring_cut_short_by_a_crash_is_queued_at_the_runners_start(tmp_path, source_slide):
+    runner = _runner_with_a_slide(tmp_path, source_slide)
     store, current = runner.store, runner.store.models.current()
     old, _ = store.jobs.submit(
         slide="a.tif", options={"patch_um": 256}, resolved={}, model_version="older", dedup_key="k", actor="t"
@@ -348,12 +353,8 @@ def test_an_admins_rescoring_cut_short_by_a_store_outage_is_finished_by_the_runn
     from service.loop import jobs as jobs_module
     from service.loop.promotion import move_current
 
-    slides = tmp_path / "slides"
-    slides.mkdir()
-    shutil.copy(source_slide, slides / "a.tif")
-    settings = Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline", slide_root=slides)
-    runner = Runner(settings)
-    runner.registry.ensure_baseline()
+    runner = _runner_with_a_slide(tmp_path, source_slide)
+    settings = runner.settings
     store, baseline = runner.store, runner.store.models.current()
     runner.startup()
     job, _ = store.jobs.submit(
