@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.config import LOOPBACK, bind_address, get_settings, settings_error
+from service.config import LOOPBACK, Settings, bind_address, get_settings, settings_error
 from service.errors import DomainError
 from service.vocabulary import MEASURES, SCORINGS, SELECTIONS
 
@@ -125,7 +125,7 @@ def segment_options(args: argparse.Namespace, out: Path) -> SegmentationOptions:
 def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from service.fsutil import publish_outputs
+    from service.fsutil import ATTEMPT_PREFIX, publish_outputs
     from service.inference.ensemble import load_ensemble
     from service.inference.pipeline import run_segmentation
     from service.loop.jobs import check_work
@@ -146,7 +146,7 @@ def run_segment(slide: Path, out: Path, args: argparse.Namespace) -> dict:
         bars[0].update(done - bars[0].n)
 
     created = not out.exists()
-    attempt = out / f".attempt-{os.getpid()}"  # outputs move into --out only once all are written
+    attempt = out / f"{ATTEMPT_PREFIX}{os.getpid()}"  # outputs move into --out only once all are written
     try:
         summary = run_segmentation(slide, attempt, ensemble, opts, progress=progress)
         publish_outputs(attempt, out)
@@ -256,8 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     env = dict(os.environ)
     data_dir, slide_root = s.data_dir.resolve(), s.slide_root.resolve()
-    fresh = not s.database_url and not (data_dir / "uga.sqlite").exists()
-    if fresh and not (s.baseline_dir / "card.json").is_file():  # a store with versions no longer needs it
+    if not _has_store(s) and not (s.baseline_dir / "card.json").is_file():  # a store with versions no longer needs it
         raise CliError(f"no model card in {s.baseline_dir}: set UGA_BASELINE_DIR to a model directory")
     if not _can_listen(args.host, args.port):  # before anything is made: users, tokens, the demo slide
         raise CliError(f"port {args.port} on {args.host} is in use (another `uga serve`?): pick another with --port")
@@ -281,6 +280,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _has_store(settings: Settings) -> bool:
+    """A PostgreSQL store is configured, or UGA_DATA_DIR holds a SQLite one (a typo holds none)."""
+    return bool(settings.database_url) or (settings.data_dir / "uga.sqlite").exists()
+
+
 def _can_listen(host: str, port: int) -> bool:
     """Whether a server could bind ``host:port`` now (as bentoml will, with SO_REUSEADDR)."""
     import socket
@@ -300,7 +304,7 @@ def _token_store(create: bool):
 
     settings = get_settings()
     data_dir = settings.data_dir
-    if not create and not settings.database_url and not (data_dir / "uga.sqlite").exists():
+    if not create and not _has_store(settings):
         raise CliError(f"no store in {data_dir}: set UGA_DATA_DIR to the service's data directory")
     try:
         return Store.open(settings)
@@ -418,7 +422,7 @@ def cmd_runner(args: argparse.Namespace) -> int:
         ok, message = runner.check(s)
         print(message if ok else f"uga: error: runner unhealthy: {message}", file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
-    if args.once and not s.database_url and not (s.data_dir / "uga.sqlite").exists():  # a typo, not a deployment
+    if args.once and not _has_store(s):  # a typo, not a deployment
         raise CliError(f"no store in {s.data_dir}: set UGA_DATA_DIR to the service's data directory")
     return runner.main(s, once=args.once)
 

@@ -30,6 +30,9 @@ def durable_dir(directory: Path) -> Path:
     return directory
 
 
+ATTEMPT_PREFIX = ".attempt-"  # a run's own folder inside its output folder, until its outputs are published
+
+
 def publish_outputs(staging: Path, final: Path, remove_stale: bool = False) -> None:
     """Move a run's output files (each already durable) from ``staging`` into ``final``, so a run cut
     short never leaves a mix of old and new outputs there. ``remove_stale``: also remove the files of

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.errors import DomainError, Unavailable
-from service.fsutil import atomic_write_json, commit_file, publish_outputs
+from service.fsutil import ATTEMPT_PREFIX, atomic_write_json, commit_file, publish_outputs
 from service.inference.pipeline import run_segmentation
 from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
@@ -34,7 +34,6 @@ from service.wsi.dicom import find_series, is_dicom
 log = logging.getLogger("uga.jobs")
 HEARTBEAT_S = 2.0
 RECOVER_EVERY_S = 5.0
-ATTEMPT_PREFIX = ".attempt-"  # jobs/<id>/.attempt-*: one run's outputs until its finish publishes them
 EXPIRE_EVERY_S = 600.0  # superseded jobs' files: retention is in days, a pass every 10 minutes is plenty
 STORE_ERRORS = (Unavailable, sqlite3.OperationalError)  # the store is down or busy for a moment
 

@@ -878,7 +878,6 @@
       }
       dropDraft(item.id);
       ed.model = ed.mask.slice(); // stored: leaving it now discards nothing
-      clearTimeout(timer);
       await nextItem(item);
     } catch (err) {
       const why =
