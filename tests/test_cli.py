@@ -41,12 +41,15 @@ def test_segment_writes_outputs_and_prints_summary(cmu_svs, tmp_path):
 
 
 @pytest.mark.slow  # three runs on a real slide: 20 s
-def test_a_run_cut_short_leaves_the_previous_outputs_whole(cmu_svs, tmp_path, monkeypatch, capsys):
+def test_a_run_cut_short_leaves_the_previous_outputs_whole(cmu_svs, tmp_path, monkeypatch, request):
     """Ctrl-C after the maps were written (here: while the text outputs are written) must not leave a
     mix of this run's files and the last one's, nor delete any of the last one's."""
     from service import cli
+    from service.config import get_settings
     from service.inference import outputs
 
+    get_settings.cache_clear()  # in-process: this environment's settings, and none left for later tests
+    request.addfinalizer(get_settings.cache_clear)
     out = tmp_path / "o"
     args = ["segment", str(cmu_svs), "--out", str(out), "--queue", "3", "--patch-um", "256", "--quiet"]
     assert cli.main(args) == 0

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.config import Settings
+from service.config import Settings, get_settings
 from service.errors import Conflict, Gone
 from service.http.errors import status_of
 from service.http.schemas import job_view
@@ -306,6 +306,7 @@ def test_an_embedded_store_is_copied_into_postgresql_with_one_command(tmp_path, 
     sqlite.close()
     url = postgres.new_database()
     monkeypatch.setenv("UGA_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()  # another test in this process may have read the settings of its own environment
     assert main(["store", "copy", "--to", url]) == 0
     assert "jobs\t1" in capsys.readouterr().out
     copied = Store(tmp_path / "data", url)
