@@ -273,6 +273,31 @@ def test_an_admin_sees_the_model_panel(server, browser):
     page.close()
 
 
+def test_a_correction_sent_in_error_is_withdrawn_from_then_and_now(server, browser):
+    p = Page(browser, server, "annotator")
+    page = p.page
+    page.click("#queue li >> nth=0")
+    page.wait_for_selector("#editor[data-ready=true]")
+    item_id = page.get_attribute("#editor", "data-item")
+    page.click("#accept")  # a slip: the model was not correct
+    page.wait_for_selector("#editor[data-last-correction]")
+    cid = page.get_attribute("#editor", "data-last-correction")
+    page.wait_for_function(f"() => !document.querySelector(\"#queue li[data-item='{item_id}']\")")
+    entry = page.locator(f"#outcomes li[data-correction='{cid}']")
+    page.once("dialog", lambda dialog: dialog.accept("slip: the model missed a gland"))
+    entry.locator("button.withdraw").click()
+    page.wait_for_function(
+        f"() => document.querySelector(\"#outcomes li[data-correction='{cid}']\").textContent.includes('withdrawn')"
+    )
+    page.wait_for_selector(f"#queue li[data-item='{item_id}']")  # back in the queue, on the page too
+    assert entry.locator("button.withdraw").count() == 0 and "not be trained on" in page.inner_text("#status")
+    with server.client("viewer") as c:
+        record = c.get(f"/v1/corrections/{cid}").json()
+    assert record["withdrawn_reason"] == "slip: the model missed a gland" and record["withdrawn_at"]
+    assert not p.problems, p.problems
+    page.close()
+
+
 def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):
     """Authorization code with PKCE against an identity provider on loopback: the page is sent there,
     comes back with a code, trades it (with its verifier) for a JWT, and the API takes that JWT."""

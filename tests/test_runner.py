@@ -427,11 +427,24 @@ def test_a_crash_between_the_gate_and_the_promotion_redoes_the_run(tmp_path):
     assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(1).id]  # trained again
 
 
-def test_a_runner_that_loses_its_lease_during_the_gate_registers_and_promotes_nothing(tmp_path, monkeypatch):
+def _staged_baseline_candidate(base: str):
+    """A stand-in for build_candidate: the baseline's ONNX staged as candidate ft-x (no training)."""
     from service.inference.ensemble import read_card
     from service.loop.candidate import Candidate
-    from service.loop.gate import GateResult
     from service.loop.registry import finetuned_card
+
+    def build(registry, settings, **kw):
+        staging = registry.stage()
+        shutil.copy(REPO / "models" / "baseline" / "ensemble.onnx", staging / "ensemble.onnx")
+        baseline = read_card(settings.baseline_dir)
+        card = finetuned_card(baseline, version="ft-x", sha256="f" * 64, parent=base, finetune={"run": kw["run_id"]})
+        return Candidate(staging, card)
+
+    return build
+
+
+def test_a_runner_that_loses_its_lease_during_the_gate_registers_and_promotes_nothing(tmp_path, monkeypatch):
+    from service.loop.gate import GateResult
     from service.store import Lease
 
     runner = _runner(tmp_path)
@@ -439,23 +452,11 @@ def test_a_runner_that_loses_its_lease_during_the_gate_registers_and_promotes_no
     held = [True]
     runner.lease = Lease(release=lambda: None, held=lambda: held[0])
 
-    def build(registry, settings, **kw):
-        staging = registry.stage()
-        shutil.copy(REPO / "models" / "baseline" / "ensemble.onnx", staging / "ensemble.onnx")
-        card = finetuned_card(
-            read_card(settings.baseline_dir),
-            version="ft-x",
-            sha256="f" * 64,
-            parent=base,
-            finetune={"run": kw["run_id"]},
-        )
-        return Candidate(staging, card)
-
     def gate_while_the_connection_goes(*args, **kwargs):
         held[0] = False
         return GateResult(passed=True, reasons=[])
 
-    monkeypatch.setattr(runner_module, "build_candidate", build)
+    monkeypatch.setattr(runner_module, "build_candidate", _staged_baseline_candidate(base))
     monkeypatch.setattr(runner_module, "gate_candidate", gate_while_the_connection_goes)
     store.corrections.add(_correction(1), "dr.a")
     run, _ = store.runs.request("admin", "dr.admin")
@@ -575,3 +576,43 @@ def test_with_the_source_bank_the_runner_retrains_each_member_on_its_part_plus_t
     assert (candidate.staging / "ensemble.onnx").is_file() and (candidate.staging / "members.pt").is_file()
     without = Settings(data_dir=tmp_path / "data", baseline_dir=REPO / "models" / "baseline")
     assert finetune_budget(without, 0).retrain is False  # no bank: the corrections-plus-replay arm
+
+
+def test_a_correction_withdrawn_during_a_run_keeps_its_candidate_out_and_the_others_train_next(tmp_path, monkeypatch):
+    from service.loop.gate import GateResult
+
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+
+    def gate_while_a_pathologist_withdraws(*args, **kwargs):
+        store.corrections.withdraw(_correction(1).id, "dr.a", "wrong gland")
+        return GateResult(passed=True, reasons=[])
+
+    monkeypatch.setattr(runner_module, "build_candidate", _staged_baseline_candidate(base))
+    monkeypatch.setattr(runner_module, "gate_candidate", gate_while_a_pathologist_withdraws)
+    for i in (1, 2):
+        store.corrections.add(_correction(i), "dr.a")
+    run, _ = store.runs.request("admin", "dr.admin")
+    assert runner.execute(run) == "rejected"
+    ended = store.runs.get(run.id)
+    assert ended.state == "rejected" and _correction(1).id in ended.reason and ended.candidate is None
+    assert store.models.current() == base and store.models.get("ft-x") is None
+    assert not list(runner.registry.models_dir.glob(".staging-*"))
+    redo = runner.next_run()
+    assert redo is not None and redo.trigger == "withdrawal"
+    assert [c.id for c in store.corrections.unused_for_training(base)] == [_correction(2).id]
+
+
+def test_a_withdrawal_that_lands_just_before_the_promotion_keeps_the_pointer_where_it_is(tmp_path):
+    runner = _runner(tmp_path)
+    store, base = runner.store, runner.store.models.current()
+    store.corrections.add(_correction(1), "dr.a")
+    run, _ = store.runs.request("threshold", "runner")
+    used = {"train": [], "holdout": [_correction(1).id]}  # gated on it: a withdrawn gate is no gate
+    store.runs.start(run.id, base, used, total=10)
+    _register(store, "ft-1", "candidate", used)
+    store.corrections.withdraw(_correction(1).id, "dr.admin", "QC")  # after the runner's check, before the move
+    reason = runner_module.promote_candidate(runner.registry, runner.settings, "ft-1", parent=base, run=run.id)
+    assert reason is not None and "withdrawn" in reason
+    assert store.models.current() == base and store.models.get("ft-1").status == "rejected"
+    assert store.corrections.held_out() == []

@@ -21,10 +21,10 @@ def _version_2_store(data_dir) -> None:
     schema_2 = schema_2.replace(", 'cancelled'", "")
     schema_2 = re.sub(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", "", schema_2, flags=re.S)
     schema_2 = re.sub(r"CREATE INDEX IF NOT EXISTS deliveries[^\n]*", "", schema_2)
-    schema_2 = re.sub(r",\n    model_dice [^\n]*", "", schema_2)
+    schema_2 = re.sub(r",\n    model_dice [^\n]*(\n    withdrawn_[^\n]*)*", "", schema_2)
     schema_2 = re.sub(r"CREATE TABLE IF NOT EXISTS api_tokens \(.*?\n\);", "", schema_2, flags=re.S)
     schema_2 = re.sub(r"CREATE INDEX IF NOT EXISTS api_tokens[^\n]*", "", schema_2)
-    assert not re.search("resolved|cancel|api_tokens|model_dice|error_code|site|callback|deliveries", schema_2)
+    assert not re.search("resolved|cancel|api_tokens|model_dice|withdrawn|error_code|site|callback|deliveries", schema_2)
     db = sqlite3.connect(data_dir / "uga.sqlite")
     db.executescript(schema_2 + "PRAGMA user_version=2;")
     db.execute(

@@ -202,6 +202,11 @@ def test_corrections_are_idempotent_by_content_hash_and_audited(stores):
     assert b.corrections.add(record, "annotator") is False
     assert a.corrections.count() == 1 and b.corrections.get(record.id) == record
     assert [e["action"] for e in a.audit_log()].count("correction.ingest") == 1
+    withdrawn = b.corrections.withdraw(record.id, "dr.qc", "off-slide")  # on another replica
+    assert (withdrawn.withdrawn_by, withdrawn.withdrawn_reason) == ("dr.qc", "off-slide")
+    assert a.corrections.unseen() == [] and a.corrections.withdrawn_among({"train": [record.id]}) == [record.id]
+    assert a.corrections.add(record, "annotator") is True  # sent again: reinstated
+    assert b.corrections.get(record.id) == record and [c.id for c in b.corrections.unseen()] == [record.id]
 
 
 def test_a_failed_change_writes_nothing(stores):
@@ -367,12 +372,16 @@ def test_a_schema_8_postgresql_store_is_upgraded_in_place(tmp_path, postgres):
         conn.execute("DROP TABLE deliveries")
         conn.execute("ALTER TABLE jobs DROP COLUMN callback")
         conn.execute("ALTER TABLE jobs DROP COLUMN expired_at")
+        for column in ("withdrawn_at", "withdrawn_by", "withdrawn_reason"):
+            conn.execute(f"ALTER TABLE corrections DROP COLUMN {column}")
         conn.execute("UPDATE uga_schema SET version = 8")
     store = Store(tmp_path / "data", url)
     try:
         job, _ = submit(store, 1)
         assert store.jobs.get(job.id).callback is None and store.deliveries.list() == []
         assert store.jobs.get(job.id).expired_at is None
+        fix = Correction("d" * 64, "a.tif", 0, 0, 64, 64, 1.0, "dr.a", 0.25, 0, time.time())
+        assert store.corrections.add(fix, "dr.a") and store.corrections.withdraw(fix.id, "dr.a", "x").withdrawn_at
         assert store.db.scalar("SELECT version FROM uga_schema") == SCHEMA_VERSION
     finally:
         store.close()

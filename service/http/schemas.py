@@ -269,3 +269,11 @@ class DeliveryList(BaseModel):
 def delivery_view(d: Delivery) -> DeliveryView:
     next_at = d.next_at if d.state == "pending" else None
     return DeliveryView(**{**as_dict(d), "next_at": next_at, "payload": json.loads(d.payload)})
+
+
+class Withdrawal(BaseModel):
+    """Why a correction is withdrawn (kept in its record and the audit log)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, description="why: kept in the record and the audit log")

@@ -76,7 +76,7 @@ def ingest_correction(
             mask = rasterize_geojson(body, shape, origin, scale, max_vertices=settings.max_geojson_vertices)
         cid = correction_id(slide, region, mask)
         existing = store.corrections.get(cid)
-        if existing is not None:
+        if existing is not None and existing.withdrawn_at is None:  # a withdrawn one sent again: reinstated
             return existing, False
         image = read_crop(handle, region)
     if proposing_job is None:
@@ -95,11 +95,12 @@ def ingest_correction(
     )
     with correction_lock(settings.data_dir, cid):  # the same correction sent concurrently: one writer
         existing = store.corrections.get(cid)
-        if existing is not None:
+        if existing is not None and existing.withdrawn_at is None:
             return existing, False
         write_correction_files(settings.data_dir / "corrections", cid, image, mask)
         created = store.corrections.add(record, annotator)
-    return (record if created else store.corrections.get(cid)), created
+    fresh = created and existing is None  # else the stored row (a reinstated one keeps its own)
+    return (record if fresh else store.corrections.get(cid)), created
 
 
 def model_agreement(store: Store, job: Job | None, region: Region, mask: np.ndarray) -> float | None:

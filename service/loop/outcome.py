@@ -46,7 +46,8 @@ def outcome(store: Store, settings: Settings, cid: str) -> dict:
         agreement = model_agreement(store, job, region_of(c), mask.astype(bool))
         return {"job_id": job.id, "model_version": job.model_version, "dice": agreement}
 
-    return {"correction": cid, "slide": c.slide, "before": side(before), "after": side(after)}
+    withdrawn = {"at": c.withdrawn_at, "by": c.withdrawn_by, "reason": c.withdrawn_reason} if c.withdrawn_at else None
+    return {"correction": cid, "slide": c.slide, "before": side(before), "after": side(after), "withdrawn": withdrawn}
 
 
 def outcome_mask(store: Store, settings: Settings, cid: str, which: str) -> np.ndarray:

@@ -16,7 +16,10 @@ def promote_candidate(
     """Make a gated candidate current if ``parent`` still is (and mark ``run`` promoted with it).
     Returns None, or why it was not promoted."""
     if not registry.move_pointer(version, action="promote", actor="runner", expect=parent, status="promoted", run=run):
-        reason = "the current version changed during the run, or another runner ended it; not promoted"
+        reason = (
+            "the current version changed during the run, another runner ended it, or one of its corrections"
+            " was withdrawn; not promoted"
+        )
         registry.versions.set_status(version, "rejected", reason, actor="runner")
         return reason
     enqueue_rescoring(registry.store, settings, version, "runner")  # redone at the runner's start if cut short

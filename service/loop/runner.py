@@ -90,7 +90,8 @@ class Runner:
         """Corrections no run has used yet take the current hold-out rule (UGA_HOLDOUT_EVERY) and the
         role of an earlier correction they overlap: also those two replicas ingested side by side."""
         unseen = {c.id for c in self.store.corrections.unseen()}
-        redrawn = redrawn_roles(self.store.corrections.list(1_000_000), unseen, self.settings.holdout_every)
+        standing = self.store.corrections.list(1_000_000, withdrawn=False)
+        redrawn = redrawn_roles(standing, unseen, self.settings.holdout_every)
         if redrawn:
             self.store.corrections.set_holdout(redrawn)
             log.warning("%d unused corrections took a new gate role (hold-out rule, overlaps)", len(redrawn))
@@ -183,7 +184,7 @@ class Runner:
         if not train:
             runs.end(run.id, "rejected", candidate=None, metrics={}, reason="no new training corrections")
             return "rejected"
-        last = [0.0]
+        last, withdrawn = [0.0], []
 
         def progress(done: int, total: int) -> None:
             if self._stop.is_set():
@@ -211,7 +212,9 @@ class Runner:
             result["duration_s"] = round(time.time() - t0, 1)
             if not self.holds_lease():  # another runner may own this run now: register and promote nothing
                 raise InterruptedError("runner lease lost")
-            _, reason = self.registry.commit_gated(candidate.staging, candidate.card, result, used)
+            withdrawn = self.store.corrections.withdrawn_among(used)
+            if not withdrawn:
+                _, reason = self.registry.commit_gated(candidate.staging, candidate.card, result, used)
         except InterruptedError:  # a stop (SIGTERM: a rolling update): an admin's request is asked again
             if self.lost_lease:  # the files and the run may be another runner's now: touch nothing
                 return "failed"
@@ -224,6 +227,8 @@ class Runner:
                 self.registry.discard_staging()  # a full volume gets its space back before the retry
             runs.end(run.id, "failed", candidate=None, metrics={}, reason=f"{type(exc).__name__}: {exc}"[:300])
             return "failed"
+        if withdrawn:
+            return self.drop_withdrawn(run, dict(result), withdrawn)
         runs.gated(run.id, candidate.version, dict(result))
         status = "rejected"
         if result.passed and not self.holds_lease():  # the new runner rejects it as stranded and redoes the run
@@ -233,7 +238,19 @@ class Runner:
             status = "promoted" if reason is None else "rejected"
         runs.end(run.id, status, candidate=candidate.version, metrics=dict(result), reason=reason)
         log.info("run %s: %s %s (%s)", run.id, status, candidate.version, reason or "gate passed")
+        if status == "rejected" and self.store.corrections.withdrawn_among(used):  # withdrawn before the pointer moved
+            self.store.runs.request("withdrawal", "runner")
         return status
+
+    def drop_withdrawn(self, run: FinetuneRun, result: dict, withdrawn: list[str]) -> str:
+        """A run trained or gated on corrections withdrawn meanwhile registers nothing; the others
+        start a new run at once."""
+        self.registry.discard_staging()
+        why = f"corrections withdrawn during the run ({', '.join(withdrawn)}); the others train with the next run"
+        self.store.runs.end(run.id, "rejected", candidate=None, metrics=result, reason=why)
+        self.store.runs.request("withdrawal", "runner")
+        log.warning("run %s: %s", run.id, why)
+        return "rejected"
 
 
 def check(settings: Settings, stale_s: float = 600.0) -> tuple[bool, str]:

@@ -10,6 +10,18 @@ from service.store.queue import SET_STATUS
 from service.store.records import Correction
 
 USED_ROLES = ("train", "early_stop", "holdout")  # how a run used a correction (its record and card)
+ACTIVE = "withdrawn_at IS NULL"  # a withdrawn correction is kept for the record, never used again
+
+
+def used_ids(used: dict | None) -> set[str]:
+    """Every correction id a run's or a version's record names, in any role."""
+    return {cid for role in USED_ROLES for cid in (used or {}).get(role, [])}
+
+
+def withdrawn_query(ids: set[str]) -> tuple[str, list[str]]:
+    """The query for those of ``ids`` that were withdrawn, and its arguments."""
+    marks = ", ".join("?" * len(ids)) or "NULL"
+    return f"SELECT id FROM corrections WHERE id IN ({marks}) AND NOT ({ACTIVE}) ORDER BY id", sorted(ids)
 
 
 class CorrectionRepository:
@@ -26,8 +38,19 @@ class CorrectionRepository:
         """
         cols = [f.name for f in fields(record)]
         with self.db.transaction() as db:
-            if db.execute("SELECT 1 FROM corrections WHERE id = ?", (record.id,)).fetchone():
+            row = db.execute("SELECT withdrawn_at FROM corrections WHERE id = ?", (record.id,)).fetchone()
+            if row is not None and row["withdrawn_at"] is None:
                 return False
+            if row is not None:  # the very mask sent again after its withdrawal: meant after all
+                db.execute(
+                    "UPDATE corrections SET withdrawn_at = NULL, withdrawn_by = NULL, withdrawn_reason = NULL"
+                    " WHERE id = ?",
+                    (record.id,),
+                )
+                if record.queue_item_id:
+                    db.execute(SET_STATUS, (record.slide, record.queue_item_id, "corrected", actor, time.time()))
+                audit(db, actor, "correction.reinstate", record.id, {"slide": record.slide})
+                return True
             db.execute(
                 f"INSERT INTO corrections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", astuple(record)
             )
@@ -36,13 +59,50 @@ class CorrectionRepository:
             audit(db, actor, "correction.ingest", record.id, {"slide": record.slide})
             return True
 
-    def list(self, limit: int = 1000) -> list[Correction]:
-        rows = self.db.all("SELECT * FROM corrections ORDER BY created_at, id LIMIT ?", (limit,))
+    def withdraw(self, correction_id: str, actor: str, reason: str) -> Correction | None:
+        """Withdraw a correction (None: no such one); one transaction, audited. Its queue patch returns
+        to the queue unless another correction of it stands. Withdrawing twice changes nothing."""
+        with self.db.transaction() as db:
+            row = db.execute("SELECT * FROM corrections WHERE id = ?", (correction_id,)).fetchone()
+            if row is None or row["withdrawn_at"] is not None:
+                return self.get(correction_id) if row is not None else None
+            db.execute(
+                "UPDATE corrections SET withdrawn_at = ?, withdrawn_by = ?, withdrawn_reason = ? WHERE id = ?",
+                (time.time(), actor, reason, correction_id),
+            )
+            item = row["queue_item_id"]
+            if (
+                item
+                and not db.execute(
+                    f"SELECT 1 FROM corrections WHERE slide = ? AND queue_item_id = ? AND {ACTIVE}",
+                    (row["slide"], item),
+                ).fetchone()
+            ):
+                db.execute(
+                    "DELETE FROM item_status WHERE slide = ? AND item_id = ? AND status = 'corrected'",
+                    (row["slide"], item),
+                )
+            audit(db, actor, "correction.withdraw", correction_id, {"slide": row["slide"], "reason": reason})
+        return self.get(correction_id)
+
+    def withdrawn_among(self, used: dict) -> list[str]:
+        """The corrections of a run's record (``used``: ids by role) withdrawn since."""
+        return [r["id"] for r in self.db.all(*withdrawn_query(used_ids(used)))]
+
+    def learned_by(self, correction_id: str) -> list[str]:
+        """Registered versions fine-tuned on the correction (newest first)."""
+        rows = self.db.all("SELECT version, corrections FROM model_versions ORDER BY created_at DESC")
+        return [r["version"] for r in rows if correction_id in (r["corrections"] or {}).get("train", [])]
+
+    def list(self, limit: int = 1000, *, withdrawn: bool = True) -> list[Correction]:
+        """Corrections in arrival order (``withdrawn=False``: only those that stand)."""
+        where = "" if withdrawn else f"WHERE {ACTIVE} "
+        rows = self.db.all(f"SELECT * FROM corrections {where}ORDER BY created_at, id LIMIT ?", (limit,))
         return [Correction.from_row(r) for r in rows]
 
     def on_slide(self, slide: str) -> list[Correction]:
-        """The slide's corrections in arrival order."""
-        rows = self.db.all("SELECT * FROM corrections WHERE slide = ? ORDER BY created_at, id", (slide,))
+        """The slide's standing corrections in arrival order."""
+        rows = self.db.all(f"SELECT * FROM corrections WHERE slide = ? AND {ACTIVE} ORDER BY created_at, id", (slide,))
         return [Correction.from_row(r) for r in rows]
 
     def count(self) -> int:
@@ -71,7 +131,7 @@ class CorrectionRepository:
         ):
             for role in USED_ROLES:
                 seen.update(r["corrections"].get(role, []))
-        return [c for c in self.list(1_000_000) if c.id not in seen]
+        return [c for c in self.list(1_000_000, withdrawn=False) if c.id not in seen]
 
     def trained_into(self, version: str | None) -> set[str]:
         """Ids of the corrections ``version`` and its ancestors were fine-tuned on."""
@@ -90,7 +150,7 @@ class CorrectionRepository:
         """Training corrections the ``current`` model has not learned: none of its ancestors was trained
         on them. A rejected candidate's corrections stay here, to be trained on with the next ones."""
         used = self.trained_into(current)
-        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 0 ORDER BY created_at, id")
+        rows = self.db.all(f"SELECT * FROM corrections WHERE holdout = 0 AND {ACTIVE} ORDER BY created_at, id")
         return [Correction.from_row(r) for r in rows if r["id"] not in used]
 
     def agreement(self) -> list[tuple[str, float]]:
@@ -109,5 +169,5 @@ class CorrectionRepository:
                 audit(db, "runner", "correction.holdout", cid, {"holdout": holdout})
 
     def held_out(self) -> list[Correction]:
-        rows = self.db.all("SELECT * FROM corrections WHERE holdout = 1 ORDER BY created_at, id")
+        rows = self.db.all(f"SELECT * FROM corrections WHERE holdout = 1 AND {ACTIVE} ORDER BY created_at, id")
         return [Correction.from_row(r) for r in rows]

@@ -29,7 +29,7 @@ from service.vocabulary import (
     sql_in,
 )
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 
 def jobs_table(name: str) -> str:
@@ -97,7 +97,10 @@ CREATE TABLE IF NOT EXISTS corrections (
     tumour_fraction REAL NOT NULL,
     holdout INTEGER NOT NULL DEFAULT 0, -- held out from training, used by the promotion gate
     created_at REAL NOT NULL,
-    model_dice REAL                     -- Dice of the proposing model's mask against this one (QC)
+    model_dice REAL,                    -- Dice of the proposing model's mask against this one (QC)
+    withdrawn_at REAL,                  -- withdrawn by its annotator or an admin: never trained on again
+    withdrawn_by TEXT,
+    withdrawn_reason TEXT
 );
 CREATE TABLE IF NOT EXISTS model_versions (
     version TEXT PRIMARY KEY,
@@ -182,6 +185,7 @@ _V4_JOB_COLUMNS = (
     "id, dedup_key, slide, options, resolved, model_version, state, progress_done, progress_total, error, summary,"
     " submitted_by, attempts, worker, created_at, started_at, finished_at, heartbeat_at"
 )
+WITHDRAWAL_COLUMNS = ("withdrawn_at REAL", "withdrawn_by TEXT", "withdrawn_reason TEXT")
 UPGRADES = {
     3: "ALTER TABLE jobs ADD COLUMN resolved TEXT;\n",
     # 5: the 'cancelled' state (a CHECK constraint: SQLite rebuilds the table) and cancel requests.
@@ -202,6 +206,7 @@ UPGRADES = {
     8: "ALTER TABLE jobs ADD COLUMN site TEXT;\n",
     9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\nALTER TABLE jobs ADD COLUMN stow TEXT;\n",  # + deliveries
     10: "ALTER TABLE jobs ADD COLUMN expired_at REAL;\nALTER TABLE jobs ADD COLUMN origin TEXT;\n",
+    11: "".join(f"ALTER TABLE corrections ADD COLUMN {c};\n" for c in WITHDRAWAL_COLUMNS),
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

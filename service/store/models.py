@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from service.store.corrections import used_ids, withdrawn_query
 from service.store.db import Database, audit
 from service.store.records import ModelVersion
 from service.vocabulary import ROLLBACK_ACTIONS, PointerAction
@@ -101,9 +102,12 @@ def _move_pointer(
     previous = cur[0] if cur else None
     if (expect is not None and previous != expect) or previous == version:
         return False
-    if run is not None:  # a run another runner has ended (it lost its lease) promotes nothing
-        state = db.execute("SELECT state FROM finetune_runs WHERE id = ?", (run,)).fetchone()
-        if state is None or state[0] != "running":
+    if run is not None:  # a run another runner has ended (it lost its lease) promotes nothing,
+        row = db.execute("SELECT state, corrections FROM finetune_runs WHERE id = ?", (run,)).fetchone()
+        if row is None or row[0] != "running":
+            return False
+        used = json.loads(row[1]) if row[1] else {}  # nor one trained or gated on a correction withdrawn since
+        if db.execute(*withdrawn_query(used_ids(used))).fetchone() is not None:
             return False
     now = time.time()
     db.execute(

@@ -84,6 +84,9 @@ class Correction:
     queue_item_id: str | None = None
     proposed_by_version: str | None = None
     model_dice: float | None = None  # the proposing model's mask against this one (QC)
+    withdrawn_at: float | None = None  # withdrawn: kept for the record, never trained on or gated with
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
 
     from_row = classmethod(_from)
 

@@ -11,10 +11,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from service.errors import NotFound
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.routers.queue import png_response
-from service.http.schemas import CORRECTION_BODY, errors
+from service.http.schemas import CORRECTION_BODY, Withdrawal, errors
 from service.loop.corrections import Region
 from service.loop.ingest import check_media_type, ingest_correction, ingest_item_correction
 from service.loop.outcome import get_correction, outcome, outcome_mask
+from service.loop.withdrawal import withdraw_correction
 from service.store import Correction
 from service.store.records import as_dict
 
@@ -106,6 +107,13 @@ def correction_outcome(cid: str, rt: Rt, base: Base, _: Viewer):
     body = outcome(rt.store, rt.settings, cid)
     body["links"] = {n: f"{base}/corrections/{cid}/{n}.png" for n in ("image", "mask", "before", "after")}
     return body
+
+
+@router.post("/corrections/{cid}/withdraw", responses=errors(403, 404))
+def withdraw(cid: str, body: Withdrawal, rt: Rt, who: Annotator):
+    """Withdraw a correction (its annotator, or an admin): kept for the record, never trained on or
+    gated with again; its queue patch returns to the queue. Sending the same mask again reinstates it."""
+    return withdraw_correction(rt.store, cid, actor=who.name, is_admin=who.allows("admin"), reason=body.reason)
 
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG"}, **errors(410)}

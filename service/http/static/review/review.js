@@ -967,14 +967,41 @@
         const before = o.before ? `${o.links.before}?v=${o.before.model_version}` : null;
         const after = o.after ? `${o.links.after}?v=${o.after.model_version}` : null;
         trio.append(thumb(before, "model then"), thumb(o.links.mask, "yours"), thumb(after, o.after ? "model now" : "not yet"));
-        const words = o.after
-          ? `Dice ${dice(o.before)} → ${dice(o.after)} (${o.after.model_version})`
-          : `Dice ${dice(o.before)}; waiting for a promoted model to re-segment ${o.slide}`;
+        const words = o.withdrawn
+          ? `withdrawn by ${o.withdrawn.by}: ${o.withdrawn.reason}`
+          : o.after
+            ? `Dice ${dice(o.before)} → ${dice(o.after)} (${o.after.model_version})`
+            : `Dice ${dice(o.before)}; waiting for a promoted model to re-segment ${o.slide}`;
         li.append(trio, Object.assign(document.createElement("p"), { className: "muted", textContent: words }));
+        if (!o.withdrawn && state.me.can_correct) {
+          const button = document.createElement("button");
+          Object.assign(button, { className: "withdraw", textContent: "Withdraw" });
+          button.title = "Drawn in error: never train on it (kept for the record); its patch returns to the queue";
+          button.addEventListener("click", () => withdraw(o.correction));
+          li.append(button);
+        }
         return li;
       }),
     );
-    if (settled.some((o) => o && !o.after)) outcomesTimer = setTimeout(refreshOutcomes, 15000);
+    if (settled.some((o) => o && !o.after && !o.withdrawn)) outcomesTimer = setTimeout(refreshOutcomes, 15000);
+  }
+
+  async function withdraw(cid) {
+    const reason = (prompt("Why withdraw this correction? (kept in its record)") || "").trim();
+    if (!reason) return;
+    try {
+      const body = JSON.stringify({ reason: reason.slice(0, 500) });
+      const headers = { "Content-Type": "application/json" };
+      const done = await json(`/corrections/${cid}/withdraw`, { method: "POST", headers, body });
+      const learned = done.current_model_learned_it
+        ? "; the model serving now already learned from it: ask an admin to roll back if that matters"
+        : "";
+      say(`Correction ${cid.slice(0, 8)} withdrawn: it will not be trained on, and its patch is back in the queue${learned}`);
+    } catch (err) {
+      say(`Correction ${cid.slice(0, 8)} not withdrawn: ${err.message}`, true);
+    }
+    refreshOutcomes();
+    if (state.slide) loadQueue();
   }
 
   // ---- model panel (admins) -------------------------------------------------------------------------

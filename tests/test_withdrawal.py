@@ -1,0 +1,102 @@
+"""Withdrawing a correction, in-process: its annotator or an admin only, with a reason; kept for the
+record, out of the queue's 'corrected' and out of every later run; the same mask sent again reinstates it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.inprocess import InProcessService
+from tests.server import finished_patch_job, hostile_slide_root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, source_slide):
+    root = tmp_path_factory.mktemp("withdrawal")
+    service = InProcessService(root / "data", hostile_slide_root(root, source_slide))
+    with service.client("annotator") as c:
+        assert finished_patch_job(c)["state"] == "succeeded"
+    yield service
+    service.close()
+
+
+def _pending(env) -> list[str]:
+    with env.client("viewer") as c:
+        return [i["id"] for i in c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]]
+
+
+def _correct(env, item_id: str, role: str = "annotator", headers: dict | None = None):
+    with env.client(role) as c:
+        mask = np.asarray(Image.open(io.BytesIO(c.get(f"/v1/queue/items/{item_id}/mask.png").content)))
+        drawn = np.zeros_like(mask)
+        drawn[: mask.shape[0] // 3] = 255
+        buf = io.BytesIO()
+        Image.fromarray(drawn).save(buf, format="PNG")
+        return c.post(
+            f"/v1/queue/items/{item_id}/correction",
+            content=buf.getvalue(),
+            headers={"content-type": "image/png", **(headers or {})},
+        )
+
+
+def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue(env):
+    item = _pending(env)[0]
+    sent = _correct(env, item)
+    assert sent.status_code == 201, sent.text
+    cid = sent.json()["id"]
+    assert item not in _pending(env)
+    unseen = {c.id for c in env.runtime.store.corrections.unseen()}
+    assert cid in unseen
+    with env.client("annotator") as c:
+        r = c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "drew the wrong gland"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["withdrawn_by"] == sent.json()["annotator"] and body["withdrawn_reason"] == "drew the wrong gland"
+        assert body["withdrawn_at"] and body["learned_by"] == [] and body["current_model_learned_it"] is False
+        assert c.get(f"/v1/corrections/{cid}").json()["withdrawn_at"] == body["withdrawn_at"]
+        again = c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "twice"}).json()
+        assert again["withdrawn_at"] == body["withdrawn_at"] and again["withdrawn_reason"] == "drew the wrong gland"
+        assert c.get(f"/v1/queue/items/{item}").json()["status"] == "pending"
+    assert item in _pending(env)
+    store = env.runtime.store
+    assert cid not in {c.id for c in store.corrections.unseen()}
+    assert cid not in {c.id for c in store.corrections.unused_for_training(store.models.current())}
+    assert [a["action"] for a in store.db.all("SELECT action FROM audit WHERE target = ?", (cid,))] == [
+        "correction.ingest",
+        "correction.withdraw",
+    ]
+
+    resent = _correct(env, item)  # the very mask again: meant after all
+    assert resent.status_code == 201, resent.text
+    assert resent.json()["id"] == cid and resent.json()["withdrawn_at"] is None
+    assert item not in _pending(env) and cid in {c.id for c in store.corrections.unseen()}
+
+
+def test_only_its_annotator_or_an_admin_may_withdraw_and_a_bad_request_changes_nothing(env):
+    from service.store import Store
+
+    item = _pending(env)[0]
+    cid = _correct(env, item).json()["id"]
+    _, other = Store.open(env.settings).tokens.issue("dr.b", "annotator")
+    with env.client(None) as c:
+        refused = c.post(
+            f"/v1/corrections/{cid}/withdraw", json={"reason": "not mine"}, headers={"Authorization": f"Bearer {other}"}
+        )
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_your_correction"
+    with env.client("viewer") as c:
+        assert c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "x"}).status_code == 403
+    with env.client("annotator") as c:
+        for bad in ({}, {"reason": ""}, {"reason": "x" * 501}, {"reason": "ok", "extra": 1}):
+            r = c.post(f"/v1/corrections/{cid}/withdraw", json=bad)
+            assert r.status_code == 422 and "error" in r.json(), (bad, r.text)
+        missing = c.post("/v1/corrections/nope/withdraw", json={"reason": "x"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "correction_not_found"
+        assert c.get(f"/v1/corrections/{cid}").json()["withdrawn_at"] is None
+    assert item not in _pending(env)
+    with env.client("admin") as c:
+        r = c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "QC: off-slide"})
+        assert r.status_code == 200 and r.json()["withdrawn_by"] != r.json()["annotator"]
+    assert item in _pending(env)
