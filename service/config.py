@@ -189,6 +189,9 @@ class Settings(BaseSettings, SegmentationDefaults):
     dicomweb_retries: int = Field(2, ge=0, le=10, description="retries of a DICOMweb request (connection, 5xx)")
     sites: str = Field("", description="'SITE,SITE,...' a job may name (hospital, scanner, stain batch); '' = none")
     # the review page: deep-zoom tiles and overlay images, per serving process
+    review_claim_s: float = Field(
+        900.0, ge=30, le=86400, description="a patch opened for review is held for that reviewer this long (renewed)"
+    )
     tile_cache_mb: float = Field(128.0, ge=0, le=65536, description="encoded deep-zoom tiles kept in memory, MiB")
     tile_open_slides: int = Field(16, ge=1, le=1024, description="slides kept open for deep-zoom tiles")
     overlay_max_px: int = Field(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def browser():
 class Page:
     """A signed-in page, with what went wrong in it (script errors, refused tile requests)."""
 
-    def __init__(self, browser, server: Server, role: str):
+    def __init__(self, browser, server: Server, role: str, token: str | None = None):
         self.page = browser.new_page(viewport={"width": 1400, "height": 900})
         self.problems: list[str] = []
         self.tiles: list[int] = []
@@ -54,7 +55,7 @@ class Page:
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         self.page.on("response", self._response)
         self.page.goto(f"{server.url}/review")
-        self.page.fill("#token", TOKENS[role])
+        self.page.fill("#token", token or TOKENS[role])
         self.page.click("#sign-in-button")
         self.page.wait_for_selector("#viewer[data-ready=true]", timeout=30_000)
 
@@ -145,7 +146,7 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     edge[38:42, 38:202] = edge[118:122, 38:202] = edge[38:122, 38:42] = edge[38:122, 198:202] = True
     assert not (stored != expected)[~edge].any()
     assert stored[42:118, 42:198].all()
-    with server.client("viewer") as c:
+    with server.client("annotator") as c:  # the next patch is open (claimed) now: in its reviewer's queue only
         pending = [i["id"] for i in c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]]
     assert item_id not in pending and len(pending) == 3
     # the correction is listed with the mask it corrected, until a promoted model re-segments the slide
@@ -280,7 +281,7 @@ def test_a_correction_sent_in_error_is_withdrawn_from_then_and_now(server, brows
     page.wait_for_selector("#editor[data-ready=true]")
     item_id = page.get_attribute("#editor", "data-item")
     page.click("#accept")  # a slip: the model was not correct
-    page.wait_for_selector("#editor[data-last-correction]")
+    page.wait_for_selector("#editor[data-last-correction]", state="attached")  # maybe closed: queue done
     cid = page.get_attribute("#editor", "data-last-correction")
     page.wait_for_function(f"() => !document.querySelector(\"#queue li[data-item='{item_id}']\")")
     entry = page.locator(f"#outcomes li[data-correction='{cid}']")
@@ -296,6 +297,38 @@ def test_a_correction_sent_in_error_is_withdrawn_from_then_and_now(server, brows
     assert record["withdrawn_reason"] == "slip: the model missed a gland" and record["withdrawn_at"]
     assert not p.problems, p.problems
     page.close()
+
+
+def test_two_pathologists_never_have_the_same_patch_open(server, browser):
+    from service.store import Store
+
+    store = Store(server.data_dir)
+    _, token = store.tokens.issue("dr.two", "annotator")
+    with server.client("annotator") as c:  # earlier tests' pages were closed with a patch open: let go
+        for item in c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]:
+            assert c.delete(f"/v1/queue/items/{item['id']}/claim").status_code == 204
+    a, b = Page(browser, server, "annotator"), Page(browser, server, "annotator", token=token)
+    b.page.wait_for_function("() => document.querySelectorAll('#queue li').length > 0")
+    target = b.page.get_attribute("#queue li >> nth=0", "data-item")
+    a.page.click(f"#queue li[data-item='{target}']")
+    a.page.wait_for_selector(f"#editor[data-ready=true][data-item='{target}']")
+    b.page.click(f"#queue li[data-item='{target}']")  # B's list is older than A's claim
+    b.page.wait_for_function("() => document.getElementById('status').textContent.includes('has this patch open')")
+    b.page.wait_for_function(f"() => !document.querySelector(\"#queue li[data-item='{target}']\")")
+    assert b.page.get_attribute("#editor", "data-item") != target
+    a.page.keyboard.press("Escape")  # A closes it: it is B's to take
+    deadline = time.monotonic() + 10
+    while store.queue.holder("cases/a.tif", target) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    b.page.check("#queue-pooled")  # the list again
+    b.page.click(f"#queue li[data-item='{target}']")
+    b.page.wait_for_selector(f"#editor[data-ready=true][data-item='{target}']")
+    assert store.queue.holder("cases/a.tif", target)[0] == "dr.two"
+    assert not a.problems, a.problems
+    assert all("409" in problem for problem in b.problems), b.problems  # the refused claim, logged by Chromium
+    for p in (a, b):
+        p.page.close()
+    store.close()
 
 
 def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):

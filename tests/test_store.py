@@ -24,7 +24,8 @@ def _version_2_store(data_dir) -> None:
     schema_2 = re.sub(r",\n    model_dice [^\n]*(\n    withdrawn_[^\n]*)*", "", schema_2)
     schema_2 = re.sub(r"CREATE TABLE IF NOT EXISTS api_tokens \(.*?\n\);", "", schema_2, flags=re.S)
     schema_2 = re.sub(r"CREATE INDEX IF NOT EXISTS api_tokens[^\n]*", "", schema_2)
-    assert not re.search("resolved|cancel|api_tokens|model_dice|withdrawn|error_code|site|callback|deliveries", schema_2)
+    newer = "resolved|cancel|api_tokens|model_dice|withdrawn|error_code|site|callback|deliveries"
+    assert not re.search(newer, schema_2)
     db = sqlite3.connect(data_dir / "uga.sqlite")
     db.executescript(schema_2 + "PRAGMA user_version=2;")
     db.execute(

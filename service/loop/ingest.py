@@ -20,7 +20,7 @@ from service.loop.corrections import (
     read_crop,
     write_correction_files,
 )
-from service.loop.review import get_item, item_job, model_mask
+from service.loop.review import check_unclaimed, get_item, item_job, model_mask
 from service.loop.slides import cached_slide, local_name, parse_dicomweb
 from service.store import Correction, Job, Store
 from service.wsi.slide import open_slide
@@ -121,6 +121,7 @@ def ingest_item_correction(
 ) -> tuple[Correction, bool]:
     """A correction of a queue item: its region at the µm/px of the job that proposed it."""
     item = get_item(store, item_id)
+    check_unclaimed(store, item, annotator)
     b = item.bbox_level0
     region = Region(b["x"], b["y"], b["width"], b["height"], item_job(store, item).summary["mpp"])
     return ingest_correction(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from service.config import Settings
@@ -20,14 +22,51 @@ def get_item(store: Store, item_id: str) -> QueueItem:
 
 
 def pending_queue(
-    store: Store, slide: str | None, k: int, measure: str | None, settings: Settings | None = None
+    store: Store,
+    slide: str | None,
+    k: int,
+    measure: str | None,
+    settings: Settings | None = None,
+    reviewer: str | None = None,
 ) -> list[QueueItem]:
-    """Pending patches, best first: of one segmented slide, or pooled across slides."""
+    """Pending patches, best first: of one segmented slide, or pooled across slides; for a
+    ``reviewer``, without those another reviewer has open."""
     if slide is not None and settings is not None:
         slide = slide_name(settings, slide)
     if slide is not None and store.jobs.latest_for_slide(slide) is None:
         raise NotFound("slide_not_segmented", f"no finished segmentation of {slide!r}; submit a job first")
-    return store.queue.pending(slide, k, measure)
+    return store.queue.pending(slide, k, measure, reviewer=reviewer)
+
+
+def _taken(holder: str, until: float) -> Conflict:
+    minutes = max(1, round((until - time.time()) / 60))
+    return Conflict(
+        "claimed_by_another",
+        f"{holder} has this patch open (for up to {minutes} more min); take another patch",
+        {"claimed_by": holder, "until": until},
+    )
+
+
+def claim_item(store: Store, settings: Settings, item_id: str, reviewer: str) -> dict:
+    """Hold a patch for the reviewer who opened it (renewed while it stays open), so that no other
+    reviewer corrects it at the same time; 409 while another reviewer holds it."""
+    item = get_item(store, item_id)
+    holder, until = store.queue.claim(item.slide, item.id, reviewer, settings.review_claim_s)
+    if holder != reviewer:
+        raise _taken(holder, until)
+    return {"item_id": item.id, "claimed_by": holder, "until": until, "hold_s": settings.review_claim_s}
+
+
+def release_item(store: Store, item_id: str, reviewer: str) -> None:
+    item = get_item(store, item_id)
+    store.queue.release(item.slide, item.id, reviewer)
+
+
+def check_unclaimed(store: Store, item: QueueItem, actor: str) -> None:
+    """Refuse a decision on a patch another reviewer has open."""
+    held = store.queue.holder(item.slide, item.id)
+    if held is not None and held[0] != actor:
+        raise _taken(*held)
 
 
 def item_job(store: Store, item: QueueItem) -> Job:
@@ -66,5 +105,6 @@ def skip_item(store: Store, item_id: str, actor: str) -> QueueItem:
     item = get_item(store, item_id)
     if item.status == "corrected":
         raise Conflict("already_corrected", "this patch already has a correction; it cannot be skipped")
+    check_unclaimed(store, item, actor)
     store.queue.set_status(item.slide, item_id, "skipped", actor)
     return get_item(store, item_id)

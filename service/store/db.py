@@ -86,6 +86,13 @@ CREATE TABLE IF NOT EXISTS item_status (
     at REAL NOT NULL,
     PRIMARY KEY (slide, item_id)
 );
+CREATE TABLE IF NOT EXISTS item_claims (  -- a patch one reviewer has open, so no other takes it; since 11
+    slide TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    claimed_by TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (slide, item_id)
+);
 CREATE TABLE IF NOT EXISTS corrections (
     id TEXT PRIMARY KEY,                -- content hash: same correction twice = one record
     slide TEXT NOT NULL,

@@ -17,6 +17,11 @@ PENDING_ITEMS = """
     WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2 WHERE j2.slide = j.slide AND j2.state = 'succeeded')
       AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)
 """
+# ... and that no other reviewer holds now (arguments: now, the caller).
+UNCLAIMED = """
+      AND NOT EXISTS (SELECT 1 FROM item_claims c WHERE c.slide = qi.slide AND c.item_id = qi.id
+                      AND c.until > ? AND c.claimed_by <> ?)
+"""
 # Upsert of an item's status (skipped / corrected); also used inside the correction transaction.
 SET_STATUS = (
     "INSERT INTO item_status (slide, item_id, status, actor, at) VALUES (?, ?, ?, ?, ?)"
@@ -33,10 +38,16 @@ class QueueRepository:
     def __init__(self, db: Database):
         self.db = db
 
-    def pending(self, slide: str | None, k: int, measure: str | None = None) -> list[QueueItem]:
-        """Pending items of each slide's latest finished job, best score first (one slide or pooled)."""
+    def pending(
+        self, slide: str | None, k: int, measure: str | None = None, *, reviewer: str | None = None
+    ) -> list[QueueItem]:
+        """Pending items of each slide's latest finished job, best score first (one slide or pooled);
+        for a ``reviewer``, without the items another reviewer holds."""
         q = "SELECT qi.item, qi.slide, qi.job_id " + PENDING_ITEMS
         args: list[Any] = []
+        if reviewer is not None:
+            q += UNCLAIMED
+            args += [time.time(), reviewer]
         if slide is not None:
             q += " AND qi.slide = ?"
             args.append(slide)
@@ -70,6 +81,39 @@ class QueueRepository:
             db.execute(SET_STATUS, (slide, item_id, status, actor, time.time()))
             audit(db, actor, f"queue.{status}", item_id, {"slide": slide})
             return True
+
+    def claim(self, slide: str, item_id: str, reviewer: str, hold_s: float) -> tuple[str, float]:
+        """Hold the item for ``reviewer`` for ``hold_s`` from now (or renew it): (holder, until). The
+        holder is someone else while their hold lasts; then nothing changes."""
+        with self.db.transaction() as db:
+            now = time.time()
+            held = db.execute(
+                "SELECT claimed_by, until FROM item_claims WHERE slide = ? AND item_id = ?", (slide, item_id)
+            ).fetchone()
+            if held is not None and held["claimed_by"] != reviewer and held["until"] > now:
+                return held["claimed_by"], held["until"]
+            db.execute(
+                "INSERT INTO item_claims (slide, item_id, claimed_by, until) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (slide, item_id) DO UPDATE SET claimed_by = excluded.claimed_by, until = excluded.until",
+                (slide, item_id, reviewer, now + hold_s),
+            )
+            db.execute("DELETE FROM item_claims WHERE until < ?", (now - 86400,))  # long-lapsed holds
+            return reviewer, now + hold_s
+
+    def release(self, slide: str, item_id: str, reviewer: str) -> None:
+        """Let go of the item (only the holder's own hold)."""
+        with self.db.transaction() as db:
+            db.execute(
+                "DELETE FROM item_claims WHERE slide = ? AND item_id = ? AND claimed_by = ?", (slide, item_id, reviewer)
+            )
+
+    def holder(self, slide: str, item_id: str) -> tuple[str, float] | None:
+        """(reviewer, until) of a hold on the item that lasts now, or None."""
+        row = self.db.one(
+            "SELECT claimed_by, until FROM item_claims WHERE slide = ? AND item_id = ? AND until > ?",
+            (slide, item_id, time.time()),
+        )
+        return None if row is None else (row["claimed_by"], row["until"])
 
     def handled(self, slide: str) -> set[str]:
         """Ids of the slide's items someone corrected or skipped (they never return to its queue)."""

@@ -12,7 +12,7 @@ from PIL import Image
 from service.http.deps import Annotator, Base, Rt, Viewer
 from service.http.schemas import QueueItemView, QueueView, errors, item_view
 from service.loop.overlays import item_uncertainty_png
-from service.loop.review import get_item, item_image, item_mask, pending_queue, skip_item
+from service.loop.review import claim_item, get_item, item_image, item_mask, pending_queue, release_item, skip_item
 from service.vocabulary import Measure
 
 router = APIRouter(tags=["queue"])
@@ -28,13 +28,15 @@ def png_response(array: np.ndarray) -> Response:
 def get_queue(
     rt: Rt,
     base: Base,
-    _: Viewer,
+    who: Viewer,
     slide: str | None = None,
     k: Annotated[int, Query(ge=1, le=500)] = 10,
     measure: Measure | None = None,
 ) -> QueueView:
-    """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted."""
-    items = pending_queue(rt.store, slide, k, measure, rt.settings)
+    """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted;
+    for an annotator, without the patches another reviewer has open (claimed)."""
+    reviewer = who.name if who.allows("annotator") else None  # a viewer takes none: sees them all
+    items = pending_queue(rt.store, slide, k, measure, rt.settings, reviewer=reviewer)
     return QueueView(slide=slide, items=[item_view(i, base) for i in items])
 
 
@@ -69,3 +71,17 @@ def queue_item_uncertainty(item_id: str, rt: Rt, _: Viewer, measure: str | None 
 def skip_queue_item(item_id: str, rt: Rt, base: Base, who: Annotator) -> QueueItemView:
     """Take the patch out of the queue without a correction."""
     return item_view(skip_item(rt.store, item_id, who.name), base)
+
+
+@router.post("/queue/items/{item_id}/claim", responses=errors(409))
+def claim_queue_item(item_id: str, rt: Rt, who: Annotator) -> dict:
+    """Hold the patch while you review it (UGA_REVIEW_CLAIM_S; claim again to renew): other reviewers'
+    queues leave it out and their decisions on it are refused (409 claimed_by_another)."""
+    return claim_item(rt.store, rt.settings, item_id, who.name)
+
+
+@router.delete("/queue/items/{item_id}/claim", status_code=204)
+def release_queue_item(item_id: str, rt: Rt, who: Annotator) -> Response:
+    """Let go of your hold on the patch (another person's hold stays)."""
+    release_item(rt.store, item_id, who.name)
+    return Response(status_code=204)

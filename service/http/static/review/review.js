@@ -81,6 +81,7 @@
   }
 
   function signOut(message = "") {
+    letGo();
     sessionStorage.removeItem(TOKEN_KEY);
     state.token = null;
     state.me = null;
@@ -521,11 +522,48 @@
 
   let opening = 0; // the newest openItem call; an older one that finishes later is dropped
 
+  // ---- claims: the patch this reviewer has open is theirs (the server leaves it out of others' queues) --
+  const claim = { id: null, timer: null };
+  const releaseClaim = (id) =>
+    api(`/queue/items/${id}/claim`, { method: "DELETE", keepalive: true }).catch(() => {});
+
+  async function holdPatch(item, ticket) {
+    if (!state.me.can_correct) return true;
+    try {
+      const held = await json(`/queue/items/${item.id}/claim`, { method: "POST" });
+      if (ticket !== opening) {
+        if (claim.id !== item.id) releaseClaim(item.id); // another patch was opened meanwhile
+        return false;
+      }
+      if (claim.id && claim.id !== item.id) releaseClaim(claim.id);
+      claim.id = item.id;
+      clearInterval(claim.timer);
+      const renew = () => json(`/queue/items/${item.id}/claim`, { method: "POST" }).catch(() => {});
+      claim.timer = setInterval(renew, (held.hold_s * 1000) / 3);
+      return true;
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 409) return ticket === opening; // no claim (network): review
+      if (ticket === opening) {
+        say(`Patch #${item.rank}: ${err.message}`, true);
+        loadQueue();
+      }
+      return false;
+    }
+  }
+
+  function letGo() {
+    clearInterval(claim.timer);
+    if (claim.id && state.token) releaseClaim(claim.id);
+    claim.id = null;
+  }
+  window.addEventListener("pagehide", letGo);
+
   async function openItem(item, { force = false } = {}) {
     if (!force && state.item && state.item.id === item.id) return; // already open: keep its edits
     if (!force && state.item && !mayLeave()) return;
     const ticket = ++opening;
     const opened = performance.now();
+    if (!(await holdPatch(item, ticket))) return; // another reviewer has it open: the open patch stays
     state.item = null; // nothing can be decided on a patch until its pixels and mask are in
     $("editor").dataset.ready = "false";
     if (item.slide !== state.slide.slide) {
@@ -606,6 +644,7 @@
   function closeEditor({ force = false } = {}) {
     if (!force && !mayLeave()) return false;
     opening++; // a patch still loading is not opened after all
+    letGo();
     $("editor").hidden = true;
     state.item = null;
     for (const li of $("queue").children) li.classList.remove("open");

@@ -1,9 +1,11 @@
-"""Withdrawing a correction, in-process: its annotator or an admin only, with a reason; kept for the
-record, out of the queue's 'corrected' and out of every later run; the same mask sent again reinstates it."""
+"""Two pathologists on one queue, in-process. Withdrawing a correction: its annotator or an admin only,
+with a reason; kept for the record, out of the queue's 'corrected' and out of every later run; the same
+mask sent again reinstates it. Claims: a patch one reviewer has open is not another's to take."""
 
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -23,14 +25,15 @@ def env(tmp_path_factory, source_slide):
     service.close()
 
 
-def _pending(env) -> list[str]:
-    with env.client("viewer") as c:
+def _pending(env, role: str = "viewer") -> list[str]:
+    with env.client(role) as c:
         return [i["id"] for i in c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]]
 
 
 def _correct(env, item_id: str, role: str = "annotator", headers: dict | None = None):
     with env.client(role) as c:
-        mask = np.asarray(Image.open(io.BytesIO(c.get(f"/v1/queue/items/{item_id}/mask.png").content)))
+        got = c.get(f"/v1/queue/items/{item_id}/mask.png", headers=headers or {})
+        mask = np.asarray(Image.open(io.BytesIO(got.content)))
         drawn = np.zeros_like(mask)
         drawn[: mask.shape[0] // 3] = 255
         buf = io.BytesIO()
@@ -100,3 +103,44 @@ def test_only_its_annotator_or_an_admin_may_withdraw_and_a_bad_request_changes_n
         r = c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "QC: off-slide"})
         assert r.status_code == 200 and r.json()["withdrawn_by"] != r.json()["annotator"]
     assert item in _pending(env)
+
+
+def test_a_patch_one_reviewer_has_open_is_out_of_anothers_queue_until_they_let_go(env):
+    from service.store import Store
+
+    item = _pending(env)[0]
+    _, other = Store.open(env.settings).tokens.issue("dr.c", "annotator")
+    dr_c = {"Authorization": f"Bearer {other}"}
+    with env.client("annotator") as c:
+        held = c.post(f"/v1/queue/items/{item}/claim")
+        assert held.status_code == 200, held.text
+        assert held.json()["until"] == pytest.approx(time.time() + env.settings.review_claim_s, abs=5)
+        assert c.post(f"/v1/queue/items/{item}/claim").status_code == 200  # renewing one's own
+        assert item in _pending(env, "annotator") and item in _pending(env, "viewer")  # a viewer takes none
+    with env.client(None) as c:
+        theirs = [i["id"] for i in c.get("/v1/queue", params={"slide": "cases/a.tif"}, headers=dr_c).json()["items"]]
+        assert item not in theirs and theirs
+        taken = c.post(f"/v1/queue/items/{item}/claim", headers=dr_c)
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "claimed_by_another"
+        assert "min" in taken.json()["error"]["message"]
+        assert c.post(f"/v1/queue/items/{item}/skip", headers=dr_c).status_code == 409
+        assert _correct(env, item, role=None, headers=dr_c).status_code == 409
+        assert c.delete(f"/v1/queue/items/{item}/claim", headers=dr_c).status_code == 204  # not theirs: stays
+        assert c.post(f"/v1/queue/items/{item}/claim", headers=dr_c).status_code == 409
+    with env.client("annotator") as c:
+        assert c.delete(f"/v1/queue/items/{item}/claim").status_code == 204
+    with env.client(None) as c:
+        assert c.post(f"/v1/queue/items/{item}/claim", headers=dr_c).status_code == 200
+        assert c.delete(f"/v1/queue/items/{item}/claim", headers=dr_c).status_code == 204
+        assert c.post("/v1/queue/items/nope/claim", headers=dr_c).status_code == 404
+
+
+def test_a_hold_lapses_when_its_reviewer_walks_away(env):
+    item = _pending(env)[0]
+    slide = "cases/a.tif"
+    held, until = env.runtime.store.queue.claim(slide, item, "dr.gone", hold_s=0.2)
+    assert held == "dr.gone" and item not in _pending(env, "annotator")
+    time.sleep(0.3)
+    assert item in _pending(env, "annotator")
+    assert env.runtime.store.queue.claim(slide, item, "dr.next", hold_s=60)[0] == "dr.next"
+    env.runtime.store.queue.release(slide, item, "dr.next")
