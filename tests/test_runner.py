@@ -616,3 +616,28 @@ def test_a_withdrawal_that_lands_just_before_the_promotion_keeps_the_pointer_whe
     assert reason is not None and "withdrawn" in reason
     assert store.models.current() == base and store.models.get("ft-1").status == "rejected"
     assert store.corrections.held_out() == []
+
+
+def test_slides_re_segmented_by_a_version_that_then_rolled_back_by_itself_are_rescored(tmp_path, source_slide):
+    """A promotion, a replica that re-segmented a slide with it, and an automatic rollback (the version
+    failed to load elsewhere), all between two polls of the runner: the slide's queue follows the
+    version serving again, not the failed one."""
+    runner = _runner_with_a_slide(tmp_path, source_slide)
+    store, baseline = runner.store, runner.store.models.current()
+    job, _ = store.jobs.submit(
+        slide="a.tif", options={"patch_um": 256}, resolved={}, model_version=baseline, dedup_key="k", actor="t"
+    )
+    store.jobs.claim("w")
+    assert store.jobs.finish(job.id, "w", {"model_version": baseline}, [])
+    runner.startup()
+    _register(store, "v2", "candidate")
+    assert store.models.move_pointer("v2", action="promote", actor="runner", expect=baseline)
+    served, _ = store.jobs.submit(
+        slide="a.tif", options={"patch_um": 256}, resolved={}, model_version="v2", dedup_key="k2", actor="t"
+    )
+    store.jobs.claim("w2")
+    assert store.jobs.finish(served.id, "w2", {"model_version": "v2"}, [])  # one replica served v2
+    assert store.models.fail_and_roll_back("v2", "failed to load: bad file", baseline)  # the others could not
+    runner.keep_queues_current()
+    [queued] = store.jobs.list("queued", 10)
+    assert queued.slide == "a.tif" and queued.model_version == baseline and queued.origin == "rescoring"

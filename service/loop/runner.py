@@ -43,7 +43,7 @@ class Runner:
         self.lease: Lease | None = None  # the deployment's runner lease, once main() holds it
         self.lost_lease = False
         self.failures = 0  # consecutive failed runs: the next waits runner_poll_s × 2^failures (≤ 1 h)
-        self.rescored_for: str | None = None  # the version every slide's queue was last brought to
+        self.rescored_for: int | None = None  # the pointer move every slide's queue was last brought to
         self.metrics = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.metrics)
         self.heartbeat = Gauge(
@@ -118,11 +118,14 @@ class Runner:
         self.keep_queues_current()
 
     def keep_queues_current(self) -> None:
-        """Queue rescoring of every slide not yet segmented by the current version, whenever that
-        version is new to this runner: a promotion's or an admin's rescoring cut short (a crash, the
-        store gone for a moment) is finished here, not left until the runner restarts."""
+        """Queue rescoring of every slide not yet segmented by the current version, whenever the pointer
+        moved since this runner last looked: a promotion's or an admin's rescoring cut short (a crash,
+        the store gone for a moment) is finished here, not left until the runner restarts; so is an
+        automatic rollback (slides a few replicas re-segmented with the version that failed elsewhere)."""
         current = self.store.models.current()
-        if not current or current == self.rescored_for:
+        moves = self.store.models.pointer_history(1)
+        move = moves[0]["id"] if moves else None
+        if not current or move == self.rescored_for:
             return
         try:
             again = enqueue_rescoring(self.store, self.settings, current, "runner")
@@ -131,7 +134,7 @@ class Runner:
             return
         if again:
             log.warning("%d slides not yet segmented by %s (a rescoring cut short): queued", len(again), current)
-        self.rescored_for = current
+        self.rescored_for = move
 
     def next_run(self) -> FinetuneRun | None:
         """The oldest requested run, or a new one when enough unseen corrections wait."""
