@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from service.options import SegmentationOptions
 
 EXIT_USAGE = 2
+EXIT_STATUS = """settings: UGA_* environment variables (README, "Settings"); `uga COMMAND --help` for each command.
+
+exit status:
+  0    done
+  1    the work itself failed: a fine-tune run (runner --once), an unhealthy runner (runner --check)
+  2    refused: bad arguments or settings, an unusable slide, a store or path that cannot be used;
+       one line on stderr says what was wrong and how to fix it, and nothing was made or changed
+  130  interrupted (Ctrl+C)"""
 COMMANDS_GROUP = "uga.commands"
 DEMO_SLIDE_GROUP = "uga.demo_slide"
 
@@ -439,7 +447,12 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="uga", description="Uncertainty-guided annotation for slides")
+    parser = OneLineParser(
+        prog="uga",
+        description="Uncertainty-guided annotation for slides",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("segment", help="segment one slide: mask, uncertainty maps, ranked review queue")
     p.add_argument("slide", type=Path)

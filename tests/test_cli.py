@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,8 @@ MISTAKES = [  # (arguments, environment, what the one line must say); cwd is an 
     (["serve", "--host", "no such host"], {}, "not an IP address"),
     (["serve", "--host", "0.0.0.0"], {"UGA_AUTH_DISABLED": "true"}, "serve on 127.0.0.1, not 0.0.0.0"),
     (["make-slides", "--out", "o", "--seed", "-1"], {}, "not a seed"),
+    (["make-slides", "--out", "o", "--count", "201"], {}, "1 to 200 slides per centre"),
+    (["make-slides", "--out", "o", "--count", "0"], {}, "1 to 200 slides per centre"),
     (["demo", "--queue", "0", "--quiet"], {}, "--queue"),  # before the demo slide is built
     (["demo", "--out", "f", "--quiet"], {}, "not a directory"),
     (["tokens", "list"], {"UGA_DATA_DIR": "f"}, "is a file"),
@@ -162,6 +165,15 @@ def test_every_mistake_is_one_line_and_changes_nothing(tmp_path, args, env, need
     (tmp_path / "f").write_text("a file")
     assert_refused(uga(*args, cwd=tmp_path, env={"UGA_DATABASE_TIMEOUT_S": "1", **env}), needle)
     assert [p.name for p in tmp_path.iterdir()] == ["f"]  # no store, data directory or output made
+
+
+def test_the_help_says_what_each_exit_status_means_and_the_commands_keep_to_it(tmp_path):
+    proc = uga("--help")
+    assert proc.returncode == 0
+    meanings = dict(re.findall(r"^  (\d+) +(\S.*)$", proc.stdout.split("exit status:")[1], flags=re.M))
+    assert sorted(meanings) == ["0", "1", "130", "2"] and "refused" in meanings["2"]
+    assert uga("make-slides", "--out", tmp_path, "--count", "0").returncode == 2  # refused
+    assert uga("runner", "--check", cwd=tmp_path, env={"UGA_DATA_DIR": "x"}).returncode == 1  # unhealthy
 
 
 def test_serve_on_a_port_in_use_is_one_line_and_makes_nothing(tmp_path):

@@ -40,6 +40,15 @@ def build_demo_slide(path: Path) -> None:
         _build_demo(path, "mixed")
 
 
+MAX_SLIDES_PER_CENTRE = 200  # a typo's worth of slides is minutes; this many is hours and gigabytes
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_SLIDES_PER_CENTRE:
+        raise argparse.ArgumentTypeError(f"{value!r}: give 1 to {MAX_SLIDES_PER_CENTRE} slides per centre")
+    return int(value)
+
+
 def _seed(value: str) -> int:
     if not value.isdigit() or int(value) >= 2**32:
         raise argparse.ArgumentTypeError(f"{value!r} is not a seed (an integer from 0 to 2**32 - 1)")
@@ -54,8 +63,6 @@ def cmd_make_slides(args: argparse.Namespace) -> int:
     unknown = [c for c in args.centre if c not in CENTRES]
     if unknown:
         raise CliError(f"unknown centre {unknown[0]!r}; choose from {', '.join(CENTRES)}")
-    if args.count < 1:
-        raise CliError("--count must be at least 1")
     if args.seed + args.count > 2**32:
         raise CliError("--seed plus --count must stay below 2**32")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,12 +96,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `make-slides` and `demo` to the `uga` subcommands."""
     p = sub.add_parser("make-slides", help="compose demo/test slides from real H&E with exact masks")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for <centre>-NN.tif and its .mask.tif")
     p.add_argument("--centre", nargs="+", default=["source"], help="centres (source, stain, blur, ...)")
-    p.add_argument("--size", choices=["test-small", "demo", "bench", "bench-large"], default="test-small")
-    p.add_argument("--count", type=int, default=1, help="slides per centre")
+    p.add_argument(
+        "--size",
+        choices=["test-small", "demo", "bench", "bench-large"],
+        default="test-small",
+        help="slide size (default: test-small)",
+    )
+    p.add_argument("--count", type=_count, default=1, help=f"slides per centre (1 to {MAX_SLIDES_PER_CENTRE})")
     p.add_argument("--seed", type=_seed, default=0, help="first slide's seed (0 to 2**32 - 1 minus --count)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_make_slides)
     p = sub.add_parser("demo", help="build an out-of-domain demo slide (once) and segment it")
     p.add_argument("--centre", default="mixed", help="which hospital the demo slide imitates")
