@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server import REPO, TOKENS, Server, finished_patch_job, hostile_slide_root
+from tests.server import REPO, TOKENS, Server, finished_patch_job, hostile_slide_root, wait_job
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
@@ -329,6 +330,27 @@ def test_two_pathologists_never_have_the_same_patch_open(server, browser):
     for p in (a, b):
         p.page.close()
     store.close()
+
+
+def test_a_patch_of_another_slide_opens_from_the_pooled_queue(server, browser, source_slide):
+    shutil.copy(source_slide, server.slide_root / "cases" / "b.tif")
+    with server.client("annotator") as c:
+        r = c.post("/v1/jobs", json={"slide": "cases/b.tif", "options": {"patch_um": 256, "queue_size": 4}})
+        assert wait_job(c, r.json()["id"])["state"] == "succeeded"
+    p = Page(browser, server, "annotator")
+    page = p.page
+    page.select_option("#slide-select", "cases/a.tif")
+    page.wait_for_function("() => location.hash.includes('a.tif')")
+    page.wait_for_selector("#viewer[data-ready=true]")
+    page.check("#queue-pooled")
+    there = page.locator("#queue li", has_text="cases/b.tif").first
+    there.wait_for()
+    item_id = there.get_attribute("data-item")
+    there.click()
+    page.wait_for_selector(f"#editor[data-ready=true][data-item='{item_id}']")
+    assert page.input_value("#slide-select") == "cases/b.tif"
+    assert not p.problems, p.problems
+    page.close()
 
 
 def test_a_pathologist_signs_in_with_the_hospital_account(tmp_path, browser):

@@ -144,3 +144,35 @@ def test_a_hold_lapses_when_its_reviewer_walks_away(env):
     assert item in _pending(env, "annotator")
     assert env.runtime.store.queue.claim(slide, item, "dr.next", hold_s=60)[0] == "dr.next"
     env.runtime.store.queue.release(slide, item, "dr.next")
+
+
+def test_a_reviewer_holds_one_patch_at_a_time_and_an_admin_can_let_go_of_anyones(env):
+    first, second = _pending(env, "annotator")[:2]
+    queue = env.runtime.store.queue
+    slide = "cases/a.tif"
+    with env.client("annotator") as c:
+        me = c.get("/v1/me").json()["name"]
+        assert c.post(f"/v1/queue/items/{first}/claim").status_code == 200
+        assert c.post(f"/v1/queue/items/{second}/claim").status_code == 200  # moving on lets go of the first
+    assert queue.holder(slide, first) is None and queue.holder(slide, second)[0] == me
+    with env.client("admin") as c:
+        assert c.delete(f"/v1/queue/items/{second}/claim").status_code == 204  # a reviewer who walked away
+    assert queue.holder(slide, second) is None
+
+
+def test_a_withdrawal_needs_a_reason_in_words_and_a_resend_by_another_is_theirs(env):
+    from service.store import Store
+
+    item = _pending(env)[0]
+    cid = _correct(env, item).json()["id"]
+    with env.client("annotator") as c:
+        blank = c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "   "})
+        assert blank.status_code == 422 and c.get(f"/v1/corrections/{cid}").json()["withdrawn_at"] is None
+        stripped = c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "  slip  "}).json()
+        assert stripped["withdrawn_reason"] == "slip"
+    _, token = Store.open(env.settings).tokens.issue("dr.d", "annotator")
+    theirs = {"Authorization": f"Bearer {token}"}
+    again = _correct(env, item, role=None, headers=theirs)  # the same mask, drawn by another pathologist
+    assert again.status_code == 201 and again.json()["id"] == cid and again.json()["annotator"] == "dr.d"
+    with env.client(None) as c:
+        assert c.post(f"/v1/corrections/{cid}/withdraw", json={"reason": "mine now"}, headers=theirs).status_code == 200

@@ -118,3 +118,14 @@ def test_processes_starting_together_migrate_a_store_once(tmp_path, existing):
     store = Store(tmp_path / "data")
     assert store.db.scalar("PRAGMA user_version") == SCHEMA_VERSION
     assert (store.jobs.get("j1") is not None) == existing
+
+
+def test_a_schema_11_store_gains_the_claims_table(tmp_path):
+    Store(tmp_path / "data").close()
+    db = sqlite3.connect(tmp_path / "data" / "uga.sqlite")
+    db.executescript("DROP TABLE item_claims; PRAGMA user_version=11;")
+    db.close()
+    store = Store(tmp_path / "data")
+    assert store.queue.claim("a.tif", "q1", "dr.a", 60)[0] == "dr.a"
+    assert store.db.scalar("PRAGMA user_version") == SCHEMA_VERSION
+    store.close()

@@ -431,3 +431,16 @@ def test_retention_removes_only_long_superseded_jobs_files_and_their_artifacts_a
     store.jobs.mark_expired(old_c)  # a crash between the mark and the removal of its files ...
     sweep_scratch(store, older_than_s=0)  # ... is finished by the next start's sweep
     assert not store.job_dir(old_c).exists() and (store.job_dir(latest_c) / "mask.tif").exists()
+
+
+def test_a_patch_is_held_by_one_reviewer_across_replicas(stores):
+    a, b = stores(2)
+    assert a.queue.claim("a.tif", "q1", "dr.a", 60)[0] == "dr.a"
+    holder, until = b.queue.claim("a.tif", "q1", "dr.b", 60)  # another replica, another reviewer
+    assert holder == "dr.a" and until > time.time() + 50
+    b.queue.release("a.tif", "q1", "dr.b")  # not theirs: stays
+    assert a.queue.holder("a.tif", "q1")[0] == "dr.a"
+    assert b.queue.claim("a.tif", "q2", "dr.a", 60)[0] == "dr.a"  # one patch per reviewer
+    assert b.queue.holder("a.tif", "q1") is None
+    a.queue.release("a.tif", "q2", None)  # an admin's
+    assert b.queue.claim("a.tif", "q2", "dr.b", 60)[0] == "dr.b"

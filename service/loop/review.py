@@ -57,9 +57,10 @@ def claim_item(store: Store, settings: Settings, item_id: str, reviewer: str) ->
     return {"item_id": item.id, "claimed_by": holder, "until": until, "hold_s": settings.review_claim_s}
 
 
-def release_item(store: Store, item_id: str, reviewer: str) -> None:
+def release_item(store: Store, item_id: str, reviewer: str, *, anyones: bool = False) -> None:
+    """Let go of the reviewer's hold on the patch (``anyones``: an admin breaking another's hold)."""
     item = get_item(store, item_id)
-    store.queue.release(item.slide, item.id, reviewer)
+    store.queue.release(item.slide, item.id, None if anyones else reviewer)
 
 
 def check_unclaimed(store: Store, item: QueueItem, actor: str) -> None:

@@ -122,11 +122,10 @@ class Runner:
         moved since this runner last looked: a promotion's or an admin's rescoring cut short (a crash,
         the store gone for a moment) is finished here, not left until the runner restarts; so is an
         automatic rollback (slides a few replicas re-segmented with the version that failed elsewhere)."""
-        current = self.store.models.current()
-        moves = self.store.models.pointer_history(1)
-        move = moves[0]["id"] if moves else None
-        if not current or move == self.rescored_for:
+        moves = self.store.models.pointer_history(1)  # the newest move names the version it moved to
+        if not moves or moves[0]["id"] == self.rescored_for:
             return
+        current, move = moves[0]["version"], moves[0]["id"]
         try:
             again = enqueue_rescoring(self.store, self.settings, current, "runner")
         except STORE_ERRORS as exc:
@@ -231,7 +230,7 @@ class Runner:
             runs.end(run.id, "failed", candidate=None, metrics={}, reason=f"{type(exc).__name__}: {exc}"[:300])
             return "failed"
         if withdrawn:
-            return self.drop_withdrawn(run, dict(result), withdrawn)
+            return self.drop_withdrawn(run, withdrawn)
         runs.gated(run.id, candidate.version, dict(result))
         status = "rejected"
         if result.passed and not self.holds_lease():  # the new runner rejects it as stranded and redoes the run
@@ -245,12 +244,12 @@ class Runner:
             self.store.runs.request("withdrawal", "runner")
         return status
 
-    def drop_withdrawn(self, run: FinetuneRun, result: dict, withdrawn: list[str]) -> str:
+    def drop_withdrawn(self, run: FinetuneRun, withdrawn: list[str]) -> str:
         """A run trained or gated on corrections withdrawn meanwhile registers nothing; the others
         start a new run at once."""
         self.registry.discard_staging()
         why = f"corrections withdrawn during the run ({', '.join(withdrawn)}); the others train with the next run"
-        self.store.runs.end(run.id, "rejected", candidate=None, metrics=result, reason=why)
+        self.store.runs.end(run.id, "rejected", candidate=None, metrics={}, reason=why)  # its gate judged nothing
         self.store.runs.request("withdrawal", "runner")
         log.warning("run %s: %s", run.id, why)
         return "rejected"

@@ -41,11 +41,19 @@ class CorrectionRepository:
             row = db.execute("SELECT withdrawn_at FROM corrections WHERE id = ?", (record.id,)).fetchone()
             if row is not None and row["withdrawn_at"] is None:
                 return False
-            if row is not None:  # the very mask sent again after its withdrawal: meant after all
+            if row is not None:  # the very mask sent again after its withdrawal: meant after all, by this sender
                 db.execute(
-                    "UPDATE corrections SET withdrawn_at = NULL, withdrawn_by = NULL, withdrawn_reason = NULL"
+                    "UPDATE corrections SET withdrawn_at = NULL, withdrawn_by = NULL, withdrawn_reason = NULL,"
+                    " annotator = ?, queue_item_id = ?, proposed_by_version = ?, model_dice = ?, created_at = ?"
                     " WHERE id = ?",
-                    (record.id,),
+                    (
+                        record.annotator,
+                        record.queue_item_id,
+                        record.proposed_by_version,
+                        record.model_dice,
+                        record.created_at,
+                        record.id,
+                    ),
                 )
                 if record.queue_item_id:
                     db.execute(SET_STATUS, (record.slide, record.queue_item_id, "corrected", actor, time.time()))
@@ -157,7 +165,7 @@ class CorrectionRepository:
         """(proposing model version, Dice of its mask against the correction) of every measured one."""
         rows = self.db.all(
             "SELECT proposed_by_version, model_dice FROM corrections WHERE model_dice IS NOT NULL"
-            " AND proposed_by_version IS NOT NULL"
+            f" AND proposed_by_version IS NOT NULL AND {ACTIVE}"
         )
         return [(r["proposed_by_version"], r["model_dice"]) for r in rows]
 

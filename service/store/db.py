@@ -29,7 +29,7 @@ from service.vocabulary import (
     sql_in,
 )
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 
 def jobs_table(name: str) -> str:
@@ -86,7 +86,7 @@ CREATE TABLE IF NOT EXISTS item_status (
     at REAL NOT NULL,
     PRIMARY KEY (slide, item_id)
 );
-CREATE TABLE IF NOT EXISTS item_claims (  -- a patch one reviewer has open, so no other takes it; since 11
+CREATE TABLE IF NOT EXISTS item_claims (  -- a patch one reviewer has open, so no other takes it; since 12
     slide TEXT NOT NULL,
     item_id TEXT NOT NULL,
     claimed_by TEXT NOT NULL,
@@ -214,6 +214,7 @@ UPGRADES = {
     9: "ALTER TABLE jobs ADD COLUMN callback TEXT;\nALTER TABLE jobs ADD COLUMN stow TEXT;\n",  # + deliveries
     10: "ALTER TABLE jobs ADD COLUMN expired_at REAL;\nALTER TABLE jobs ADD COLUMN origin TEXT;\n",
     11: "".join(f"ALTER TABLE corrections ADD COLUMN {c};\n" for c in WITHDRAWAL_COLUMNS),
+    12: "",  # the item_claims table: SCHEMA's CREATE TABLE IF NOT EXISTS makes it
 }
 JSON_COLUMNS = ("options", "resolved", "summary", "item", "details", "metrics", "corrections")
 

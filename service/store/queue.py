@@ -83,8 +83,9 @@ class QueueRepository:
             return True
 
     def claim(self, slide: str, item_id: str, reviewer: str, hold_s: float) -> tuple[str, float]:
-        """Hold the item for ``reviewer`` for ``hold_s`` from now (or renew it): (holder, until). The
-        holder is someone else while their hold lasts; then nothing changes."""
+        """Hold the item for ``reviewer`` for ``hold_s`` from now (or renew it), letting go of any other
+        item they held (one patch open per reviewer): (holder, until). The holder is someone else while
+        their hold lasts; then nothing changes."""
         with self.db.transaction() as db:
             now = time.time()
             held = db.execute(
@@ -93,6 +94,10 @@ class QueueRepository:
             if held is not None and held["claimed_by"] != reviewer and held["until"] > now:
                 return held["claimed_by"], held["until"]
             db.execute(
+                "DELETE FROM item_claims WHERE claimed_by = ? AND NOT (slide = ? AND item_id = ?)",
+                (reviewer, slide, item_id),
+            )
+            db.execute(
                 "INSERT INTO item_claims (slide, item_id, claimed_by, until) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (slide, item_id) DO UPDATE SET claimed_by = excluded.claimed_by, until = excluded.until",
                 (slide, item_id, reviewer, now + hold_s),
@@ -100,11 +105,12 @@ class QueueRepository:
             db.execute("DELETE FROM item_claims WHERE until < ?", (now - 86400,))  # long-lapsed holds
             return reviewer, now + hold_s
 
-    def release(self, slide: str, item_id: str, reviewer: str) -> None:
-        """Let go of the item (only the holder's own hold)."""
+    def release(self, slide: str, item_id: str, reviewer: str | None) -> None:
+        """Let go of the item: ``reviewer``'s own hold, or (None: an admin) anyone's."""
         with self.db.transaction() as db:
             db.execute(
-                "DELETE FROM item_claims WHERE slide = ? AND item_id = ? AND claimed_by = ?", (slide, item_id, reviewer)
+                "DELETE FROM item_claims WHERE slide = ? AND item_id = ? AND claimed_by = COALESCE(?, claimed_by)",
+                (slide, item_id, reviewer),
             )
 
     def holder(self, slide: str, item_id: str) -> tuple[str, float] | None:

@@ -75,13 +75,14 @@ def skip_queue_item(item_id: str, rt: Rt, base: Base, who: Annotator) -> QueueIt
 
 @router.post("/queue/items/{item_id}/claim", responses=errors(409))
 def claim_queue_item(item_id: str, rt: Rt, who: Annotator) -> dict:
-    """Hold the patch while you review it (UGA_REVIEW_CLAIM_S; claim again to renew): other reviewers'
-    queues leave it out and their decisions on it are refused (409 claimed_by_another)."""
+    """Hold the patch while you review it (UGA_REVIEW_CLAIM_S; claim again to renew; one patch at a
+    time: claiming lets go of the one you held): other reviewers' queues leave it out and their
+    decisions on it are refused (409 claimed_by_another)."""
     return claim_item(rt.store, rt.settings, item_id, who.name)
 
 
 @router.delete("/queue/items/{item_id}/claim", status_code=204)
 def release_queue_item(item_id: str, rt: Rt, who: Annotator) -> Response:
-    """Let go of your hold on the patch (another person's hold stays)."""
-    release_item(rt.store, item_id, who.name)
+    """Let go of your hold on the patch; an admin lets go of anyone's (a reviewer who walked away)."""
+    release_item(rt.store, item_id, who.name, anyones=who.allows("admin"))
     return Response(status_code=204)

@@ -523,38 +523,56 @@
   let opening = 0; // the newest openItem call; an older one that finishes later is dropped
 
   // ---- claims: the patch this reviewer has open is theirs (the server leaves it out of others' queues) --
-  const claim = { id: null, timer: null };
+  // One patch at a time (the server lets go of the previous one); renewed only while the reviewer is
+  // at work on it, so a tab left open lets the patch go after UGA_REVIEW_CLAIM_S.
+  const claim = { id: null, wanted: null, timer: null, active: 0 };
   const releaseClaim = (id) =>
     api(`/queue/items/${id}/claim`, { method: "DELETE", keepalive: true }).catch(() => {});
+  for (const type of ["pointerdown", "keydown"]) document.addEventListener(type, () => (claim.active = Date.now()));
 
   async function holdPatch(item, ticket) {
     if (!state.me.can_correct) return true;
+    claim.wanted = item.id;
     try {
       const held = await json(`/queue/items/${item.id}/claim`, { method: "POST" });
       if (ticket !== opening) {
-        if (claim.id !== item.id) releaseClaim(item.id); // another patch was opened meanwhile
+        if (item.id !== claim.id && item.id !== claim.wanted) releaseClaim(item.id); // another patch won
         return false;
       }
-      if (claim.id && claim.id !== item.id) releaseClaim(claim.id);
       claim.id = item.id;
+      claim.active = Date.now();
       clearInterval(claim.timer);
-      const renew = () => json(`/queue/items/${item.id}/claim`, { method: "POST" }).catch(() => {});
-      claim.timer = setInterval(renew, (held.hold_s * 1000) / 3);
+      claim.timer = setInterval(() => renewHold(item, held.hold_s), (held.hold_s * 1000) / 3);
       return true;
     } catch (err) {
-      if (!(err instanceof ApiError) || err.status !== 409) return ticket === opening; // no claim (network): review
-      if (ticket === opening) {
+      if (ticket !== opening) return false;
+      if (err instanceof ApiError && err.status === 409) {
         say(`Patch #${item.rank}: ${err.message}`, true);
         loadQueue();
+        return false;
       }
-      return false;
+      letGo(); // no hold (the network): review anyway, holding nothing else meanwhile
+      return true;
+    }
+  }
+
+  async function renewHold(item, holdS) {
+    if (claim.id !== item.id) return;
+    if (Date.now() - claim.active > holdS * 1000) return; // away: let the hold lapse
+    try {
+      await json(`/queue/items/${item.id}/claim`, { method: "POST" });
+    } catch (err) {
+      if (!(err instanceof ApiError) || claim.id !== item.id) return; // the network: try again next time
+      clearInterval(claim.timer);
+      claim.id = null;
+      say(`Patch #${item.rank} is no longer yours: ${err.message}`, true);
     }
   }
 
   function letGo() {
     clearInterval(claim.timer);
     if (claim.id && state.token) releaseClaim(claim.id);
-    claim.id = null;
+    claim.id = claim.wanted = null;
   }
   window.addEventListener("pagehide", letGo);
 
@@ -568,7 +586,7 @@
     $("editor").dataset.ready = "false";
     if (item.slide !== state.slide.slide) {
       $("slide-select").value = item.slide;
-      await openSlide(item.slide, { force: true });
+      await loadSlide(item.slide); // not openSlide: that closes the editor, and this open with it
       if (ticket !== opening) return;
     }
     for (const li of $("queue").children) li.classList.toggle("open", li.dataset.item === item.id);
@@ -603,11 +621,15 @@
       ]);
       modelImage = await loadImage(maskBlob);
     } catch (err) {
-      if (ticket === opening) say(`Patch #${item.rank} could not be opened: ${err.message}`, true);
+      if (ticket === opening) {
+        letGo(); // nothing can be done on it: it is not held either
+        say(`Patch #${item.rank} could not be opened: ${err.message}`, true);
+      }
       return;
     }
     if (ticket !== opening) return; // another patch was opened meanwhile: its pixels win
     if (modelImage.width !== image.width || modelImage.height !== image.height) {
+      letGo();
       say(`Patch #${item.rank}: the model's mask is not the patch's size; reload the page`, true);
       return;
     }
