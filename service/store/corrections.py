@@ -41,7 +41,12 @@ class CorrectionRepository:
             row = db.execute("SELECT withdrawn_at FROM corrections WHERE id = ?", (record.id,)).fetchone()
             if row is not None and row["withdrawn_at"] is None:
                 return False
-            if row is not None:  # the very mask sent again after its withdrawal: meant after all, by this sender
+            if row is None:
+                db.execute(
+                    f"INSERT INTO corrections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    astuple(record),
+                )
+            else:  # the very mask sent again after its withdrawal: meant after all, by this sender
                 db.execute(
                     "UPDATE corrections SET withdrawn_at = NULL, withdrawn_by = NULL, withdrawn_reason = NULL,"
                     " annotator = ?, queue_item_id = ?, proposed_by_version = ?, model_dice = ?, created_at = ?"
@@ -55,16 +60,10 @@ class CorrectionRepository:
                         record.id,
                     ),
                 )
-                if record.queue_item_id:
-                    db.execute(SET_STATUS, (record.slide, record.queue_item_id, "corrected", actor, time.time()))
-                audit(db, actor, "correction.reinstate", record.id, {"slide": record.slide})
-                return True
-            db.execute(
-                f"INSERT INTO corrections ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", astuple(record)
-            )
             if record.queue_item_id:
                 db.execute(SET_STATUS, (record.slide, record.queue_item_id, "corrected", actor, time.time()))
-            audit(db, actor, "correction.ingest", record.id, {"slide": record.slide})
+            action = "correction.ingest" if row is None else "correction.reinstate"
+            audit(db, actor, action, record.id, {"slide": record.slide})
             return True
 
     def withdraw(self, correction_id: str, actor: str, reason: str) -> Correction | None:
