@@ -38,7 +38,7 @@ class SegmentationDefaults(BaseModel):
         "uncertainty", description="how the queue picks patches: uncertainty (top-k), class_balanced, random"
     )
     queue_size: int = Field(10, ge=1, le=1000, description="patches in the ranked review queue per slide")
-    patch_um: float = Field(1024.0, gt=0, le=100_000, description="review patch side in µm (the paper: 1024)")
+    patch_um: float = Field(256.0, gt=0, le=100_000, description="review patch side in µm (the paper used 1024)")
     min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction of a review patch")
 
     @model_validator(mode="after")

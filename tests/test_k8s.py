@@ -59,7 +59,7 @@ CONFIG = {
     "UGA_WORKERS": "2",
     "UGA_ORT_THREADS": "2",
     "UGA_QUEUE_SIZE": "10",
-    "UGA_PATCH_UM": "1024",
+    "UGA_PATCH_UM": "256",
     "UGA_MAX_BODY_MB": "64",
     "UGA_FINETUNE_MIN_CORRECTIONS": "5",
     "UGA_AUTH_TOKENS_FILE": "/etc/uga/tokens",

@@ -114,6 +114,23 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     assert item["rank"] == 1 and model.shape == (256, 256)
     assert page.is_visible("#inset-heat") and page.is_visible("#submit")
 
+    # the patch in its surroundings: the slide's tiles around it, four times its side, the patch outlined
+    page.wait_for_selector(f"#context-view[data-ready=true][data-item='{item_id}']")
+    shown = page.evaluate(
+        """() => {
+          const v = OpenSeadragon.getViewer('context-view').viewport;
+          const r = v.viewportToImageRectangle(v.getBounds(true));
+          return [r.x, r.y, r.width, r.height];
+        }"""
+    )
+    b = item["bbox_level0"]
+    assert shown[0] <= b["x"] and shown[1] <= b["y"], (shown, b)
+    assert shown[0] + shown[2] >= b["x"] + b["width"] and shown[1] + shown[3] >= b["y"] + b["height"], (shown, b)
+    assert min(shown[2] / b["width"], shown[3] / b["height"]) == pytest.approx(4, rel=0.05), (shown, b)
+    view, mark = page.locator("#context-view").bounding_box(), page.locator(".context-box").bounding_box()
+    assert view["x"] < mark["x"] and mark["x"] + mark["width"] < view["x"] + view["width"]
+    assert min(view["width"], view["height"]) / mark["width"] == pytest.approx(4, rel=0.1), (view, mark)
+
     # a brush stroke, undone with Ctrl+Z; then a polygon closed with Enter
     page.keyboard.press("b")
     page.mouse.move(*p.canvas_point(100, 200))

@@ -15,6 +15,8 @@
     blobs: new Map(), // url -> object URL (overlay images)
     queue: [],
     viewer: null,
+    tileSource: null, // the open slide's deep-zoom source, shared by both viewers
+    contextViewer: null, // the editor's view of the open patch in its surroundings
     item: null, // the open queue item
   };
 
@@ -238,6 +240,9 @@
       },
     };
     if (state.viewer) state.viewer.destroy();
+    if (state.contextViewer) state.contextViewer.destroy();
+    state.contextViewer = null;
+    state.tileSource = tileSource;
     state.viewer = OpenSeadragon({
       element: $("viewer"),
       tileSources: tileSource,
@@ -650,6 +655,7 @@
       ed.mask = draft;
     }
     layoutCanvases(image);
+    showContext(item);
     $("inset-image").src = image.src;
     $("inset-heat").src = heatUrl;
     const legend = state.overlays && state.overlays.overlays.find((o) => o.name === item.measure);
@@ -661,6 +667,50 @@
     $("editor").dataset.openMs = String(Math.round(performance.now() - opened)); // to drawable (bench_review)
     $("mask-canvas").focus();
     if (draft) say(`Patch #${item.rank}: your drawing that was not sent is back; submit it or undo it`);
+  }
+
+  // The open patch in its surroundings, CONTEXT times its side, from the slide's own tiles: a small
+  // patch is judged by the tissue around it. The reviewer may pan and zoom it further.
+  const CONTEXT = 4;
+
+  function showContext(item) {
+    const el = $("context-view");
+    el.dataset.ready = "false";
+    if (!state.contextViewer) {
+      state.contextViewer = OpenSeadragon({
+        element: el,
+        tileSources: state.tileSource,
+        loadTilesWithAjax: true,
+        ajaxHeaders: { Authorization: `Bearer ${state.token}` },
+        showNavigationControl: false,
+        gestureSettingsMouse: { clickToZoom: false },
+        maxZoomPixelRatio: 4,
+        visibilityRatio: 0.2,
+      });
+    }
+    const viewer = state.contextViewer;
+    const place = () => {
+      if (state.contextViewer !== viewer) return; // the slide changed before its tiles opened
+      const width = state.slide.width; // viewport units: the slide is 1 wide
+      const b = item.bbox_level0;
+      const box = new OpenSeadragon.Rect(b.x / width, b.y / width, b.width / width, b.height / width);
+      const margin = (CONTEXT - 1) / 2;
+      const around = new OpenSeadragon.Rect(
+        box.x - box.width * margin,
+        box.y - box.height * margin,
+        box.width * CONTEXT,
+        box.height * CONTEXT,
+      );
+      viewer.clearOverlays();
+      const mark = document.createElement("div");
+      mark.className = "context-box";
+      viewer.addOverlay({ element: mark, location: box });
+      viewer.viewport.fitBounds(around, true);
+      el.dataset.item = item.id;
+      el.dataset.ready = "true";
+    };
+    if (viewer.world.getItemCount()) place();
+    else viewer.addOnceHandler("open", place);
   }
 
   function closeEditor({ force = false } = {}) {
