@@ -79,6 +79,7 @@ DASHBOARD_METRICS = {
     "uga_http_requests_total",
     "uga_job_failures_total",
     "uga_corrections_total",
+    "uga_corrections_withdrawn",
     "uga_finetune_runs_total",
     "uga_last_gate_dice",
     "uga_last_gate_passed",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.loop.store_metrics import StoreCollector
 from tests.inprocess import InProcessService
 from tests.server import finished_patch_job, hostile_slide_root
 
@@ -23,6 +24,12 @@ def env(tmp_path_factory, source_slide):
         assert finished_patch_job(c)["state"] == "succeeded"
     yield service
     service.close()
+
+
+def _withdrawn_metric(env) -> float:
+    """``uga_corrections_withdrawn`` as the store's collector exports it."""
+    [family] = [f for f in StoreCollector(env.runtime.store).collect() if f.name == "uga_corrections_withdrawn"]
+    return family.samples[0].value
 
 
 def _pending(env, role: str = "viewer") -> list[str]:
@@ -51,6 +58,7 @@ def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue
     assert sent.status_code == 201, sent.text
     cid = sent.json()["id"]
     assert item not in _pending(env)
+    withdrawn_before = _withdrawn_metric(env)
     unseen = {c.id for c in env.runtime.store.corrections.unseen()}
     assert cid in unseen
     with env.client("annotator") as c:
@@ -64,6 +72,7 @@ def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue
         assert again["withdrawn_at"] == body["withdrawn_at"] and again["withdrawn_reason"] == "drew the wrong gland"
         assert c.get(f"/v1/queue/items/{item}").json()["status"] == "pending"
     assert item in _pending(env)
+    assert _withdrawn_metric(env) == withdrawn_before + 1  # once, though asked twice
     store = env.runtime.store
     assert cid not in {c.id for c in store.corrections.unseen()}
     assert cid not in {c.id for c in store.corrections.unused_for_training(store.models.current())}
@@ -76,6 +85,7 @@ def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue
     assert resent.status_code == 201, resent.text
     assert resent.json()["id"] == cid and resent.json()["withdrawn_at"] is None
     assert item not in _pending(env) and cid in {c.id for c in store.corrections.unseen()}
+    assert _withdrawn_metric(env) == withdrawn_before  # it stands again
 
 
 def test_only_its_annotator_or_an_admin_may_withdraw_and_a_bad_request_changes_nothing(env):

@@ -103,6 +103,11 @@ class StoreCollector:
         yield CounterMetricFamily(
             "uga_corrections", "Corrections ingested (distinct)", value=self.store.corrections.count()
         )
+        yield GaugeMetricFamily(
+            "uga_corrections_withdrawn",
+            "Corrections withdrawn now by their annotator or an admin: kept, never trained on again",
+            value=self.store.corrections.withdrawn_count(),
+        )
         yield agreement_histogram(self.store.corrections.agreement())
 
     def _finetune(self) -> Iterator[Metric]:

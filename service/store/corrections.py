@@ -115,6 +115,10 @@ class CorrectionRepository:
     def count(self) -> int:
         return int(self.db.scalar("SELECT COUNT(*) FROM corrections"))
 
+    def withdrawn_count(self) -> int:
+        """Corrections withdrawn now (a resent one stands again)."""
+        return int(self.db.scalar(f"SELECT COUNT(*) FROM corrections WHERE NOT ({ACTIVE})"))
+
     def ids(self) -> set[str]:
         return {r["id"] for r in self.db.all("SELECT id FROM corrections")}
 
