@@ -52,6 +52,8 @@ class Page:
         self.page = browser.new_page(viewport={"width": 1400, "height": 900})
         self.problems: list[str] = []
         self.tiles: list[int] = []
+        self.requests: list[str] = []  # every URL the page asked for, in order
+        self.page.on("request", lambda request: self.requests.append(request.url))
         self.page.on("pageerror", lambda exc: self.problems.append(f"script error: {exc}"))
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         self.page.on("response", self._response)
@@ -145,10 +147,22 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     page.keyboard.press("Enter")
     page.wait_for_timeout(300)
     page.screenshot(path=str(DOCS / "review-editor.png"))
+    with server.client("annotator") as c:  # the patch that opens next, fetched while this one is worked on
+        pending = c.get("/v1/queue", params={"slide": "cases/a.tif"}).json()["items"]
+        following = next(i for i in pending if i["id"] != item_id)
+    page.wait_for_function(
+        "(id) => performance.getEntriesByType('resource').some((e) => e.name.includes(`/items/${id}/mask.png`))",
+        arg=following["id"],
+    )
+    sent_at = len(p.requests)
     page.click("#submit")
     page.wait_for_selector("#editor[data-last-correction]")
     page.wait_for_function(f"() => document.getElementById('editor').dataset.item !== '{item_id}'")
     correction_id = page.get_attribute("#editor", "data-last-correction")
+    page.wait_for_selector(f"#editor[data-ready=true][data-item='{following['id']}']")
+    for part in ("image.png", "mask.png"):  # asked for once, ahead of time, not again when it opened
+        asked = [i for i, url in enumerate(p.requests) if url.endswith(f"/items/{following['id']}/{part}")]
+        assert len(asked) == 1 and asked[0] < sent_at, (part, asked, sent_at)
 
     # what the server stored is what was drawn: the model's mask plus the polygon (pixel centres inside)
     with server.client("viewer") as c:

@@ -65,6 +65,28 @@
   function forgetImages() {
     for (const url of state.blobs.values()) url.then((u) => URL.revokeObjectURL(u), () => {});
     state.blobs.clear();
+    ahead.id = ahead.pixels = null;
+  }
+
+  // The next patch's pixels and mask, fetched while the reviewer works on this one: one patch ahead,
+  // so the next one opens without a wait. A queue item's pixels and mask never change.
+  const ahead = { id: null, pixels: null };
+  const fetchPixels = (item) => Promise.all([blob(item.links.image), blob(item.links.mask)]);
+
+  function patchPixels(item) {
+    if (ahead.id !== item.id) return fetchPixels(item);
+    const pixels = ahead.pixels;
+    ahead.id = ahead.pixels = null;
+    return pixels.catch(() => fetchPixels(item)); // fetching ahead failed: once more, now
+  }
+
+  function fetchAhead(current) {
+    const next = state.queue.find((i) => i.id !== current.id);
+    if (!next || ahead.id === next.id) return;
+    ahead.id = next.id;
+    ahead.pixels = fetchPixels(next);
+    ahead.pixels.catch(() => {}); // reported, if at all, when the patch is opened
+    objectUrl(`${next.links.self}/uncertainty.png`).catch(() => {});
   }
 
   function say(text, isError = false) {
@@ -619,9 +641,10 @@
     $("read-only").hidden = canCorrect;
     let image, maskBlob, heatUrl, modelImage;
     try {
+      const pixels = patchPixels(item);
       [image, maskBlob, heatUrl] = await Promise.all([
-        blob(item.links.image).then(loadImage),
-        blob(item.links.mask),
+        pixels.then(([png]) => loadImage(png)),
+        pixels.then(([, mask]) => mask),
         objectUrl(`${item.links.self}/uncertainty.png`),
       ]);
       modelImage = await loadImage(maskBlob);
@@ -666,6 +689,7 @@
     $("editor").dataset.item = item.id;
     $("editor").dataset.openMs = String(Math.round(performance.now() - opened)); // to drawable (bench_review)
     $("mask-canvas").focus();
+    fetchAhead(item);
     if (draft) say(`Patch #${item.rank}: your drawing that was not sent is back; submit it or undo it`);
   }
 
