@@ -14,7 +14,10 @@ every 256 µm tissue tile at 1 µm/px and reports, per centre and measure:
 - the share of errors made confidently (every member at p > 0.9 or < 0.1);
 - measures: the paper's UGA score, entropy, BALD (mutual information), feature-space novelty, and the
   region scores over predicted-negative areas (``neg_uga``, ``neg_novelty``: a tile's mean over its
-  pixels the model calls normal; aimed at confident misses).
+  pixels the model calls normal; aimed at confident misses, and the service's ``negative`` scoring);
+- misses: in the tissue the model calls normal, the AUROC of each pixel score and of its tile's region
+  score for the pixels that are tumour (misses), and for those missed with every member below 0.1
+  (confident misses), 95 % CI over slides (``MISS_PIXELS_PER_TILE`` pixels sampled per tile).
 
 Ensemble size: Dice (pooled over a centre's tissue tiles) and the UGA score's error-AUROC of the
 first 1, 3 and all members (one member's UGA score is its entropy).
@@ -30,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +60,7 @@ TILE, MPP = 256, 1.0
 PIXELS_PER_SLIDE = 4000  # tissue pixels sampled per slide for the pixel-level AUROC
 BOOTSTRAP = 2000
 CONFIDENT = 0.9
+MISS_PIXELS_PER_TILE = 128  # predicted-normal tissue pixels sampled per tile for the misses table
 TARGET_AUROC = 0.80
 TARGET_FLAG_AUROC = 0.90
 ENSEMBLE_SIZES = (1, 3)  # and every member
@@ -74,6 +79,7 @@ class SlideResult:
     confident_errors: int = 0
     novelty_share: float | None = None
     size_counts: dict[int, np.ndarray] = field(default_factory=dict)  # first k members -> (tp, fp, fn)
+    misses: dict[str, np.ndarray] = field(default_factory=dict)  # predicted-normal pixels: scores, "miss"...
 
 
 def eval_slides(centre: str, n: int, size: int, out: Path) -> list[Path]:
@@ -97,6 +103,10 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
         names = ["uga", "entropy", "mutual_information"] + (["novelty"] if ensemble.novelty else [])
         region = ["neg_uga"] + (["neg_novelty"] if ensemble.novelty else [])
         pix: dict[str, list] = {k: [] for k in [*names, "error"]}
+        miss_rng = np.random.default_rng(zlib.crc32(path.name.encode()))  # not ``rng``: the other tables stay
+        miss: dict[str, list] = {k: [] for k in ["uga", *region, "miss", "confident_miss"]}
+        if ensemble.novelty:
+            miss["novelty"] = []
         res = SlideResult(centre, {}, {k: [] for k in [*names, *region, "error"]})
         novel_px = tissue_px = 0
         sizes: list[int] = []
@@ -114,7 +124,8 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
                     novel_px += int(np.count_nonzero((m["novelty"] > ensemble.novelty_threshold) & on))
                 tissue_px += int(on.sum())
                 pred = m["probability"] >= 0.5
-                wrong = (pred != (truth.read(y, x, TILE, TILE)[..., 0] > 127)) & on
+                true = (truth.read(y, x, TILE, TILE)[..., 0] > 127) & on
+                wrong = (pred != true) & on
                 confident = (probs[0].min(axis=0) > CONFIDENT) | (probs[0].max(axis=0) < 1 - CONFIDENT)
                 res.errors += int(wrong.sum())
                 res.confident_errors += int((wrong & confident).sum())
@@ -125,12 +136,23 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
                 for k in region:
                     src = m[k.removeprefix("neg_")]
                     res.tiles[k].append(float(src[negative].mean()) if negative.any() else 0.0)
+                called_normal = np.flatnonzero(negative.ravel())
+                if len(called_normal):
+                    take_n = min(len(called_normal), MISS_PIXELS_PER_TILE)
+                    at = miss_rng.choice(called_normal, size=take_n, replace=False)
+                    tumour = true.ravel()[at]
+                    miss["miss"].append(tumour)
+                    miss["confident_miss"].append(tumour & (probs[0].max(axis=0).ravel()[at] < 1 - CONFIDENT))
+                    for k in miss:
+                        if k in region:
+                            miss[k].append(np.full(len(at), res.tiles[k][-1]))
+                        elif k not in ("miss", "confident_miss"):
+                            miss[k].append(m[k].ravel()[at])
                 idx = np.flatnonzero(on.ravel())
                 take = rng.choice(idx, size=min(len(idx), 64), replace=False)
                 for k in names:
                     pix[k].append(m[k].ravel()[take])
                 pix["error"].append(wrong.ravel()[take])
-                true = (truth.read(y, x, TILE, TILE)[..., 0] > 127) & on
                 for n in sizes:
                     mk = m if n == probs.shape[1] else all_measures(probs[0][:n])
                     guess = (mk["probability"] >= 0.5) & on
@@ -140,6 +162,7 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
                     pix.setdefault(f"uga@{n}", []).append(mk["uga"].ravel()[take])
                     pix.setdefault(f"error@{n}", []).append(((guess != true) & on).ravel()[take])
         res.pixels = {k: np.concatenate(v) if v else np.zeros(0) for k, v in pix.items()}
+        res.misses = {k: np.concatenate(v) if v else np.zeros(0) for k, v in miss.items()}
         if len(res.pixels["error"]) > PIXELS_PER_SLIDE:  # the same number of pixels from every slide
             keep = rng.choice(len(res.pixels["error"]), PIXELS_PER_SLIDE, replace=False)
             res.pixels = {k: v[keep] for k, v in res.pixels.items()}
@@ -221,6 +244,34 @@ def confident_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]
     return out, "\n".join(lines)
 
 
+def misses_table(by_centre: dict[str, list[SlideResult]], rng: np.random.Generator) -> tuple[list[dict], str]:
+    """In the tissue called normal: how well each score ranks the missed tumour, and the confident misses."""
+    lines = [
+        "Misses: in the tissue the model calls normal, AUROC of each score for its tumour pixels (missed), "
+        "and for those missed with every member below 0.1 (confidently); `neg_*` is the pixel's tile's "
+        "region score, the others the pixel's own:",
+        "",
+        "| centre | score | misses: AUROC [95 % CI] | confident misses: AUROC [95 % CI] "
+        "| sampled: normal / missed / confidently |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for centre, slides in by_centre.items():
+        called_normal = [SlideResult(centre, s.misses) for s in slides]
+        counts = [int(sum(len(s.misses["miss"]) for s in slides))]
+        counts += [int(sum(s.misses[k].sum() for s in slides)) for k in ("miss", "confident_miss")]
+        for k in [k for k in slides[0].misses if k not in ("miss", "confident_miss")]:
+            row = {"centre": centre, "score": k, "sampled": counts}
+            cells = []
+            for label in ("miss", "confident_miss"):
+                point, lo, hi = bootstrap_auroc(called_normal, k, rng, error=label)
+                row[label] = {"auroc": point, "ci": [lo, hi]}
+                cells.append("–" if point is None else f"{point:.3f} [{lo:.3f}, {hi:.3f}]")
+            rows.append(row)
+            lines.append(f"| {centre} | {k} | {cells[0]} | {cells[1]} | {' / '.join(map(str, counts))} |")
+    return rows, "\n".join(lines)
+
+
 def flag_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]:
     source = [s.novelty_share for s in by_centre.get("source", [])]
     if not source or source[0] is None:
@@ -266,6 +317,7 @@ def main() -> int:
             log(f"{path.name}: done ({time.time() - t0:.0f} s)")
     rows, measures_md = centre_table(by_centre, rng)
     confident, confident_md = confident_table(by_centre)
+    misses, misses_md = misses_table(by_centre, np.random.default_rng(1))  # its own: the others' CIs stay
     flags, flags_md = flag_table(by_centre)
     sizes, sizes_md = size_table(by_centre, rng)
     sizes_md = "Ensemble size (the fused graph runs every member, so cost grows with their number):\n\n" + sizes_md
@@ -273,13 +325,21 @@ def main() -> int:
         f"model {ensemble.version}, {args.slides} evaluation slides per centre of {args.size}² px at 0.5 µm/px, "
         f"tiles of {TILE} µm at {MPP} µm/px, {PIXELS_PER_SLIDE} pixels per slide, {BOOTSTRAP} bootstrap resamples"
     )
-    text = "\n\n".join([header, measures_md, confident_md, flags_md, sizes_md, f"wall time {time.time() - t0:.0f} s"])
+    parts = [header, measures_md, confident_md, misses_md, flags_md, sizes_md, f"wall time {time.time() - t0:.0f} s"]
+    text = "\n\n".join(parts)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "uncertainty-gate.md").write_text(text + "\n")
     (args.out / "uncertainty-gate.json").write_text(
         json.dumps(
-            {"model": ensemble.version, "measures": rows, "confident": confident, "flags": flags, "sizes": sizes},
+            {
+                "model": ensemble.version,
+                "measures": rows,
+                "confident": confident,
+                "misses": misses,
+                "flags": flags,
+                "sizes": sizes,
+            },
             indent=2,
         )
     )

@@ -33,7 +33,9 @@ class SegmentationDefaults(BaseModel):
     batch: int = Field(2, ge=1, le=64, description="tiles per ONNX Runtime call")
     threshold: float = Field(0.5, gt=0, lt=1, description="tumour threshold on the mean probability")
     uncertainty: Measure = Field("uga", description="uncertainty measure that ranks the review queue")
-    scoring: Scoring = Field("mean", description="patch score: mean over tissue, or the paper's")
+    scoring: Scoring = Field(
+        "mean", description="patch score: mean over tissue, the paper's, or mean over predicted-normal tissue"
+    )
     selection: Selection = Field(
         "uncertainty", description="how the queue picks patches: uncertainty (top-k), class_balanced, random"
     )

@@ -11,7 +11,9 @@ from typing import Literal, get_args
 Measure = Literal["uga", "entropy", "mutual_information"]
 MEASURES: tuple[str, ...] = get_args(Measure)
 
-Scoring = Literal["mean", "paper"]
+# How a patch is scored: the mean over its tissue, the paper's count of pixels near the slide's maximum,
+# or the mean over the tissue the model calls normal (a region score aimed at missed tumour).
+Scoring = Literal["mean", "paper", "negative"]
 SCORINGS: tuple[str, ...] = get_args(Scoring)
 
 # How the review queue picks its patches (service.inference.selection, shared with the experiment).

@@ -90,6 +90,24 @@ def test_measure_choice_changes_ranking_field(source_slide, baseline, tmp_path):
     assert np.all(np.diff([i["score"] for i in q]) <= 0)
 
 
+def test_the_cells_split_tissue_into_called_tumour_and_called_normal(source_slide, baseline, tmp_path):
+    """The negative scoring's sums: the tissue the model calls normal, and the measure over it, add up."""
+    from service.inference.analysis import analyse
+
+    res = segment(open_slide(source_slide), baseline, tmp_path / "w", SegmentationOptions())
+    analysis = analyse(res, tmp_path / "w", measure="uga", threshold=0.5)
+    cells = analysis.cells
+    assert cells.negative.sum() == pytest.approx(analysis.tissue_px - analysis.tumour_px)
+    assert 0 < cells.negative.sum() < cells.tissue.sum()
+    assert np.all(cells.negative <= cells.tissue) and np.all(cells.negative_uncertainty <= cells.uncertainty + 1e-6)
+    res.close()
+    out = tmp_path / "negative"
+    summary = run_segmentation(source_slide, out, baseline, SegmentationOptions(scoring="negative", queue_size=3))
+    queue = json.loads((out / "queue.json").read_text())
+    assert summary["queue"]["scoring"] == "negative" and len(queue) == 3
+    assert all(i["scoring"] == "negative" for i in queue) and np.all(np.diff([i["score"] for i in queue]) <= 0)
+
+
 def test_a_selection_the_model_cannot_serve_is_refused_before_any_work(source_slide, tmp_path):
     """A diversity selection on a model without an embedding: refused at once, not after segmenting."""
     from service.errors import Unprocessable

@@ -68,6 +68,26 @@ def test_paper_scoring_counts_pixels_above_fraction_of_max():
     assert best.score == pytest.approx(100 * 20 + 0.1 * 64)
 
 
+def test_negative_scoring_ranks_by_the_uncertainty_of_the_tissue_called_normal():
+    """The region score for missed tumour: a patch the model calls all tumour, however uncertain, loses
+    to one whose predicted-normal tissue is uncertain; a patch with no predicted-normal tissue scores 0."""
+    unc = np.full((4, 8), 0.2)
+    unc[:, :4] = 0.9  # the left half is the most uncertain over all its tissue ...
+    stats = _stats(unc)
+    stats.negative = np.full(unc.shape, 16.0)
+    stats.negative[:, :4] = 0  # ... but the model calls all of it tumour
+    stats.negative_uncertainty = stats.negative * unc
+    stats.negative_uncertainty[:, 6:] = stats.negative[:, 6:] * 0.7  # uncertain normal on the right
+    by_mean = select_non_overlapping(score_candidates(stats, 2, scoring="mean"), 2, 1)[0]
+    by_negative = select_non_overlapping(score_candidates(stats, 2, scoring="negative"), 2, 1)
+    assert by_mean.col < 4 and by_negative[0].col == 6
+    assert by_negative[0].score == pytest.approx(0.7)
+    left = [c for c in score_candidates(stats, 2, scoring="negative") if c.col + 2 <= 4]
+    assert left and all(c.score == 0 for c in left)
+    with pytest.raises(ValueError, match="predicted-normal"):
+        score_candidates(_stats(unc), 2, scoring="negative")
+
+
 def test_excluded_items_leave_the_queue():
     unc = np.random.default_rng(1).uniform(0, 1, (10, 10))
     kw = dict(

@@ -59,6 +59,28 @@ def test_ensemble_size_table_pools_a_centres_counts_into_dice_and_ranks_each_siz
     assert "| blur | 5 | 0.900 | 1.000 [1.000, 1.000] |" in text
 
 
+def test_the_misses_table_ranks_tumour_in_tissue_called_normal_by_each_score(monkeypatch):
+    """A region score that is high wherever tumour was missed scores 1; a pixel score blind to them 0.5."""
+    monkeypatch.setattr(gate, "BOOTSTRAP", 200)
+    rng = np.random.default_rng(2)
+    slides = []
+    for _ in range(3):
+        s = _slide("stain", np.zeros(10), np.zeros(10, bool))
+        missed = rng.random(3000) < 0.1
+        confidently = missed & (rng.random(3000) < 0.3)
+        region = missed + confidently * 1.0  # highest where the miss was confident
+        s.misses = {"uga": rng.random(3000), "neg_uga": region, "miss": missed, "confident_miss": confidently}
+        slides.append(s)
+    rows, text = gate.misses_table({"stain": slides}, rng)
+    by_score = {r["score"]: r for r in rows}
+    assert set(by_score) == {"uga", "neg_uga"}
+    assert by_score["neg_uga"]["miss"]["auroc"] == 1.0 and by_score["neg_uga"]["confident_miss"]["auroc"] == 1.0
+    assert abs(by_score["uga"]["miss"]["auroc"] - 0.5) < 0.05
+    normal, missed, confidently = by_score["uga"]["sampled"]
+    assert normal == 9000 and missed == sum(int(s.misses["miss"].sum()) for s in slides) and 0 < confidently < missed
+    assert "| stain | neg_uga | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in text
+
+
 def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, capsys):
     model = tiny_model_dir(tmp_path, novelty=True)
     out = tmp_path / "out"
@@ -69,6 +91,8 @@ def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, caps
     expected = {"uga", "entropy", "mutual_information", "novelty", "neg_uga", "neg_novelty"}
     assert measures == {(c, m) for c in ("source", "nonhed") for m in expected}
     assert result["flags"]["nonhed"]["auroc"] is not None and len(result["flags"]["source"]["shares"]) == 2
+    scored = {(r["centre"], r["score"]) for r in result["misses"]}
+    assert scored == {(c, m) for c in ("source", "nonhed") for m in ("uga", "novelty", "neg_uga", "neg_novelty")}
     members = sorted(int(n) for n in result["sizes"]["source"])
     assert members[0] == 1 and all(0 <= v["dice"] <= 1 for v in result["sizes"]["nonhed"].values())
     printed = capsys.readouterr().out

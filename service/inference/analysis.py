@@ -93,7 +93,9 @@ def analyse(
     mask = RasterFile(workdir / "mask.raw", h, w, create=True)
     cut = int(np.ceil(threshold * 255 - 1e-9))
     above_cut = PAPER_FRACTION * result.maxima.get(measure, 0)
-    grids: dict[str, list[np.ndarray]] = {k: [] for k in ("tissue", "unc", "prob", "above", *embedding)}
+    grids: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("tissue", "unc", "prob", "above", "neg", "neg_unc", *embedding)
+    }
     prev: dict[str, list[np.ndarray]] = {k: [] for k in ("probability", "mask", measure)}
     tissue_px = tumour_px = 0
     sums = dict.fromkeys(names, 0.0)
@@ -110,9 +112,12 @@ def analyse(
             sums[name] += float((from_uint8(bands[name], name) * t).sum())
         if novelty:
             novel_px += int(np.count_nonzero((from_uint8(bands[NOVELTY], NOVELTY) > novelty_threshold) & tissue))
-        unc = from_uint8(bands[measure], measure) * t
+        measured = from_uint8(bands[measure], measure)
+        normal = t * (m == 0)  # tissue the model calls normal
         grids["tissue"].append(cell_sums(t, QUEUE_CELL))
-        grids["unc"].append(cell_sums(unc, QUEUE_CELL))
+        grids["unc"].append(cell_sums(measured * t, QUEUE_CELL))
+        grids["neg"].append(cell_sums(normal, QUEUE_CELL))
+        grids["neg_unc"].append(cell_sums(measured * normal, QUEUE_CELL))
         grids["prob"].append(cell_sums(from_uint8(bands["probability"], "probability") * t, QUEUE_CELL))
         grids["above"].append(cell_sums(((bands[measure] > above_cut) & tissue).astype(np.float32), QUEUE_CELL))
         for name, weighted in weighted_cell_sums({name: maps[name] for name in embedding}, t, y0).items():
@@ -127,6 +132,8 @@ def analyse(
         probability=np.concatenate(grids["prob"]),
         above=np.concatenate(grids["above"]),
         embedding=np.stack([np.concatenate(grids[name]) for name in embedding]) if embedding else None,
+        negative=np.concatenate(grids["neg"]),
+        negative_uncertainty=np.concatenate(grids["neg_unc"]),
     )
     previews = {k: np.clip(np.rint(np.concatenate(v)), 0, 255).astype(np.uint8) for k, v in prev.items()}
     means = {name: (sums[name] / tissue_px if tissue_px else 0.0) for name in names if name != "probability"}

@@ -27,6 +27,8 @@ class CellStats:
     probability: np.ndarray  # sum of mean probability over tissue pixels
     above: np.ndarray  # tissue pixels whose measure exceeds PAPER_FRACTION x slide max
     embedding: np.ndarray | None = None  # (E, grid_h, grid_w) sums of the model's embedding over tissue
+    negative: np.ndarray | None = None  # tissue pixels the model calls normal (for the "negative" scoring)
+    negative_uncertainty: np.ndarray | None = None  # sum of the ranking measure over those pixels
 
 
 def cell_sums(values: np.ndarray, cell: int) -> np.ndarray:
@@ -59,7 +61,14 @@ def score_candidates(stats: CellStats, k: int, *, scoring: str = "mean", min_tis
     ok = (frac >= min_tissue) & (tissue > 0)
     safe = np.maximum(tissue, 1)
     mean_u, mean_p = unc / safe, prob / safe
-    score = mean_u if scoring == "mean" else 100.0 * _window_sums(stats.above, k) + unc
+    if scoring == "mean":
+        score = mean_u
+    elif scoring == "paper":
+        score = 100.0 * _window_sums(stats.above, k) + unc
+    else:  # the mean over the patch's predicted-normal tissue; 0 where the model calls all of it tumour
+        if stats.negative is None or stats.negative_uncertainty is None:
+            raise ValueError("the negative scoring needs the cells' predicted-normal sums")
+        score = _window_sums(stats.negative_uncertainty, k) / np.maximum(_window_sums(stats.negative, k), 1)
     rows, cols = np.nonzero(ok)
     embedding = (
         np.stack([_window_sums(e, k)[rows, cols] for e in stats.embedding], axis=1) / safe[rows, cols][:, None]
