@@ -43,7 +43,7 @@ def stores(tmp_path, database_url):
         store.close()
 
 
-def submit(store: Store, i: int, slide: str = "a.tif"):
+def submit(store: Store, i: int | str, slide: str = "a.tif"):
     return store.jobs.submit(
         slide=slide,
         options={"patch_um": 256},
@@ -115,6 +115,45 @@ def test_a_replica_whose_clock_runs_ahead_does_not_requeue_a_live_job(stores, mo
     monkeypatch.setattr(time, "time", lambda: host_clock() + 3600)  # host b's clock is an hour ahead
     assert b.jobs.recover_stale(stale_after_s=60) == []
     assert a.jobs.heartbeat(job.id, "host-a") is False  # still host-a's, not cancelled
+
+
+def _finished_with_queue(store: Store, slide: str, scores: list[float]) -> list[str]:
+    """A finished job of ``slide`` whose queue ranks its items in the order given (rank 1 first)."""
+    job, _ = submit(store, slide, slide=slide)
+    assert store.jobs.claim("w").id == job.id
+    box = {"x": 0, "y": 0, "width": 64, "height": 64}
+    queue = [
+        {"id": f"{slide}-{rank}", "rank": rank, "score": score, "measure": "uga", "scoring": "mean"}
+        | {"bbox_level0": box, "bbox_um": box, "mean_uncertainty": score, "mean_probability": 0.4}
+        | {"tissue_fraction": 1.0, "model_version": "v1"}
+        for rank, score in enumerate(scores, 1)
+    ]
+    assert store.jobs.finish(job.id, "w", {"model_version": "v1"}, queue)
+    return [i["id"] for i in queue]
+
+
+def test_the_pooled_queue_takes_every_slides_patches_in_turn_and_each_slide_in_its_selections_order(stores):
+    """A slide far out of domain (all its scores high) must not take the whole pooled queue; within a
+    slide the selection's order (e.g. class-balanced alternation) is kept, not re-sorted by score."""
+    [store] = stores()
+    hot = _finished_with_queue(store, "hot.tif", [0.95, 0.90, 0.85])
+    cool = _finished_with_queue(store, "cool.tif", [0.30, 0.50, 0.20])  # a strategy's order, not score order
+    assert [i.id for i in store.queue.pending("cool.tif", 10)] == cool
+    assert [i.id for i in store.queue.pending(None, 4)] == [hot[0], cool[0], hot[1], cool[1]]
+    assert store.queue.set_status("hot.tif", hot[0], "corrected", "annotator")
+    assert [i.id for i in store.queue.pending(None, 3)] == [cool[0], hot[1], cool[1]]  # cool.tif catches up
+
+
+def test_holds_are_timed_by_the_databases_clock(stores, monkeypatch):
+    """A replica whose host clock runs an hour ahead neither sees a live hold as lapsed nor takes it."""
+    a, b = stores(2)
+    [item, *_] = _finished_with_queue(a, "held.tif", [0.9, 0.8])
+    assert a.queue.claim("held.tif", item, "dr.a", hold_s=60)[0] == "dr.a"
+    host_clock = time.time
+    monkeypatch.setattr(time, "time", lambda: host_clock() + 3600)
+    assert b.queue.holder("held.tif", item)[0] == "dr.a"
+    assert b.queue.claim("held.tif", item, "dr.b", hold_s=60)[0] == "dr.a"
+    assert item not in [i.id for i in b.queue.pending("held.tif", 5, reviewer="dr.b")]
 
 
 def test_a_replica_whose_clock_runs_ahead_does_not_take_a_delivery_being_sent(stores, monkeypatch):

@@ -1,5 +1,6 @@
-"""Patch selection strategies: one registry, used by the service's review queue and by the experiment
-(bench/experiment.py), so what is measured is what is served. Pure functions over candidates.
+"""Patch selection strategies: one registry, used by the service's review queue and by the experiments
+(bench/protocol_experiment.py; the stress test bench/experiment.py pools or interleaves its picks), so
+what is measured is what is served. Pure functions over candidates.
 
 Each strategy returns up to ``top`` non-overlapping candidates (k x k cells), ranked:
 

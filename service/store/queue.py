@@ -17,10 +17,10 @@ PENDING_ITEMS = """
     WHERE j.finished_at = (SELECT MAX(j2.finished_at) FROM jobs j2 WHERE j2.slide = j.slide AND j2.state = 'succeeded')
       AND NOT EXISTS (SELECT 1 FROM item_status s WHERE s.slide = qi.slide AND s.item_id = qi.id)
 """
-# ... and that no other reviewer holds now (arguments: now, the caller).
+# ... and that no other reviewer holds now ({now}: the database's clock; argument: the caller).
 UNCLAIMED = """
       AND NOT EXISTS (SELECT 1 FROM item_claims c WHERE c.slide = qi.slide AND c.item_id = qi.id
-                      AND c.until > ? AND c.claimed_by <> ?)
+                      AND c.until > {now} AND c.claimed_by <> ?)
 """
 # Upsert of an item's status (skipped / corrected); also used inside the correction transaction.
 SET_STATUS = (
@@ -41,20 +41,23 @@ class QueueRepository:
     def pending(
         self, slide: str | None, k: int, measure: str | None = None, *, reviewer: str | None = None
     ) -> list[QueueItem]:
-        """Pending items of each slide's latest finished job, best score first (one slide or pooled);
-        for a ``reviewer``, without the items another reviewer holds."""
+        """Pending items of each slide's latest finished job in the selection's order (their rank). Pooled
+        over slides, round robin by rank (every slide's rank 1, then rank 2, …; ties by score): each slide
+        keeps its share however its scores compare with another's, and a slide whose first patches were
+        reviewed waits for the others to catch up. For a ``reviewer``, without the items another
+        reviewer holds."""
         q = "SELECT qi.item, qi.slide, qi.job_id " + PENDING_ITEMS
         args: list[Any] = []
         if reviewer is not None:
-            q += UNCLAIMED
-            args += [time.time(), reviewer]
+            q += UNCLAIMED.format(now=self.db.now)
+            args.append(reviewer)
         if slide is not None:
             q += " AND qi.slide = ?"
             args.append(slide)
         if measure is not None:
             q += " AND qi.measure = ?"
             args.append(measure)
-        q += " ORDER BY qi.score DESC, qi.slide, qi.rank LIMIT ?"
+        q += " ORDER BY qi.rank, qi.score DESC, qi.slide LIMIT ?"
         args.append(k)
         return [_item(r, None) for r in self.db.all(q, args)]
 
@@ -85,9 +88,10 @@ class QueueRepository:
     def claim(self, slide: str, item_id: str, reviewer: str, hold_s: float) -> tuple[str, float]:
         """Hold the item for ``reviewer`` for ``hold_s`` from now (or renew it), letting go of any other
         item they held (one patch open per reviewer): (holder, until). The holder is someone else while
-        their hold lasts; then nothing changes."""
+        their hold lasts; then nothing changes. Holds are timed by the database's clock, which every
+        replica shares, whatever its host's clock says."""
         with self.db.transaction() as db:
-            now = time.time()
+            now = float(db.execute(f"SELECT {self.db.now} AS now").fetchone()["now"])
             held = db.execute(
                 "SELECT claimed_by, until FROM item_claims WHERE slide = ? AND item_id = ?", (slide, item_id)
             ).fetchone()
@@ -116,8 +120,8 @@ class QueueRepository:
     def holder(self, slide: str, item_id: str) -> tuple[str, float] | None:
         """(reviewer, until) of a hold on the item that lasts now, or None."""
         row = self.db.one(
-            "SELECT claimed_by, until FROM item_claims WHERE slide = ? AND item_id = ? AND until > ?",
-            (slide, item_id, time.time()),
+            f"SELECT claimed_by, until FROM item_claims WHERE slide = ? AND item_id = ? AND until > {self.db.now}",
+            (slide, item_id),
         )
         return None if row is None else (row["claimed_by"], row["until"])
 
