@@ -526,6 +526,29 @@ def comparisons(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
     return rows
 
 
+def negative_transfer(runs: list[dict], cfg: Config, stage: Stage) -> list[dict]:
+    """Each strategy − baseline on the centres that gave no patches (the source's slides): what
+    learning the other centres' corrections cost the tissue nobody corrected."""
+    slides = centre_slides(runs)
+    rows = []
+    for strategy in stage.strategies:
+        for budget in stage.budgets:
+            for centre in [c for c in slides if c not in cfg.quota_centres]:
+                delta = paired_deltas(runs, strategy, "baseline", budget, stage.patch_um, slides[centre])
+                if delta is None:
+                    continue
+                point, lo, hi = bootstrap_mean([delta], cfg.bootstrap)
+                seeds = int(delta.shape[0])
+                word = _vs_baseline(lo, hi)
+                if seeds < cfg.verdict_seeds:  # PROTOCOL.md: no verdict before every seed is in
+                    word = f"pending ({seeds} of {cfg.verdict_seeds} seeds)"
+                rows.append(
+                    {"strategy": strategy, "budget": budget, "centre": centre, "seeds": seeds}
+                    | {"delta": point, "lo": lo, "hi": hi, "verdict": word}
+                )
+    return rows
+
+
 def _vs_small(lo: float, hi: float) -> str:
     return "larger patches better" if lo > 0 else "smaller patches better" if hi < 0 else "no evidence either way"
 
@@ -636,6 +659,15 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
             table = by_centre(rows, budget)
             if len(table) > 2:
                 lines += [f"### Budget {budget} by centre (bold: the CI excludes 0)", "", *table, ""]
+    transfer = negative_transfer(runs, cfg, stage)
+    if transfer:
+        lines += ["## Negative transfer: strategy − baseline on the centres that gave no patches", ""]
+        lines += ["| strategy | budget | centre | seeds | Δ [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
+        for r in transfer:
+            lines.append(
+                f"| {r['strategy']} | {r['budget']} | {r['centre']} | {r['seeds']} | {interval(r)} | {r['verdict']} |"
+            )
+        lines.append("")
     audit = selection_audit(runs, stage)
     if audit:
         lines += ["## Selection audit (share of the chosen patches' tissue; patches per centre over all seeds)", ""]
@@ -661,7 +693,15 @@ def report(runs: list[dict], cfg: Config, stage_name: str, stage: Stage, out: Pa
     name = stage_name if cfg.arm == "finetune" else f"{stage_name}-{cfg.arm}"
     (out / f"results-{name}.md").write_text(text)
     (out / f"results-{name}.json").write_text(
-        json.dumps({"sanity_gate": {"passes": ok, "rows": gate}, "comparisons": rows, "audit": audit}, indent=2)
+        json.dumps(
+            {
+                "sanity_gate": {"passes": ok, "rows": gate},
+                "comparisons": rows,
+                "negative_transfer": transfer,
+                "audit": audit,
+            },
+            indent=2,
+        )
     )
     if rows:
         plot(rows, out / f"delta-{name}.png")

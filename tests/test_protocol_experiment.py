@@ -94,6 +94,21 @@ def test_the_sanity_gate_asks_order_where_patches_went_and_the_floor_everywhere(
     assert np.allclose(px.paired_deltas(good, "random", "baseline", 10, 256, ["source-eval0"]), -0.02)
 
 
+def test_negative_transfer_is_each_strategy_against_the_baseline_on_centres_that_gave_no_patches():
+    centres = {"source-eval0": "source", "source-eval1": "source", "blur-eval0": "blur", "blur-eval1": "blur"}
+    runs = _runs({"baseline": [0.90, 0.70], "random": [0.88, 0.75], "oracle": [0.93, 0.80]}, centres)
+    cfg = px.Config(quota_centres=["blur"], bootstrap=200, verdict_seeds=2)
+    rows = px.negative_transfer(runs, cfg, px.Stage(["oracle", "random"], [10], seeds=2))
+    assert [(r["strategy"], r["centre"]) for r in rows] == [("oracle", "source"), ("random", "source")]
+    oracle, random = rows
+    assert oracle["delta"] == pytest.approx(0.03) and oracle["verdict"] == "above baseline"
+    assert random["delta"] == pytest.approx(-0.02) and random["verdict"] == "below baseline"
+    cfg.verdict_seeds = 5
+    assert {r["verdict"] for r in px.negative_transfer(runs, cfg, px.Stage(["random"], [10]))} == {
+        "pending (2 of 5 seeds)"
+    }
+
+
 def test_larger_patches_are_compared_with_256_um_ones_of_the_same_area_paired_by_seed():
     centres = {"blur-eval0": "blur", "blur-eval1": "blur"}
     runs = [{"key": "baseline", "strategy": "baseline", "dice": dict.fromkeys(centres, 0.7), "centres": centres}]
