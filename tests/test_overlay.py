@@ -89,3 +89,38 @@ def test_a_small_preview_fills_its_panel_and_a_long_title_is_cut_to_the_picture(
     box = (rgb[top + 199 : top + 202, x0 + 30 : x0 + 190] == (0, 160, 255)).all(axis=2).any(axis=0)  # 20 px -> 200
     assert box.mean() > 0.9
     assert (rgb[0:40, :8] == 255).all() and (rgb[0:40, -8:] == 255).all()  # the title stays inside the picture
+
+
+def test_the_out_of_distribution_verdict_is_written_under_the_slide_panel_in_red_when_flagged():
+    from service.inference.outputs import ALERT_RGB, OVERLAY_SIZE
+    from service.inference.pipeline import novelty_footnote
+
+    flagged = novelty_footnote({"share_beyond_threshold": 0.86, "flag_share": 0.1, "out_of_distribution": True})
+    calm = novelty_footnote({"share_beyond_threshold": 0.02, "flag_share": 0.1, "out_of_distribution": False})
+    assert flagged["alert"] and flagged["footnote"].startswith("OUT OF DISTRIBUTION: 86% of the tissue")
+    assert (
+        not calm.get("alert") and calm["footnote"] == "2% of the tissue is unlike the training data (flagged above 10%)"
+    )
+    assert novelty_footnote(None) == {}
+
+    def strip(**verdict) -> np.ndarray:
+        h = w = 32
+        png = overlay_png(
+            np.full((h, w, 3), 200, np.uint8),
+            np.zeros((h, w), np.uint8),
+            np.ones((h, w), bool),
+            np.zeros((h, w), np.uint8),
+            [],
+            measure="uga",
+            level0_per_px=1.0,
+            title="t",
+            **verdict,
+        )
+        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        return rgb[OVERLAY_SIZE[1] - 24 : OVERLAY_SIZE[1] - 6, PANEL_ORIGINS[0][0] : PANEL_ORIGINS[1][0] - 20]
+
+    red = (np.abs(strip(**flagged) - ALERT_RGB).sum(axis=2) < 60).sum()
+    assert red > 100  # the words, in red
+    dark = strip(**calm).sum(axis=2) < 200
+    assert dark.sum() > 100 and (np.abs(strip(**calm) - ALERT_RGB).sum(axis=2) < 60).sum() == 0
+    assert (strip() == 255).all()  # a model without novelty: nothing written there

@@ -104,6 +104,7 @@ NO_TISSUE_RGB = (255, 255, 255)  # the heat panel: the slide in grey where there
 FRAME_RGB = (170, 170, 170)
 BOX_RGB, LABEL_RGB = (0, 160, 255), (0, 112, 192)
 INK = (30, 30, 30)
+ALERT_RGB = (200, 30, 30)  # the out-of-distribution verdict, when the slide is flagged
 
 
 def fit_to_panel(image: np.ndarray) -> np.ndarray:
@@ -183,12 +184,15 @@ def overlay_png(
     measure: str,
     level0_per_px: float,
     title: str,
+    footnote: str = "",
+    alert: bool = False,
 ) -> bytes:
     """Two panels: slide + tumour outline + numbered review boxes; the uncertainty heat map (the review
     page's colours, ``service.inference.heatmap``) over the slide in grey + the boxes, with its colour bar.
 
     Every image is reduced to the panel's size in uint8 first and drawn with Pillow: a few MiB at most,
-    whatever the slide's size. ``heat`` holds the stored 0..255 levels (0..``STORAGE_MAX[measure]``)."""
+    whatever the slide's size. ``heat`` holds the stored 0..255 levels (0..``STORAGE_MAX[measure]``).
+    ``footnote`` goes under the slide panel (the out-of-distribution verdict), in red when ``alert``."""
     h, w = heat.shape
     k = max(1, PANEL_PX // max(h, w))  # a small preview is enlarged by whole pixels to fill the panel
 
@@ -228,6 +232,12 @@ def overlay_png(
     key = legend(measure)
     _colour_bar(draw, picture, key)
     draw.text((PANEL_ORIGINS[1][0], OVERLAY_SIZE[1] - 22), key["what"], fill=INK, font=_font(11))
+    if footnote:
+        width = PANEL_ORIGINS[1][0] - PANEL_ORIGINS[0][0] - 20
+        ink = ALERT_RGB if alert else INK
+        draw.text(
+            (PANEL_ORIGINS[0][0], OVERLAY_SIZE[1] - 22), _fit_text(footnote, _font(11), width), fill=ink, font=_font(11)
+        )
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return buf.getvalue()

@@ -85,6 +85,16 @@ def novelty_summary(analysis, threshold: float, flag_share: float) -> dict:
     }
 
 
+def novelty_footnote(novelty: dict | None) -> dict:
+    """The overlay's line on the out-of-distribution verdict (none for a model without novelty)."""
+    if novelty is None:
+        return {}
+    share = f"{novelty['share_beyond_threshold']:.0%} of the tissue is unlike the training data"
+    if novelty["out_of_distribution"]:
+        return {"footnote": f"OUT OF DISTRIBUTION: {share} (flagged above {novelty['flag_share']:.0%})", "alert": True}
+    return {"footnote": f"{share} (flagged above {novelty['flag_share']:.0%})"}
+
+
 def _run(
     slide: Slide,
     out_dir: Path,
@@ -187,6 +197,7 @@ def _run(
             title=f"{summary['slide']}  ·  model {ensemble.version}  ·  "
             f"tumour {summary['tumour_area_mm2']:.2f} mm²  ·  "
             f"mean {opt.uncertainty} {analysis.mean_uncertainty[opt.uncertainty]:.3f}",
+            **novelty_footnote(summary.get("novelty")),
         )
         pool.shutdown(wait=True)
         for future in tiffs.values():
