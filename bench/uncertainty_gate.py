@@ -80,6 +80,7 @@ class SlideResult:
     novelty_share: float | None = None
     size_counts: dict[int, np.ndarray] = field(default_factory=dict)  # first k members -> (tp, fp, fn)
     misses: dict[str, np.ndarray] = field(default_factory=dict)  # predicted-normal pixels: scores, "miss"...
+    tissue_mm2: float = 0.0  # the slide's tissue area (PROTOCOL.md: at least 4 mm² per evaluation slide)
 
 
 def eval_slides(centre: str, n: int, size: int, out: Path) -> list[Path]:
@@ -108,6 +109,7 @@ def analyse_slide(path: Path, centre: str, ensemble, rng: np.random.Generator) -
         if ensemble.novelty:
             miss["novelty"] = []
         res = SlideResult(centre, {}, {k: [] for k in [*names, *region, "error"]})
+        res.tissue_mm2 = float(tissue.mask.sum()) * (tissue.mpp / 1000) ** 2
         novel_px = tissue_px = 0
         sizes: list[int] = []
         for y in range(0, h - TILE + 1, TILE):
@@ -230,17 +232,19 @@ def size_table(by_centre: dict[str, list[SlideResult]], rng: np.random.Generator
 
 def confident_table(by_centre: dict[str, list[SlideResult]]) -> tuple[dict, str]:
     lines = [
-        "| centre | error pixels (share of tissue tiles' pixels) | confident errors (every member > 0.9 or < 0.1) |"
+        "| centre | error pixels (share of tissue tiles' pixels) | confident errors (every member > 0.9 or < 0.1) "
+        "| slides' tissue, mm² |"
     ]
-    lines.append("|---|---|---|")
+    lines.append("|---|---|---|---|")
     out = {}
     for centre, slides in by_centre.items():
         errors = sum(s.errors for s in slides)
         confident = sum(s.confident_errors for s in slides)
         share = confident / errors if errors else 0.0
-        out[centre] = {"errors": errors, "confident_share": share}
+        areas = [round(s.tissue_mm2, 2) for s in slides]
+        out[centre] = {"errors": errors, "confident_share": share, "tissue_mm2": areas}
         mean_err = np.mean(np.concatenate([s.tiles["error"] for s in slides]))
-        lines.append(f"| {centre} | {errors} ({mean_err:.3f}) | {share:.3f} |")
+        lines.append(f"| {centre} | {errors} ({mean_err:.3f}) | {share:.3f} | {', '.join(f'{a:.1f}' for a in areas)} |")
     return out, "\n".join(lines)
 
 

@@ -91,6 +91,8 @@ def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, caps
     expected = {"uga", "entropy", "mutual_information", "novelty", "neg_uga", "neg_novelty"}
     assert measures == {(c, m) for c in ("source", "nonhed") for m in expected}
     assert result["flags"]["nonhed"]["auroc"] is not None and len(result["flags"]["source"]["shares"]) == 2
+    slide_mm2 = (1536 * 0.5 / 1000) ** 2  # --quick: slides of 1536² px at 0.5 µm/px
+    assert all(0 < a <= slide_mm2 for c in ("source", "nonhed") for a in result["confident"][c]["tissue_mm2"])
     scored = {(r["centre"], r["score"]) for r in result["misses"]}
     assert scored == {(c, m) for c in ("source", "nonhed") for m in ("uga", "novelty", "neg_uga", "neg_novelty")}
     members = sorted(int(n) for n in result["sizes"]["source"])
