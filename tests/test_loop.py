@@ -173,6 +173,15 @@ def test_3_runner_restarts_finetunes_promotes_and_every_worker_swaps(loop):
         # corrected item is still the baseline job's)
         assert len(loop["corrected"]) == 5
         assert not {i["id"] for i in queue} & loop["corrected"]
+        corrected_boxes = [
+            (x["x"], x["y"], x["width"], x["height"]) for x in c.get("/v1/corrections").json()["corrections"]
+        ]
+        for i in queue:  # nor any patch overlapping corrected tissue
+            b = i["bbox_level0"]
+            assert not any(
+                b["x"] < x + w and x < b["x"] + b["width"] and b["y"] < y + h and y < b["y"] + b["height"]
+                for x, y, w, h in corrected_boxes
+            ), (b, corrected_boxes)
         for item_id in loop["corrected"]:
             item = c.get(f"/v1/queue/items/{item_id}").json()
             assert item["status"] == "corrected", item

@@ -97,10 +97,9 @@ def test_the_out_of_distribution_verdict_is_written_under_the_slide_panel_in_red
 
     flagged = novelty_footnote({"share_beyond_threshold": 0.86, "flag_share": 0.1, "out_of_distribution": True})
     calm = novelty_footnote({"share_beyond_threshold": 0.02, "flag_share": 0.1, "out_of_distribution": False})
-    assert flagged["alert"] and flagged["footnote"].startswith("OUT OF DISTRIBUTION: 86% of the tissue")
-    assert (
-        not calm.get("alert") and calm["footnote"] == "2% of the tissue is unlike the training data (flagged above 10%)"
-    )
+    assert flagged["alert"] and flagged["footnote"].startswith("OUT OF DISTRIBUTION: 86.0% of the tissue")
+    assert not calm.get("alert")
+    assert calm["footnote"] == "2.0% of the tissue is unlike the training data (flagged above 10%)"
     assert novelty_footnote(None) == {}
 
     def strip(**verdict) -> np.ndarray:

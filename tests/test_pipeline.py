@@ -108,6 +108,15 @@ def test_the_cells_split_tissue_into_called_tumour_and_called_normal(source_slid
     assert all(i["scoring"] == "negative" for i in queue) and np.all(np.diff([i["score"] for i in queue]) <= 0)
 
 
+def test_the_summary_reports_the_patch_side_as_cut_when_it_snaps_to_whole_cells(source_slide, baseline, tmp_path):
+    """At 4 µm/px a 100 µm patch is 25 px, less than one 64-px cell: it is cut at one cell, 256 µm."""
+    out = tmp_path / "coarse"
+    summary = run_segmentation(source_slide, out, baseline, SegmentationOptions(mpp=4.0, patch_um=100, queue_size=2))
+    queue = json.loads((out / "queue.json").read_text())
+    assert summary["queue"]["patch_um"] == 256 and summary["queue"]["requested_patch_um"] == 100
+    assert queue and all(i["bbox_um"]["width"] == 256 for i in queue)
+
+
 def test_a_selection_the_model_cannot_serve_is_refused_before_any_work(source_slide, tmp_path):
     """A diversity selection on a model without an embedding: refused at once, not after segmenting."""
     from service.errors import Unprocessable

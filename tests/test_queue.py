@@ -102,9 +102,26 @@ def test_excluded_items_leave_the_queue():
         model_version="v",
     )
     first = build_queue(_stats(unc), **kw)
-    again = build_queue(_stats(unc), exclude={first[0]["id"]}, **kw)
+    b = first[0]["bbox_level0"]
+    again = build_queue(_stats(unc), reviewed=[(b["x"], b["y"], b["width"], b["height"])], **kw)
     assert first[0]["id"] not in {i["id"] for i in again}
     assert again[0]["rank"] == 1
+
+
+def test_reviewed_tissue_stays_out_whatever_the_new_patch_size():
+    """A 4x4-cell patch reviewed at an old, larger patch size: no 2x2-cell patch overlapping it returns,
+    while patches beside it (edges touching) still may."""
+    unc = np.zeros((12, 12))
+    unc[2:6, 2:6] = 1.0  # the reviewed region is the most uncertain
+    unc[2:6, 6:8] = 0.5  # its neighbour to the right
+    kw = dict(patch_px=8, top=3, scoring="mean", min_tissue=0.5, mpp=1.0, level0_mpp=1.0)
+    kw |= dict(slide_key="s", measure="uga", model_version="v")
+    reviewed = [(8, 8, 16, 16)]  # cells 2..5 at 4 px per cell
+    items = build_queue(_stats(unc), reviewed=reviewed, **kw)
+    for i in items:
+        b = i["bbox_level0"]
+        assert b["x"] >= 24 or b["x"] + b["width"] <= 8 or b["y"] >= 24 or b["y"] + b["height"] <= 8, b
+    assert items[0]["bbox_level0"]["x"] == 24  # the neighbour, right against the reviewed box
 
 
 def test_no_patch_reaches_past_the_slide_edge():

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,10 +14,10 @@ from pathlib import Path
 from service.errors import Unprocessable
 from service.heap import release_free_heap
 from service.inference import outputs
-from service.inference.analysis import analyse
+from service.inference.analysis import QUEUE_CELL, analyse
 from service.inference.engine import Progress, segment
 from service.inference.ensemble import Predictor
-from service.inference.queue import build_queue
+from service.inference.queue import build_queue, patch_cells
 from service.inference.selection import require_embedding
 from service.options import SegmentationOptions
 from service.vocabulary import NOVELTY
@@ -52,15 +53,16 @@ def run_segmentation(
     *,
     slide_key: str | None = None,
     progress: Progress | None = None,
-    exclude: set[str] | frozenset[str] = frozenset(),
+    reviewed: Sequence[tuple[int, int, int, int]] = (),
 ) -> dict:
-    """Segment ``slide_path`` and write all artifacts to ``out_dir``. Returns the summary dict."""
+    """Segment ``slide_path`` and write all artifacts to ``out_dir``. Returns the summary dict.
+    ``reviewed``: level-0 boxes of tissue already reviewed, kept out of the queue."""
     opt = options or SegmentationOptions()
     require_embedding(opt.selection, getattr(ensemble, "embedding_dims", 0))  # before any work
     slide = open_slide(slide_path, opt.slide_mpp)  # refuse a bad slide before touching the output
     with slide:
         out_dir = prepare_output_dir(out_dir)
-        return _run(slide, out_dir, ensemble, opt, slide_key or Path(slide_path).name, progress, exclude)
+        return _run(slide, out_dir, ensemble, opt, slide_key or Path(slide_path).name, progress, reviewed)
 
 
 def remove_if_same(path: Path, identity: tuple[int, int]) -> None:
@@ -89,7 +91,7 @@ def novelty_footnote(novelty: dict | None) -> dict:
     """The overlay's line on the out-of-distribution verdict (none for a model without novelty)."""
     if novelty is None:
         return {}
-    share = f"{novelty['share_beyond_threshold']:.0%} of the tissue is unlike the training data"
+    share = f"{novelty['share_beyond_threshold']:.1%} of the tissue is unlike the training data"
     if novelty["out_of_distribution"]:
         return {"footnote": f"OUT OF DISTRIBUTION: {share} (flagged above {novelty['flag_share']:.0%})", "alert": True}
     return {"footnote": f"{share} (flagged above {novelty['flag_share']:.0%})"}
@@ -102,7 +104,7 @@ def _run(
     opt: SegmentationOptions,
     key: str,
     progress: Progress | None,
-    exclude: set[str] | frozenset[str],
+    reviewed: Sequence[tuple[int, int, int, int]],
 ) -> dict:
     """The segmentation proper, on an open slide and a writable output directory."""
     t0 = time.perf_counter()
@@ -130,7 +132,7 @@ def _run(
             slide_key=key,
             measure=opt.uncertainty,
             model_version=ensemble.version,
-            exclude=exclude,
+            reviewed=reviewed,
             level0_size=slide.dimensions,
             selection=opt.selection,
         )
@@ -174,7 +176,8 @@ def _run(
                 "selection": opt.selection,
                 "size": len(queue),
                 "requested": opt.queue_size,
-                "patch_um": opt.patch_um,
+                "patch_um": round(patch_cells(opt.patch_px, QUEUE_CELL) * QUEUE_CELL * opt.mpp, 3),  # as cut
+                "requested_patch_um": opt.patch_um,  # differs where the side snaps to whole cells
                 "min_tissue": opt.min_tissue,
             },
             "artifacts": {**artifacts, **{k: outputs.ARTIFACTS[k] for k in ("overlay", "geojson", "queue")}},

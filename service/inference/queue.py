@@ -7,6 +7,7 @@ k x k block of cells, so every candidate's statistics come from integral images.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,11 @@ def _window_sums(grid: np.ndarray, k: int) -> np.ndarray:
     """Sums over every k x k window of ``grid`` (valid positions only)."""
     ii = np.pad(grid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     return ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k]
+
+
+def patch_cells(patch_px: int, cell: int) -> int:
+    """A patch's side in whole cells: the requested side rounded, at least one cell."""
+    return max(1, round(patch_px / cell))
 
 
 def score_candidates(stats: CellStats, k: int, *, scoring: str = "mean", min_tissue: float = 0.5) -> list[Candidate]:
@@ -106,7 +112,7 @@ def build_queue(
     slide_key: str,
     measure: str,
     model_version: str,
-    exclude: set[str] | frozenset[str] = frozenset(),
+    reviewed: Sequence[tuple[int, int, int, int]] = (),
     level0_size: tuple[int, int] | None = None,
     selection: str = "uncertainty",
 ) -> list[dict]:
@@ -114,9 +120,11 @@ def build_queue(
     (bbox in level-0 px and in µm), in that strategy's order. Random draws are seeded by the slide.
 
     With ``level0_size`` (width, height), a patch that would reach past the slide is never proposed:
-    every item can be corrected exactly as proposed.
+    every item can be corrected exactly as proposed. A patch overlapping any ``reviewed`` box (level-0
+    x, y, width, height: patches corrected or skipped, and corrections, whatever their size) is never
+    proposed either: reviewed tissue stays out of the queue after a model or a patch size changes.
     """
-    k = max(1, round(patch_px / stats.cell))
+    k = patch_cells(patch_px, stats.cell)
     size_px = k * stats.cell
     cands = score_candidates(stats, k, scoring=scoring, min_tissue=min_tissue)
     to0 = mpp / level0_mpp
@@ -129,8 +137,16 @@ def build_queue(
     if level0_size is not None:
         w0, h0 = level0_size
         cands = [c for c in cands if all(v + size0 <= lim for v, lim in zip(level0_xy(c), (w0, h0), strict=True))]
-    if exclude:
-        cands = [c for c in cands if item_id(slide_key, *level0_xy(c), size0) not in exclude]
+    if len(reviewed) and cands:
+        boxes = np.asarray(reviewed, dtype=np.int64).reshape(-1, 4)
+        xy = np.array([level0_xy(c) for c in cands], dtype=np.int64)
+        overlaps = (
+            (xy[:, None, 0] < boxes[None, :, 0] + boxes[None, :, 2])
+            & (boxes[None, :, 0] < xy[:, None, 0] + size0)
+            & (xy[:, None, 1] < boxes[None, :, 1] + boxes[None, :, 3])
+            & (boxes[None, :, 1] < xy[:, None, 1] + size0)
+        ).any(axis=1)
+        cands = [c for c, hit in zip(cands, overlaps, strict=True) if not hit]
     rng = np.random.default_rng(int(hashlib.sha256(slide_key.encode()).hexdigest()[:8], 16))
     for rank, c in enumerate(select(selection, cands, k, top, rng), start=1):
         x0, y0 = level0_xy(c)

@@ -63,7 +63,7 @@ def diagnostic_report(job_id: str, slide: str, summary: dict, queue_url: str, is
             "resourceType": "Observation",
             "id": "review-queue",
             "status": "final",
-            "code": _code("review-queue", "Patches proposed for review, most uncertain first"),
+            "code": _code("review-queue", "Patches proposed for review, in the order of the selection strategy"),
             "valueString": queue_url,
         },
     ]

@@ -29,8 +29,8 @@ def pending_queue(
     settings: Settings | None = None,
     reviewer: str | None = None,
 ) -> list[QueueItem]:
-    """Pending patches, best first: of one segmented slide, or pooled across slides; for a
-    ``reviewer``, without those another reviewer has open."""
+    """Pending patches in the selection's order: of one segmented slide, or pooled across slides (taken
+    in turn); for a ``reviewer``, without those another reviewer has open."""
     if slide is not None and settings is not None:
         slide = slide_name(settings, slide)
     if slide is not None and store.jobs.latest_for_slide(slide) is None:

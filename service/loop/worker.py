@@ -213,7 +213,7 @@ class JobWorker:
                 self.options(job),
                 slide_key=job.slide,
                 progress=progress,
-                exclude=self.store.queue.handled(job.slide),
+                reviewed=self.store.queue.reviewed_boxes(job.slide),
             )
             queue = json.loads((attempt / summary["artifacts"]["queue"]).read_text())
             write_hospital_outputs(job, slide, attempt, summary, self.settings, lambda: self._still_mine(job))

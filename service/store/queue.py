@@ -125,9 +125,24 @@ class QueueRepository:
         )
         return None if row is None else (row["claimed_by"], row["until"])
 
-    def handled(self, slide: str) -> set[str]:
-        """Ids of the slide's items someone corrected or skipped (they never return to its queue)."""
-        return {r["item_id"] for r in self.db.all("SELECT item_id FROM item_status WHERE slide = ?", (slide,))}
+    def reviewed_boxes(self, slide: str) -> list[tuple[int, int, int, int]]:
+        """Level-0 boxes (x, y, width, height) of the slide's tissue already reviewed: patches someone
+        corrected or skipped, and corrections that stand (also those sent without a queue item). No
+        later queue proposes a patch overlapping one, whatever its size or model."""
+        items = self.db.all(
+            "SELECT qi.id, qi.item FROM item_status s JOIN queue_items qi ON qi.slide = s.slide AND qi.id = s.item_id"
+            " WHERE s.slide = ?",
+            (slide,),
+        )
+        boxes = {}
+        for r in items:  # one row per job that proposed the item: the same box
+            item = r["item"] if isinstance(r["item"], dict) else json.loads(r["item"])
+            b = item["bbox_level0"]
+            boxes[r["id"]] = (b["x"], b["y"], b["width"], b["height"])
+        corrected = self.db.all(
+            "SELECT x, y, width, height FROM corrections WHERE slide = ? AND withdrawn_at IS NULL", (slide,)
+        )
+        return sorted(set(boxes.values()) | {(r["x"], r["y"], r["width"], r["height"]) for r in corrected})
 
     def status_counts(self) -> dict[str, int]:
         """Items of each slide's current queue by status: pending, skipped, corrected."""

@@ -33,8 +33,9 @@ def get_queue(
     k: Annotated[int, Query(ge=1, le=500)] = 10,
     measure: Measure | None = None,
 ) -> QueueView:
-    """Pending review patches, best first: for one slide, or pooled across slides when slide is omitted;
-    for an annotator, without the patches another reviewer has open (claimed)."""
+    """Pending review patches in the selection's order: for one slide, or, when slide is omitted, pooled
+    across slides in turn (every slide's rank 1, then rank 2, …); for an annotator, without the patches
+    another reviewer has open (claimed)."""
     reviewer = who.name if who.allows("annotator") else None  # a viewer takes none: sees them all
     items = pending_queue(rt.store, slide, k, measure, rt.settings, reviewer=reviewer)
     return QueueView(slide=slide, items=[item_view(i, base) for i in items])

@@ -65,16 +65,18 @@
   function forgetImages() {
     for (const url of state.blobs.values()) url.then((u) => URL.revokeObjectURL(u), () => {});
     state.blobs.clear();
-    ahead.id = ahead.pixels = null;
   }
 
   // The next patch's pixels and mask, fetched while the reviewer works on this one: one patch ahead,
-  // so the next one opens without a wait. A queue item's pixels and mask never change.
+  // so the next one opens without a wait (kept across a slide change: the pooled queue's next patch is
+  // often on another slide). Keyed by the item and the job that proposed it: a rescored slide's patch
+  // (a new model's mask) is fetched anew.
   const ahead = { id: null, pixels: null };
+  const aheadKey = (item) => `${item.id}@${item.job_id}`;
   const fetchPixels = (item) => Promise.all([blob(item.links.image), blob(item.links.mask)]);
 
   function patchPixels(item) {
-    if (ahead.id !== item.id) return fetchPixels(item);
+    if (ahead.id !== aheadKey(item)) return fetchPixels(item);
     const pixels = ahead.pixels;
     ahead.id = ahead.pixels = null;
     return pixels.catch(() => fetchPixels(item)); // fetching ahead failed: once more, now
@@ -82,8 +84,8 @@
 
   function fetchAhead(current) {
     const next = state.queue.find((i) => i.id !== current.id);
-    if (!next || ahead.id === next.id) return;
-    ahead.id = next.id;
+    if (!next || ahead.id === aheadKey(next)) return;
+    ahead.id = aheadKey(next);
     ahead.pixels = fetchPixels(next);
     ahead.pixels.catch(() => {}); // reported, if at all, when the patch is opened
     objectUrl(`${next.links.self}/uncertainty.png`).catch(() => {});
@@ -133,8 +135,9 @@
   });
   $("sign-out").addEventListener("click", () => {
     if (!closeEditor()) return; // unsaved edits kept: not signed out
-    if (state.viewer) state.viewer.destroy(); // its tile requests carry the token
-    state.viewer = null;
+    for (const viewer of [state.viewer, state.contextViewer]) if (viewer) viewer.destroy(); // requests carry the token
+    state.viewer = state.contextViewer = null;
+    ahead.id = ahead.pixels = null; // the next patch's pixels: not kept past the person who may see them
     state.queue = [];
     $("queue").replaceChildren();
     forgetImages();
@@ -217,7 +220,9 @@
     if (state.item && state.viewer) {
       // signed in again (an expired token) with a patch open: keep it and its drawing, renew the tiles' token
       select.value = state.slide.slide;
-      if (state.viewer.setAjaxHeaders) state.viewer.setAjaxHeaders({ Authorization: `Bearer ${state.token}` });
+      for (const viewer of [state.viewer, state.contextViewer]) {
+        if (viewer && viewer.setAjaxHeaders) viewer.setAjaxHeaders({ Authorization: `Bearer ${state.token}` });
+      }
       say(`Signed in again: patch #${state.item.rank} and your drawing are as you left them`);
       return;
     }
