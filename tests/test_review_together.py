@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.loop.review import reviewed_boxes
 from service.loop.store_metrics import StoreCollector
 from tests.inprocess import InProcessService
 from tests.server import finished_patch_job, hostile_slide_root
@@ -62,7 +63,7 @@ def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue
     store = env.runtime.store
     b = store.queue.item(item).bbox_level0
     box = (b["x"], b["y"], b["width"], b["height"])
-    assert box in store.queue.reviewed_boxes("cases/a.tif")  # no later queue proposes this tissue
+    assert box in reviewed_boxes(store, "cases/a.tif")  # no later queue proposes this tissue
     unseen = {c.id for c in env.runtime.store.corrections.unseen()}
     assert cid in unseen
     with env.client("annotator") as c:
@@ -77,7 +78,7 @@ def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue
         assert c.get(f"/v1/queue/items/{item}").json()["status"] == "pending"
     assert item in _pending(env)
     assert _withdrawn_metric(env) == withdrawn_before + 1  # once, though asked twice
-    assert box not in store.queue.reviewed_boxes("cases/a.tif")  # to be proposed again
+    assert box not in reviewed_boxes(store, "cases/a.tif")  # to be proposed again
     assert cid not in {c.id for c in store.corrections.unseen()}
     assert cid not in {c.id for c in store.corrections.unused_for_training(store.models.current())}
     assert [a["action"] for a in store.db.all("SELECT action FROM audit WHERE target = ?", (cid,))] == [
@@ -90,7 +91,7 @@ def test_the_annotator_withdraws_a_correction_and_its_patch_returns_to_the_queue
     assert resent.json()["id"] == cid and resent.json()["withdrawn_at"] is None
     assert item not in _pending(env) and cid in {c.id for c in store.corrections.unseen()}
     assert _withdrawn_metric(env) == withdrawn_before  # it stands again
-    assert box in store.queue.reviewed_boxes("cases/a.tif")
+    assert box in reviewed_boxes(store, "cases/a.tif")
 
 
 def test_only_its_annotator_or_an_admin_may_withdraw_and_a_bad_request_changes_nothing(env):

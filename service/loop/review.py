@@ -38,6 +38,14 @@ def pending_queue(
     return store.queue.pending(slide, k, measure, reviewer=reviewer)
 
 
+def reviewed_boxes(store: Store, slide: str) -> list[tuple[int, int, int, int]]:
+    """Level-0 boxes (x, y, width, height) of the slide's tissue already reviewed: patches someone
+    corrected or skipped, and corrections that stand (also those sent without a queue item). No later
+    queue proposes a patch overlapping one, whatever its size or model."""
+    corrected = {(c.x, c.y, c.width, c.height) for c in store.corrections.on_slide(slide)}
+    return sorted(store.queue.handled_boxes(slide) | corrected)
+
+
 def _taken(holder: str, until: float) -> Conflict:
     minutes = max(1, round((until - time.time()) / 60))
     return Conflict(

@@ -25,6 +25,7 @@ from service.integrations.dicom_seg import SegUnavailable, tumour_segmentation
 from service.integrations.fhir import diagnostic_report
 from service.loop.jobs import check_work, expire_superseded
 from service.loop.model_holder import ModelHolder
+from service.loop.review import reviewed_boxes
 from service.loop.slides import locate_slide, pacs_client, parse_dicomweb
 from service.options import SegmentationOptions
 from service.store import Job, Store
@@ -213,7 +214,7 @@ class JobWorker:
                 self.options(job),
                 slide_key=job.slide,
                 progress=progress,
-                reviewed=self.store.queue.reviewed_boxes(job.slide),
+                reviewed=reviewed_boxes(self.store, job.slide),
             )
             queue = json.loads((attempt / summary["artifacts"]["queue"]).read_text())
             write_hospital_outputs(job, slide, attempt, summary, self.settings, lambda: self._still_mine(job))

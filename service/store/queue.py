@@ -125,24 +125,18 @@ class QueueRepository:
         )
         return None if row is None else (row["claimed_by"], row["until"])
 
-    def reviewed_boxes(self, slide: str) -> list[tuple[int, int, int, int]]:
-        """Level-0 boxes (x, y, width, height) of the slide's tissue already reviewed: patches someone
-        corrected or skipped, and corrections that stand (also those sent without a queue item). No
-        later queue proposes a patch overlapping one, whatever its size or model."""
-        items = self.db.all(
-            "SELECT qi.id, qi.item FROM item_status s JOIN queue_items qi ON qi.slide = s.slide AND qi.id = s.item_id"
+    def handled_boxes(self, slide: str) -> set[tuple[int, int, int, int]]:
+        """Level-0 boxes (x, y, width, height) of the slide's patches someone corrected or skipped."""
+        rows = self.db.all(
+            "SELECT qi.item FROM item_status s JOIN queue_items qi ON qi.slide = s.slide AND qi.id = s.item_id"
             " WHERE s.slide = ?",
             (slide,),
         )
-        boxes = {}
-        for r in items:  # one row per job that proposed the item: the same box
-            item = r["item"] if isinstance(r["item"], dict) else json.loads(r["item"])
-            b = item["bbox_level0"]
-            boxes[r["id"]] = (b["x"], b["y"], b["width"], b["height"])
-        corrected = self.db.all(
-            "SELECT x, y, width, height FROM corrections WHERE slide = ? AND withdrawn_at IS NULL", (slide,)
-        )
-        return sorted(set(boxes.values()) | {(r["x"], r["y"], r["width"], r["height"]) for r in corrected})
+        boxes = set()
+        for r in rows:  # one row per job that proposed the item: the same box
+            b = (r["item"] if isinstance(r["item"], dict) else json.loads(r["item"]))["bbox_level0"]
+            boxes.add((b["x"], b["y"], b["width"], b["height"]))
+        return boxes
 
     def status_counts(self) -> dict[str, int]:
         """Items of each slide's current queue by status: pending, skipped, corrected."""
