@@ -55,12 +55,16 @@ class Page:
         self.requests: list[str] = []  # every URL the page asked for, in order
         self.page.on("request", lambda request: self.requests.append(request.url))
         self.page.on("pageerror", lambda exc: self.problems.append(f"script error: {exc}"))
-        self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        self.page.on("console", self._console)
         self.page.on("response", self._response)
         self.page.goto(f"{server.url}/review")
         self.page.fill("#token", token or TOKENS[role])
         self.page.click("#sign-in-button")
         self.page.wait_for_selector("#viewer[data-ready=true]", timeout=30_000)
+
+    def _console(self, message) -> None:
+        if message.type == "error":  # where from: a blob's or a script's URL
+            self.problems.append(f"console: {message.text} ({message.location.get('url', '')})")
 
     def _response(self, response) -> None:
         if "/slide_files/" in response.url:
@@ -364,15 +368,29 @@ def test_two_pathologists_never_have_the_same_patch_open(server, browser):
 
 
 def test_a_patch_of_another_slide_opens_from_the_pooled_queue(server, browser, source_slide):
+    """Even while this slide's overlays are still loading: the old viewer goes without a broken image."""
     shutil.copy(source_slide, server.slide_root / "cases" / "b.tif")
     with server.client("annotator") as c:
         r = c.post("/v1/jobs", json={"slide": "cases/b.tif", "options": {"patch_um": 256, "queue_size": 4}})
         assert wait_job(c, r.json()["id"])["state"] == "succeeded"
     p = Page(browser, server, "annotator")
     page = p.page
+    held = []  # a.tif's overlays, held back until b.tif is open: its viewer goes while they load
+
+    def hold(route):
+        if "a.tif" in page.url:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/overlays/*.png", hold)
     page.select_option("#slide-select", "cases/a.tif")
     page.wait_for_function("() => location.hash.includes('a.tif')")
     page.wait_for_selector("#viewer[data-ready=true]")
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "a.tif's overlays were never asked for"
     page.check("#queue-pooled")
     there = page.locator("#queue li", has_text="cases/b.tif").first
     there.wait_for()
@@ -380,6 +398,10 @@ def test_a_patch_of_another_slide_opens_from_the_pooled_queue(server, browser, s
     there.click()
     page.wait_for_selector(f"#editor[data-ready=true][data-item='{item_id}']")
     assert page.input_value("#slide-select") == "cases/b.tif"
+    for route in held:
+        route.continue_()
+    page.wait_for_selector("#viewer[data-layers='outline']")  # b.tif's own overlay
+    page.wait_for_timeout(500)  # a.tif's overlays reach a viewer that is gone
     assert not p.problems, p.problems
     page.close()
 

@@ -12,7 +12,7 @@
     slide: null, // /slides/{slide}/info
     overlays: null, // /jobs/{id}/overlays
     layers: {}, // name -> OpenSeadragon TiledImage
-    blobs: new Map(), // url -> object URL (overlay images)
+    blobs: new Map(), // path -> Blob (patch heat maps, thumbnails), fetched once
     queue: [],
     viewer: null,
     tileSource: null, // the open slide's deep-zoom source, shared by both viewers
@@ -29,8 +29,10 @@
     }
   }
 
+  const apiUrl = (path) => (path.startsWith("/v1") ? path.replace(/^\/v1/, API) : API + path);
+
   async function api(path, options = {}) {
-    const url = path.startsWith("/v1") ? path.replace(/^\/v1/, API) : API + path;
+    const url = apiUrl(path);
     const headers = { Authorization: `Bearer ${state.token}`, ...(options.headers || {}) };
     const response = await fetch(url, { ...options, headers });
     if (!response.ok) {
@@ -51,20 +53,30 @@
   const json = async (path, options) => (await api(path, options)).json();
   const blob = async (path) => (await api(path)).blob();
 
-  // Fetched images by path, each fetched once (a second caller shares the first one's promise).
-  function objectUrl(path) {
+  // Fetched images by path, each fetched once (a second caller shares the first one's promise). Blobs,
+  // not object URLs: each <img> gets its own URL (showImage), so dropping the cache never pulls an image
+  // from under an element still loading it.
+  function imageBlob(path) {
     if (!state.blobs.has(path)) {
-      const url = blob(path).then((b) => URL.createObjectURL(b));
-      url.catch(() => state.blobs.delete(path)); // a failed fetch is tried again next time
-      state.blobs.set(path, url);
+      const data = blob(path);
+      data.catch(() => state.blobs.delete(path)); // a failed fetch is tried again next time
+      state.blobs.set(path, data);
     }
     return state.blobs.get(path);
   }
 
-  // Drop every cached image (a new slide, or sign-out): their object URLs are freed.
+  // Drop every cached image (a new slide, or sign-out); a blob goes once nothing shows it.
   function forgetImages() {
-    for (const url of state.blobs.values()) url.then((u) => URL.revokeObjectURL(u), () => {});
     state.blobs.clear();
+  }
+
+  // A blob in an <img>, by an object URL of its own that is freed once the image has loaded (or failed).
+  function showImage(img, data) {
+    const url = URL.createObjectURL(data);
+    const free = () => URL.revokeObjectURL(url);
+    img.addEventListener("load", free, { once: true });
+    img.addEventListener("error", free, { once: true });
+    img.src = url;
   }
 
   // The next patch's pixels and mask, fetched while the reviewer works on this one: one patch ahead,
@@ -88,7 +100,7 @@
     ahead.id = aheadKey(next);
     ahead.pixels = fetchPixels(next);
     ahead.pixels.catch(() => {}); // reported, if at all, when the patch is opened
-    objectUrl(`${next.links.self}/uncertainty.png`).catch(() => {});
+    imageBlob(`${next.links.self}/uncertainty.png`).catch(() => {});
   }
 
   function say(text, isError = false) {
@@ -259,7 +271,7 @@
     const tileSource = {
       Image: {
         xmlns: "http://schemas.microsoft.com/deepzoom/2008",
-        Url: info.links.tiles.replace(/^\/v1/, API),
+        Url: apiUrl(info.links.tiles),
         Format: info.format,
         Overlap: String(info.overlap),
         TileSize: String(info.tile_size),
@@ -283,6 +295,10 @@
       visibilityRatio: 0.5,
     });
     state.viewer.addHandler("animation", drawScaleBar);
+    state.viewer.addHandler("tile-load-failed", (event) => {
+      const layer = event.tiledImage && event.tiledImage.uga_name;
+      if (layer) say(`overlay ${layer}: ${event.message}`, true); // a slide tile that failed shows as a gap
+    });
     state.viewer.addHandler("open", () => {
       drawScaleBar();
       $("viewer").dataset.ready = "true";
@@ -372,21 +388,24 @@
     }
     const overlay = state.overlays.overlays.find((o) => o.name === name);
     const viewer = state.viewer;
-    const url = await objectUrl(overlay.url);
-    if (state.viewer !== viewer) return; // another slide was opened meanwhile
     const width = state.overlays.extent_level0[0] / state.slide.width; // viewport units: the slide is 1 wide
-    // still what the controls ask for once loaded (a slider dragged or a box unticked meanwhile)?
+    // still what the controls ask for once added (a slider dragged or a box unticked meanwhile)?
     const wanted = () =>
       state.viewer === viewer && checkbox.checked && !state.layers[kind] && (kind === "outline" || $("heat-measure").value === name);
     if (!wanted()) return;
     await new Promise((resolve) =>
       viewer.addTiledImage({
-        tileSource: { type: "image", url, buildPyramid: false },
+        // one tile, the whole overlay, loaded by the viewer like the slide's tiles: with its bearer token
+        // (renewed with it), and dropped with it when another slide opens, even mid-load
+        tileSource: {
+          type: "legacy-image-pyramid",
+          levels: [{ url: apiUrl(overlay.url), width: state.overlays.size[0], height: state.overlays.size[1] }],
+        },
         x: 0,
         y: 0,
         width,
         opacity: slider.value / 100,
-        loadTilesWithAjax: false,
+        loadTilesWithAjax: true,
         success: (event) => {
           if (!wanted()) {
             viewer.world.removeItem(event.item); // one layer per kind, and only the one asked for
@@ -644,13 +663,13 @@
     const canCorrect = state.me.can_correct;
     $("tools").hidden = $("decide").hidden = !canCorrect;
     $("read-only").hidden = canCorrect;
-    let image, maskBlob, heatUrl, modelImage;
+    let image, maskBlob, heatBlob, modelImage;
     try {
       const pixels = patchPixels(item);
-      [image, maskBlob, heatUrl] = await Promise.all([
+      [image, maskBlob, heatBlob] = await Promise.all([
         pixels.then(([png]) => loadImage(png)),
         pixels.then(([, mask]) => mask),
-        objectUrl(`${item.links.self}/uncertainty.png`),
+        imageBlob(`${item.links.self}/uncertainty.png`),
       ]);
       modelImage = await loadImage(maskBlob);
     } catch (err) {
@@ -685,7 +704,7 @@
     layoutCanvases(image);
     showContext(item);
     $("inset-image").src = image.src;
-    $("inset-heat").src = heatUrl;
+    showImage($("inset-heat"), heatBlob);
     const legend = state.overlays && state.overlays.overlays.find((o) => o.name === item.measure);
     $("inset-words").textContent = legend ? legend.legend.high : "uncertain";
     render();
@@ -1087,7 +1106,7 @@
     const img = document.createElement("img");
     img.alt = caption;
     figure.append(img, Object.assign(document.createElement("figcaption"), { textContent: caption }));
-    if (url) objectUrl(url).then((src) => (img.src = src)).catch(() => (img.alt = `${caption}: unavailable`));
+    if (url) imageBlob(url).then((data) => showImage(img, data)).catch(() => (img.alt = `${caption}: unavailable`));
     return figure;
   }
 
