@@ -196,6 +196,52 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     page.close()
 
 
+def test_the_reviewer_zooms_into_the_patch_and_draws_where_they_point(server, browser):
+    """+ enlarges the patch in its frame (which scrolls), keeping the point at the frame's centre in view;
+    a brush dot lands on the patch pixel under the pointer at any zoom; 0 fits the patch again."""
+    p = Page(browser, server, "annotator")
+    page = p.page
+    page.wait_for_function("() => document.querySelectorAll('#queue li').length > 0")
+    page.click("#queue li >> nth=0")
+    page.wait_for_selector("#editor[data-ready=true]")
+    assert page.get_attribute("#editor", "data-zoom") == "1" and page.is_disabled("#zoom-out")
+    fitted = page.locator("#mask-canvas").bounding_box()
+    page.uncheck("#show-model")
+    page.focus("#mask-canvas")
+    page.keyboard.press("c")  # an empty mask: only the dot is drawn
+    page.keyboard.press("+")
+    page.click("#zoom-in")
+    page.wait_for_selector("#editor[data-zoom='4']")
+    assert page.inner_text("#zoom-level") == "4×"
+    zoomed, frame = page.locator("#mask-canvas").bounding_box(), page.locator("#editor-canvas-wrap").bounding_box()
+    assert zoomed["width"] == pytest.approx(4 * fitted["width"], abs=1)
+    assert frame["width"] < zoomed["width"] and frame["height"] < zoomed["height"]  # the frame scrolls
+    x, y = p.canvas_point(128, 128)  # the patch's centre: at the frame's centre before, and still in view
+    assert frame["x"] < x < frame["x"] + frame["width"] and frame["y"] < y < frame["y"] + frame["height"]
+    page.focus("#mask-canvas")
+    page.keyboard.press("b")
+    page.mouse.click(x, y)
+    page.keyboard.press("0")
+    page.wait_for_selector("#editor[data-zoom='1']")
+    assert page.locator("#mask-canvas").bounding_box()["width"] == pytest.approx(fitted["width"], abs=1)
+    painted = page.evaluate(
+        """() => {
+          const c = document.getElementById('mask-canvas');
+          const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          const xs = [], ys = [];
+          for (let i = 0; i < a.length / 4; i++) {
+            if (a[i * 4 + 3]) xs.push(i % c.width), ys.push(Math.floor(i / c.width));
+          }
+          return [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+        }"""
+    )
+    size = int(page.input_value("#brush-size"))
+    assert abs((painted[0] + painted[1]) / 2 - 128) <= 1 and abs((painted[2] + painted[3]) / 2 - 128) <= 1, painted
+    assert painted[1] - painted[0] <= size + 1 and painted[3] - painted[2] <= size + 1, (painted, size)
+    assert not p.problems, p.problems
+    page.close()
+
+
 def test_unsaved_edits_are_kept_until_the_reviewer_lets_them_go(server, browser):
     """Edits not yet submitted survive a click on another patch (the page asks), and Enter on a focused
     button presses that button: Skip skips, it never submits the drawing as a correction."""

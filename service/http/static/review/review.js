@@ -507,7 +507,9 @@
   const ed = {
     w: 0,
     h: 0,
-    scale: 1,
+    scale: 1, // screen px per patch px: the fitted scale times the zoom
+    fit: 0, // screen px per patch px when the patch fits the frame
+    zoom: 0, // index into ZOOMS
     mask: null, // Uint8Array (0/1), row-major, the patch's size
     model: null, // the model's mask (0/1)
     modelEdge: null,
@@ -809,16 +811,53 @@
     const wrap = $("editor").getBoundingClientRect();
     const room = Math.max(200, Math.min(wrap.width - 340, wrap.height - 40));
     const fit = room / Math.max(ed.w, ed.h);
-    ed.scale = fit >= 1 ? Math.floor(fit) : fit; // whole pixels when enlarging: a crisp, exact grid
+    ed.fit = fit >= 1 ? Math.floor(fit) : fit; // whole pixels when enlarging: a crisp, exact grid
     for (const id of ["patch-canvas", "mask-canvas"]) {
       const c = $(id);
       c.width = ed.w;
       c.height = ed.h;
-      c.style.width = `${ed.w * ed.scale}px`;
-      c.style.height = `${ed.h * ed.scale}px`;
     }
     $("patch-canvas").getContext("2d").drawImage(image, 0, 0);
+    applyZoom();
+    const frame = $("editor-canvas-wrap"); // a new patch opens at its centre, at the zoom kept
+    frame.scrollLeft = (frame.scrollWidth - frame.clientWidth) / 2;
+    frame.scrollTop = (frame.scrollHeight - frame.clientHeight) / 2;
   }
+
+  // Zoom: the fitted size times ZOOMS[ed.zoom] (kept from patch to patch); the patch scrolls in its frame.
+  const ZOOMS = [1, 2, 4, 8];
+
+  function applyZoom(centre = null) {
+    const frame = $("editor-canvas-wrap");
+    const before = ed.scale;
+    ed.scale = ed.fit * ZOOMS[ed.zoom];
+    for (const id of ["patch-canvas", "mask-canvas"]) {
+      $(id).style.width = `${ed.w * ed.scale}px`;
+      $(id).style.height = `${ed.h * ed.scale}px`;
+    }
+    if (centre) {
+      // the patch point at the frame's centre stays there
+      const k = ed.scale / before;
+      frame.scrollLeft = centre[0] * k - frame.clientWidth / 2;
+      frame.scrollTop = centre[1] * k - frame.clientHeight / 2;
+    }
+    $("zoom-level").textContent = `${ZOOMS[ed.zoom]}×`;
+    $("zoom-in").disabled = ed.zoom === ZOOMS.length - 1;
+    $("zoom-out").disabled = ed.zoom === 0;
+    $("editor").dataset.zoom = String(ZOOMS[ed.zoom]);
+  }
+
+  function zoom(step) {
+    const next = step === 0 ? 0 : Math.min(ZOOMS.length - 1, Math.max(0, ed.zoom + step));
+    if (next === ed.zoom || !ed.fit) return;
+    const frame = $("editor-canvas-wrap");
+    const centre = [frame.scrollLeft + frame.clientWidth / 2, frame.scrollTop + frame.clientHeight / 2];
+    ed.zoom = next;
+    applyZoom(centre);
+  }
+  $("zoom-in").addEventListener("click", () => zoom(1));
+  $("zoom-out").addEventListener("click", () => zoom(-1));
+  $("zoom-fit").addEventListener("click", () => zoom(0));
 
   function render() {
     if (!ed.mask) return;
@@ -1079,6 +1118,9 @@
     else if (ctrl && key === "y") redo();
     else if (ctrl) return;
     else if (key === "escape") ed.polygon.length ? ((ed.polygon = []), render()) : closeEditor();
+    else if (key === "+" || key === "=") zoom(1);
+    else if (key === "-") zoom(-1);
+    else if (key === "0") zoom(0);
     else if (!correcting) return;
     else if (key === "enter") ed.polygon.length ? closePolygon() : decide("submit");
     else if (key === "b") setTool("brush");
