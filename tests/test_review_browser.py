@@ -198,7 +198,8 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
 
 def test_the_reviewer_zooms_into_the_patch_and_draws_where_they_point(server, browser):
     """+ enlarges the patch in its frame (which scrolls), keeping the point at the frame's centre in view;
-    a brush dot lands on the patch pixel under the pointer at any zoom; 0 fits the patch again."""
+    a brush dot lands on the patch pixel under the pointer at any zoom; 0 fits the patch again. Keys
+    typed in the context view are the context view's."""
     p = Page(browser, server, "annotator")
     page = p.page
     page.wait_for_function("() => document.querySelectorAll('#queue li').length > 0")
@@ -238,6 +239,17 @@ def test_the_reviewer_zooms_into_the_patch_and_draws_where_they_point(server, br
     size = int(page.input_value("#brush-size"))
     assert abs((painted[0] + painted[1]) / 2 - 128) <= 1 and abs((painted[2] + painted[3]) / 2 - 128) <= 1, painted
     assert painted[1] - painted[0] <= size + 1 and painted[3] - painted[2] <= size + 1, (painted, size)
+
+    # keys typed in the context view pan it (OpenSeadragon's w/a/s/d, +): they never decide or zoom the patch
+    item_id = page.get_attribute("#editor", "data-item")
+    page.wait_for_selector("#context-view[data-ready=true]")
+    page.click("#context-view")
+    for key in ("a", "s", "+"):
+        page.keyboard.press(key)
+    page.wait_for_timeout(500)
+    assert page.get_attribute("#editor", "data-item") == item_id and page.is_visible("#editor")
+    assert page.get_attribute("#editor", "data-last-correction") is None
+    assert page.get_attribute("#editor", "data-zoom") == "1"
     assert not p.problems, p.problems
     page.close()
 

@@ -29,10 +29,8 @@
     }
   }
 
-  const apiUrl = (path) => (path.startsWith("/v1") ? path.replace(/^\/v1/, API) : API + path);
-
   async function api(path, options = {}) {
-    const url = apiUrl(path);
+    const url = path.startsWith("/v1") ? path.replace(/^\/v1/, API) : API + path;
     const headers = { Authorization: `Bearer ${state.token}`, ...(options.headers || {}) };
     const response = await fetch(url, { ...options, headers });
     if (!response.ok) {
@@ -51,7 +49,7 @@
     return response;
   }
   const json = async (path, options) => (await api(path, options)).json();
-  const blob = async (path) => (await api(path)).blob();
+  const blob = async (path, options) => (await api(path, options)).blob();
 
   // Fetched images by path, each fetched once (a second caller shares the first one's promise). Blobs,
   // not object URLs: each <img> gets its own URL (showImage), so dropping the cache never pulls an image
@@ -70,13 +68,34 @@
     state.blobs.clear();
   }
 
-  // A blob in an <img>, by an object URL of its own that is freed once the image has loaded (or failed).
+  // A blob in an <img>, by an object URL of its own, freed once that image is decoded, or failed, or
+  // replaced by another (decode() settles for this source only, whatever events are still queued).
   function showImage(img, data) {
     const url = URL.createObjectURL(data);
-    const free = () => URL.revokeObjectURL(url);
-    img.addEventListener("load", free, { once: true });
-    img.addEventListener("error", free, { once: true });
     img.src = url;
+    img
+      .decode()
+      .catch(() => {})
+      .finally(() => URL.revokeObjectURL(url));
+  }
+
+  // A tile source whose tiles the page fetches itself and hands to the viewer decoded (an ImageBitmap):
+  // the bearer token of the moment (a 401 signs out), and no object URL left behind (OpenSeadragon's own
+  // Ajax path makes one per tile and never frees it: a day of review would keep every tile seen).
+  function pageLoaded(source, fetchTile) {
+    source.downloadTileStart = (job) => {
+      const abort = new AbortController();
+      job.userData.abort = abort;
+      const settle = (bitmap, error) => {
+        // not after the viewer gave up on it (its timeout already finished the job) or aborted it
+        if (!abort.signal.aborted && job.data === null && job.errorMsg === null) job.finish(bitmap, null, error);
+      };
+      fetchTile(job.src, abort.signal)
+        .then((data) => createImageBitmap(data))
+        .then((bitmap) => settle(bitmap, null), (err) => settle(null, `tile ${job.src}: ${err.message}`));
+    };
+    source.downloadTileAbort = (job) => job.userData.abort && job.userData.abort.abort();
+    return source;
   }
 
   // The next patch's pixels and mask, fetched while the reviewer works on this one: one patch ahead,
@@ -230,11 +249,9 @@
       return;
     }
     if (state.item && state.viewer) {
-      // signed in again (an expired token) with a patch open: keep it and its drawing, renew the tiles' token
+      // signed in again (an expired token) with a patch open: keep it and its drawing (tiles are fetched
+      // with the token of the moment)
       select.value = state.slide.slide;
-      for (const viewer of [state.viewer, state.contextViewer]) {
-        if (viewer && viewer.setAjaxHeaders) viewer.setAjaxHeaders({ Authorization: `Bearer ${state.token}` });
-      }
       say(`Signed in again: patch #${state.item.rank} and your drawing are as you left them`);
       return;
     }
@@ -268,16 +285,17 @@
     state.slide = info;
     state.layers = {};
     history.replaceState(null, "", `#slide=${encodeURIComponent(info.slide)}`);
-    const tileSource = {
-      Image: {
-        xmlns: "http://schemas.microsoft.com/deepzoom/2008",
-        Url: apiUrl(info.links.tiles),
-        Format: info.format,
-        Overlap: String(info.overlap),
-        TileSize: String(info.tile_size),
-        Size: { Width: String(info.width), Height: String(info.height) },
-      },
-    };
+    const tileSource = pageLoaded(
+      new OpenSeadragon.DziTileSource({
+        width: info.width,
+        height: info.height,
+        tileSize: info.tile_size,
+        tileOverlap: info.overlap,
+        tilesUrl: info.links.tiles,
+        fileFormat: info.format,
+      }),
+      (path, signal) => blob(path, { signal }),
+    );
     if (state.viewer) state.viewer.destroy();
     if (state.contextViewer) state.contextViewer.destroy();
     state.contextViewer = null;
@@ -285,8 +303,6 @@
     state.viewer = OpenSeadragon({
       element: $("viewer"),
       tileSources: tileSource,
-      loadTilesWithAjax: true,
-      ajaxHeaders: { Authorization: `Bearer ${state.token}` },
       showNavigationControl: false,
       showNavigator: true,
       navigatorPosition: "TOP_RIGHT",
@@ -395,17 +411,16 @@
     if (!wanted()) return;
     await new Promise((resolve) =>
       viewer.addTiledImage({
-        // one tile, the whole overlay, loaded by the viewer like the slide's tiles: with its bearer token
-        // (renewed with it), and dropped with it when another slide opens, even mid-load
-        tileSource: {
-          type: "legacy-image-pyramid",
-          levels: [{ url: apiUrl(overlay.url), width: state.overlays.size[0], height: state.overlays.size[1] }],
-        },
+        // one tile, the whole overlay, from the page's image cache: fetched once for the viewer and its
+        // navigator, and again only on another slide
+        tileSource: pageLoaded(
+          new OpenSeadragon.LegacyTileSource([{ url: overlay.url, width: state.overlays.size[0], height: state.overlays.size[1] }]),
+          (path) => imageBlob(path),
+        ),
         x: 0,
         y: 0,
         width,
         opacity: slider.value / 100,
-        loadTilesWithAjax: true,
         success: (event) => {
           if (!wanted()) {
             viewer.world.removeItem(event.item); // one layer per kind, and only the one asked for
@@ -665,15 +680,10 @@
     const canCorrect = state.me.can_correct;
     $("tools").hidden = $("decide").hidden = !canCorrect;
     $("read-only").hidden = canCorrect;
-    let image, maskBlob, heatBlob, modelImage;
+    let pngBlob, image, maskBlob, heatBlob, modelImage;
     try {
-      const pixels = patchPixels(item);
-      [image, maskBlob, heatBlob] = await Promise.all([
-        pixels.then(([png]) => loadImage(png)),
-        pixels.then(([, mask]) => mask),
-        imageBlob(`${item.links.self}/uncertainty.png`),
-      ]);
-      modelImage = await loadImage(maskBlob);
+      [[pngBlob, maskBlob], heatBlob] = await Promise.all([patchPixels(item), imageBlob(`${item.links.self}/uncertainty.png`)]);
+      [image, modelImage] = await Promise.all([loadImage(pngBlob), loadImage(maskBlob)]);
     } catch (err) {
       if (ticket === opening) {
         letGo(); // nothing can be done on it: it is not held either
@@ -687,8 +697,6 @@
       say(`Patch #${item.rank}: the model's mask is not the patch's size; reload the page`, true);
       return;
     }
-    for (const url of ed.urls || []) URL.revokeObjectURL(url); // the previous patch's pixels
-    ed.urls = [image.src, modelImage.src];
     ed.modelPng = maskBlob;
     ed.w = image.width;
     ed.h = image.height;
@@ -705,7 +713,7 @@
     }
     layoutCanvases(image);
     showContext(item);
-    $("inset-image").src = image.src;
+    showImage($("inset-image"), pngBlob);
     showImage($("inset-heat"), heatBlob);
     const legend = state.overlays && state.overlays.overlays.find((o) => o.name === item.measure);
     $("inset-words").textContent = legend ? legend.legend.high : "uncertain";
@@ -730,8 +738,6 @@
       state.contextViewer = OpenSeadragon({
         element: el,
         tileSources: state.tileSource,
-        loadTilesWithAjax: true,
-        ajaxHeaders: { Authorization: `Bearer ${state.token}` },
         showNavigationControl: false,
         gestureSettingsMouse: { clickToZoom: false },
         maxZoomPixelRatio: 4,
@@ -773,12 +779,20 @@
     return true;
   }
 
+  // A blob decoded into an image for the canvases; its object URL is freed once it has loaded.
   function loadImage(data) {
     return new Promise((resolve, reject) => {
       const img = new Image();
-      img.onload = () => resolve(img);
-      img.onerror = () => reject(new Error("image did not decode"));
-      img.src = URL.createObjectURL(data);
+      const url = URL.createObjectURL(data);
+      img.onload = () => {
+        URL.revokeObjectURL(url);
+        resolve(img);
+      };
+      img.onerror = () => {
+        URL.revokeObjectURL(url);
+        reject(new Error("image did not decode"));
+      };
+      img.src = url;
     });
   }
 
@@ -882,7 +896,7 @@
     ctx.putImageData(img, 0, 0);
     if (ed.polygon.length) {
       ctx.strokeStyle = "#ffeb3b";
-      ctx.lineWidth = 1 / Math.max(ed.scale, 0.5);
+      ctx.lineWidth = 1; // one patch pixel: as visible at 8× as at the fitted size
       ctx.beginPath();
       ed.polygon.forEach(([x, y], k) => (k ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
       ctx.stroke();
@@ -1108,7 +1122,8 @@
   }
 
   document.addEventListener("keydown", (event) => {
-    if ($("editor").hidden || event.target.closest("input, select, textarea, dialog, #queue")) return;
+    // keys typed in a form field, the queue or a viewer (OpenSeadragon pans on w/a/s/d) are theirs
+    if ($("editor").hidden || event.target.closest("input, select, textarea, dialog, #queue, #context-view, #viewer")) return;
     if ((event.key === "Enter" || event.key === " ") && event.target.closest("button")) return; // the button's own
     const key = event.key.toLowerCase();
     if (event.repeat && ["enter", "a", "s", "escape"].includes(key)) return; // a held key never acts twice
