@@ -21,6 +21,13 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS = REPO / "docs"
 POLYGON = [(40, 40), (200, 40), (200, 120), (40, 120)]  # patch pixels (the patch is 256 px at 1 µm/px)
+# the page's object URLs that are still alive (each holds its blob in memory until it is revoked)
+COUNT_OBJECT_URLS = """(() => {
+  const live = new Set(), create = URL.createObjectURL, revoke = URL.revokeObjectURL;
+  URL.createObjectURL = (blob) => { const url = create(blob); live.add(url); return url; };
+  URL.revokeObjectURL = (url) => { live.delete(url); revoke(url); };
+  window.liveObjectUrls = live;
+})();"""
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +64,7 @@ class Page:
         self.page.on("pageerror", lambda exc: self.problems.append(f"script error: {exc}"))
         self.page.on("console", self._console)
         self.page.on("response", self._response)
+        self.page.add_init_script(COUNT_OBJECT_URLS)
         self.page.goto(f"{server.url}/review")
         self.page.fill("#token", token or TOKENS[role])
         self.page.click("#sign-in-button")
@@ -192,6 +200,8 @@ def test_an_annotator_reviews_and_corrects_a_patch_in_the_browser(server, browse
     page.wait_for_function(
         f"() => document.querySelector(\"#outcomes li[data-correction='{correction_id}'] img\").naturalWidth === 256"
     )
+    # every tile, overlay, patch and thumbnail seen so far is shown without an object URL left behind
+    page.wait_for_function("() => window.liveObjectUrls.size === 0", timeout=10_000)
     assert not p.problems, p.problems
     page.close()
 
