@@ -1122,8 +1122,8 @@
   }
 
   document.addEventListener("keydown", (event) => {
-    // keys typed in a form field, the queue or a viewer (OpenSeadragon pans on w/a/s/d) are theirs
-    if ($("editor").hidden || event.target.closest("input, select, textarea, dialog, #queue, #context-view, #viewer")) return;
+    // keys typed in a form field, the queue or the context view (OpenSeadragon zooms on + and -) are theirs
+    if ($("editor").hidden || event.target.closest("input, select, textarea, dialog, #queue, #context-view")) return;
     if ((event.key === "Enter" || event.key === " ") && event.target.closest("button")) return; // the button's own
     const key = event.key.toLowerCase();
     if (event.repeat && ["enter", "a", "s", "escape"].includes(key)) return; // a held key never acts twice
