@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_bentofile_builds_a_bento_with_service_and_baseline(tmp_path):
     """`bentoml build` (offline: lock_packages false) packages the service and the shipped model."""
     bentoml = Path(sys.executable).with_name("bentoml")

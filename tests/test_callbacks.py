@@ -95,6 +95,7 @@ def deliveries(svc: InProcessService, job_id: str) -> list[dict]:
         return c.get(f"/v1/jobs/{job_id}/deliveries").json()["deliveries"]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_a_finished_job_posts_one_signed_event_and_a_500_is_retried(tmp_path, slides, receiver):
     receiver.plan = [500]  # the LIS is briefly unwell
     svc = service(tmp_path, slides, receiver.url)

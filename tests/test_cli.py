@@ -33,6 +33,7 @@ def assert_refused(proc, needle):
     assert lines[0].startswith("uga: error:") and needle in lines[0], lines[0]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_segment_writes_outputs_and_prints_summary(cmu_svs, tmp_path):
     proc = uga("segment", cmu_svs, "--out", tmp_path / "o", "--queue", "3", "--patch-um", "256", "--quiet")
     assert proc.returncode == 0, proc.stderr

@@ -63,6 +63,7 @@ def test_a_folder_with_two_series_is_refused_with_a_reason(series, tmp_path):
         open_slide(mixed)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_a_series_is_one_job_however_it_is_named_and_its_outputs_carry_its_identifiers(series, tmp_path):
     svc = InProcessService(tmp_path / "data", series["root"])
     try:

@@ -464,6 +464,7 @@ def test_a_finished_job_has_a_valid_fhir_diagnostic_report(env, finished):
     assert report["identifier"] == [{"system": "urn:uga-serve:job", "value": finished["id"]}]  # no DICOM source
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_a_slide_without_um_per_px_is_reviewed_and_corrected_at_its_jobs_slide_mpp(env, finished):
     """The job was given options.slide_mpp; the queue's patches and corrections read the slide at it."""
     import tifffile

@@ -58,6 +58,7 @@ def test_composite_source_slide_dice_against_its_mask(source_slide, baseline, tm
     res.close()
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_out_of_domain_slide_is_worse_and_more_uncertain(source_slide, ood_slide, baseline, tmp_path):
     results, dice = {}, {}
     for name, path in (("source", source_slide), ("ood", ood_slide)):
@@ -90,6 +91,7 @@ def test_measure_choice_changes_ranking_field(source_slide, baseline, tmp_path):
     assert np.all(np.diff([i["score"] for i in q]) <= 0)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_the_cells_split_tissue_into_called_tumour_and_called_normal(source_slide, baseline, tmp_path):
     """The negative scoring's sums: the tissue the model calls normal, and the measure over it, add up."""
     from service.inference.analysis import analyse

@@ -6,6 +6,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from bench import uncertainty_gate as gate
 from tests.tiny_model import tiny_model_dir
@@ -81,6 +82,7 @@ def test_the_misses_table_ranks_tumour_in_tissue_called_normal_by_each_score(mon
     assert "| stain | neg_uga | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in text
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_quick_run_writes_every_measure_and_the_flag(tmp_path, monkeypatch, capsys):
     model = tiny_model_dir(tmp_path, novelty=True)
     out = tmp_path / "out"

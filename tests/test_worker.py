@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from service.config import Settings
 from service.errors import Unavailable
 from service.loop.worker import JobWorker, sweep_scratch
@@ -36,6 +38,7 @@ def _wait(predicate, timeout: float = 15.0) -> bool:
     return False
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: not in make test-fast
 def test_a_store_outage_at_a_jobs_end_neither_kills_the_worker_nor_fails_the_job(tmp_path):
     store = Store(tmp_path / "data")
     settings = Settings(data_dir=tmp_path / "data", slide_root=tmp_path, job_stale_s=1)
