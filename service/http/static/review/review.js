@@ -70,13 +70,11 @@
 
   // A blob in an <img>, by an object URL of its own, freed once that image is decoded, or failed, or
   // replaced by another (decode() settles for this source only, whatever events are still queued).
+  // Resolves once decoded; rejects if it did not decode or was replaced first.
   function showImage(img, data) {
     const url = URL.createObjectURL(data);
     img.src = url;
-    img
-      .decode()
-      .catch(() => {})
-      .finally(() => URL.revokeObjectURL(url));
+    return img.decode().finally(() => URL.revokeObjectURL(url));
   }
 
   // A tile source whose tiles the page fetches itself and hands to the viewer decoded (an ImageBitmap):
@@ -713,8 +711,9 @@
     }
     layoutCanvases(image);
     showContext(item);
-    showImage($("inset-image"), pngBlob);
-    showImage($("inset-heat"), heatBlob);
+    // a broken or replaced inset shows as such: nothing to report
+    showImage($("inset-image"), pngBlob).catch(() => {});
+    showImage($("inset-heat"), heatBlob).catch(() => {});
     const legend = state.overlays && state.overlays.overlays.find((o) => o.name === item.measure);
     $("inset-words").textContent = legend ? legend.legend.high : "uncertain";
     render();
@@ -779,21 +778,13 @@
     return true;
   }
 
-  // A blob decoded into an image for the canvases; its object URL is freed once it has loaded.
+  // A blob decoded into an image for the canvases.
   function loadImage(data) {
-    return new Promise((resolve, reject) => {
-      const img = new Image();
-      const url = URL.createObjectURL(data);
-      img.onload = () => {
-        URL.revokeObjectURL(url);
-        resolve(img);
-      };
-      img.onerror = () => {
-        URL.revokeObjectURL(url);
-        reject(new Error("image did not decode"));
-      };
-      img.src = url;
-    });
+    const img = new Image();
+    return showImage(img, data).then(
+      () => img,
+      () => Promise.reject(new Error("image did not decode")),
+    );
   }
 
   function grey(img) {
